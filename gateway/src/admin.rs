@@ -1,0 +1,171 @@
+//! Admin endpoints: `/metrics` (Prometheus), `/healthz`, `/readyz`. They run on their own
+//! small tokio runtime thread, off the data plane, so a scrape never adds data-path latency.
+//!
+//! Readiness is a set of named guards ([`BlockReady`]): `/readyz` answers 503 naming what
+//! is still pending until every guard is dropped.
+
+use std::collections::BTreeSet;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response, StatusCode};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Latency buckets (seconds) for handshakes and set-up: 100 µs to 5 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+#[derive(Clone, Default)]
+pub struct Readiness(Arc<Mutex<BTreeSet<String>>>);
+
+/// Keeps `/readyz` failing, naming `what`, until dropped.
+pub struct BlockReady {
+    readiness: Readiness,
+    what: String,
+}
+
+impl Readiness {
+    pub fn block(&self, what: &str) -> BlockReady {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(what.to_owned());
+        BlockReady {
+            readiness: self.clone(),
+            what: what.to_owned(),
+        }
+    }
+
+    pub fn pending(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for BlockReady {
+    fn drop(&mut self) {
+        self.readiness
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.what);
+    }
+}
+
+/// Installs the global Prometheus recorder (once per process).
+pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?
+        .install_recorder()?;
+    Ok(handle)
+}
+
+/// Binds the admin listener now (so a port clash fails start-up) and serves it on a
+/// dedicated thread. Returns the bound address.
+pub fn spawn(
+    addr: SocketAddr,
+    metrics: PrometheusHandle,
+    readiness: Readiness,
+) -> anyhow::Result<SocketAddr> {
+    let std_listener = std::net::TcpListener::bind(addr)
+        .map_err(|e| anyhow::anyhow!("failed to bind admin address {addr}: {e}"))?;
+    std_listener.set_nonblocking(true)?;
+    let local = std_listener.local_addr()?;
+    std::thread::Builder::new()
+        .name("admin".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(%e, "admin runtime failed to start");
+                    return;
+                }
+            };
+            rt.block_on(serve(std_listener, metrics, readiness));
+        })?;
+    Ok(local)
+}
+
+async fn serve(listener: std::net::TcpListener, metrics: PrometheusHandle, readiness: Readiness) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(%e, "admin listener");
+            return;
+        }
+    };
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        let readiness = readiness.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let r = route(&req, &metrics, &readiness);
+                async move { Ok::<_, Infallible>(r) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .await;
+        });
+    }
+}
+
+fn route(
+    req: &Request<Incoming>,
+    metrics: &PrometheusHandle,
+    readiness: &Readiness,
+) -> Response<Full<Bytes>> {
+    let (status, body) = match req.uri().path() {
+        "/metrics" => (StatusCode::OK, metrics.render()),
+        "/healthz" => (StatusCode::OK, "ok\n".to_owned()),
+        "/readyz" => {
+            let pending = readiness.pending();
+            if pending.is_empty() {
+                (StatusCode::OK, "ready\n".to_owned())
+            } else {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {}\n", pending.join(", ")),
+                )
+            }
+        }
+        _ => (
+            StatusCode::NOT_FOUND,
+            "not found: try /metrics, /healthz, /readyz\n".to_owned(),
+        ),
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_guards_name_what_is_pending() {
+        let r = Readiness::default();
+        let a = r.block("certs loaded");
+        let b = r.block("listeners bound");
+        assert_eq!(r.pending(), vec!["certs loaded", "listeners bound"]);
+        drop(a);
+        assert_eq!(r.pending(), vec!["listeners bound"]);
+        drop(b);
+        assert!(r.pending().is_empty());
+    }
+}

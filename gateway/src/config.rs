@@ -1,0 +1,517 @@
+//! Every setting in one place: the YAML files of `gateway node` and `gateway proxy`.
+//!
+//! Unknown fields are errors (a typo must not silently fall back to a default), and every
+//! error names the file, line, column and field. Relative paths inside a file are relative
+//! to that file, so a config directory can be moved as a whole.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+
+use crate::tunnel::PodMeta;
+
+/// Default address of the admin endpoints (`/metrics`, `/healthz`, `/readyz`).
+pub const DEFAULT_NODE_ADMIN: &str = "127.0.0.1:9101";
+pub const DEFAULT_PROXY_ADMIN: &str = "127.0.0.1:9102";
+/// PostgreSQL's own `authentication_timeout` default is 60 s; a gateway that holds a slot
+/// per half-open client wants less.
+pub const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(30);
+/// Short enough that a leaked key is soon useless, long enough that one signature serves
+/// a burst of logins (the issuer reuses a certificate for half its life).
+pub const DEFAULT_DB_CLIENT_CERT_TTL: Duration = Duration::from_secs(10 * 60);
+/// One TLS record of plaintext: the unit the relay coalesces to.
+pub const TLS_RECORD_PAYLOAD: usize = 16 * 1024;
+/// Per connection and direction: bytes read but not yet written stay under this.
+pub const DEFAULT_BUFFER_BUDGET: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("failed to read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// Reads and parses one YAML file, with the position of the first error.
+pub fn load_yaml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_yaml(path, &text)
+}
+
+pub fn parse_yaml<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigError> {
+    serde_norway::from_str(text).map_err(|e| {
+        let (line, column) = e
+            .location()
+            .map(|l| (l.line(), l.column()))
+            .unwrap_or((0, 0));
+        // serde_norway appends " at line L column C"; we put the position in front.
+        let message = e.to_string();
+        let message = message
+            .split(" at line ")
+            .next()
+            .unwrap_or(&message)
+            .to_owned();
+        ConfigError::Parse {
+            path: path.to_owned(),
+            line,
+            column,
+            message,
+        }
+    })
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(|e| {
+        serde::de::Error::custom(format!("invalid duration {s:?}: {e} (e.g. 10s, 5m)"))
+    })
+}
+
+fn base_dir(path: &Path) -> PathBuf {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn resolve(base: &Path, p: &mut PathBuf) {
+    if p.is_relative() {
+        *p = base.join(&*p);
+    }
+}
+
+fn default_node_name() -> String {
+    std::env::var("NODE_NAME")
+        .ok()
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown-node".to_owned())
+}
+
+// ----------------------------------------------------------------------------------------
+// Node agent
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Name recorded in the preamble and audit log (default: `$NODE_NAME`, else hostname).
+    #[serde(default = "default_node_name")]
+    pub node_name: String,
+    #[serde(default = "default_node_admin")]
+    pub admin_listen: SocketAddr,
+    pub proxy: ProxyEndpoint,
+    #[serde(default)]
+    pub data_plane: DataPlaneConfig,
+    pub listeners: Vec<ListenerConfig>,
+}
+
+fn default_node_admin() -> SocketAddr {
+    DEFAULT_NODE_ADMIN.parse().expect("constant address parses")
+}
+
+fn default_proxy_admin() -> SocketAddr {
+    DEFAULT_PROXY_ADMIN
+        .parse()
+        .expect("constant address parses")
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyEndpoint {
+    /// `host:port` of the proxy service.
+    pub address: String,
+    /// Name the proxy's certificate must carry (a DNS SAN).
+    pub server_name: String,
+    /// CA bundle that signs the proxy's certificate (the workload CA).
+    pub ca: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataPlaneConfig {
+    /// io_uring runtimes (one thread each); 0 means one per CPU.
+    pub threads: usize,
+    /// Longest time a byte may wait to be coalesced with later ones; 0 sends at once.
+    #[serde(deserialize_with = "duration")]
+    pub max_flush_delay: Duration,
+    /// Bytes buffered per connection and direction before reading from the sender stops.
+    pub buffer_budget: usize,
+    #[serde(deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    /// How long a client may take to send its startup packet.
+    #[serde(deserialize_with = "duration")]
+    pub startup_timeout: Duration,
+}
+
+impl Default for DataPlaneConfig {
+    fn default() -> Self {
+        Self {
+            threads: 0,
+            max_flush_delay: Duration::ZERO,
+            buffer_budget: DEFAULT_BUFFER_BUDGET,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            startup_timeout: DEFAULT_STARTUP_TIMEOUT,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub listen: SocketAddr,
+    /// Database route: a `databases[].name` of the proxy's policy.
+    pub route: String,
+    /// The workload certificate this listener presents to the proxy.
+    pub identity: IdentityFiles,
+    /// Pod metadata for the audit log (explicit mode has no kernel to ask).
+    #[serde(default)]
+    pub pod: PodMeta,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl NodeConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let mut cfg: Self = load_yaml(path)?;
+        let base = base_dir(path);
+        resolve(&base, &mut cfg.proxy.ca);
+        for l in &mut cfg.listeners {
+            resolve(&base, &mut l.identity.cert);
+            resolve(&base, &mut l.identity.key);
+        }
+        cfg.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        })?;
+        Ok(cfg)
+    }
+
+    /// Cross-field rules, with the setting named in the message.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.listeners.is_empty() {
+            return Err("listeners: at least one listener is required in explicit mode".into());
+        }
+        let dp = &self.data_plane;
+        if dp.buffer_budget < TLS_RECORD_PAYLOAD {
+            return Err(format!(
+                "data_plane.buffer_budget: {} is below one TLS record ({TLS_RECORD_PAYLOAD} bytes)",
+                dp.buffer_budget
+            ));
+        }
+        if dp.max_flush_delay > Duration::from_millis(100) {
+            return Err(format!(
+                "data_plane.max_flush_delay: {:?} is above 100ms; that would hold queries back",
+                dp.max_flush_delay
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for l in &self.listeners {
+            if !seen.insert(l.listen) {
+                return Err(format!("listeners: address {} is listed twice", l.listen));
+            }
+        }
+        Ok(())
+    }
+}
+
+// ----------------------------------------------------------------------------------------
+// Proxy service
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    pub listen: SocketAddr,
+    #[serde(default = "default_proxy_admin")]
+    pub admin_listen: SocketAddr,
+    /// Only client certificates with a SPIFFE ID in this trust domain are identities.
+    pub trust_domain: String,
+    pub tls: ProxyTls,
+    pub db_client_ca: CaFiles,
+    #[serde(default = "default_db_client_ttl", deserialize_with = "duration")]
+    pub db_client_cert_ttl: Duration,
+    #[serde(default)]
+    pub audit: AuditConfig,
+    #[serde(default = "default_drain_grace", deserialize_with = "duration")]
+    pub drain_grace: Duration,
+    #[serde(default = "default_startup_timeout", deserialize_with = "duration")]
+    pub startup_timeout: Duration,
+    #[serde(default = "default_connect_timeout", deserialize_with = "duration")]
+    pub upstream_connect_timeout: Duration,
+    #[serde(default)]
+    pub roles: Vec<RoleConfig>,
+    pub databases: Vec<DatabaseConfig>,
+}
+
+fn default_db_client_ttl() -> Duration {
+    DEFAULT_DB_CLIENT_CERT_TTL
+}
+fn default_drain_grace() -> Duration {
+    DEFAULT_DRAIN_GRACE
+}
+fn default_startup_timeout() -> Duration {
+    DEFAULT_STARTUP_TIMEOUT
+}
+fn default_connect_timeout() -> Duration {
+    DEFAULT_CONNECT_TIMEOUT
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The workload CA: client certificates must chain to it.
+    pub client_ca: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// A file (appended to) or `-` for standard output.
+    pub path: String,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self { path: "-".into() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Effect {
+    #[default]
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleConfig {
+    pub name: String,
+    #[serde(default)]
+    pub effect: Effect,
+    #[serde(rename = "match")]
+    pub matcher: MatchConfig,
+    /// Which database routes the role covers.
+    pub databases: DatabaseSelector,
+    /// Database names (templates allowed; `*` = any). Unused by deny roles.
+    #[serde(default)]
+    pub db_names: Vec<String>,
+    /// Database users (templates allowed). Unused by deny roles.
+    #[serde(default)]
+    pub db_users: Vec<String>,
+    /// Log in as the first `db_users` entry whatever user the client asked for.
+    #[serde(default)]
+    pub force_db_user: bool,
+    /// Connect to the first `db_names` entry whatever database the client asked for.
+    #[serde(default)]
+    pub force_db_name: bool,
+}
+
+/// All given fields must match; an empty matcher is refused at load (it would match all).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchConfig {
+    pub namespace: Option<String>,
+    pub service_account: Option<String>,
+    /// Glob over the whole SPIFFE ID (`*` matches any run of characters).
+    pub spiffe_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSelector {
+    #[serde(default)]
+    pub names: Vec<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub upstream: UpstreamConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// `host:port` of the PostgreSQL server.
+    pub address: String,
+    pub auth: UpstreamAuth,
+    #[serde(default)]
+    pub tls: UpstreamTlsMode,
+    /// CA bundle for the server certificate (required: there is no system store to trust).
+    pub ca: PathBuf,
+    /// Name to verify in the server certificate (default: the host part of `address`).
+    pub server_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamAuth {
+    /// A short-lived client certificate with CN = database user (`hostssl … cert`).
+    Cert,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamTlsMode {
+    /// Chain and host name verified, like libpq's `sslmode=verify-full`.
+    #[default]
+    VerifyFull,
+}
+
+impl UpstreamConfig {
+    pub fn server_name(&self) -> &str {
+        self.server_name.as_deref().unwrap_or_else(|| {
+            self.address
+                .rsplit_once(':')
+                .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
+                .unwrap_or(&self.address)
+        })
+    }
+}
+
+impl ProxyConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let mut cfg: Self = load_yaml(path)?;
+        let base = base_dir(path);
+        resolve(&base, &mut cfg.tls.cert);
+        resolve(&base, &mut cfg.tls.key);
+        resolve(&base, &mut cfg.tls.client_ca);
+        resolve(&base, &mut cfg.db_client_ca.cert);
+        resolve(&base, &mut cfg.db_client_ca.key);
+        for d in &mut cfg.databases {
+            resolve(&base, &mut d.upstream.ca);
+        }
+        if cfg.audit.path != "-" {
+            let mut p = PathBuf::from(&cfg.audit.path);
+            resolve(&base, &mut p);
+            cfg.audit.path = p.to_string_lossy().into_owned();
+        }
+        cfg.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        })?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        let mut names = std::collections::HashSet::new();
+        for d in &self.databases {
+            if !names.insert(d.name.as_str()) {
+                return Err(format!("databases: name {:?} is used twice", d.name));
+            }
+        }
+        for (i, r) in self.roles.iter().enumerate() {
+            let m = &r.matcher;
+            if m.namespace.is_none() && m.service_account.is_none() && m.spiffe_id.is_none() {
+                return Err(format!(
+                    "roles[{i}] ({}): match must name a namespace, service_account or spiffe_id",
+                    r.name
+                ));
+            }
+            for n in &r.databases.names {
+                if !names.contains(n.as_str()) {
+                    return Err(format!(
+                        "roles[{i}] ({}): databases.names: no database named {n:?}",
+                        r.name
+                    ));
+                }
+            }
+            if r.effect == Effect::Allow && (r.db_users.is_empty() || r.db_names.is_empty()) {
+                return Err(format!(
+                    "roles[{i}] ({}): an allow role needs db_users and db_names",
+                    r.name
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_field_names_file_line_and_field() {
+        let text = "node_name: a\nproxy:\n  address: 127.0.0.1:1\n  server_name: p\n  ca: ca.crt\n  colour: blue\nlisteners: []\n";
+        let err = parse_yaml::<NodeConfig>(Path::new("/etc/gw/node.yaml"), text).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("/etc/gw/node.yaml:6:"), "{msg}");
+        assert!(msg.contains("unknown field `colour`"), "{msg}");
+    }
+
+    #[test]
+    fn bad_duration_is_reported_with_position() {
+        let text = "data_plane:\n  max_flush_delay: soon\nproxy: {address: a, server_name: b, ca: c}\nlisteners: []\n";
+        let msg = parse_yaml::<NodeConfig>(Path::new("n.yaml"), text)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.starts_with("n.yaml:2:"), "{msg}");
+        assert!(msg.contains("invalid duration \"soon\""), "{msg}");
+    }
+
+    #[test]
+    fn validate_names_the_setting() {
+        let text = "proxy: {address: a, server_name: b, ca: c}\nlisteners:\n  - {listen: '127.0.0.1:1', route: r, identity: {cert: c, key: k}}\ndata_plane: {buffer_budget: 100}\n";
+        let cfg = parse_yaml::<NodeConfig>(Path::new("n.yaml"), text).unwrap();
+        assert!(
+            cfg.validate()
+                .unwrap_err()
+                .starts_with("data_plane.buffer_budget")
+        );
+    }
+
+    #[test]
+    fn upstream_server_name_defaults_to_host() {
+        let u = UpstreamConfig {
+            address: "db.example.com:5432".into(),
+            auth: UpstreamAuth::Cert,
+            tls: UpstreamTlsMode::VerifyFull,
+            ca: PathBuf::from("ca"),
+            server_name: None,
+        };
+        assert_eq!(u.server_name(), "db.example.com");
+    }
+}

@@ -1,0 +1,223 @@
+//! The `gateway` binary: `node`, `proxy`, `ca`, `up`. Every flag also reads a
+//! `GATEWAY_*` environment variable, so the same image is configured from a Kubernetes
+//! manifest or a shell alike.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use gateway::config::{NodeConfig, ProxyConfig};
+use gateway::pki::{self, CertificateAuthority, LeafSpec, SpiffeId};
+
+#[derive(Parser)]
+#[command(
+    name = "gateway",
+    version,
+    about = "db-gateway: passwordless PostgreSQL for Kubernetes workloads"
+)]
+struct Cli {
+    /// Log filter (tracing `EnvFilter` syntax, e.g. `info`, `gateway=debug`).
+    #[arg(long, global = true, env = "GATEWAY_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node agent (per-node DaemonSet).
+    Node {
+        #[arg(long, env = "GATEWAY_CONFIG")]
+        config: PathBuf,
+        /// Overrides `admin_listen` from the file.
+        #[arg(long, env = "GATEWAY_ADMIN_LISTEN")]
+        admin_listen: Option<SocketAddr>,
+        /// Overrides `node_name` from the file.
+        #[arg(long, env = "GATEWAY_NODE_NAME")]
+        node_name: Option<String>,
+    },
+    /// Run the proxy service.
+    Proxy {
+        #[arg(long, env = "GATEWAY_CONFIG")]
+        config: PathBuf,
+        /// Overrides `listen` from the file.
+        #[arg(long, env = "GATEWAY_LISTEN")]
+        listen: Option<SocketAddr>,
+        /// Overrides `admin_listen` from the file.
+        #[arg(long, env = "GATEWAY_ADMIN_LISTEN")]
+        admin_listen: Option<SocketAddr>,
+        /// Overrides `audit.path` from the file (`-` is standard output).
+        #[arg(long, env = "GATEWAY_AUDIT_LOG")]
+        audit_log: Option<String>,
+    },
+    /// Certificate authority tools.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// Run everything locally: PostgreSQL, CA, proxy, node agent. Prints `READY <conn>`.
+    Up {
+        /// Keep the temporary directory on exit (for inspection).
+        #[arg(long, env = "GATEWAY_UP_KEEP")]
+        keep: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create the workload CA and the database-client CA in DIR.
+    Init {
+        #[arg(long, env = "GATEWAY_CA_DIR")]
+        dir: PathBuf,
+        #[arg(long, env = "GATEWAY_TRUST_DOMAIN")]
+        trust_domain: String,
+    },
+    /// Issue a workload certificate (PREFIX.crt, PREFIX.key).
+    Issue {
+        #[arg(long, env = "GATEWAY_CA_DIR")]
+        dir: PathBuf,
+        /// spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>
+        #[arg(long, env = "GATEWAY_SPIFFE_ID")]
+        spiffe_id: String,
+        #[arg(long, env = "GATEWAY_CERT_OUT")]
+        out: PathBuf,
+        #[arg(long, env = "GATEWAY_CERT_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+    /// Issue a server certificate from the workload CA (the proxy's, or a database's).
+    IssueServer {
+        #[arg(long, env = "GATEWAY_CA_DIR")]
+        dir: PathBuf,
+        #[arg(long = "dns", env = "GATEWAY_CERT_DNS", value_delimiter = ',')]
+        dns: Vec<String>,
+        #[arg(long = "ip", env = "GATEWAY_CERT_IP", value_delimiter = ',')]
+        ip: Vec<IpAddr>,
+        #[arg(long, env = "GATEWAY_CERT_OUT")]
+        out: PathBuf,
+        #[arg(long, env = "GATEWAY_CERT_TTL", default_value = "720h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(cli.command) {
+        eprintln!("gateway: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn workload_ca(dir: &std::path::Path) -> anyhow::Result<CertificateAuthority> {
+    CertificateAuthority::load(
+        &dir.join(pki::WORKLOAD_CA_CERT),
+        &dir.join(pki::WORKLOAD_CA_KEY),
+    )
+    .with_context(|| {
+        format!(
+            "loading the workload CA from {} (run `gateway ca init` first)",
+            dir.display()
+        )
+    })
+}
+
+fn write_pair(out: &std::path::Path, cert: &str, key: &str) -> anyhow::Result<()> {
+    let cert_path = out.with_extension("crt");
+    let key_path = out.with_extension("key");
+    pki::write_public(&cert_path, cert)?;
+    pki::write_secret(&key_path, key)?;
+    println!(
+        "wrote {} and {} (mode 0600)",
+        cert_path.display(),
+        key_path.display()
+    );
+    Ok(())
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Node {
+            config,
+            admin_listen,
+            node_name,
+        } => {
+            let mut cfg = NodeConfig::load(&config)?;
+            if let Some(a) = admin_listen {
+                cfg.admin_listen = a;
+            }
+            if let Some(n) = node_name {
+                cfg.node_name = n;
+            }
+            tracing::info!(config = %config.display(), node = %cfg.node_name, listeners = cfg.listeners.len(), proxy = %cfg.proxy.address, "starting node agent");
+            gateway::node::run(cfg)
+        }
+        Command::Proxy {
+            config,
+            listen,
+            admin_listen,
+            audit_log,
+        } => {
+            let mut cfg = ProxyConfig::load(&config)?;
+            if let Some(l) = listen {
+                cfg.listen = l;
+            }
+            if let Some(a) = admin_listen {
+                cfg.admin_listen = a;
+            }
+            if let Some(p) = audit_log {
+                cfg.audit.path = p;
+            }
+            tracing::info!(config = %config.display(), listen = %cfg.listen, databases = cfg.databases.len(), roles = cfg.roles.len(), "starting proxy");
+            gateway::proxy::run(cfg)
+        }
+        Command::Ca { command } => match command {
+            CaCommand::Init { dir, trust_domain } => {
+                pki::init_ca(&dir, &trust_domain)?;
+                println!(
+                    "created workload and database-client CAs in {}",
+                    dir.display()
+                );
+                Ok(())
+            }
+            CaCommand::Issue {
+                dir,
+                spiffe_id,
+                out,
+                ttl,
+            } => {
+                let id = SpiffeId::parse(&spiffe_id)?;
+                let td = std::fs::read_to_string(dir.join("trust-domain")).unwrap_or_default();
+                if !td.trim().is_empty() && td.trim() != id.trust_domain {
+                    anyhow::bail!(
+                        "{spiffe_id} is not in this CA's trust domain {:?}",
+                        td.trim()
+                    );
+                }
+                let (cert, key) = workload_ca(&dir)?.issue(&LeafSpec::workload(&id), ttl)?;
+                write_pair(&out, &cert, &key)
+            }
+            CaCommand::IssueServer {
+                dir,
+                dns,
+                ip,
+                out,
+                ttl,
+            } => {
+                if dns.is_empty() && ip.is_empty() {
+                    anyhow::bail!("give at least one --dns or --ip for the server certificate");
+                }
+                let (cert, key) = workload_ca(&dir)?.issue(&LeafSpec::server(dns, ip), ttl)?;
+                write_pair(&out, &cert, &key)
+            }
+        },
+        Command::Up { keep } => gateway::up::run(keep),
+    }
+}

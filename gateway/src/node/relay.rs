@@ -1,0 +1,149 @@
+//! The node's relay between an application socket and its tunnel to the proxy.
+//!
+//! Bounded-latency buffering: a read from the application is sealed and written as soon
+//! as it completes (io_uring already hands us everything that was ready, up to one TLS
+//! record), unless `max_flush_delay` is set, in which case a short read may wait that long
+//! for more bytes. Each direction holds at most its budget: the next read is issued only
+//! after the previous bytes were written, so a slow receiver stops reading from the sender
+//! (backpressure) and memory never grows with the peer's speed.
+
+use std::io::{self, ErrorKind};
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::time::Duration;
+
+use tokio_uring::net::TcpStream;
+
+use super::tls::TlsConn;
+use crate::config::TLS_RECORD_PAYLOAD;
+
+/// How much a direction may hold, derived from the configured budget.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    /// Plaintext read from the application per write (≤ one TLS record).
+    pub up_read: usize,
+    /// Ciphertext read from the proxy per write to the application.
+    pub down_read: usize,
+}
+
+impl Budget {
+    pub fn new(per_direction: usize) -> Self {
+        Self {
+            up_read: TLS_RECORD_PAYLOAD.min(per_direction / 2).max(1024),
+            // Plaintext from one ciphertext read is never larger than the read itself, so
+            // read + plaintext stays within the budget.
+            down_read: (per_direction / 2).clamp(1024, 256 * 1024),
+        }
+    }
+}
+
+fn is_normal_close(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::UnexpectedEof
+            | ErrorKind::ConnectionReset
+            | ErrorKind::BrokenPipe
+            | ErrorKind::ConnectionAborted
+            | ErrorKind::NotConnected
+    )
+}
+
+/// Application → proxy until the application closes; then passes the close on.
+pub async fn app_to_proxy(
+    app: Rc<TcpStream>,
+    tunnel: Rc<TlsConn>,
+    budget: Budget,
+    max_flush_delay: Duration,
+) -> io::Result<u64> {
+    let mut buf = Vec::with_capacity(budget.up_read);
+    let mut total = 0u64;
+    loop {
+        buf.clear();
+        let (res, b) = app.read(buf).await;
+        buf = b;
+        let n = match res {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if is_normal_close(&e) => break,
+            Err(e) => return Err(e),
+        };
+        if !max_flush_delay.is_zero() && n < budget.up_read {
+            tokio::time::sleep(max_flush_delay).await;
+            read_ready(&app, &mut buf, budget.up_read);
+        }
+        tunnel.send(&buf).await?;
+        total += buf.len() as u64;
+        metrics::counter!("gateway_node_bytes_total", "direction" => "app_to_proxy")
+            .increment(buf.len() as u64);
+    }
+    tunnel.close_write().await;
+    Ok(total)
+}
+
+/// Appends whatever the socket has ready right now, without waiting (MSG_DONTWAIT).
+fn read_ready(app: &TcpStream, buf: &mut Vec<u8>, limit: usize) {
+    let start = buf.len();
+    if start >= limit {
+        return;
+    }
+    buf.reserve(limit - start);
+    // SAFETY: recv writes at most `limit - start` bytes into the reserved spare capacity,
+    // and we only extend `len` by what it reports as written.
+    let n = unsafe {
+        libc::recv(
+            app.as_raw_fd(),
+            buf.as_mut_ptr().add(start).cast(),
+            limit - start,
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n > 0 {
+        // SAFETY: the kernel initialised `n` bytes after `start`.
+        unsafe { buf.set_len(start + n as usize) };
+    }
+}
+
+/// Proxy → application until the proxy closes. `delivered` turns true with the first
+/// byte the application receives (until then, a failure is still reported to it as a
+/// PostgreSQL error by the caller).
+pub async fn proxy_to_app(
+    app: Rc<TcpStream>,
+    tunnel: Rc<TlsConn>,
+    budget: Budget,
+    delivered: &std::cell::Cell<bool>,
+) -> io::Result<u64> {
+    let mut cipher = Vec::with_capacity(budget.down_read);
+    let mut plain = Vec::with_capacity(budget.down_read);
+    let mut total = 0u64;
+    loop {
+        plain.clear();
+        let (res, c) = tunnel.recv(cipher, &mut plain).await;
+        cipher = c;
+        let open = res?;
+        if !plain.is_empty() {
+            let len = plain.len();
+            let (res, p) = app.write_all(plain).await;
+            plain = p;
+            if let Err(e) = res {
+                return if is_normal_close(&e) {
+                    Ok(total)
+                } else {
+                    Err(e)
+                };
+            }
+            delivered.set(true);
+            total += len as u64;
+            metrics::counter!("gateway_node_bytes_total", "direction" => "proxy_to_app")
+                .increment(len as u64);
+        }
+        // Key updates and similar need an answer even when we have no data to send.
+        if tunnel.wants_write() {
+            tunnel.flush().await?;
+        }
+        if !open {
+            break;
+        }
+    }
+    let _ = app.shutdown(std::net::Shutdown::Write);
+    Ok(total)
+}

@@ -1,0 +1,177 @@
+//! rustls driven by hand over io_uring: the connection object only ever sees byte slices
+//! (`read_tls` / `process_new_packets` / `write_tls`), and the socket I/O is done with
+//! owned buffers, which is what io_uring's completion model needs.
+//!
+//! Both relay directions share one `ClientConnection` (one task each on the same thread,
+//! hence `RefCell`). Sealing records and writing them to the socket happen under one async
+//! lock: two tasks writing records out of order would break the TLS sequence numbers.
+
+use std::cell::RefCell;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use rustls::{ClientConfig, ClientConnection};
+use rustls_pki_types::ServerName;
+use tokio_uring::net::TcpStream;
+
+pub struct TlsConn {
+    sock: Rc<TcpStream>,
+    tls: RefCell<ClientConnection>,
+    /// Sealed records waiting for the socket; the lock orders writers.
+    out: tokio::sync::Mutex<Vec<u8>>,
+}
+
+fn tls_err(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+impl TlsConn {
+    /// Dials `addr` and completes the TLS 1.3 handshake.
+    pub async fn connect(
+        addr: SocketAddr,
+        config: Arc<ClientConfig>,
+        server_name: ServerName<'static>,
+    ) -> Result<Self, ConnectError> {
+        let sock = TcpStream::connect(addr).await.map_err(ConnectError::Tcp)?;
+        let _ = sock.set_nodelay(true);
+        let tls = ClientConnection::new(config, server_name)
+            .map_err(|e| ConnectError::Tls(tls_err(e)))?;
+        let conn = Self {
+            sock: Rc::new(sock),
+            tls: RefCell::new(tls),
+            out: tokio::sync::Mutex::new(Vec::with_capacity(4096)),
+        };
+        conn.handshake().await.map_err(ConnectError::Tls)?;
+        Ok(conn)
+    }
+
+    async fn handshake(&self) -> io::Result<()> {
+        let mut buf = Vec::with_capacity(16 * 1024);
+        loop {
+            self.flush().await?;
+            if !self.tls.borrow().is_handshaking() {
+                return Ok(());
+            }
+            buf.clear();
+            let (res, b) = self.sock.read(buf).await;
+            buf = b;
+            if res? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "proxy closed the connection during the TLS handshake",
+                ));
+            }
+            let mut plain = Vec::new();
+            if let Err(e) = self.ingest(&buf, &mut plain) {
+                // Send our alert (if any) before giving up, so the proxy logs why.
+                let _ = self.flush().await;
+                return Err(e);
+            }
+        }
+    }
+
+    /// Writes out whatever records rustls has ready (handshake messages, alerts,
+    /// key updates, close_notify).
+    pub async fn flush(&self) -> io::Result<()> {
+        let mut out = self.out.lock().await;
+        self.seal(&[], &mut out)?;
+        self.write_out(&mut out).await
+    }
+
+    /// Seals `plain` into records and writes them.
+    pub async fn send(&self, plain: &[u8]) -> io::Result<()> {
+        let mut out = self.out.lock().await;
+        self.seal(plain, &mut out)?;
+        self.write_out(&mut out).await
+    }
+
+    fn seal(&self, mut plain: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
+        let mut tls = self.tls.borrow_mut();
+        loop {
+            // rustls buffers at most its plaintext limit; take what it accepts, drain, repeat.
+            let n = tls.writer().write(plain)?;
+            plain = &plain[n..];
+            while tls.wants_write() {
+                tls.write_tls(out)?;
+            }
+            if plain.is_empty() {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn write_out(&self, out: &mut Vec<u8>) -> io::Result<()> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        let buf = std::mem::take(out);
+        let (res, mut buf) = self.sock.write_all(buf).await;
+        buf.clear();
+        *out = buf;
+        res
+    }
+
+    /// Reads ciphertext into `buf` and appends the plaintext it yields to `plain`.
+    /// Returns `Ok(false)` at the end of the stream (close_notify or TCP EOF).
+    pub async fn recv(&self, mut buf: Vec<u8>, plain: &mut Vec<u8>) -> (io::Result<bool>, Vec<u8>) {
+        buf.clear();
+        let (res, buf) = self.sock.read(buf).await;
+        let n = match res {
+            Ok(n) => n,
+            Err(e) => return (Err(e), buf),
+        };
+        if n == 0 {
+            return (Ok(false), buf);
+        }
+        let r = self.ingest(&buf[..n], plain);
+        if r.is_err() {
+            let _ = self.flush().await;
+        }
+        (r, buf)
+    }
+
+    /// Feeds ciphertext to rustls and drains the plaintext. `Ok(false)` once the peer sent
+    /// close_notify.
+    fn ingest(&self, mut cipher: &[u8], plain: &mut Vec<u8>) -> io::Result<bool> {
+        let mut tls = self.tls.borrow_mut();
+        let mut open = true;
+        while !cipher.is_empty() {
+            let n = tls.read_tls(&mut cipher)?;
+            if n == 0 {
+                break;
+            }
+            let state = tls.process_new_packets().map_err(tls_err)?;
+            if state.plaintext_bytes_to_read() > 0 {
+                let start = plain.len();
+                plain.resize(start + state.plaintext_bytes_to_read(), 0);
+                let got = tls.reader().read(&mut plain[start..])?;
+                plain.truncate(start + got);
+            }
+            if state.peer_has_closed() {
+                open = false;
+            }
+        }
+        Ok(open)
+    }
+
+    /// Sends close_notify and half-closes the socket: the proxy sees a clean end.
+    pub async fn close_write(&self) {
+        self.tls.borrow_mut().send_close_notify();
+        let _ = self.flush().await;
+        let _ = self.sock.shutdown(std::net::Shutdown::Write);
+    }
+
+    pub fn wants_write(&self) -> bool {
+        self.tls.borrow().wants_write()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("{0}")]
+    Tcp(io::Error),
+    #[error("{0}")]
+    Tls(io::Error),
+}

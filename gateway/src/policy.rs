@@ -1,0 +1,438 @@
+//! Policy: which workload identity may use which database route, as which database user,
+//! on which database name. Deny by default; a matching deny role wins over any allow.
+//!
+//! The identity is the verified SPIFFE ID only. What the client asks for in its startup
+//! packet (`user`, `database`) is a request that the policy accepts, refuses or overrides.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use crate::config::{DatabaseConfig, Effect, RoleConfig};
+use crate::pg::{ErrorResponse, sqlstate};
+use crate::pki::SpiffeId;
+
+/// Variables a template may use: `{{ .namespace }}`, `{{ .service_account }}`,
+/// `{{ .trust_domain }}`.
+const TEMPLATE_VARS: [&str; 3] = ["namespace", "service_account", "trust_domain"];
+
+#[derive(Debug)]
+pub struct Policy {
+    roles: Vec<Role>,
+    databases: HashMap<String, Arc<DatabaseConfig>>,
+}
+
+#[derive(Debug)]
+struct Role {
+    cfg: RoleConfig,
+    db_names: Vec<Template>,
+    db_users: Vec<Template>,
+}
+
+/// A string with `{{ .var }}` holes, checked at load so a typo fails then, not per login.
+#[derive(Debug, Clone)]
+struct Template(Vec<Piece>);
+
+#[derive(Debug, Clone)]
+enum Piece {
+    Text(String),
+    Var(&'static str),
+}
+
+impl Template {
+    fn parse(s: &str) -> Result<Self, String> {
+        let mut pieces = Vec::new();
+        let mut rest = s;
+        while let Some(start) = rest.find("{{") {
+            if start > 0 {
+                pieces.push(Piece::Text(rest[..start].to_owned()));
+            }
+            let end = rest[start..]
+                .find("}}")
+                .ok_or_else(|| format!("template {s:?}: unclosed {{{{"))?;
+            let inner = rest[start + 2..start + end].trim();
+            let var = inner
+                .strip_prefix('.')
+                .and_then(|v| TEMPLATE_VARS.iter().find(|k| **k == v))
+                .ok_or_else(|| {
+                    format!(
+                        "template {s:?}: unknown variable {inner:?} (known: .namespace, .service_account, .trust_domain)"
+                    )
+                })?;
+            pieces.push(Piece::Var(var));
+            rest = &rest[start + end + 2..];
+        }
+        if !rest.is_empty() {
+            pieces.push(Piece::Text(rest.to_owned()));
+        }
+        Ok(Self(pieces))
+    }
+
+    fn render(&self, id: &SpiffeId) -> String {
+        self.0
+            .iter()
+            .map(|p| match p {
+                Piece::Text(t) => t.as_str(),
+                Piece::Var("namespace") => id.namespace.as_str(),
+                Piece::Var("service_account") => id.service_account.as_str(),
+                Piece::Var(_) => id.trust_domain.as_str(),
+            })
+            .collect()
+    }
+}
+
+/// `*` matches any run of characters; everything else literally.
+fn glob_match(pattern: &str, s: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == s;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !s.starts_with(first) || s.len() < first.len() + last.len() || !s.ends_with(last) {
+        return false;
+    }
+    let mut rest = &s[first.len()..s.len() - last.len()];
+    for mid in &parts[1..parts.len() - 1] {
+        match rest.find(mid) {
+            Some(i) => rest = &rest[i + mid.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+/// What the proxy will do for an allowed session.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub database: Arc<DatabaseConfig>,
+    pub db_user: String,
+    pub db_name: String,
+    pub role: String,
+}
+
+impl Role {
+    fn matches(&self, id: &SpiffeId, db: &DatabaseConfig) -> bool {
+        let m = &self.cfg.matcher;
+        let id_ok = m
+            .namespace
+            .as_ref()
+            .is_none_or(|ns| glob_match(ns, &id.namespace))
+            && m.service_account
+                .as_ref()
+                .is_none_or(|sa| glob_match(sa, &id.service_account))
+            && m.spiffe_id
+                .as_ref()
+                .is_none_or(|g| glob_match(g, &id.to_string()));
+        let sel = &self.cfg.databases;
+        let db_ok = (sel.names.is_empty() || sel.names.iter().any(|n| n == &db.name))
+            && sel.labels.iter().all(|(k, v)| db.labels.get(k) == Some(v))
+            && !(sel.names.is_empty() && sel.labels.is_empty());
+        id_ok && db_ok
+    }
+}
+
+impl Policy {
+    pub fn compile(roles: &[RoleConfig], databases: &[DatabaseConfig]) -> Result<Self, String> {
+        let roles = roles
+            .iter()
+            .map(|r| {
+                let parse_all = |v: &[String]| {
+                    v.iter()
+                        .map(|s| Template::parse(s))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| format!("role {}: {e}", r.name))
+                };
+                Ok(Role {
+                    db_names: parse_all(&r.db_names)?,
+                    db_users: parse_all(&r.db_users)?,
+                    cfg: r.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let databases = databases
+            .iter()
+            .map(|d| (d.name.clone(), Arc::new(d.clone())))
+            .collect();
+        Ok(Self { roles, databases })
+    }
+
+    pub fn database(&self, route: &str) -> Option<&Arc<DatabaseConfig>> {
+        self.databases.get(route)
+    }
+
+    /// Decides a session. `user`/`database` are what the client's startup packet asked.
+    pub fn decide(
+        &self,
+        id: &SpiffeId,
+        route: &str,
+        user: Option<&str>,
+        database: Option<&str>,
+    ) -> Result<Decision, ErrorResponse> {
+        let db = self.databases.get(route).ok_or_else(|| {
+            ErrorResponse::fatal(
+                sqlstate::INVALID_CATALOG_NAME,
+                format!("db-gateway: database route \"{route}\" is not configured on the proxy"),
+            )
+            .with_hint("The node routed this connection to a database the proxy does not know; check the node's route and the proxy's databases list.")
+        })?;
+        let matching: Vec<&Role> = self.roles.iter().filter(|r| r.matches(id, db)).collect();
+        if let Some(deny) = matching.iter().find(|r| r.cfg.effect == Effect::Deny) {
+            return Err(ErrorResponse::fatal(
+                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                format!(
+                    "db-gateway: identity {id} is denied access to database \"{route}\" by role \"{}\"",
+                    deny.cfg.name
+                ),
+            )
+            .with_hint("A deny role in the gateway policy matches this workload; deny wins over allow."));
+        }
+        let allow: Vec<&Role> = matching
+            .into_iter()
+            .filter(|r| r.cfg.effect == Effect::Allow)
+            .collect();
+        if allow.is_empty() {
+            let usable = self.usable_routes(id);
+            let hint = if usable.is_empty() {
+                "No role in the gateway policy matches this workload; ask an operator to add one."
+                    .to_owned()
+            } else {
+                format!("This identity may use: {}.", join_quoted(&usable))
+            };
+            return Err(ErrorResponse::fatal(
+                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                format!("db-gateway: identity {id} is not allowed to use database \"{route}\""),
+            )
+            .with_hint(hint));
+        }
+
+        let (db_user, users) = choose(&allow, id, user, |r| &r.db_users, |r| r.cfg.force_db_user);
+        let db_user = db_user.ok_or_else(|| {
+            let msg = match user {
+                Some(u) => format!(
+                    "db-gateway: identity {id} may not log in to \"{route}\" as database user \"{u}\""
+                ),
+                None => "db-gateway: no PostgreSQL user name specified in startup packet".to_owned(),
+            };
+            ErrorResponse::fatal(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION, msg)
+                .with_hint(format!("Allowed database users: {}.", join_quoted(&users)))
+        })?;
+        // PostgreSQL's rule: the database defaults to the user name.
+        let requested_db = database.filter(|d| !d.is_empty()).unwrap_or(&db_user);
+        let (db_name, names) = choose(
+            &allow,
+            id,
+            Some(requested_db),
+            |r| &r.db_names,
+            |r| r.cfg.force_db_name,
+        );
+        let db_name = db_name.ok_or_else(|| {
+            ErrorResponse::fatal(
+                sqlstate::INVALID_CATALOG_NAME,
+                format!(
+                    "db-gateway: identity {id} may not connect to database name \"{requested_db}\" on \"{route}\""
+                ),
+            )
+            .with_hint(format!("Allowed database names: {}.", join_quoted(&names)))
+        })?;
+        Ok(Decision {
+            database: db.clone(),
+            db_user,
+            db_name,
+            role: allow[0].cfg.name.clone(),
+        })
+    }
+
+    fn usable_routes(&self, id: &SpiffeId) -> Vec<String> {
+        let mut out: BTreeSet<String> = BTreeSet::new();
+        for db in self.databases.values() {
+            let roles: Vec<&Role> = self.roles.iter().filter(|r| r.matches(id, db)).collect();
+            if roles.iter().any(|r| r.cfg.effect == Effect::Allow)
+                && !roles.iter().any(|r| r.cfg.effect == Effect::Deny)
+            {
+                out.insert(db.name.clone());
+            }
+        }
+        out.into_iter().collect()
+    }
+}
+
+/// Picks the value for one dimension (user or database name): a forcing role decides;
+/// otherwise the request must be among the rendered values (`*` allows any).
+/// Returns the choice and the allowed values (for the hint).
+fn choose(
+    roles: &[&Role],
+    id: &SpiffeId,
+    requested: Option<&str>,
+    values: impl Fn(&Role) -> &Vec<Template>,
+    forced: impl Fn(&Role) -> bool,
+) -> (Option<String>, Vec<String>) {
+    if let Some(r) = roles.iter().find(|r| forced(r))
+        && let Some(first) = values(r).first()
+    {
+        let v = first.render(id);
+        return (Some(v.clone()), vec![v]);
+    }
+    let allowed: BTreeSet<String> = roles
+        .iter()
+        .flat_map(|r| values(r).iter().map(|t| t.render(id)))
+        .collect();
+    let ok = requested
+        .filter(|req| !req.is_empty())
+        .filter(|req| allowed.contains(*req) || allowed.contains("*"));
+    (ok.map(str::to_owned), allowed.into_iter().collect())
+}
+
+fn join_quoted(v: &[String]) -> String {
+    v.iter()
+        .map(|s| format!("\"{s}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_yaml;
+
+    #[derive(serde::Deserialize)]
+    struct P {
+        roles: Vec<RoleConfig>,
+        databases: Vec<DatabaseConfig>,
+    }
+
+    fn policy(yaml: &str) -> Policy {
+        let p: P = parse_yaml(std::path::Path::new("t.yaml"), yaml).unwrap();
+        Policy::compile(&p.roles, &p.databases).unwrap()
+    }
+
+    const BASE: &str = r#"
+databases:
+  - name: main
+    labels: { env: prod }
+    upstream: { address: "127.0.0.1:5432", auth: cert, ca: ca.crt }
+  - name: other
+    upstream: { address: "127.0.0.1:5433", auth: cert, ca: ca.crt }
+roles:
+  - name: apps
+    match: { namespace: "team-*" }
+    databases: { labels: { env: prod } }
+    db_users: ["{{ .service_account }}", "readonly"]
+    db_names: ["{{ .namespace }}", "shared"]
+  - name: billing-forced
+    match: { spiffe_id: "spiffe://td/ns/billing/sa/*" }
+    databases: { names: [main] }
+    db_users: ["billing_{{ .service_account }}"]
+    db_names: [billing]
+    force_db_user: true
+    force_db_name: true
+  - name: no-intruder
+    effect: deny
+    match: { service_account: intruder }
+    databases: { names: [main, other] }
+"#;
+
+    #[test]
+    fn templates_render_from_identity() {
+        let p = policy(BASE);
+        let id = SpiffeId::new("td", "team-a", "api");
+        let d = p.decide(&id, "main", Some("api"), Some("team-a")).unwrap();
+        assert_eq!((d.db_user.as_str(), d.db_name.as_str()), ("api", "team-a"));
+        let d = p
+            .decide(&id, "main", Some("readonly"), Some("shared"))
+            .unwrap();
+        assert_eq!(
+            (d.db_user.as_str(), d.db_name.as_str()),
+            ("readonly", "shared")
+        );
+    }
+
+    #[test]
+    fn forced_roles_override_the_client_request() {
+        let p = policy(BASE);
+        let id = SpiffeId::new("td", "billing", "worker");
+        let d = p
+            .decide(&id, "main", Some("postgres"), Some("postgres"))
+            .unwrap();
+        assert_eq!(d.db_user, "billing_worker");
+        assert_eq!(d.db_name, "billing");
+    }
+
+    #[test]
+    fn other_user_or_database_is_refused_with_allowed_values() {
+        let p = policy(BASE);
+        let id = SpiffeId::new("td", "team-a", "api");
+        let e = p.decide(&id, "main", Some("postgres"), None).unwrap_err();
+        assert_eq!(e.sqlstate, "28000");
+        assert!(
+            e.message.contains("as database user \"postgres\""),
+            "{}",
+            e.message
+        );
+        assert_eq!(
+            e.hint.as_deref(),
+            Some("Allowed database users: \"api\", \"readonly\".")
+        );
+        let e = p
+            .decide(&id, "main", Some("api"), Some("team-b"))
+            .unwrap_err();
+        assert_eq!(e.sqlstate, "3D000");
+        assert_eq!(
+            e.hint.as_deref(),
+            Some("Allowed database names: \"shared\", \"team-a\".")
+        );
+        // Database defaults to the user name, as in PostgreSQL.
+        let e = p.decide(&id, "main", Some("api"), None).unwrap_err();
+        assert!(e.message.contains("\"api\""), "{}", e.message);
+    }
+
+    #[test]
+    fn deny_by_default_and_deny_wins() {
+        let p = policy(BASE);
+        let stranger = SpiffeId::new("td", "default", "web");
+        let e = p.decide(&stranger, "main", Some("web"), None).unwrap_err();
+        assert_eq!(e.sqlstate, "28000");
+        assert!(
+            e.message
+                .contains("spiffe://td/ns/default/sa/web is not allowed"),
+            "{}",
+            e.message
+        );
+        assert!(e.hint.unwrap().contains("No role"));
+
+        let intruder = SpiffeId::new("td", "team-a", "intruder");
+        let e = p
+            .decide(&intruder, "main", Some("intruder"), Some("team-a"))
+            .unwrap_err();
+        assert!(e.message.contains("denied access"), "{}", e.message);
+
+        // An identity allowed elsewhere is told where.
+        let e = p
+            .decide(
+                &SpiffeId::new("td", "team-a", "api"),
+                "other",
+                Some("api"),
+                None,
+            )
+            .unwrap_err();
+        assert_eq!(e.hint.as_deref(), Some("This identity may use: \"main\"."));
+        let e = p.decide(&stranger, "nowhere", None, None).unwrap_err();
+        assert_eq!(e.sqlstate, "3D000");
+    }
+
+    #[test]
+    fn bad_template_fails_at_load() {
+        let yaml = BASE.replace("{{ .namespace }}", "{{ .pod }}");
+        let p: P = parse_yaml(std::path::Path::new("t.yaml"), &yaml).unwrap();
+        let e = Policy::compile(&p.roles, &p.databases).unwrap_err();
+        assert!(e.contains("unknown variable \".pod\""), "{e}");
+    }
+
+    #[test]
+    fn glob() {
+        assert!(glob_match("a*c", "abbc"));
+        assert!(glob_match("*", ""));
+        assert!(glob_match("spiffe://td/ns/*/sa/x", "spiffe://td/ns/n/sa/x"));
+        assert!(!glob_match("a*c", "ab"));
+        assert!(!glob_match("a*b*c", "acb"));
+        assert!(!glob_match("abc", "abcd"));
+    }
+}

@@ -1,0 +1,442 @@
+//! One tunnel from a node: TLS, identity, preamble, PostgreSQL startup, policy, upstream
+//! login, relay, audit. Every failure a client can cause ends in an `ErrorResponse` that
+//! says what was wrong and what is allowed, and in exactly one pair of audit events.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_rustls::server::TlsStream;
+
+use super::Shared;
+use super::cancel::CancelTarget;
+use super::relay::{self, Counters, End};
+use crate::audit::{Outcome, SessionInfo};
+use crate::pg::{self, ErrorResponse, StartupMessage, StartupRequest, sqlstate};
+use crate::pki::{SpiffeId, spiffe_id_of};
+use crate::tunnel::{PREAMBLE_HEADER_LEN, Preamble};
+
+type Client = TlsStream<TcpStream>;
+
+/// Why a session could not start, as the client and the audit log see it.
+struct Refusal {
+    error: ErrorResponse,
+    denied: bool,
+}
+
+impl From<ErrorResponse> for Refusal {
+    fn from(error: ErrorResponse) -> Self {
+        Self {
+            error,
+            denied: false,
+        }
+    }
+}
+
+fn error_counter(code: &str) {
+    metrics::counter!("gateway_proxy_errors_total", "sqlstate" => code.to_owned()).increment(1);
+}
+
+pub async fn handle(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    drain: watch::Receiver<bool>,
+) {
+    let _ = tcp.set_nodelay(true);
+    let started = Instant::now();
+    let timeout = shared.cfg.startup_timeout;
+    let tls = match tokio::time::timeout(timeout, shared.acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            let reason = handshake_failure_reason(&e);
+            metrics::counter!("gateway_proxy_tls_handshake_failures_total", "reason" => reason)
+                .increment(1);
+            tracing::info!(%peer, %e, reason, "tls handshake refused");
+            return;
+        }
+        Err(_) => {
+            metrics::counter!("gateway_proxy_tls_handshake_failures_total", "reason" => "timeout")
+                .increment(1);
+            return;
+        }
+    };
+    metrics::histogram!("gateway_proxy_tls_handshake_seconds")
+        .record(started.elapsed().as_secs_f64());
+    metrics::counter!("gateway_proxy_connections_total").increment(1);
+
+    let mut client = tls;
+    let identity = match peer_identity(&client, &shared.cfg.trust_domain) {
+        Ok(id) => id,
+        Err(e) => {
+            // The certificate chains to our CA but carries no usable workload identity.
+            metrics::counter!("gateway_proxy_tls_handshake_failures_total", "reason" => "no_identity").increment(1);
+            tracing::warn!(%peer, error = %e.message, "client certificate has no usable identity");
+            send_error(&mut client, &e).await;
+            return;
+        }
+    };
+
+    let mut info = SessionInfo {
+        session_id: new_session_id(),
+        identity: identity.to_string(),
+        node: None,
+        pod: None,
+        database_route: None,
+        requested_user: None,
+        requested_database: None,
+        db_user: None,
+        db_name: None,
+        role: None,
+        client_addr: None,
+        node_addr: peer.to_string(),
+        upstream_addr: None,
+    };
+
+    let startup = tokio::time::timeout(
+        timeout,
+        read_preamble_and_startup(&mut client, &identity, &shared),
+    )
+    .await;
+    let (preamble, startup) = match startup {
+        Ok(Ok(Some(x))) => x,
+        // A cancel request: served, no session.
+        Ok(Ok(None)) => return,
+        Ok(Err(Failure::Client(refusal))) => {
+            // Not even a startup message: still one start/end pair so the attempt is seen.
+            finish_refused(&shared, &mut client, &info, refusal, started).await;
+            return;
+        }
+        Ok(Err(Failure::Gone)) => return,
+        Err(_) => {
+            let e = ErrorResponse::fatal(
+                sqlstate::PROTOCOL_VIOLATION,
+                "db-gateway: timeout waiting for the startup packet",
+            )
+            .with_hint(format!(
+                "The client must send its startup message within {timeout:?}."
+            ));
+            finish_refused(&shared, &mut client, &info, e.into(), started).await;
+            return;
+        }
+    };
+    info.node = Some(preamble.node.clone());
+    info.pod = Some(preamble.pod.clone());
+    info.database_route = Some(preamble.route.clone());
+    info.client_addr = Some(preamble.client_addr.to_string());
+    info.requested_user = startup.param("user").map(str::to_owned);
+    info.requested_database = startup.param("database").map(str::to_owned);
+
+    let decision = match shared.policy.decide(
+        &identity,
+        &preamble.route,
+        startup.param("user"),
+        startup.param("database"),
+    ) {
+        Ok(d) => d,
+        Err(error) => {
+            tracing::info!(session = %info.session_id, %identity, route = %preamble.route, reason = %error.message, "session denied");
+            finish_refused(
+                &shared,
+                &mut client,
+                &info,
+                Refusal {
+                    error,
+                    denied: true,
+                },
+                started,
+            )
+            .await;
+            return;
+        }
+    };
+    info.db_user = Some(decision.db_user.clone());
+    info.db_name = Some(decision.db_name.clone());
+    info.role = Some(decision.role.clone());
+
+    let login_started = Instant::now();
+    let login = shared
+        .upstreams
+        .login(
+            &decision.database,
+            &decision.db_user,
+            &decision.db_name,
+            &startup.params,
+            shared.cfg.upstream_connect_timeout,
+        )
+        .await;
+    let login = match login {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(session = %info.session_id, route = %preamble.route, user = %decision.db_user, %e, "upstream login failed");
+            let error = e.to_client(&preamble.route, &decision.db_user);
+            finish_refused(&shared, &mut client, &info, error.into(), started).await;
+            return;
+        }
+    };
+    metrics::histogram!("gateway_proxy_upstream_login_seconds")
+        .record(login_started.elapsed().as_secs_f64());
+    info.upstream_addr = Some(login.addr.to_string());
+
+    // Greet the client as the server would, with our own cancel key.
+    let cancel_key = login.backend_key.map(|(pid, secret)| {
+        shared.cancels.register(CancelTarget {
+            upstream: login.addr,
+            pid,
+            secret,
+            identity: identity.clone(),
+        })
+    });
+    let mut hello = Vec::with_capacity(512);
+    if startup.needs_negotiation() {
+        pg::negotiate_protocol_version(&mut hello, &startup.protocol_options());
+    }
+    pg::authentication_ok(&mut hello);
+    hello.extend_from_slice(&login.greeting);
+    if let Some(k) = &cancel_key {
+        pg::backend_key_data(&mut hello, k.key.0, k.key.1);
+    }
+    hello.extend_from_slice(&login.ready);
+    let outcome = Outcome::default();
+    shared.audit.session_start(&info, &outcome);
+    metrics::counter!("gateway_proxy_sessions_total", "result" => "success").increment(1);
+    tracing::info!(session = %info.session_id, %identity, route = %preamble.route, user = %decision.db_user, db = %decision.db_name, "session started");
+
+    let counters = Counters::default();
+    let mut end = End::Closed;
+    if client
+        .write_all(&hello)
+        .await
+        .and(client.flush().await)
+        .is_ok()
+    {
+        end = relay_session(client, login.stream, &login.rest, &counters, drain).await;
+    }
+    drop(cancel_key);
+    let outcome = match &end {
+        End::Closed => Outcome::default(),
+        End::Drained => Outcome {
+            error_code: Some(sqlstate::ADMIN_SHUTDOWN.into()),
+            error_message: Some("ended by proxy drain".into()),
+            denied: false,
+        },
+        End::Protocol(m) => Outcome {
+            error_code: Some(sqlstate::PROTOCOL_VIOLATION.into()),
+            error_message: Some(m.clone()),
+            denied: false,
+        },
+    };
+    shared.audit.session_end(
+        &info,
+        &outcome,
+        counters.client_to_server(),
+        counters.server_to_client(),
+        started.elapsed(),
+    );
+    tracing::info!(session = %info.session_id, ?end, "session ended");
+}
+
+async fn relay_session(
+    client: Client,
+    upstream: tokio_rustls::client::TlsStream<TcpStream>,
+    first: &[u8],
+    counters: &Counters,
+    drain: watch::Receiver<bool>,
+) -> End {
+    let (client_r, mut client_w) = tokio::io::split(client);
+    let (up_r, mut up_w) = tokio::io::split(upstream);
+    let end = {
+        let c2s = relay::client_to_server(client_r, &mut up_w, counters);
+        let s2c = relay::server_to_client(up_r, &mut client_w, counters, first, drain);
+        tokio::pin!(c2s, s2c);
+        tokio::select! {
+            _ = &mut c2s => s2c.await,
+            end = &mut s2c => end,
+        }
+    };
+    if end == End::Drained {
+        // Tell the server goodbye properly so it logs no "unexpected EOF".
+        let _ = up_w.write_all(&pg::terminate()).await;
+    }
+    let _ = up_w.shutdown().await;
+    let _ = client_w.shutdown().await;
+    end
+}
+
+enum Failure {
+    Client(Refusal),
+    /// The peer went away or broke TLS; nobody to answer.
+    Gone,
+}
+
+impl From<ErrorResponse> for Failure {
+    fn from(e: ErrorResponse) -> Self {
+        Failure::Client(e.into())
+    }
+}
+
+/// Reads the preamble and the startup packet; `Ok(None)` after serving a cancel request.
+async fn read_preamble_and_startup(
+    client: &mut Client,
+    identity: &SpiffeId,
+    shared: &Shared,
+) -> Result<Option<(Preamble, StartupMessage)>, Failure> {
+    let mut header = [0u8; PREAMBLE_HEADER_LEN];
+    client
+        .read_exact(&mut header)
+        .await
+        .map_err(|_| Failure::Gone)?;
+    let bad_preamble = |e: crate::tunnel::TunnelError| {
+        ErrorResponse::fatal(
+            sqlstate::PROTOCOL_VIOLATION,
+            format!("db-gateway proxy: {e}"),
+        )
+        .with_hint("Connect through the db-gateway node agent, not to the proxy directly.")
+    };
+    let len = Preamble::body_len(&header).map_err(bad_preamble)?;
+    let mut body = vec![0u8; len];
+    client
+        .read_exact(&mut body)
+        .await
+        .map_err(|_| Failure::Gone)?;
+    let preamble = Preamble::decode_body(&body).map_err(bad_preamble)?;
+
+    // The node answers SSLRequest/GSSENCRequest itself; we still accept them so an older
+    // or simpler node works.
+    for _ in 0..3 {
+        let packet = read_startup_packet(client).await?;
+        match pg::parse_startup_packet(&packet) {
+            Ok(StartupRequest::Ssl) | Ok(StartupRequest::GssEnc) => {
+                client.write_all(b"N").await.map_err(|_| Failure::Gone)?;
+                client.flush().await.map_err(|_| Failure::Gone)?;
+            }
+            Ok(StartupRequest::Cancel { pid, secret }) => {
+                serve_cancel(shared, identity, pid, secret).await;
+                return Ok(None);
+            }
+            Ok(StartupRequest::Startup(m)) => return Ok(Some((preamble, m))),
+            Err(e) => {
+                let hint = if e.sqlstate == sqlstate::FEATURE_NOT_SUPPORTED {
+                    "Use a PostgreSQL client that speaks protocol 3.0 (any libpq since 7.4)."
+                } else {
+                    "The client sent a malformed startup packet; is it a PostgreSQL client?"
+                };
+                return Err(ErrorResponse::fatal(e.sqlstate, e.message)
+                    .with_hint(hint)
+                    .into());
+            }
+        }
+    }
+    Err(
+        ErrorResponse::fatal(sqlstate::PROTOCOL_VIOLATION, "too many encryption requests")
+            .with_hint("Send SSLRequest or GSSENCRequest at most once each.")
+            .into(),
+    )
+}
+
+async fn read_startup_packet<R: AsyncRead + Unpin>(r: &mut R) -> Result<Vec<u8>, Failure> {
+    let mut header = [0u8; 4];
+    r.read_exact(&mut header).await.map_err(|_| Failure::Gone)?;
+    let len = pg::startup_packet_len(header).map_err(|e| {
+        ErrorResponse::fatal(e.sqlstate, e.message).with_hint(format!(
+            "A startup packet is 8 to {} bytes long.",
+            pg::MAX_STARTUP_PACKET_LENGTH
+        ))
+    })?;
+    let mut packet = vec![0u8; len];
+    packet[..4].copy_from_slice(&header);
+    r.read_exact(&mut packet[4..]).await.map_err(|_| {
+        Failure::from(
+            ErrorResponse::fatal(sqlstate::PROTOCOL_VIOLATION, "incomplete startup packet")
+                .with_hint("The client closed the connection in the middle of its startup packet."),
+        )
+    })?;
+    Ok(packet)
+}
+
+async fn serve_cancel(shared: &Shared, identity: &SpiffeId, pid: i32, secret: i32) {
+    let result = match shared.cancels.lookup((pid, secret), identity) {
+        Some(t) => {
+            match crate::upstream::cancel(t.upstream, t.pid, t.secret, Duration::from_secs(5)).await
+            {
+                Ok(()) => "forwarded",
+                Err(e) => {
+                    tracing::warn!(%e, upstream = %t.upstream, "cancel request failed");
+                    "upstream_error"
+                }
+            }
+        }
+        // Unknown keys are dropped silently, as PostgreSQL does, so keys cannot be probed.
+        None => "unknown_key",
+    };
+    metrics::counter!("gateway_proxy_cancel_requests_total", "result" => result).increment(1);
+    tracing::info!(%identity, result, "cancel request");
+}
+
+async fn finish_refused(
+    shared: &Shared,
+    client: &mut Client,
+    info: &SessionInfo,
+    refusal: Refusal,
+    started: Instant,
+) {
+    error_counter(&refusal.error.sqlstate);
+    let outcome = Outcome {
+        error_code: Some(refusal.error.sqlstate.clone()),
+        error_message: Some(refusal.error.message.clone()),
+        denied: refusal.denied,
+    };
+    metrics::counter!("gateway_proxy_sessions_total", "result" => if refusal.denied { "denied" } else { "error" }).increment(1);
+    shared.audit.session_start(info, &outcome);
+    send_error(client, &refusal.error).await;
+    shared
+        .audit
+        .session_end(info, &outcome, 0, 0, started.elapsed());
+}
+
+async fn send_error(client: &mut Client, e: &ErrorResponse) {
+    let _ = client.write_all(&e.encode()).await;
+    let _ = client.flush().await;
+    let _ = client.shutdown().await;
+}
+
+fn peer_identity(client: &Client, trust_domain: &str) -> Result<SpiffeId, ErrorResponse> {
+    let refuse = |why: String| {
+        ErrorResponse::fatal(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION, format!("db-gateway: {why}"))
+            .with_hint(format!("Workload certificates must carry one SPIFFE ID spiffe://{trust_domain}/ns/<namespace>/sa/<service-account>."))
+    };
+    let cert = client
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .ok_or_else(|| refuse("no client certificate".into()))?;
+    let id = spiffe_id_of(cert).map_err(|e| refuse(e.to_string()))?;
+    if id.trust_domain != trust_domain {
+        return Err(refuse(format!(
+            "identity {id} is not in trust domain {trust_domain}"
+        )));
+    }
+    Ok(id)
+}
+
+fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
+    let text = e.to_string();
+    if text.contains("peer sent no certificates") || text.contains("NoCertificatesPresented") {
+        "no_client_certificate"
+    } else if text.contains("Expired") || text.contains("expired") {
+        "certificate_expired"
+    } else if text.contains("UnknownIssuer") || text.contains("invalid peer certificate") {
+        "unknown_issuer"
+    } else {
+        "handshake_error"
+    }
+}
+
+fn new_session_id() -> String {
+    let b: [u8; 16] = rand::random();
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

@@ -1,0 +1,329 @@
+//! Logging in to the real database without a stored password: TLS with the server
+//! verified (`verify-full`), and a short-lived client certificate whose CN is the database
+//! user, signed by the database-client CA (PostgreSQL `hostssl … cert`).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use rustls::{ClientConfig, RootCertStore};
+use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use crate::config::DatabaseConfig;
+use crate::pg::{self, ErrorResponse, sqlstate};
+use crate::pki::{CertificateAuthority, LeafSpec, PkiError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot resolve {address}: {source}")]
+    Resolve {
+        address: String,
+        source: std::io::Error,
+    },
+    #[error("cannot connect to {address}: {reason}")]
+    Unreachable { address: String, reason: String },
+    #[error("server {0} does not accept TLS connections")]
+    SslRefused(SocketAddr),
+    #[error("TLS with {addr} failed: {source}")]
+    Tls {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("server rejected the login: {}", .0.message)]
+    Rejected(ErrorResponse),
+    #[error(
+        "server asked for authentication method {0}, but the gateway logs in only with a client certificate"
+    )]
+    UnsupportedAuth(i32),
+    #[error("protocol error from server: {0}")]
+    Protocol(String),
+    #[error("connection to the server failed during login: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("cannot issue a database-client certificate: {0}")]
+    Pki(#[from] PkiError),
+    #[error("bad TLS settings for database {db}: {reason}")]
+    Config { db: String, reason: String },
+}
+
+impl UpstreamError {
+    /// The error the client sees, naming the database and user and what to do.
+    pub fn to_client(&self, route: &str, user: &str) -> ErrorResponse {
+        match self {
+            UpstreamError::Resolve { .. } | UpstreamError::Unreachable { .. } => ErrorResponse::fatal(
+                sqlstate::UNABLE_TO_ESTABLISH_CONNECTION,
+                format!("db-gateway: database \"{route}\" is unreachable: {self}"),
+            )
+            .with_hint("The proxy could not open a connection to the database server; check that it is running and that the proxy can reach it."),
+            UpstreamError::Rejected(e) => ErrorResponse {
+                message: format!(
+                    "db-gateway: database \"{route}\" refused login as \"{user}\": {}",
+                    e.message
+                ),
+                hint: Some(format!(
+                    "The database must have a role \"{user}\" and a pg_hba.conf line \"hostssl … cert\" for the proxy, and trust the gateway's database-client CA (ssl_ca_file)."
+                )),
+                ..e.clone()
+            },
+            UpstreamError::UnsupportedAuth(_) => ErrorResponse::fatal(
+                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                format!("db-gateway: database \"{route}\" refused certificate login as \"{user}\": {self}"),
+            )
+            .with_hint("Configure pg_hba.conf with \"hostssl … cert\" for the proxy's address (no password methods)."),
+            UpstreamError::Config { .. } | UpstreamError::Pki(_) => ErrorResponse::fatal(
+                sqlstate::UNABLE_TO_ESTABLISH_CONNECTION,
+                format!("db-gateway: cannot log in to database \"{route}\": {self}"),
+            )
+            .with_hint("This is a proxy configuration problem; the proxy log has details."),
+            _ => ErrorResponse::fatal(
+                sqlstate::CONNECTION_FAILURE,
+                format!("db-gateway: connection to database \"{route}\" failed: {self}"),
+            )
+            .with_hint("Check the database server's TLS certificate against the proxy's upstream.ca and server_name."),
+        }
+    }
+}
+
+/// A logged-in upstream session, positioned right after the server's first
+/// `ReadyForQuery`.
+pub struct Login {
+    pub stream: TlsStream<TcpStream>,
+    pub addr: SocketAddr,
+    /// `ParameterStatus` and `NoticeResponse` messages, raw, in the server's order.
+    pub greeting: Vec<u8>,
+    pub backend_key: Option<(i32, i32)>,
+    /// The raw `ReadyForQuery`.
+    pub ready: Vec<u8>,
+    /// Bytes the server sent after `ReadyForQuery` in the same read (normally none).
+    pub rest: Vec<u8>,
+}
+
+/// TLS client settings per (database, user), renewed at half the certificate's life so
+/// that TLS session resumption keeps working between logins.
+pub struct Upstreams {
+    ca: CertificateAuthority,
+    ttl: Duration,
+    roots: HashMap<String, Arc<RootCertStore>>,
+    configs: Mutex<HashMap<(String, String), (SystemTime, Arc<ClientConfig>)>>,
+}
+
+impl Upstreams {
+    pub fn new(
+        ca: CertificateAuthority,
+        ttl: Duration,
+        databases: &[DatabaseConfig],
+    ) -> Result<Self, UpstreamError> {
+        let mut roots = HashMap::new();
+        for db in databases {
+            let mut store = RootCertStore::empty();
+            for c in crate::pki::load_certs(&db.upstream.ca)? {
+                store.add(c).map_err(|e| UpstreamError::Config {
+                    db: db.name.clone(),
+                    reason: format!("{}: {e}", db.upstream.ca.display()),
+                })?;
+            }
+            roots.insert(db.name.clone(), Arc::new(store));
+        }
+        Ok(Self {
+            ca,
+            ttl,
+            roots,
+            configs: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn client_config(
+        &self,
+        db: &DatabaseConfig,
+        user: &str,
+    ) -> Result<Arc<ClientConfig>, UpstreamError> {
+        let now = SystemTime::now();
+        let key = (db.name.clone(), user.to_owned());
+        let mut configs = self.configs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((renew_at, cfg)) = configs.get(&key)
+            && now < *renew_at
+        {
+            return Ok(cfg.clone());
+        }
+        let roots = self
+            .roots
+            .get(&db.name)
+            .cloned()
+            .ok_or_else(|| UpstreamError::Config {
+                db: db.name.clone(),
+                reason: "no CA loaded".into(),
+            })?;
+        let (cert, key_pair) = self.ca.issue_der(&LeafSpec::db_client(user), self.ttl)?;
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pair.serialize_der()));
+        let cfg = ClientConfig::builder_with_provider(crate::tunnel::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .and_then(|b| {
+                b.with_root_certificates(roots)
+                    .with_client_auth_cert(vec![cert], key_der)
+            })
+            .map_err(|e| UpstreamError::Config {
+                db: db.name.clone(),
+                reason: e.to_string(),
+            })?;
+        let cfg = Arc::new(cfg);
+        configs.insert(key, (now + self.ttl / 2, cfg.clone()));
+        metrics::counter!("gateway_proxy_db_client_certs_issued_total").increment(1);
+        Ok(cfg)
+    }
+
+    /// Connects, negotiates TLS, sends the startup packet and reads the login phase.
+    pub async fn login(
+        &self,
+        db: &DatabaseConfig,
+        user: &str,
+        database: &str,
+        extra_params: &[(String, String)],
+        connect_timeout: Duration,
+    ) -> Result<Login, UpstreamError> {
+        let cfg = self.client_config(db, user)?;
+        let address = &db.upstream.address;
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(address.as_str())
+            .await
+            .map_err(|source| UpstreamError::Resolve {
+                address: address.clone(),
+                source,
+            })?
+            .collect();
+        let mut last = String::from("no addresses");
+        let mut tcp = None;
+        for addr in addrs {
+            match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => {
+                    tcp = Some((s, addr));
+                    break;
+                }
+                Ok(Err(e)) => last = format!("{addr}: {e}"),
+                Err(_) => last = format!("{addr}: timed out after {connect_timeout:?}"),
+            }
+        }
+        let (mut tcp, addr) = tcp.ok_or_else(|| UpstreamError::Unreachable {
+            address: address.clone(),
+            reason: last,
+        })?;
+        tcp.set_nodelay(true)?;
+        tcp.write_all(&pg::encode_ssl_request()).await?;
+        let mut answer = [0u8; 1];
+        tcp.read_exact(&mut answer).await?;
+        if answer[0] != b'S' {
+            return Err(UpstreamError::SslRefused(addr));
+        }
+        let name = ServerName::try_from(db.upstream.server_name().to_owned()).map_err(|e| {
+            UpstreamError::Config {
+                db: db.name.clone(),
+                reason: format!("server_name: {e}"),
+            }
+        })?;
+        let mut stream = TlsConnector::from(cfg)
+            .connect(name, tcp)
+            .await
+            .map_err(|source| UpstreamError::Tls { addr, source })?;
+
+        let mut params: Vec<(&str, &str)> = vec![("user", user), ("database", database)];
+        params.extend(
+            extra_params
+                .iter()
+                .filter(|(k, _)| k != "user" && k != "database" && !k.starts_with("_pq_."))
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        );
+        stream.write_all(&pg::encode_startup(&params)).await?;
+        stream.flush().await?;
+        read_login(stream, addr).await
+    }
+}
+
+async fn read_login(
+    mut stream: TlsStream<TcpStream>,
+    addr: SocketAddr,
+) -> Result<Login, UpstreamError> {
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let mut greeting = Vec::new();
+    let mut backend_key = None;
+    let mut chunk = [0u8; 4096];
+    loop {
+        while let Some((tag, body, used)) = pg::split_message(&buf, pg::MAX_LOGIN_MESSAGE_LENGTH)
+            .map_err(|e| UpstreamError::Protocol(e.message))?
+        {
+            match tag {
+                b'R' => {
+                    let code = body
+                        .get(..4)
+                        .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+                        .ok_or_else(|| {
+                            UpstreamError::Protocol("short authentication message".into())
+                        })?;
+                    if code != 0 {
+                        return Err(UpstreamError::UnsupportedAuth(code));
+                    }
+                }
+                b'E' => {
+                    let e = ErrorResponse::parse(body)
+                        .ok_or_else(|| UpstreamError::Protocol("malformed ErrorResponse".into()))?;
+                    return Err(UpstreamError::Rejected(e));
+                }
+                b'K' if body.len() == 8 => {
+                    backend_key = Some((
+                        i32::from_be_bytes([body[0], body[1], body[2], body[3]]),
+                        i32::from_be_bytes([body[4], body[5], body[6], body[7]]),
+                    ));
+                }
+                b'S' | b'N' => greeting.extend_from_slice(&buf[..used]),
+                b'Z' => {
+                    let ready = buf[..used].to_vec();
+                    let rest = buf[used..].to_vec();
+                    return Ok(Login {
+                        stream,
+                        addr,
+                        greeting,
+                        backend_key,
+                        ready,
+                        rest,
+                    });
+                }
+                other => {
+                    return Err(UpstreamError::Protocol(format!(
+                        "unexpected message {:?} during login",
+                        other as char
+                    )));
+                }
+            }
+            buf.drain(..used);
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(UpstreamError::Protocol(
+                "server closed the connection during login".into(),
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Sends a `CancelRequest` to the server on a fresh connection. PostgreSQL reads cancel
+/// requests before authentication, so plain TCP works even where pg_hba demands TLS.
+pub async fn cancel(
+    addr: SocketAddr,
+    pid: i32,
+    secret: i32,
+    timeout: Duration,
+) -> std::io::Result<()> {
+    let fut = async {
+        let mut s = TcpStream::connect(addr).await?;
+        s.write_all(&pg::encode_cancel_request(pid, secret)).await?;
+        // The server closes without answering; wait for that so the cancel is delivered.
+        let mut b = [0u8; 1];
+        let _ = s.read(&mut b).await;
+        Ok(())
+    };
+    tokio::time::timeout(timeout, fut).await.map_err(|_| {
+        std::io::Error::new(std::io::ErrorKind::TimedOut, "cancel request timed out")
+    })?
+}

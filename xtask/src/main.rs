@@ -1,0 +1,82 @@
+//! `cargo xtask <command>`: the project's developer and CI entry points.
+//!
+//! One module per subcommand, each an `Options` struct and a `run` function. Every external
+//! command's failure names the command and its exit status.
+
+mod demo;
+mod setup;
+mod test;
+
+use std::path::PathBuf;
+use std::process::Command as Process;
+
+use anyhow::{Context, Result, ensure};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "db-gateway development tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install the system packages the project needs (Debian 12), when missing.
+    Setup(setup::Options),
+    /// Run everything CI runs: setup, rustfmt, clippy, the test suite.
+    Test(test::Options),
+    /// Build the gateway and run `gateway up`: local PostgreSQL + CA + proxy + node agent.
+    Demo(demo::Options),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Setup(opts) => setup::run(&opts),
+        Command::Test(opts) => test::run(&opts),
+        Command::Demo(opts) => demo::run(opts),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// The workspace root: xtask lives one level below it.
+fn workspace_root() -> Result<PathBuf> {
+    let manifest_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir
+        .parent()
+        .map(PathBuf::from)
+        .with_context(|| format!("{} has no parent directory", manifest_dir.display()))
+}
+
+/// `cargo` as the one running us (`$CARGO`), so toolchain overrides carry over.
+fn cargo() -> Process {
+    Process::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// Runs one named step in the workspace root, printing a header first.
+fn step(name: &str, cmd: &mut Process) -> Result<()> {
+    println!("==> {name}: {}", display(cmd));
+    let status = cmd
+        .current_dir(workspace_root()?)
+        .status()
+        .with_context(|| format!("step {name} failed: cannot run {}", display(cmd)))?;
+    ensure!(status.success(), "step {name} failed: {status}");
+    Ok(())
+}
+
+/// A command line for humans.
+fn display(cmd: &Process) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|s| s.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
