@@ -277,33 +277,54 @@ impl CertificateAuthority {
         leaf: &LeafSpec,
         ttl: Duration,
     ) -> Result<(rcgen::Certificate, KeyPair), PkiError> {
-        let mut sans = Vec::new();
-        for d in &leaf.dns_names {
-            sans.push(SanType::DnsName(d.clone().try_into()?));
-        }
-        for ip in &leaf.ips {
-            sans.push(SanType::IpAddress(*ip));
-        }
-        if let Some(id) = &leaf.spiffe_id {
-            sans.push(SanType::URI(id.to_string().try_into()?));
-        }
-        let mut params = CertificateParams::default();
-        params.subject_alt_names = sans;
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, leaf.common_name.as_str());
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = leaf.usages.clone();
-        params.use_authority_key_identifier_extension = true;
         if ttl > MAX_LEAF_TTL {
             return Err(PkiError::BadTtl(ttl));
         }
+        let mut params = leaf_params(leaf)?;
         validity(&mut params, ttl)?;
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok((cert, key))
     }
+
+    /// Issues a leaf valid exactly from `not_before` to `not_after`: for tests of expiry
+    /// handling (an already expired certificate) and tools that align validity windows.
+    pub fn issue_between(
+        &self,
+        leaf: &LeafSpec,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<(String, String), PkiError> {
+        let mut params = leaf_params(leaf)?;
+        params.not_before = not_before.into();
+        params.not_after = not_after.into();
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
+fn leaf_params(leaf: &LeafSpec) -> Result<CertificateParams, PkiError> {
+    let mut sans = Vec::new();
+    for d in &leaf.dns_names {
+        sans.push(SanType::DnsName(d.clone().try_into()?));
+    }
+    for ip in &leaf.ips {
+        sans.push(SanType::IpAddress(*ip));
+    }
+    if let Some(id) = &leaf.spiffe_id {
+        sans.push(SanType::URI(id.to_string().try_into()?));
+    }
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = sans;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, leaf.common_name.as_str());
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = leaf.usages.clone();
+    params.use_authority_key_identifier_extension = true;
+    Ok(params)
 }
 
 /// What goes into a leaf certificate.

@@ -54,6 +54,8 @@ pub struct StackSpec {
     pub proxy_extra_yaml: String,
     /// Extra `data_plane:` settings of the node (YAML mapping lines, indented by 2).
     pub node_data_plane_yaml: String,
+    /// More entries of the proxy's `databases:` list (YAML sequence items, indented by 2).
+    pub extra_databases_yaml: String,
     /// SQL run as superuser once the database is up (roles, databases, grants).
     pub setup_sql: Vec<String>,
 }
@@ -201,6 +203,10 @@ impl Stack {
             y.push('\n');
         }
         y.push_str(&self.databases_yaml());
+        y.push_str(&self.spec.extra_databases_yaml);
+        if !y.ends_with('\n') {
+            y.push('\n');
+        }
         y.push_str("roles:\n");
         y.push_str(&self.spec.roles_yaml);
         std::fs::write(&self.proxy_config, y)?;
@@ -356,6 +362,7 @@ pub fn run(keep: bool) -> Result<()> {
         roles_yaml: "  - name: demo-apps\n    match: { namespace: demo }\n    databases: { labels: { env: demo } }\n    db_users: [\"{{ .service_account }}\"]\n    db_names: [\"{{ .service_account }}\"]\n    force_db_user: true\n    force_db_name: true\n".into(),
         proxy_extra_yaml: String::new(),
         node_data_plane_yaml: String::new(),
+        extra_databases_yaml: String::new(),
         setup_sql: vec![
             "CREATE ROLE app LOGIN".into(),
             "CREATE DATABASE app OWNER app".into(),

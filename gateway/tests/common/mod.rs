@@ -1,0 +1,154 @@
+//! Shared test environment: a real PostgreSQL, the real proxy and node processes, and the
+//! identities and policy the tests need. See `tests/README.md`.
+
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use gateway::pg::{self, ErrorResponse};
+use gateway::up::{Stack, StackSpec, Workload};
+
+/// Workload indexes in [`spec`].
+pub const TEAM_A_API: usize = 0;
+pub const TEAM_B_WORKER: usize = 1;
+pub const INTRUDER: usize = 2;
+pub const DOWN_ROUTE: usize = 3;
+
+pub const ROLES: &str = r#"  - name: team-a
+    match: { namespace: team-a }
+    databases: { names: [main] }
+    db_users: ["{{ .service_account }}", ghost]
+    db_names: [app]
+  - name: team-b
+    match: { namespace: team-b }
+    databases: { names: [main, down] }
+    db_users: ["{{ .service_account }}"]
+    db_names: [app]
+    force_db_user: true
+    force_db_name: true
+"#;
+
+pub fn gateway_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_gateway"))
+}
+
+/// team-a/api chooses among allowed users; team-b/worker is forced; intruder has no role;
+/// the last listener routes to a database whose server is down.
+pub fn spec() -> StackSpec {
+    let closed_port = gateway::up::free_port().expect("free port");
+    StackSpec {
+        gateway_bin: gateway_bin(),
+        workloads: vec![
+            Workload::new("team-a", "api"),
+            Workload::new("team-b", "worker"),
+            Workload::new("intruder", "x"),
+            Workload {
+                route: "down".into(),
+                ..Workload::new("team-b", "worker")
+            },
+        ],
+        roles_yaml: ROLES.into(),
+        proxy_extra_yaml: String::new(),
+        node_data_plane_yaml: String::new(),
+        extra_databases_yaml: format!(
+            "  - name: down\n    upstream: {{ address: \"127.0.0.1:{closed_port}\", auth: cert, server_name: localhost, ca: ca/workload-ca.crt }}\n"
+        ),
+        setup_sql: vec![
+            "CREATE ROLE api LOGIN".into(),
+            "CREATE ROLE worker LOGIN".into(),
+            "CREATE DATABASE app OWNER api".into(),
+        ],
+    }
+}
+
+pub fn stack() -> Stack {
+    Stack::start(spec()).expect("start the local gateway stack")
+}
+
+/// Connects with tokio-postgres (no TLS: the node listener is local, the tunnel encrypts).
+pub async fn connect(
+    s: &Stack,
+    i: usize,
+    user: &str,
+    db: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, conn) =
+        tokio_postgres::connect(&s.conn_string(i, user, db), tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+pub fn sqlstate(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map(|d| d.code().code().to_owned())
+        .unwrap_or_else(|| format!("not a database error: {e}"))
+}
+
+/// Sends raw bytes to `addr` and reads everything until the peer closes.
+pub fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    s.write_all(bytes).expect("write");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    out
+}
+
+/// The messages in a backend byte stream.
+pub fn messages(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    while let Ok(Some((tag, body, used))) = pg::split_message(bytes, 1 << 24) {
+        out.push((tag, body.to_vec()));
+        bytes = &bytes[used..];
+    }
+    out
+}
+
+/// The single `ErrorResponse` a refused client receives, asserting nothing else came.
+pub fn only_error(bytes: &[u8]) -> ErrorResponse {
+    let msgs = messages(bytes);
+    assert_eq!(msgs.len(), 1, "expected exactly one message, got {msgs:?}");
+    assert_eq!(msgs[0].0, b'E', "expected an ErrorResponse");
+    ErrorResponse::parse(&msgs[0].1).expect("ErrorResponse parses")
+}
+
+/// Scrapes a Prometheus endpoint.
+pub fn scrape(addr: SocketAddr) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect admin");
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// Sum of all samples of a metric (every label set), `None` when absent.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some((key, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let metric_name = key.split('{').next().unwrap_or(key);
+        if metric_name == name {
+            *found.get_or_insert(0.0) += value.parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    found
+}
+
+/// A labelled sample, e.g. `metric_with(text, "x_total", "reason=\"expired\"")`.
+pub fn metric_with(text: &str, name: &str, label: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .reduce(|a, b| a + b)
+}
