@@ -233,7 +233,8 @@ impl NodeConfig {
         }
         let mut seen = std::collections::HashSet::new();
         for l in &self.listeners {
-            if !seen.insert(l.listen) {
+            // Port 0 asks the kernel for a free port each time, so it never collides.
+            if l.listen.port() != 0 && !seen.insert(l.listen) {
                 return Err(format!("listeners: address {} is listed twice", l.listen));
             }
         }

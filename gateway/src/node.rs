@@ -144,8 +144,9 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             .recv()
             .context("a data-plane thread died at start-up")??;
     }
+    // Machine-readable start-up lines (the demo and the tests bind port 0 and read them).
+    println!("ADMIN {admin_addr}");
     for l in &listeners {
-        // Tests and the demo read this line to learn the bound address.
         println!("LISTENING {} route={}", l.listen, l.route);
     }
     tracing::info!(threads, admin = %admin_addr, proxy = %plane.proxy_addr, "node agent ready");

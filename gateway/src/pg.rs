@@ -425,12 +425,12 @@ impl BackendScanner {
     }
 }
 
+/// One typed message inside a buffer: (tag, body, bytes used including the header).
+pub type Frame<'a> = (u8, &'a [u8], usize);
+
 /// Splits one complete typed message off the front of `buf`: `Ok(None)` when more bytes
 /// are needed.
-pub fn split_message(
-    buf: &[u8],
-    max_len: usize,
-) -> Result<Option<(u8, &[u8], usize)>, ProtocolError> {
+pub fn split_message(buf: &[u8], max_len: usize) -> Result<Option<Frame<'_>>, ProtocolError> {
     if buf.len() < 5 {
         return Ok(None);
     }

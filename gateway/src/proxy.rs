@@ -107,6 +107,9 @@ pub fn run(cfg: ProxyConfig) -> anyhow::Result<()> {
         let local = listener.local_addr()?;
         let shared = Arc::new(prepare(cfg, local)?);
         tracing::info!(listen = %local, admin = %admin_addr, "proxy ready");
+        // Machine-readable start-up lines (the demo and the tests bind port 0 and read them).
+        println!("ADMIN {admin_addr}");
+        println!("LISTENING {local}");
         drop(not_ready);
         let (drain_tx, drain_rx) = watch::channel(false);
         tokio::spawn(async move {

@@ -7,7 +7,7 @@
 //! tests exercise the same wiring.
 
 use std::fmt::Write as _;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -180,11 +180,10 @@ impl Stack {
 
     /// (Re)starts the proxy on a fresh port; the node config follows it.
     pub fn start_proxy(&mut self) -> Result<()> {
-        self.proxy_addr = loopback(free_port()?);
-        self.proxy_admin = loopback(free_port()?);
         let mut y = String::new();
-        writeln!(y, "listen: \"{}\"", self.proxy_addr)?;
-        writeln!(y, "admin_listen: \"{}\"", self.proxy_admin)?;
+        // Port 0 everywhere: the kernel picks, the process reports (no port races).
+        writeln!(y, "listen: \"127.0.0.1:0\"")?;
+        writeln!(y, "admin_listen: \"127.0.0.1:0\"")?;
         writeln!(y, "trust_domain: {DEMO_TRUST_DOMAIN}")?;
         writeln!(
             y,
@@ -210,20 +209,19 @@ impl Stack {
         y.push_str("roles:\n");
         y.push_str(&self.spec.roles_yaml);
         std::fs::write(&self.proxy_config, y)?;
-        let child = self.spawn("proxy", &self.proxy_config)?;
+        let mut child = self.spawn("proxy", &self.proxy_config)?;
+        let started = wait_for_startup(&self.dir.join("proxy.log"), "proxy", &mut child, 1);
         self.proxy = Some(child);
-        wait_for_listener("proxy", self.proxy_addr, self.proxy.as_mut())?;
+        let (admin, listening) = started?;
+        self.proxy_admin = admin;
+        self.proxy_addr = listening[0];
         Ok(())
     }
 
     pub fn start_node(&mut self) -> Result<()> {
-        self.node_admin = loopback(free_port()?);
-        self.listeners = (0..self.spec.workloads.len())
-            .map(|_| free_port().map(loopback))
-            .collect::<Result<_>>()?;
         let mut y = String::new();
         writeln!(y, "node_name: demo-node")?;
-        writeln!(y, "admin_listen: \"{}\"", self.node_admin)?;
+        writeln!(y, "admin_listen: \"127.0.0.1:0\"")?;
         writeln!(
             y,
             "proxy: {{ address: \"{}\", server_name: {PROXY_SERVER_NAME}, ca: ca/{} }}",
@@ -236,8 +234,8 @@ impl Stack {
             y.push('\n');
         }
         writeln!(y, "listeners:")?;
-        for (i, (w, addr)) in self.spec.workloads.iter().zip(&self.listeners).enumerate() {
-            writeln!(y, "  - listen: \"{addr}\"")?;
+        for (i, w) in self.spec.workloads.iter().enumerate() {
+            writeln!(y, "  - listen: \"127.0.0.1:0\"")?;
             writeln!(y, "    route: {}", w.route)?;
             writeln!(
                 y,
@@ -250,11 +248,17 @@ impl Stack {
             )?;
         }
         std::fs::write(&self.node_config, y)?;
-        let child = self.spawn("node", &self.node_config)?;
+        let mut child = self.spawn("node", &self.node_config)?;
+        let started = wait_for_startup(
+            &self.dir.join("node.log"),
+            "node",
+            &mut child,
+            self.spec.workloads.len(),
+        );
         self.node = Some(child);
-        for addr in self.listeners.clone() {
-            wait_for_listener("node", addr, self.node.as_mut())?;
-        }
+        let (admin, listening) = started?;
+        self.node_admin = admin;
+        self.listeners = listening;
         Ok(())
     }
 
@@ -335,22 +339,43 @@ impl Drop for Stack {
     }
 }
 
-fn wait_for_listener(what: &str, addr: SocketAddr, child: Option<&mut Child>) -> Result<()> {
+/// Waits for the `ADMIN <addr>` line and `listeners` `LISTENING <addr>` lines a gateway
+/// process prints once it serves; fails with the log's tail if it exits first.
+fn wait_for_startup(
+    log: &Path,
+    what: &str,
+    child: &mut Child,
+    listeners: usize,
+) -> Result<(SocketAddr, Vec<SocketAddr>)> {
     let deadline = Instant::now() + READY_TIMEOUT;
-    let mut child = child;
     loop {
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return Ok(());
-        }
-        if let Some(c) = child.as_deref_mut()
-            && let Ok(Some(status)) = c.try_wait()
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let admin = text
+            .lines()
+            .find_map(|l| l.strip_prefix("ADMIN "))
+            .and_then(|a| a.trim().parse().ok());
+        let listening: Vec<SocketAddr> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("LISTENING "))
+            .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+            .collect();
+        if let Some(admin) = admin
+            && listening.len() >= listeners
         {
-            bail!("gateway {what} exited during start-up ({status}); see its log");
+            return Ok((admin, listening));
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let tail: Vec<&str> = text.lines().rev().take(15).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            bail!(
+                "gateway {what} exited during start-up ({status}); its log ends:\n{}",
+                tail.join("\n")
+            );
         }
         if Instant::now() > deadline {
-            bail!("gateway {what} did not listen on {addr} within {READY_TIMEOUT:?}");
+            bail!("gateway {what} did not report its addresses within {READY_TIMEOUT:?}");
         }
-        std::thread::sleep(Duration::from_millis(30));
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -102,13 +102,16 @@ pub struct Login {
     pub rest: Vec<u8>,
 }
 
+/// (database, user) → (renew at, TLS settings with that user's certificate).
+type ConfigCache = HashMap<(String, String), (SystemTime, Arc<ClientConfig>)>;
+
 /// TLS client settings per (database, user), renewed at half the certificate's life so
 /// that TLS session resumption keeps working between logins.
 pub struct Upstreams {
     ca: CertificateAuthority,
     ttl: Duration,
     roots: HashMap<String, Arc<RootCertStore>>,
-    configs: Mutex<HashMap<(String, String), (SystemTime, Arc<ClientConfig>)>>,
+    configs: Mutex<ConfigCache>,
 }
 
 impl Upstreams {

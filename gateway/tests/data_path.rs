@@ -42,8 +42,7 @@ async fn identity_maps_to_policy_user_and_denied_identity_gets_error() {
     // An identity no role matches.
     let e = connect(&s, INTRUDER, "api", "app")
         .await
-        .err()
-        .expect("intruder refused");
+        .expect_err("intruder refused");
     let db = e.as_db_error().expect("an ErrorResponse");
     assert_eq!(db.code().code(), "28000");
     assert_eq!(db.severity(), "FATAL");
@@ -190,8 +189,7 @@ async fn cancel_request_reaches_the_right_backend() {
         .await
         .expect("query ends after cancel")
         .unwrap()
-        .err()
-        .expect("cancelled query fails");
+        .expect_err("cancelled query fails");
     let elapsed = t0.elapsed();
     assert_eq!(sqlstate(&err), "57014");
     assert!(elapsed < Duration::from_secs(1), "cancel took {elapsed:?}");
@@ -204,10 +202,7 @@ async fn audit_has_one_start_and_one_end_per_session_with_fields() {
         let c = connect(&s, TEAM_A_API, "api", "app").await.unwrap();
         c.simple_query("select 1").await.unwrap();
     }
-    let _ = connect(&s, INTRUDER, "x", "app")
-        .await
-        .err()
-        .expect("denied");
+    let _ = connect(&s, INTRUDER, "x", "app").await.expect_err("denied");
     // Let the proxy notice the clients' Terminate and write the end events.
     let deadline = Instant::now() + Duration::from_secs(5);
     let events = loop {
@@ -287,10 +282,7 @@ async fn metrics_expose_connections_bytes_latency_and_errors() {
     let s = stack();
     let c = connect(&s, TEAM_A_API, "api", "app").await.unwrap();
     c.simple_query("select repeat('y', 100000)").await.unwrap();
-    let _ = connect(&s, INTRUDER, "x", "app")
-        .await
-        .err()
-        .expect("denied");
+    let _ = connect(&s, INTRUDER, "x", "app").await.expect_err("denied");
     let node = scrape(s.node_admin);
     let proxy = scrape(s.proxy_admin);
     assert!(

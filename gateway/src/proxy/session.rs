@@ -424,6 +424,10 @@ fn peer_identity(client: &Client, trust_domain: &str) -> Result<SpiffeId, ErrorR
 }
 
 fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        // A TCP probe or a peer that gave up: not a certificate problem.
+        return "eof";
+    }
     let text = e.to_string();
     if text.contains("peer sent no certificates") || text.contains("NoCertificatesPresented") {
         "no_client_certificate"
