@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod ca;
 pub mod config;
 pub mod localdb;
 pub mod node;

@@ -287,6 +287,24 @@ impl CertificateAuthority {
         Ok((cert, key))
     }
 
+    /// Signs a certificate for a public key from a CSR. Only the key is taken from the
+    /// request: names and usages come from `leaf`, i.e. from what the CA verified, never
+    /// from what the requester asked for.
+    pub fn issue_for_csr(
+        &self,
+        leaf: &LeafSpec,
+        csr_pem: &str,
+        ttl: Duration,
+    ) -> Result<String, PkiError> {
+        if ttl > MAX_LEAF_TTL {
+            return Err(PkiError::BadTtl(ttl));
+        }
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
+        let mut params = leaf_params(leaf)?;
+        validity(&mut params, ttl)?;
+        Ok(params.signed_by(&csr.public_key, &self.issuer)?.pem())
+    }
+
     /// Issues a leaf valid exactly from `not_before` to `not_after`: for tests of expiry
     /// handling (an already expired certificate) and tools that align validity windows.
     pub fn issue_between(
@@ -315,6 +333,9 @@ fn leaf_params(leaf: &LeafSpec) -> Result<CertificateParams, PkiError> {
     if let Some(id) = &leaf.spiffe_id {
         sans.push(SanType::URI(id.to_string().try_into()?));
     }
+    if let Some(uri) = &leaf.node_uri {
+        sans.push(SanType::URI(uri.clone().try_into()?));
+    }
     let mut params = CertificateParams::default();
     params.subject_alt_names = sans;
     let mut dn = DistinguishedName::new();
@@ -332,6 +353,8 @@ fn leaf_params(leaf: &LeafSpec) -> Result<CertificateParams, PkiError> {
 pub struct LeafSpec {
     pub common_name: String,
     pub spiffe_id: Option<SpiffeId>,
+    /// A node's SPIFFE URI (see [`LeafSpec::node`]).
+    pub node_uri: Option<String>,
     pub dns_names: Vec<String>,
     pub ips: Vec<IpAddr>,
     pub usages: Vec<ExtendedKeyUsagePurpose>,
@@ -363,6 +386,17 @@ impl LeafSpec {
         }
     }
 
+    /// A node agent's own certificate (`spiffe://<td>/node/<name>`): it authenticates the
+    /// node to the CA, and is never a workload identity ([`SpiffeId::parse`] refuses it).
+    pub fn node(trust_domain: &str, node_name: &str) -> Self {
+        Self {
+            common_name: node_name.to_owned(),
+            node_uri: Some(format!("spiffe://{trust_domain}/node/{node_name}")),
+            usages: vec![ExtendedKeyUsagePurpose::ClientAuth],
+            ..Self::default()
+        }
+    }
+
     /// A database-client certificate: PostgreSQL's `cert` method maps CN to the user.
     pub fn db_client(user: &str) -> Self {
         Self {
@@ -373,32 +407,66 @@ impl LeafSpec {
     }
 }
 
-/// Reads the SPIFFE ID from a certificate's URI SANs. Exactly one `spiffe://` URI is
-/// allowed, as the X509-SVID spec requires; anything else is no identity at all.
-pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, PkiError> {
-    let bad = |reason: &str| PkiError::BadSpiffeId {
+/// The node name in a node certificate (`spiffe://<td>/node/<name>` in the trust domain).
+pub fn node_name_of(cert: &CertificateDer<'_>, trust_domain: &str) -> Result<String, PkiError> {
+    let bad = |reason: String| PkiError::BadSpiffeId {
         id: String::new(),
-        reason: reason.to_owned(),
+        reason,
+    };
+    let uris = spiffe_uris(cert)?;
+    let prefix = format!("spiffe://{trust_domain}/node/");
+    match uris.as_slice() {
+        [one] => one
+            .strip_prefix(&prefix)
+            .filter(|n| !n.is_empty() && !n.contains('/'))
+            .map(str::to_owned)
+            .ok_or_else(|| bad(format!("{one} is not a node identity of {trust_domain}"))),
+        _ => Err(bad(
+            "a node certificate carries exactly one spiffe:// URI".into()
+        )),
+    }
+}
+
+fn spiffe_uris(cert: &CertificateDer<'_>) -> Result<Vec<String>, PkiError> {
+    let bad = |reason: String| PkiError::BadSpiffeId {
+        id: String::new(),
+        reason,
     };
     let (_, x509) = x509_parser::parse_x509_certificate(cert)
-        .map_err(|e| bad(&format!("certificate does not parse: {e}")))?;
-    let san = x509
+        .map_err(|e| bad(format!("certificate does not parse: {e}")))?;
+    let Some(san) = x509
         .subject_alternative_name()
-        .map_err(|e| bad(&format!("bad subjectAltName: {e}")))?
-        .ok_or_else(|| bad("certificate has no subjectAltName"))?;
-    let uris: Vec<&str> = san
+        .map_err(|e| bad(format!("bad subjectAltName: {e}")))?
+    else {
+        return Ok(Vec::new());
+    };
+    Ok(san
         .value
         .general_names
         .iter()
         .filter_map(|n| match n {
-            x509_parser::extensions::GeneralName::URI(u) if u.starts_with("spiffe://") => Some(*u),
+            x509_parser::extensions::GeneralName::URI(u) if u.starts_with("spiffe://") => {
+                Some((*u).to_owned())
+            }
             _ => None,
         })
-        .collect();
+        .collect())
+}
+
+/// Reads the SPIFFE ID from a certificate's URI SANs. Exactly one `spiffe://` URI is
+/// allowed, as the X509-SVID spec requires; anything else is no identity at all.
+pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, PkiError> {
+    let uris = spiffe_uris(cert)?;
     match uris.as_slice() {
         [one] => SpiffeId::parse(one),
-        [] => Err(bad("certificate has no spiffe:// URI SAN")),
-        _ => Err(bad("certificate has more than one spiffe:// URI SAN")),
+        [] => Err(PkiError::BadSpiffeId {
+            id: String::new(),
+            reason: "certificate has no spiffe:// URI SAN".into(),
+        }),
+        _ => Err(PkiError::BadSpiffeId {
+            id: String::new(),
+            reason: "certificate has more than one spiffe:// URI SAN".into(),
+        }),
     }
 }
 
