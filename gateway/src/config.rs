@@ -124,7 +124,93 @@ pub struct NodeConfig {
     pub proxy: ProxyEndpoint,
     #[serde(default)]
     pub data_plane: DataPlaneConfig,
+    /// Explicit-mode listeners (one identity and route each).
+    #[serde(default)]
     pub listeners: Vec<ListenerConfig>,
+    /// Transparent mode: eBPF interception of connections from pods.
+    #[serde(default)]
+    pub interception: Option<InterceptionConfig>,
+}
+
+/// Link-local, reachable from every pod the way node-local DNS is.
+pub const DEFAULT_AGENT_ADDRESS: &str = "169.254.77.1:15432";
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/db-gateway";
+/// How long a connection from a pod the resolver does not know yet waits for it.
+pub const DEFAULT_UNKNOWN_POD_WAIT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterceptionConfig {
+    /// cgroup v2 directory the programs attach to (default: the cgroup v2 root, found in
+    /// /proc/self/mountinfo). Tests attach to a subtree they made.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: PathBuf,
+    /// Where intercepted connections are redirected; the agent listens here.
+    #[serde(default = "default_agent_address")]
+    pub agent_address: SocketAddr,
+    /// Optional IPv6 agent address for native IPv6 destinations.
+    #[serde(default)]
+    pub agent_address_v6: Option<SocketAddr>,
+    /// Destination ports intercepted for every address.
+    #[serde(default = "default_ports")]
+    pub ports: Vec<u16>,
+    /// Extra `CIDR:port` destinations (e.g. `10.0.0.0/8:6432`, `[fd00::/8]:5432`).
+    #[serde(default)]
+    pub destinations: Vec<String>,
+    /// When the agent is not serving: `false` refuses connects, `true` lets them go direct.
+    #[serde(default)]
+    pub fail_open: bool,
+    /// Original destination → database route; the first match wins.
+    pub routes: Vec<RouteConfig>,
+    /// Workload identity from the connecting socket's cgroup.
+    pub identity: IdentityConfig,
+    /// Where the node gets workload certificates.
+    pub ca: CaEndpoint,
+}
+
+fn default_pin_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_PIN_DIR)
+}
+fn default_agent_address() -> SocketAddr {
+    DEFAULT_AGENT_ADDRESS.parse().expect("constant address parses")
+}
+fn default_ports() -> Vec<u16> {
+    vec![5432]
+}
+fn default_unknown_pod_wait() -> Duration {
+    DEFAULT_UNKNOWN_POD_WAIT
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// `ip:port`, `CIDR:port` or `*:port` entries.
+    pub match_destination: Vec<String>,
+    pub route: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    pub trust_domain: String,
+    /// Static pod inventory (bare hosts, tests, the demo).
+    pub inventory: PathBuf,
+    #[serde(default = "default_unknown_pod_wait", deserialize_with = "duration")]
+    pub unknown_pod_wait: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaEndpoint {
+    pub address: SocketAddr,
+    pub server_name: String,
+    /// CA bundle for the CA service's own certificate.
+    pub ca: PathBuf,
+    /// The node's certificate (`spiffe://<td>/node/<name>`) and key.
+    pub node_cert: PathBuf,
+    pub node_key: PathBuf,
 }
 
 fn default_node_admin() -> SocketAddr {
@@ -206,6 +292,12 @@ impl NodeConfig {
             resolve(&base, &mut l.identity.cert);
             resolve(&base, &mut l.identity.key);
         }
+        if let Some(i) = &mut cfg.interception {
+            resolve(&base, &mut i.identity.inventory);
+            resolve(&base, &mut i.ca.ca);
+            resolve(&base, &mut i.ca.node_cert);
+            resolve(&base, &mut i.ca.node_key);
+        }
         cfg.validate().map_err(|message| ConfigError::Invalid {
             path: path.to_owned(),
             message,
@@ -215,8 +307,23 @@ impl NodeConfig {
 
     /// Cross-field rules, with the setting named in the message.
     pub fn validate(&self) -> Result<(), String> {
-        if self.listeners.is_empty() {
-            return Err("listeners: at least one listener is required in explicit mode".into());
+        if self.listeners.is_empty() && self.interception.is_none() {
+            return Err(
+                "listeners: give at least one listener (explicit mode) or an interception section (transparent mode)".into(),
+            );
+        }
+        if let Some(i) = &self.interception {
+            if i.routes.is_empty() {
+                return Err("interception.routes: at least one route is required".into());
+            }
+            for (n, r) in i.routes.iter().enumerate() {
+                for d in &r.match_destination {
+                    parse_destination(d).map_err(|e| format!("interception.routes[{n}].match_destination: {e}"))?;
+                }
+            }
+            for d in &i.destinations {
+                parse_destination(d).map_err(|e| format!("interception.destinations: {e}"))?;
+            }
         }
         let dp = &self.data_plane;
         if dp.buffer_budget < TLS_RECORD_PAYLOAD {
@@ -240,6 +347,70 @@ impl NodeConfig {
         }
         Ok(())
     }
+}
+
+/// A destination pattern: address or network (`None` = any) and port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Destination {
+    pub net: Option<(std::net::IpAddr, u8)>,
+    pub port: u16,
+}
+
+impl Destination {
+    pub fn matches(&self, dst: SocketAddr) -> bool {
+        if dst.port() != self.port {
+            return false;
+        }
+        let Some((net, prefix)) = self.net else {
+            return true;
+        };
+        // IPv4-mapped IPv6 destinations match IPv4 networks.
+        let ip = match dst.ip() {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(dst.ip()),
+            v4 => v4,
+        };
+        match (net, ip) {
+            (std::net::IpAddr::V4(n), std::net::IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (std::net::IpAddr::V6(n), std::net::IpAddr::V6(a)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Parses `10.0.3.7:5432`, `10.0.0.0/8:5432`, `[fd00::/8]:5432`, `[::1]:5432`, `*:5432`.
+pub fn parse_destination(s: &str) -> Result<Destination, String> {
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s:?}: expected ADDRESS:PORT or CIDR:PORT"))?;
+    let port: u16 = port.parse().map_err(|_| format!("{s:?}: bad port {port:?}"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host == "*" {
+        return Ok(Destination { net: None, port });
+    }
+    let (addr, prefix) = match host.split_once('/') {
+        Some((a, p)) => (a, Some(p)),
+        None => (host, None),
+    };
+    let ip: std::net::IpAddr = addr.parse().map_err(|_| format!("{s:?}: bad address {addr:?}"))?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let prefix = match prefix {
+        Some(p) => p
+            .parse::<u8>()
+            .ok()
+            .filter(|p| *p <= max)
+            .ok_or_else(|| format!("{s:?}: bad prefix length {p:?}"))?,
+        None => max,
+    };
+    Ok(Destination {
+        net: Some((ip, prefix)),
+        port,
+    })
 }
 
 // ----------------------------------------------------------------------------------------
@@ -502,6 +673,24 @@ mod tests {
                 .unwrap_err()
                 .starts_with("data_plane.buffer_budget")
         );
+    }
+
+    #[test]
+    fn destinations_parse_and_match() {
+        let d = parse_destination("10.0.0.0/8:5432").unwrap();
+        assert!(d.matches("10.1.2.3:5432".parse().unwrap()));
+        assert!(d.matches("[::ffff:10.1.2.3]:5432".parse().unwrap()));
+        assert!(!d.matches("10.1.2.3:5433".parse().unwrap()));
+        assert!(!d.matches("11.1.2.3:5432".parse().unwrap()));
+        let one = parse_destination("10.0.3.7:5432").unwrap();
+        assert!(one.matches("10.0.3.7:5432".parse().unwrap()));
+        assert!(!one.matches("10.0.3.8:5432".parse().unwrap()));
+        let v6 = parse_destination("[fd00::/8]:5432").unwrap();
+        assert!(v6.matches("[fd12::1]:5432".parse().unwrap()));
+        assert!(parse_destination("*:5432").unwrap().matches("[::1]:5432".parse().unwrap()));
+        for bad in ["10.0.0.0/33:5432", "nonsense", "10.0.0.1:port", "host:5432"] {
+            assert!(parse_destination(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! integration tests build their environments with the same [`Stack`], so the demo and the
 //! tests exercise the same wiring.
 
+pub mod pods;
+
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
