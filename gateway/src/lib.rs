@@ -1,13 +1,15 @@
 //! db-gateway: passwordless PostgreSQL access for Kubernetes workloads.
 //!
 //! Ground floor (imports nothing of ours above it): `pg`, `pki`, `config`, `admin`,
-//! `localdb`. Shared by both wings: `tunnel`. Serving the proxy: `policy`, `upstream`,
-//! `audit`. The wings `node` and `proxy` never import each other.
+//! `localdb`, `identity` (which takes `PodMeta` from `tunnel`). Shared by both wings:
+//! `tunnel`. Serving the proxy: `policy`, `upstream`, `audit`. The wings `node` and `proxy`
+//! never import each other.
 
 pub mod admin;
 pub mod audit;
 pub mod ca;
 pub mod config;
+pub mod identity;
 pub mod localdb;
 pub mod node;
 pub mod pg;
