@@ -38,11 +38,29 @@ pub struct PodRecord {
 /// The CA's source of truth about pods (a static inventory or a Kubernetes watch).
 pub trait PodDirectory: Send + Sync {
     fn pod(&self, uid: &str) -> Option<PodRecord>;
+    /// (namespace, service account) for processes outside any pod, if allowed at all.
+    fn host_identity(&self) -> Option<(String, String)>;
+}
+
+impl PodDirectory for crate::identity::inventory::Inventory {
+    fn pod(&self, uid: &str) -> Option<PodRecord> {
+        self.lookup(uid).map(|p| PodRecord {
+            namespace: p.namespace.clone(),
+            service_account: p.service_account.clone(),
+            node: p.node.clone(),
+        })
+    }
+
+    fn host_identity(&self) -> Option<(String, String)> {
+        self.host()
+            .map(|h| (h.namespace.clone(), h.service_account.clone()))
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct CertificateRequest {
-    pub pod_uid: String,
+    /// The pod, or `None` for the node's host identity (processes outside any pod).
+    pub pod_uid: Option<String>,
     pub csr: String,
 }
 
@@ -71,6 +89,8 @@ pub enum Refusal {
     NotANode(String),
     #[error("pod {0} is not known to the CA")]
     UnknownPod(String),
+    #[error("no host identity is configured for processes outside pods")]
+    NoHostIdentity,
     #[error("pod {pod} runs on node {actual}, not on {asking}")]
     WrongNode {
         pod: String,
@@ -91,18 +111,26 @@ impl CaService {
         let node_cert = node_cert.ok_or_else(|| Refusal::NotANode("no certificate".into()))?;
         let node = pki::node_name_of(node_cert, &self.trust_domain)
             .map_err(|e| Refusal::NotANode(e.to_string()))?;
-        let pod = self
-            .pods
-            .pod(&req.pod_uid)
-            .ok_or_else(|| Refusal::UnknownPod(req.pod_uid.clone()))?;
-        if pod.node != node {
-            return Err(Refusal::WrongNode {
-                pod: req.pod_uid.clone(),
-                actual: pod.node,
-                asking: node,
-            });
-        }
-        let id = SpiffeId::new(&self.trust_domain, &pod.namespace, &pod.service_account);
+        let id = match &req.pod_uid {
+            None => {
+                let (ns, sa) = self.pods.host_identity().ok_or(Refusal::NoHostIdentity)?;
+                SpiffeId::new(&self.trust_domain, &ns, &sa)
+            }
+            Some(uid) => {
+                let pod = self
+                    .pods
+                    .pod(uid)
+                    .ok_or_else(|| Refusal::UnknownPod(uid.clone()))?;
+                if pod.node != node {
+                    return Err(Refusal::WrongNode {
+                        pod: uid.clone(),
+                        actual: pod.node,
+                        asking: node,
+                    });
+                }
+                SpiffeId::new(&self.trust_domain, &pod.namespace, &pod.service_account)
+            }
+        };
         let certificate = self
             .ca
             .issue_for_csr(&LeafSpec::workload(&id), &req.csr, self.ttl)
@@ -248,7 +276,7 @@ pub struct CaClient {
 impl CaClient {
     pub async fn workload_certificate(
         &self,
-        pod_uid: &str,
+        pod_uid: Option<&str>,
     ) -> Result<IssuedCertificate, ClientError> {
         use rustls_pki_types::pem::PemObject;
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
@@ -258,7 +286,7 @@ impl CaClient {
             .and_then(|c| c.pem())
             .map_err(pki::PkiError::from)?;
         let body = serde_json::to_vec(&CertificateRequest {
-            pod_uid: pod_uid.to_owned(),
+            pod_uid: pod_uid.map(str::to_owned),
             csr,
         })
         .map_err(|e| ClientError::Http(e.to_string()))?;
@@ -321,6 +349,65 @@ impl CaClient {
     }
 }
 
+/// What `gateway ca serve` needs.
+pub struct ServeOptions {
+    pub dir: std::path::PathBuf,
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    /// The CA service's own server certificate (`gateway ca issue-server`).
+    pub tls_cert: std::path::PathBuf,
+    pub tls_key: std::path::PathBuf,
+    pub inventory: std::path::PathBuf,
+    pub ttl: Duration,
+}
+
+/// `gateway ca serve`: runs until SIGTERM/SIGINT.
+pub fn run(opts: ServeOptions) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let metrics = crate::admin::install_metrics()?;
+    let readiness = crate::admin::Readiness::default();
+    let admin_addr = crate::admin::spawn(opts.admin_listen, metrics, readiness)?;
+    let trust_domain = std::fs::read_to_string(opts.dir.join("trust-domain"))
+        .with_context(|| format!("{} holds no CA (run `gateway ca init`)", opts.dir.display()))?
+        .trim()
+        .to_owned();
+    let ca = CertificateAuthority::load(
+        &opts.dir.join(pki::WORKLOAD_CA_CERT),
+        &opts.dir.join(pki::WORKLOAD_CA_KEY),
+    )?;
+    let inventory = crate::identity::inventory::Inventory::load(&opts.inventory)?;
+    let client_ca = pki::load_certs(&opts.dir.join(pki::WORKLOAD_CA_CERT))?;
+    let tls = crate::tunnel::server_config(
+        pki::load_certs(&opts.tls_cert)?,
+        pki::load_key(&opts.tls_key)?,
+        &client_ca,
+    )?;
+    let svc = Arc::new(CaService {
+        ca,
+        trust_domain,
+        ttl: opts.ttl,
+        pods: Box::new(inventory),
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = TcpListener::bind(opts.listen)
+            .await
+            .with_context(|| format!("failed to bind CA listen address {}", opts.listen))?;
+        let local = listener.local_addr()?;
+        tracing::info!(listen = %local, admin = %admin_addr, "CA service ready");
+        println!("ADMIN {admin_addr}");
+        println!("LISTENING {local}");
+        tokio::select! {
+            _ = serve(svc, listener, Arc::new(tls)) => {}
+            _ = crate::admin::shutdown_signal() => tracing::info!("shutdown signal: CA service exiting"),
+        }
+        anyhow::Ok(())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -333,6 +420,9 @@ mod tests {
     impl PodDirectory for Pods {
         fn pod(&self, uid: &str) -> Option<PodRecord> {
             self.0.get(uid).cloned()
+        }
+        fn host_identity(&self) -> Option<(String, String)> {
+            None
         }
     }
 
@@ -379,7 +469,7 @@ mod tests {
         let node1 = node_cert(&svc, &LeafSpec::node("td", "node-1"));
         let node2 = node_cert(&svc, &LeafSpec::node("td", "node-2"));
         let req = CertificateRequest {
-            pod_uid: "uid-1".into(),
+            pod_uid: Some("uid-1".into()),
             csr: csr(),
         };
         let ok = svc.issue(Some(&node1), &req).unwrap();
@@ -405,7 +495,7 @@ mod tests {
             }
         );
         let unknown = CertificateRequest {
-            pod_uid: "uid-9".into(),
+            pod_uid: Some("uid-9".into()),
             csr: csr(),
         };
         assert_eq!(
@@ -422,6 +512,14 @@ mod tests {
             Err(Refusal::NotANode(_))
         ));
         assert!(matches!(svc.issue(None, &req), Err(Refusal::NotANode(_))));
+        let host = CertificateRequest {
+            pod_uid: None,
+            csr: csr(),
+        };
+        assert_eq!(
+            svc.issue(Some(&node1), &host).unwrap_err(),
+            Refusal::NoHostIdentity
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

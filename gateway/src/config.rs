@@ -174,7 +174,9 @@ fn default_pin_dir() -> PathBuf {
     PathBuf::from(DEFAULT_PIN_DIR)
 }
 fn default_agent_address() -> SocketAddr {
-    DEFAULT_AGENT_ADDRESS.parse().expect("constant address parses")
+    DEFAULT_AGENT_ADDRESS
+        .parse()
+        .expect("constant address parses")
 }
 fn default_ports() -> Vec<u16> {
     vec![5432]
@@ -318,7 +320,8 @@ impl NodeConfig {
             }
             for (n, r) in i.routes.iter().enumerate() {
                 for d in &r.match_destination {
-                    parse_destination(d).map_err(|e| format!("interception.routes[{n}].match_destination: {e}"))?;
+                    parse_destination(d)
+                        .map_err(|e| format!("interception.routes[{n}].match_destination: {e}"))?;
                 }
             }
             for d in &i.destinations {
@@ -366,7 +369,10 @@ impl Destination {
         };
         // IPv4-mapped IPv6 destinations match IPv4 networks.
         let ip = match dst.ip() {
-            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(dst.ip()),
+            std::net::IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map(std::net::IpAddr::V4)
+                .unwrap_or(dst.ip()),
             v4 => v4,
         };
         match (net, ip) {
@@ -388,7 +394,9 @@ pub fn parse_destination(s: &str) -> Result<Destination, String> {
     let (host, port) = s
         .rsplit_once(':')
         .ok_or_else(|| format!("{s:?}: expected ADDRESS:PORT or CIDR:PORT"))?;
-    let port: u16 = port.parse().map_err(|_| format!("{s:?}: bad port {port:?}"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("{s:?}: bad port {port:?}"))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host == "*" {
         return Ok(Destination { net: None, port });
@@ -397,7 +405,9 @@ pub fn parse_destination(s: &str) -> Result<Destination, String> {
         Some((a, p)) => (a, Some(p)),
         None => (host, None),
     };
-    let ip: std::net::IpAddr = addr.parse().map_err(|_| format!("{s:?}: bad address {addr:?}"))?;
+    let ip: std::net::IpAddr = addr
+        .parse()
+        .map_err(|_| format!("{s:?}: bad address {addr:?}"))?;
     let max = if ip.is_ipv4() { 32 } else { 128 };
     let prefix = match prefix {
         Some(p) => p
@@ -687,7 +697,11 @@ mod tests {
         assert!(!one.matches("10.0.3.8:5432".parse().unwrap()));
         let v6 = parse_destination("[fd00::/8]:5432").unwrap();
         assert!(v6.matches("[fd12::1]:5432".parse().unwrap()));
-        assert!(parse_destination("*:5432").unwrap().matches("[::1]:5432".parse().unwrap()));
+        assert!(
+            parse_destination("*:5432")
+                .unwrap()
+                .matches("[::1]:5432".parse().unwrap())
+        );
         for bad in ["10.0.0.0/33:5432", "nonsense", "10.0.0.1:port", "host:5432"] {
             assert!(parse_destination(bad).is_err(), "{bad}");
         }

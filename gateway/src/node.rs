@@ -156,13 +156,7 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
+        admin::shutdown_signal().await;
         tracing::info!("shutdown signal: node agent exiting");
         anyhow::Ok(())
     })

@@ -113,29 +113,13 @@ pub fn run(cfg: ProxyConfig) -> anyhow::Result<()> {
         drop(not_ready);
         let (drain_tx, drain_rx) = watch::channel(false);
         tokio::spawn(async move {
-            wait_for_shutdown_signal().await;
+            admin::shutdown_signal().await;
             tracing::info!("shutdown signal: draining");
             let _ = drain_tx.send(true);
         });
         serve(shared, listener, drain_rx).await;
         Ok(())
     })
-}
-
-async fn wait_for_shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => std::future::pending().await,
-    }
 }
 
 /// Accepts until `drain` turns true, then waits for sessions up to the grace period.

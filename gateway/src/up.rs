@@ -421,16 +421,7 @@ pub fn run(keep: bool) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        anyhow::Ok(())
-    })?;
+    rt.block_on(crate::admin::shutdown_signal());
     eprintln!("stopping and cleaning up");
     if keep {
         eprintln!("keeping {}", stack.dir.display());

@@ -72,13 +72,15 @@ pub struct CgroupTree {
 impl CgroupTree {
     pub fn create(cgroup2: &Path, name: &str) -> Result<Self> {
         let root = cgroup2.join(name);
-        std::fs::create_dir_all(&root).with_context(|| format!("failed to create cgroup {}", root.display()))?;
+        std::fs::create_dir_all(&root)
+            .with_context(|| format!("failed to create cgroup {}", root.display()))?;
         Ok(Self { root })
     }
 
     pub fn mkdir(&self, rel: &str) -> Result<PathBuf> {
         let p = self.root.join(rel);
-        std::fs::create_dir_all(&p).with_context(|| format!("failed to create cgroup {}", p.display()))?;
+        std::fs::create_dir_all(&p)
+            .with_context(|| format!("failed to create cgroup {}", p.display()))?;
         Ok(p)
     }
 }
@@ -129,7 +131,14 @@ impl Pod {
         host_if: &str,
         ip: Ipv4Addr,
     ) -> Result<Self> {
-        let uid = format!("{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}", index, index % 0xffff, index % 0xfff, index % 0xfff, u64::from(index) * 7919);
+        let uid = format!(
+            "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+            index,
+            index % 0xffff,
+            index % 0xfff,
+            index % 0xfff,
+            u64::from(index) * 7919
+        );
         let container_id = format!("{:064x}", u128::from(index) * 0x9e37_79b9_7f4a_7c15 + 1);
         let slice_uid = uid.replace('-', "_");
         let cgroup = tree.mkdir(&format!(
@@ -147,7 +156,12 @@ impl Pod {
         }
         run("ip", &["netns", "add", ns])?;
         let netns = Netns(ns.to_owned());
-        run("ip", &["link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns])?;
+        run(
+            "ip",
+            &[
+                "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns,
+            ],
+        )?;
         let veth = Link(host_if.to_owned());
         run("ip", &["link", "set", host_if, "up"])?;
         // The host end answers ARP for every address (the pod's gateway and beyond).
@@ -180,10 +194,7 @@ impl Pod {
         let mut v = vec![
             "sh".to_owned(),
             "-c".to_owned(),
-            format!(
-                "echo $$ > {} && exec \"$@\"",
-                procs.display()
-            ),
+            format!("echo $$ > {} && exec \"$@\"", procs.display()),
             "pod".to_owned(),
         ];
         if let Some(ns) = &self.netns {
