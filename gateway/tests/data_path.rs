@@ -314,6 +314,25 @@ async fn metrics_expose_connections_bytes_latency_and_errors() {
         metric_with(&proxy, "gateway_proxy_sessions_total", "result=\"denied\""),
         Some(1.0)
     );
-    assert_eq!(metric(&proxy, "gateway_proxy_active_sessions"), Some(1.0));
+    // The refused session may still be finishing its audit when the client has its error.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&scrape(s.proxy_admin), "gateway_proxy_active_sessions") != Some(1.0) {
+        assert!(
+            Instant::now() < deadline,
+            "one open session expected:\n{}",
+            scrape(s.proxy_admin)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let health = http_get(s.node_admin, "/healthz");
+    assert!(
+        health.starts_with("HTTP/1.0 200") && health.ends_with("ok\n"),
+        "{health}"
+    );
+    let ready = http_get(s.proxy_admin, "/readyz");
+    assert!(
+        ready.starts_with("HTTP/1.0 200") && ready.ends_with("ready\n"),
+        "{ready}"
+    );
     drop(c);
 }

@@ -119,8 +119,13 @@ pub fn only_error(bytes: &[u8]) -> ErrorResponse {
 
 /// Scrapes a Prometheus endpoint.
 pub fn scrape(addr: SocketAddr) -> String {
+    http_get(addr, "/metrics")
+}
+
+/// A whole HTTP/1.0 response (status line, headers, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> String {
     let mut s = TcpStream::connect(addr).expect("connect admin");
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
         .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
