@@ -28,9 +28,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the node agent (per-node DaemonSet).
+    #[command(args_conflicts_with_subcommands = true)]
     Node {
-        #[arg(long, env = "GATEWAY_CONFIG")]
-        config: PathBuf,
+        #[command(subcommand)]
+        action: Option<NodeAction>,
+        #[arg(long, env = "GATEWAY_CONFIG", required = false)]
+        config: Option<PathBuf>,
         /// Overrides `admin_listen` from the file.
         #[arg(long, env = "GATEWAY_ADMIN_LISTEN")]
         admin_listen: Option<SocketAddr>,
@@ -62,6 +65,15 @@ enum Command {
         /// Keep the temporary directory on exit (for inspection).
         #[arg(long, env = "GATEWAY_UP_KEEP")]
         keep: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeAction {
+    /// Detach and remove the kernel programs, maps and links pinned by a node agent.
+    Uninstall {
+        #[arg(long, env = "GATEWAY_BPF_PIN_DIR", default_value = gateway::config::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
     },
 }
 
@@ -176,10 +188,20 @@ fn write_pair(out: &std::path::Path, cert: &str, key: &str) -> anyhow::Result<()
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Node {
+            action: Some(NodeAction::Uninstall { pin_dir }),
+            ..
+        } => {
+            gateway::ebpf::uninstall(&pin_dir)?;
+            println!("removed interception pinned under {}", pin_dir.display());
+            Ok(())
+        }
+        Command::Node {
+            action: None,
             config,
             admin_listen,
             node_name,
         } => {
+            let config = config.context("--config (or GATEWAY_CONFIG) is required to run the node agent")?;
             let mut cfg = NodeConfig::load(&config)?;
             if let Some(a) = admin_listen {
                 cfg.admin_listen = a;

@@ -9,6 +9,7 @@
 mod relay;
 mod startup;
 mod tls;
+mod transparent;
 
 use std::cell::Cell;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -23,13 +24,15 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio_uring::net::{TcpListener, TcpStream};
 
 use crate::admin::{self, Readiness};
-use crate::config::{DataPlaneConfig, NodeConfig};
+use crate::config::{DataPlaneConfig, InterceptionConfig, NodeConfig, parse_destination};
+use crate::ebpf;
 use crate::pg::{ErrorResponse, sqlstate};
 use crate::pki;
 use crate::tunnel::{PodMeta, Preamble};
 
 use relay::Budget;
 use tls::{ConnectError, TlsConn};
+use transparent::Transparent;
 
 /// What every connection accepted on one listener shares.
 struct Listener {
@@ -49,7 +52,8 @@ struct Plane {
     budget: Budget,
 }
 
-/// `gateway node` in explicit mode; runs until SIGTERM/SIGINT.
+/// `gateway node`: explicit listeners and/or transparent interception; runs until
+/// SIGTERM/SIGINT.
 pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let metrics = admin::install_metrics()?;
     let readiness = Readiness::default();
@@ -91,6 +95,18 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         }));
     }
 
+    let transparent = match &cfg.interception {
+        Some(i) => Some(Arc::new(transparent_setup(&cfg, i, &proxy_ca)?)),
+        None => None,
+    };
+    let mut endpoints: Vec<(SocketAddr, Endpoint)> = listeners
+        .iter()
+        .map(|l| (l.listen, Endpoint::Explicit(l.clone())))
+        .collect();
+    if let (Some(t), Some(i)) = (&transparent, &cfg.interception) {
+        endpoints.push((i.agent_address, Endpoint::Transparent(t.clone())));
+    }
+
     let threads = match cfg.data_plane.threads {
         0 => std::thread::available_parallelism()
             .map(|n| n.get())
@@ -100,16 +116,19 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     // Bind every socket here so that a bad address fails start-up, not a thread; a port of
     // 0 is fixed by the first socket so all threads share it.
     let mut sockets: Vec<Vec<std::net::TcpListener>> = (0..threads).map(|_| Vec::new()).collect();
-    for l in &mut listeners {
-        let mut addr = l.listen;
+    for (listen, endpoint) in &mut endpoints {
+        let mut addr = *listen;
         for per_thread in sockets.iter_mut() {
             let s =
                 reuseport_listener(addr).with_context(|| format!("failed to listen on {addr}"))?;
             addr = s.local_addr()?;
             per_thread.push(s);
         }
-        if addr != l.listen {
-            *l = Arc::new(l.clone_with_listen(addr));
+        if addr != *listen {
+            *listen = addr;
+            if let Endpoint::Explicit(l) = endpoint {
+                *l = Arc::new(l.clone_with_listen(addr));
+            }
         }
     }
     let plane = Arc::new(Plane {
@@ -123,15 +142,15 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let (bound_tx, bound_rx) = mpsc::channel::<anyhow::Result<()>>();
     for (t, socks) in sockets.into_iter().enumerate() {
         let plane = plane.clone();
-        let listeners = listeners.clone();
+        let endpoints: Vec<Endpoint> = endpoints.iter().map(|(_, e)| e.clone()).collect();
         let bound_tx = bound_tx.clone();
         std::thread::Builder::new()
             .name(format!("uring-{t}"))
             .spawn(move || {
                 tokio_uring::start(async move {
-                    for (sock, l) in socks.into_iter().zip(listeners) {
+                    for (sock, endpoint) in socks.into_iter().zip(endpoints) {
                         let listener = TcpListener::from_std(sock);
-                        tokio_uring::spawn(accept_loop(listener, l, plane.clone()));
+                        tokio_uring::spawn(accept_loop(listener, endpoint, plane.clone()));
                     }
                     let _ = bound_tx.send(Ok(()));
                     std::future::pending::<()>().await;
@@ -144,10 +163,19 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             .recv()
             .context("a data-plane thread died at start-up")??;
     }
+    if let Some(t) = &transparent {
+        t.interception
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_serving(true)?;
+    }
     // Machine-readable start-up lines (the demo and the tests bind port 0 and read them).
     println!("ADMIN {admin_addr}");
-    for l in &listeners {
-        println!("LISTENING {} route={}", l.listen, l.route);
+    for (listen, endpoint) in &endpoints {
+        match endpoint {
+            Endpoint::Explicit(l) => println!("LISTENING {listen} route={}", l.route),
+            Endpoint::Transparent(_) => println!("INTERCEPTING {listen}"),
+        }
     }
     tracing::info!(threads, admin = %admin_addr, proxy = %plane.proxy_addr, "node agent ready");
     drop(not_ready);
@@ -155,10 +183,93 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async {
-        admin::shutdown_signal().await;
-        tracing::info!("shutdown signal: node agent exiting");
-        anyhow::Ok(())
+    rt.block_on(admin::shutdown_signal());
+    tracing::info!("shutdown signal: node agent exiting");
+    if let Some(t) = &transparent {
+        // Pins stay (interception survives restarts); until an agent serves again the
+        // configured fail mode applies instead of connects to a closed listener.
+        t.interception
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_serving(false)?;
+    }
+    Ok(())
+}
+
+/// An accept loop's kind.
+#[derive(Clone)]
+enum Endpoint {
+    Explicit(Arc<Listener>),
+    Transparent(Arc<Transparent>),
+}
+
+/// Loads (or adopts) the kernel programs and builds the resolver and certificate source.
+fn transparent_setup(
+    cfg: &NodeConfig,
+    i: &InterceptionConfig,
+    proxy_ca: &[rustls_pki_types::CertificateDer<'static>],
+) -> anyhow::Result<Transparent> {
+    let std::net::SocketAddr::V4(agent_v4) = i.agent_address else {
+        anyhow::bail!("interception.agent_address must be IPv4 (got {})", i.agent_address);
+    };
+    let agent_v6 = match i.agent_address_v6 {
+        None => None,
+        Some(std::net::SocketAddr::V6(a)) => Some(a),
+        Some(other) => anyhow::bail!("interception.agent_address_v6 must be IPv6 (got {other})"),
+    };
+    let mut ports = i.ports.clone();
+    let mut cidrs = Vec::new();
+    for d in &i.destinations {
+        let d = parse_destination(d).map_err(|e| anyhow::anyhow!("interception.destinations: {e}"))?;
+        match d.net {
+            None => ports.push(d.port),
+            Some((ip, prefix)) => cidrs.push((ip, prefix, d.port)),
+        }
+    }
+    let cgroup2 = crate::identity::cgroup::cgroup2_mount()?;
+    let attach_to = i.cgroup.clone().unwrap_or_else(|| cgroup2.clone());
+    let own_cgroup = ebpf::current_cgroup()?;
+    let icfg = ebpf::InterceptConfig {
+        agent_v4,
+        agent_v6,
+        ports,
+        cidrs,
+        agent_cgroup_id: ebpf::cgroup_id(&own_cgroup)?,
+        agent_mark: 0,
+        fail_open: i.fail_open,
+    };
+    if let Some(parent) = i.pin_dir.parent() {
+        ebpf::ensure_bpffs(parent)?;
+    }
+    let interception = ebpf::Interception::install_or_adopt(&attach_to, &i.pin_dir, &icfg)
+        .with_context(|| format!("interception on cgroup {}", attach_to.display()))?;
+    tracing::info!(cgroup = %attach_to.display(), pins = %i.pin_dir.display(), adopted = interception.adopted(), "interception attached");
+
+    let inventory = crate::identity::inventory::Inventory::load(&i.identity.inventory)?;
+    let resolver = crate::identity::Resolver::with_inventory(
+        crate::identity::cgroup::CgroupPaths::new(cgroup2),
+        inventory,
+        &i.identity.trust_domain,
+        &cfg.node_name,
+    )?;
+    let ca_roots = pki::load_certs(&i.ca.ca).context("interception.ca.ca")?;
+    let node_tls = crate::tunnel::client_config(
+        pki::load_certs(&i.ca.node_cert).context("interception.ca.node_cert")?,
+        pki::load_key(&i.ca.node_key).context("interception.ca.node_key")?,
+        &ca_roots,
+    )?;
+    let ca = crate::ca::CaClient {
+        addr: i.ca.address,
+        server_name: ServerName::try_from(i.ca.server_name.clone())
+            .with_context(|| format!("interception.ca.server_name {:?}", i.ca.server_name))?,
+        tls: Arc::new(node_tls),
+    };
+    Ok(Transparent {
+        interception: std::sync::Mutex::new(interception),
+        resolver,
+        routes: Transparent::routes_from(&i.routes).map_err(|e| anyhow::anyhow!("interception.routes: {e}"))?,
+        certs: transparent::WorkloadCerts::new(ca, proxy_ca.to_vec()),
+        unknown_pod_wait: i.identity.unknown_pod_wait,
     })
 }
 
@@ -184,16 +295,26 @@ fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener
     Ok(s.into())
 }
 
-async fn accept_loop(listener: TcpListener, l: Arc<Listener>, plane: Arc<Plane>) {
+async fn accept_loop(listener: TcpListener, endpoint: Endpoint, plane: Arc<Plane>) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 metrics::counter!("gateway_node_connections_total").increment(1);
-                tokio_uring::spawn(serve(stream, peer, l.clone(), plane.clone()));
+                match &endpoint {
+                    Endpoint::Explicit(l) => {
+                        tokio_uring::spawn(serve_explicit(stream, peer, l.clone(), plane.clone()))
+                    }
+                    Endpoint::Transparent(t) => tokio_uring::spawn(serve_transparent(
+                        stream,
+                        peer,
+                        t.clone(),
+                        plane.clone(),
+                    )),
+                };
             }
             Err(e) => {
                 metrics::counter!("gateway_node_accept_errors_total").increment(1);
-                tracing::warn!(%e, listen = %l.listen, "accept failed");
+                tracing::warn!(%e, "accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         }
@@ -224,38 +345,96 @@ async fn send_error(app: &TcpStream, e: ErrorResponse) {
     let _ = app.shutdown(std::net::Shutdown::Write);
 }
 
-async fn serve(app: TcpStream, peer: SocketAddr, l: Arc<Listener>, plane: Arc<Plane>) {
+/// Where one application connection goes, and as whom.
+struct Target {
+    route: String,
+    pod: PodMeta,
+    tls: Arc<ClientConfig>,
+    original_dst: SocketAddr,
+    /// Names the identity's source in error hints (certificate file or SPIFFE ID).
+    identity_source: String,
+}
+
+/// Reads the client's first packets; `None` once an error was sent or the client left.
+async fn negotiate(app: &TcpStream, plane: &Plane) -> Option<Vec<u8>> {
+    match tokio::time::timeout(plane.dp.startup_timeout, startup::negotiate(app)).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(e)) => {
+            node_error("bad_startup");
+            send_error(app, e).await;
+            None
+        }
+        Err(_) => {
+            node_error("startup_timeout");
+            send_error(
+                app,
+                ErrorResponse::fatal(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    "db-gateway: timeout waiting for the startup packet",
+                )
+                .with_hint(format!(
+                    "Send the startup message within {:?}.",
+                    plane.dp.startup_timeout
+                )),
+            )
+            .await;
+            None
+        }
+    }
+}
+
+async fn serve_explicit(app: TcpStream, peer: SocketAddr, l: Arc<Listener>, plane: Arc<Plane>) {
     let _active = ActiveGuard::new();
     let _ = app.set_nodelay(true);
-    let initial =
-        match tokio::time::timeout(plane.dp.startup_timeout, startup::negotiate(&app)).await {
-            Ok(Ok(Some(bytes))) => bytes,
-            Ok(Ok(None)) => return,
-            Ok(Err(e)) => {
-                node_error("bad_startup");
-                send_error(&app, e).await;
-                return;
-            }
-            Err(_) => {
-                node_error("startup_timeout");
-                send_error(
-                    &app,
-                    ErrorResponse::fatal(
-                        sqlstate::PROTOCOL_VIOLATION,
-                        "db-gateway: timeout waiting for the startup packet",
-                    )
-                    .with_hint(format!(
-                        "Send the startup message within {:?}.",
-                        plane.dp.startup_timeout
-                    )),
-                )
-                .await;
-                return;
-            }
-        };
+    let Some(initial) = negotiate(&app, &plane).await else {
+        return;
+    };
+    let target = Target {
+        route: l.route.clone(),
+        pod: l.pod.clone(),
+        tls: l.tls.clone(),
+        original_dst: l.listen,
+        identity_source: format!("workload certificate {}", l.identity_cert.display()),
+    };
+    tunnel_session(app, peer, initial, target, &plane).await;
+}
 
+async fn serve_transparent(app: TcpStream, peer: SocketAddr, t: Arc<Transparent>, plane: Arc<Plane>) {
+    let _active = ActiveGuard::new();
+    let _ = app.set_nodelay(true);
+    let Some(initial) = negotiate(&app, &plane).await else {
+        return;
+    };
+    let decided = match t.decide(&plane.node_name, peer).await {
+        Ok(d) => d,
+        Err(e) => {
+            node_error("identity");
+            tracing::info!(%peer, reason = %e.message, "transparent connection refused");
+            send_error(&app, e).await;
+            return;
+        }
+    };
+    let tls = match t.certs.config_for(&plane.node_name, &decided.workload).await {
+        Ok(c) => c,
+        Err(e) => {
+            node_error("certificate");
+            send_error(&app, e).await;
+            return;
+        }
+    };
+    let target = Target {
+        route: decided.route,
+        pod: decided.workload.pod.clone(),
+        tls,
+        original_dst: decided.orig.dst,
+        identity_source: format!("workload certificate for {}", decided.workload.spiffe_id),
+    };
+    tunnel_session(app, peer, initial, target, &plane).await;
+}
+
+async fn tunnel_session(app: TcpStream, peer: SocketAddr, initial: Vec<u8>, target: Target, plane: &Plane) {
     let started = Instant::now();
-    let dial = TlsConn::connect(plane.proxy_addr, l.tls.clone(), plane.proxy_name.clone());
+    let dial = TlsConn::connect(plane.proxy_addr, target.tls.clone(), plane.proxy_name.clone());
     let tunnel = match tokio::time::timeout(plane.dp.connect_timeout, dial).await {
         Ok(Ok(t)) => t,
         Ok(Err(ConnectError::Tcp(e))) => {
@@ -273,7 +452,7 @@ async fn serve(app: TcpStream, peer: SocketAddr, l: Arc<Listener>, plane: Arc<Pl
         }
         Ok(Err(ConnectError::Tls(e))) => {
             node_error("tunnel_tls");
-            send_error(&app, tunnel_tls_error(&plane, &l, &e.to_string())).await;
+            send_error(&app, tunnel_tls_error(plane, &target, &e.to_string())).await;
             return;
         }
         Err(_) => {
@@ -297,17 +476,17 @@ async fn serve(app: TcpStream, peer: SocketAddr, l: Arc<Listener>, plane: Arc<Pl
         .record(started.elapsed().as_secs_f64());
 
     let preamble = Preamble {
-        route: l.route.clone(),
+        route: target.route.clone(),
         node: plane.node_name.clone(),
         client_addr: peer,
-        original_dst: Some(l.listen),
-        pod: l.pod.clone(),
+        original_dst: Some(target.original_dst),
+        pod: target.pod.clone(),
     };
     let mut first = preamble.encode();
     first.extend_from_slice(&initial);
     if let Err(e) = tunnel.send(&first).await {
         node_error("tunnel_tls");
-        send_error(&app, tunnel_tls_error(&plane, &l, &e.to_string())).await;
+        send_error(&app, tunnel_tls_error(plane, &target, &e.to_string())).await;
         return;
     }
 
@@ -326,7 +505,7 @@ async fn serve(app: TcpStream, peer: SocketAddr, l: Arc<Listener>, plane: Arc<Pl
             // The proxy refused us after the handshake (TLS 1.3 sends the verdict on the
             // client certificate with the first records).
             node_error("tunnel_tls");
-            send_error(&app, tunnel_tls_error(&plane, &l, &e.to_string())).await;
+            send_error(&app, tunnel_tls_error(plane, &target, &e.to_string())).await;
         } else {
             node_error("relay");
             tracing::debug!(%e, %peer, "relay from proxy ended with an error");
@@ -335,13 +514,13 @@ async fn serve(app: TcpStream, peer: SocketAddr, l: Arc<Listener>, plane: Arc<Pl
     up.abort();
 }
 
-fn tunnel_tls_error(plane: &Plane, l: &Listener, e: &str) -> ErrorResponse {
+fn tunnel_tls_error(plane: &Plane, target: &Target, e: &str) -> ErrorResponse {
     ErrorResponse::fatal(
         sqlstate::CONNECTION_FAILURE,
         format!("db-gateway node {}: TLS with the proxy at {} failed: {e}", plane.node_name, plane.proxy_addr),
     )
     .with_hint(format!(
-        "Check the workload certificate {} (issued by the proxy's workload CA, not expired) and that proxy.ca and proxy.server_name match the proxy's certificate.",
-        l.identity_cert.display()
+        "Check the {} (issued by the proxy's workload CA, not expired) and that proxy.ca and proxy.server_name match the proxy's certificate.",
+        target.identity_source
     ))
 }
