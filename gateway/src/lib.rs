@@ -1,12 +1,13 @@
 //! db-gateway: passwordless PostgreSQL access for Kubernetes workloads.
 //!
-//! Ground floor (imports nothing of ours above it): `pg`, `pki`, `config`, `admin`,
+//! Ground floor (imports nothing of ours above it): `pg`, `pki`, `config`, `admin`, `ebpf`,
 //! `localdb`. Shared by both wings: `tunnel`. Serving the proxy: `policy`, `upstream`,
 //! `audit`. The wings `node` and `proxy` never import each other.
 
 pub mod admin;
 pub mod audit;
 pub mod config;
+pub mod ebpf;
 pub mod localdb;
 pub mod node;
 pub mod pg;
