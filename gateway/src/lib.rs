@@ -1,14 +1,15 @@
 //! db-gateway: passwordless PostgreSQL access for Kubernetes workloads.
 //!
-//! Ground floor (imports nothing of ours above it): `pg`, `pki`, `config`, `admin`,
+//! Ground floor (imports nothing of ours above it): `pg`, `pki`, `config`, `admin`, `ebpf`,
 //! `localdb`, `identity` (which takes `PodMeta` from `tunnel`). Shared by both wings:
-//! `tunnel`. Serving the proxy: `policy`, `upstream`, `audit`. The wings `node` and `proxy`
-//! never import each other.
+//! `tunnel`. Serving the proxy: `policy`, `upstream`, `audit`. The CA service: `ca`. The
+//! wings `node` and `proxy` never import each other.
 
 pub mod admin;
 pub mod audit;
 pub mod ca;
 pub mod config;
+pub mod ebpf;
 pub mod identity;
 pub mod localdb;
 pub mod node;
