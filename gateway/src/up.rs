@@ -60,7 +60,68 @@ pub struct StackSpec {
     pub extra_databases_yaml: String,
     /// SQL run as superuser once the database is up (roles, databases, grants).
     pub setup_sql: Vec<String>,
+    /// Transparent mode: pods in namespaces and cgroups, intercepted by eBPF (root only).
+    pub transparent: Option<TransparentSpec>,
 }
+
+/// One pod of the transparent demo or tests.
+#[derive(Debug, Clone)]
+pub struct PodSpec {
+    pub namespace: String,
+    pub name: String,
+    pub service_account: String,
+    pub host_network: bool,
+}
+
+impl PodSpec {
+    pub fn new(namespace: &str, name: &str, service_account: &str) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+            service_account: service_account.into(),
+            host_network: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TransparentSpec {
+    pub pods: Vec<PodSpec>,
+    /// The inventory's identity for processes outside any pod (`None` refuses them).
+    pub host_identity: Option<(String, String)>,
+}
+
+/// The kernel side of a transparent stack. Field order is drop order: pods (namespaces,
+/// veths), then the cgroup tree, then the address bridges.
+pub struct Kernel {
+    /// The database's "original address" pods dial (held by a bridge, nothing listens).
+    pub db_addr: SocketAddr,
+    /// Where interception redirects to (the node agent listens here).
+    pub agent_addr: SocketAddr,
+    pub pin_dir: PathBuf,
+    pub pods: Vec<pods::Pod>,
+    /// A cgroup in the attached subtree that is not a pod: "a process outside any pod".
+    pub outside: PathBuf,
+    pub tree: pods::CgroupTree,
+    _bridges: Vec<pods::Link>,
+}
+
+impl Kernel {
+    /// A command prefix that runs a program in the `outside` cgroup (host network).
+    pub fn outside_command(&self, program: &str) -> Command {
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg(format!("echo $$ > {}/cgroup.procs && exec \"$@\"", self.outside.display()))
+            .arg("outside")
+            .arg(program);
+        c
+    }
+}
+
+pub const CA_SERVER_NAME: &str = "ca.db-gateway.local";
+pub const NODE_NAME: &str = "demo-node";
+/// Port of the agent address in tests and the demo.
+pub const AGENT_PORT: u16 = 15432;
 
 /// A running local deployment; dropping it stops every process and removes every file.
 pub struct Stack {
@@ -77,6 +138,10 @@ pub struct Stack {
     pub audit_path: PathBuf,
     pub proxy_config: PathBuf,
     pub node_config: PathBuf,
+    /// The CA service (transparent mode).
+    pub ca: Option<Child>,
+    pub ca_addr: SocketAddr,
+    pub kernel: Option<Kernel>,
     spec: StackSpec,
 }
 
@@ -164,9 +229,16 @@ impl Stack {
             audit_path,
             proxy_config,
             node_config,
+            ca: None,
+            ca_addr: loopback(0),
+            kernel: None,
             spec,
         };
         stack.start_proxy()?;
+        if let Some(t) = stack.spec.transparent.clone() {
+            stack.start_kernel(&t, &workload_ca)?;
+            stack.start_ca()?;
+        }
         stack.start_node()?;
         Ok(stack)
     }
@@ -222,7 +294,7 @@ impl Stack {
 
     pub fn start_node(&mut self) -> Result<()> {
         let mut y = String::new();
-        writeln!(y, "node_name: demo-node")?;
+        writeln!(y, "node_name: {NODE_NAME}")?;
         writeln!(y, "admin_listen: \"127.0.0.1:0\"")?;
         writeln!(
             y,
@@ -235,7 +307,24 @@ impl Stack {
         if !y.ends_with('\n') {
             y.push('\n');
         }
-        writeln!(y, "listeners:")?;
+        if let Some(k) = &self.kernel {
+            writeln!(y, "interception:")?;
+            writeln!(y, "  cgroup: \"{}\"", k.tree.root.display())?;
+            writeln!(y, "  pin_dir: \"{}\"", k.pin_dir.display())?;
+            writeln!(y, "  agent_address: \"{}\"", k.agent_addr)?;
+            writeln!(y, "  routes: [{{ match_destination: [\"{}\"], route: {ROUTE} }}]", k.db_addr)?;
+            writeln!(
+                y,
+                "  identity: {{ trust_domain: {DEMO_TRUST_DOMAIN}, inventory: inventory.yaml, unknown_pod_wait: 1s }}"
+            )?;
+            writeln!(
+                y,
+                "  ca: {{ address: \"{}\", server_name: {CA_SERVER_NAME}, ca: ca/{}, node_cert: node.crt, node_key: node.key }}",
+                self.ca_addr,
+                pki::WORKLOAD_CA_CERT
+            )?;
+        }
+        writeln!(y, "listeners:{}", if self.spec.workloads.is_empty() { " []" } else { "" })?;
         for (i, w) in self.spec.workloads.iter().enumerate() {
             writeln!(y, "  - listen: \"127.0.0.1:0\"")?;
             writeln!(y, "    route: {}", w.route)?;
@@ -265,11 +354,15 @@ impl Stack {
     }
 
     fn spawn(&self, what: &str, config: &Path) -> Result<Child> {
-        let log = std::fs::File::create(self.dir.join(format!("{what}.log")))?;
+        self.spawn_args(what, &[what, "--config", &config.to_string_lossy()])
+    }
+
+    /// Starts `gateway <args>` with its output in `<log>.log` in the stack directory.
+    pub fn spawn_args(&self, log: &str, args: &[&str]) -> Result<Child> {
+        let what = log;
+        let log = std::fs::File::create(self.dir.join(format!("{log}.log")))?;
         Command::new(&self.spec.gateway_bin)
-            .arg(what)
-            .arg("--config")
-            .arg(config)
+            .args(args)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -279,6 +372,96 @@ impl Stack {
             .stderr(log)
             .spawn()
             .with_context(|| format!("failed to start {} {what}", self.spec.gateway_bin.display()))
+    }
+
+    /// Pods, cgroups, address bridges and the inventory, all unique to this stack.
+    fn start_kernel(&mut self, t: &TransparentSpec, workload_ca: &CertificateAuthority) -> Result<()> {
+        let idx = pods::unique_index();
+        let (a, b) = ((idx / 250 % 250) as u8, (idx % 250 + 1) as u8);
+        let db_ip = std::net::Ipv4Addr::new(10, 200, a, b);
+        let agent_ip = std::net::Ipv4Addr::new(169, 254, a, b);
+        let bridges = vec![
+            pods::address_holder(&format!("dbgwd{idx}"), db_ip)?,
+            pods::address_holder(&format!("dbgwa{idx}"), agent_ip)?,
+        ];
+        let cgroup2 = crate::identity::cgroup::cgroup2_mount()?;
+        let tree = pods::CgroupTree::create(&cgroup2, &format!("dbgw-up-{idx}"))?;
+        let outside = tree.mkdir("system.slice/outside.service")?;
+        let mut made = Vec::new();
+        let mut inventory = String::from("pods:\n");
+        for (k, p) in t.pods.iter().enumerate() {
+            let pod = pods::Pod::create(
+                &tree,
+                idx * 100 + k as u32,
+                p.host_network,
+                &format!("dbgw{idx}p{k}"),
+                &format!("dbgw{idx}v{k}"),
+                std::net::Ipv4Addr::new(10, 201 + k as u8, a, b),
+            )?;
+            writeln!(
+                inventory,
+                "  - {{ uid: {}, namespace: {}, name: {}, service_account: {}, node: {NODE_NAME}, host_network: {} }}",
+                pod.uid, p.namespace, p.name, p.service_account, p.host_network
+            )?;
+            made.push(pod);
+        }
+        if let Some((ns, sa)) = &t.host_identity {
+            writeln!(inventory, "host: {{ namespace: {ns}, service_account: {sa} }}")?;
+        }
+        std::fs::write(self.dir.join("inventory.yaml"), inventory)?;
+
+        let day = Duration::from_secs(24 * 3600);
+        let (c, k) = workload_ca.issue(&LeafSpec::server(vec![CA_SERVER_NAME.into()], vec![]), day)?;
+        pki::write_public(&self.dir.join("ca-server.crt"), &c)?;
+        pki::write_secret(&self.dir.join("ca-server.key"), &k)?;
+        let (c, k) = workload_ca.issue(&LeafSpec::node(DEMO_TRUST_DOMAIN, NODE_NAME), day)?;
+        pki::write_public(&self.dir.join("node.crt"), &c)?;
+        pki::write_secret(&self.dir.join("node.key"), &k)?;
+        self.kernel = Some(Kernel {
+            db_addr: SocketAddr::from((db_ip, 5432)),
+            agent_addr: SocketAddr::from((agent_ip, AGENT_PORT)),
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/dbgw-up-{idx}")),
+            pods: made,
+            outside,
+            tree,
+            _bridges: bridges,
+        });
+        Ok(())
+    }
+
+    /// (Re)starts the CA service that signs workload certificates for the node.
+    pub fn start_ca(&mut self) -> Result<()> {
+        let d = |f: &str| self.dir.join(f).to_string_lossy().into_owned();
+        let args = [
+            "ca".to_owned(),
+            "serve".to_owned(),
+            "--dir".to_owned(),
+            d("ca"),
+            "--listen".to_owned(),
+            "127.0.0.1:0".to_owned(),
+            "--admin-listen".to_owned(),
+            "127.0.0.1:0".to_owned(),
+            "--tls-cert".to_owned(),
+            d("ca-server.crt"),
+            "--tls-key".to_owned(),
+            d("ca-server.key"),
+            "--inventory".to_owned(),
+            d("inventory.yaml"),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut child = self.spawn_args("ca", &args)?;
+        let started = wait_for_startup(&self.dir.join("ca.log"), "ca", &mut child, 1);
+        self.ca = Some(child);
+        self.ca_addr = started?.1[0];
+        Ok(())
+    }
+
+    /// SIGKILLs the node agent (no clean-up of any kind) and waits for it.
+    pub fn kill_node(&mut self) {
+        if let Some(mut c) = self.node.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     /// A libpq connection string for workload `i` (plain TCP to the node's listener:
@@ -329,11 +512,17 @@ fn stop(child: &mut Child) {
 
 impl Drop for Stack {
     fn drop(&mut self) {
-        for c in [self.node.as_mut(), self.proxy.as_mut()]
+        for c in [self.node.as_mut(), self.proxy.as_mut(), self.ca.as_mut()]
             .into_iter()
             .flatten()
         {
             stop(c);
+        }
+        if let Some(k) = &self.kernel
+            && k.pin_dir.exists()
+            && let Err(e) = crate::ebpf::uninstall(&k.pin_dir)
+        {
+            eprintln!("failed to remove {}: {e}", k.pin_dir.display());
         }
         if std::env::var_os("GATEWAY_KEEP_TEST_DIR").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
@@ -390,6 +579,7 @@ pub fn run(keep: bool) -> Result<()> {
         proxy_extra_yaml: String::new(),
         node_data_plane_yaml: String::new(),
         extra_databases_yaml: String::new(),
+        transparent: None,
         setup_sql: vec![
             "CREATE ROLE app LOGIN".into(),
             "CREATE DATABASE app OWNER app".into(),

@@ -1,0 +1,205 @@
+//! Privileged end to end: pods in their own network namespaces and kubelet-shaped cgroups
+//! dial the database's ordinary address on 5432; eBPF redirects them to the node agent,
+//! which learns the pod from the socket's cgroup, gets the pod's certificate from the CA
+//! service and tunnels to the proxy. Needs root (CI runs as root); with `CI=true` it fails
+//! rather than skips when it cannot run.
+
+mod common;
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::*;
+use gateway::up::{PodSpec, Stack, TransparentSpec};
+
+const API: usize = 0; // team-a/api
+const REPORTER: usize = 1; // team-a/reporter
+const WORKER: usize = 2; // team-b/worker
+const HOSTNET: usize = 3; // team-b/worker, host network
+const DENIED: usize = 4; // intruder/x
+
+fn privileged() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true: the transparent end-to-end tests need root (CAP_BPF, CAP_NET_ADMIN)"
+        );
+        eprintln!("skipping: needs root");
+    }
+    root
+}
+
+fn transparent_stack() -> Stack {
+    let mut spec = spec();
+    spec.workloads.clear();
+    spec.extra_databases_yaml.clear();
+    spec.roles_yaml.push_str(
+        r#"  - name: reporters
+    match: { spiffe_id: "spiffe://demo.db-gateway.local/ns/team-a/sa/reporter" }
+    databases: { names: [main] }
+    db_users: [reporter]
+    db_names: [app]
+"#,
+    );
+    spec.setup_sql.push("CREATE ROLE reporter LOGIN".into());
+    let mut hostnet = PodSpec::new("team-b", "worker-host", "worker");
+    hostnet.host_network = true;
+    spec.transparent = Some(TransparentSpec {
+        pods: vec![
+            PodSpec::new("team-a", "api-0", "api"),
+            PodSpec::new("team-a", "reporter-0", "reporter"),
+            PodSpec::new("team-b", "worker-0", "worker"),
+            hostnet,
+            PodSpec::new("intruder", "x-0", "x"),
+        ],
+        host_identity: None,
+    });
+    Stack::start(spec).expect("transparent stack")
+}
+
+fn conn(s: &Stack, port: u16, user: &str) -> String {
+    let k = s.kernel.as_ref().unwrap();
+    format!("host={} port={port} user={user} dbname=app sslmode=disable connect_timeout=5", k.db_addr.ip())
+}
+
+fn psql_in(s: &Stack, pod: usize, conninfo: &str, sql: &str) -> Output {
+    s.kernel.as_ref().unwrap().pods[pod]
+        .command("psql")
+        .arg(conninfo)
+        .args(["-XAtc", sql])
+        .output()
+        .unwrap()
+}
+
+fn out(o: &Output) -> String {
+    assert!(o.status.success(), "failed: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).trim().to_owned()
+}
+
+/// Runs this test binary inside a pod as a tokio-postgres client (see `pod_client`).
+fn tokio_postgres_in(s: &Stack, pod: usize, conninfo: &str) -> Output {
+    s.kernel.as_ref().unwrap().pods[pod]
+        .command(std::env::current_exe().unwrap().to_str().unwrap())
+        .args(["--exact", "pod_client", "--nocapture", "--test-threads=1"])
+        .env("DBGW_POD_CLIENT", conninfo)
+        .output()
+        .unwrap()
+}
+
+/// Not a test of its own: the tokio-postgres client that [`tokio_postgres_in`] starts
+/// inside a pod. Without `DBGW_POD_CLIENT` it does nothing.
+#[test]
+fn pod_client() {
+    let Ok(conninfo) = std::env::var("DBGW_POD_CLIENT") else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        let row = client.query_one("select current_user::text", &[]).await.unwrap();
+        println!("POD-CLIENT-USER {}", row.get::<_, String>(0));
+    });
+}
+
+#[test]
+fn pods_get_their_policy_users_through_interception() {
+    if !privileged() {
+        return;
+    }
+    let s = transparent_stack();
+    let port = 5432;
+    for (pod, user, want) in [
+        (API, "api", "api"),
+        (REPORTER, "reporter", "reporter"),
+        (WORKER, "postgres", "worker"), // forced by policy
+        (HOSTNET, "whatever", "worker"),
+    ] {
+        let got = out(&psql_in(&s, pod, &conn(&s, port, user), "select current_user"));
+        assert_eq!(got, want, "psql in pod {pod}");
+        let o = tokio_postgres_in(&s, pod, &conn(&s, port, user));
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(text.contains(&format!("POD-CLIENT-USER {want}")), "tokio-postgres in pod {pod}: {text}{}", String::from_utf8_lossy(&o.stderr));
+    }
+
+    // The denied pod gets the ErrorResponse with its identity.
+    let o = psql_in(&s, DENIED, &conn(&s, port, "x"), "select 1");
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("identity spiffe://demo.db-gateway.local/ns/intruder/sa/x is not allowed to use database \"main\""), "{err}");
+
+    // A user the identity may not use.
+    let o = psql_in(&s, API, &conn(&s, port, "postgres"), "select 1");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("may not log in to \"main\" as database user \"postgres\""));
+
+    // A process outside any pod, with no host identity configured: refused, saying why.
+    let k = s.kernel.as_ref().unwrap();
+    let o = k.outside_command("psql").arg(conn(&s, port, "api")).args(["-XAtc", "select 1"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("cannot identify the workload"), "{err}");
+
+    // Port 5433 is not intercepted: the connection goes to the bridge address, where
+    // nothing listens.
+    let o = psql_in(&s, API, &conn(&s, 5433, "api"), "select 1");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("Connection refused"), "{err}");
+
+    // getpeername in the pod returns the address the application dialled.
+    let k = s.kernel.as_ref().unwrap();
+    let o = k.pods[API]
+        .command("python3")
+        .args([
+            "-c",
+            &format!(
+                "import socket; s = socket.create_connection(('{}', 5432)); print('%s:%d' % s.getpeername())",
+                k.db_addr.ip()
+            ),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out(&o), k.db_addr.to_string());
+
+    // Audit names pod, namespace, container and node.
+    std::thread::sleep(Duration::from_millis(300));
+    let events = s.audit_events();
+    let api = events
+        .iter()
+        .find(|e| e["event"] == "db.session.start" && e["db_user"] == "api")
+        .expect("api session audited");
+    assert_eq!(api["identity"], "spiffe://demo.db-gateway.local/ns/team-a/sa/api");
+    assert_eq!(api["node"], "demo-node");
+    assert_eq!(api["pod"]["namespace"], "team-a");
+    assert_eq!(api["pod"]["name"], "api-0");
+    assert_eq!(api["pod"]["uid"], k.pods[API].uid.as_str());
+    assert_eq!(api["pod"]["container_id"], k.pods[API].container_id.as_str());
+}
+
+#[test]
+fn interception_survives_sigkill_and_uninstall_removes_everything() {
+    if !privileged() {
+        return;
+    }
+    let mut s = transparent_stack();
+    let c = conn(&s, 5432, "api");
+    assert_eq!(out(&psql_in(&s, API, &c, "select current_user")), "api");
+    s.kill_node();
+    let pin_dir = s.kernel.as_ref().unwrap().pin_dir.clone();
+    assert!(pin_dir.join("links").exists() || std::fs::read_dir(&pin_dir).unwrap().count() > 0, "pins survive SIGKILL");
+    s.start_node().expect("restart adopts the pins");
+    assert!(s.log("node").contains("adopted=true"), "{}", s.log("node"));
+    assert_eq!(out(&psql_in(&s, API, &c, "select current_user")), "api");
+
+    s.kill_node();
+    let o = Command::new(gateway_bin())
+        .args(["node", "uninstall", "--pin-dir", pin_dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!pin_dir.exists(), "pin dir left behind");
+    // Nothing is attached any more: the pod's connect goes to the bridge address itself.
+    let o = psql_in(&s, API, &c, "select 1");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("Connection refused"), "{}", String::from_utf8_lossy(&o.stderr));
+}
