@@ -24,6 +24,8 @@ use std::{
 use gateway::ebpf::{self, InterceptConfig, Interception};
 
 const AGENT: &str = "169.254.77.1:15432";
+const AGENT6: &str = "[fd00:dbf::1]:15432";
+const DB6: &str = "[fd00:db::7]:5432";
 const AGENT_MARK: u32 = 0x6462_7777;
 const CHILD_ENV: &str = "DBGW_CHILD";
 const RESULT: &str = "DBGW_RESULT";
@@ -149,6 +151,13 @@ fn setup() -> Option<(Env, Addrs)> {
         }
         ip(&["-n", ns, "link", "set", dev, "up"]);
     }
+    // IPv6 from the ULA range, `nodad` so the addresses are usable at once.
+    for (dev, a) in [
+        ("dbgwdb0", "fd00:db::7/128"),
+        ("dbgwag0", "fd00:dbf::1/128"),
+    ] {
+        ip(&["-n", ns, "addr", "add", a, "dev", dev, "nodad"]);
+    }
     Some((env, addrs))
 }
 
@@ -263,13 +272,14 @@ fn assert_idle(listeners: &[&TcpListener]) {
 
 struct Listeners {
     agent: TcpListener,
+    agent6: TcpListener,
     db: TcpListener,
     db_5433: TcpListener,
 }
 
 impl Listeners {
-    fn all(&self) -> [&TcpListener; 3] {
-        [&self.agent, &self.db, &self.db_5433]
+    fn all(&self) -> [&TcpListener; 4] {
+        [&self.agent, &self.agent6, &self.db, &self.db_5433]
     }
 }
 
@@ -320,6 +330,7 @@ fn intercepts_connects_in_cgroup_and_adopts_pins() {
         agent: listen_in(&env, AGENT.parse().unwrap()),
         db: listen_in(&env, db),
         db_5433: listen_in(&env, db_5433),
+        agent6: listen_in(&env, AGENT6.parse().unwrap()),
     };
     let pod_id = ebpf::cgroup_id(&env.pod()).unwrap();
 
@@ -327,6 +338,7 @@ fn intercepts_connects_in_cgroup_and_adopts_pins() {
     cfg.cidrs = vec![(addrs.db_cidr.into(), 24, 6000)];
     cfg.agent_cgroup_id = ebpf::cgroup_id(&env.agent()).unwrap();
     cfg.agent_mark = AGENT_MARK;
+    cfg.agent_v6 = Some(AGENT6.parse().unwrap());
     let mut icpt = Interception::install_or_adopt(&env.cgroup, &env.pin_dir, &cfg).unwrap();
     assert!(!icpt.adopted());
 
@@ -338,7 +350,9 @@ fn intercepts_connects_in_cgroup_and_adopts_pins() {
     // the application still sees the database as its peer.
     let redirected = |icpt: &Interception, dst: SocketAddr| {
         let mut found = None;
-        let seen = expect_at(&env, &ls, &env.pod(), dst, 0, &ls.agent, |from| {
+        let native_v6 = matches!(dst, SocketAddr::V6(v6) if v6.ip().to_ipv4_mapped().is_none());
+        let agent = if native_v6 { &ls.agent6 } else { &ls.agent };
+        let seen = expect_at(&env, &ls, &env.pod(), dst, 0, agent, |from| {
             found = icpt.lookup(from).unwrap();
         });
         let found = found.unwrap_or_else(|| panic!("no record for the connection to {dst}"));
@@ -363,6 +377,9 @@ fn intercepts_connects_in_cgroup_and_adopts_pins() {
     // An AF_INET6 socket connecting to the IPv4-mapped address is intercepted too.
     let mapped: SocketAddr = format!("[::ffff:{}]:5432", addrs.db).parse().unwrap();
     redirected(&icpt, mapped);
+
+    // Native IPv6 goes to the agent's IPv6 address.
+    redirected(&icpt, DB6.parse().unwrap());
 
     // The CIDR+port rule matches its network and port only.
     redirected(&icpt, db_cidr);
