@@ -35,6 +35,14 @@
 #define SOCK_STREAM 1
 #endif /* SOCK_STREAM */
 
+/*
+ * Context fields such as user_ip6[] and local_ip6[] are arrays of __u32 that the verifier only
+ * lets us access 4 bytes at a time, while clang happily merges two neighbouring loads into one
+ * 8-byte load ("invalid bpf_context access off=48 size=8"). A volatile access keeps each one a
+ * separate 4-byte instruction.
+ */
+#define CTX_U32(field) (*(volatile __u32 *)&(field))
+
 /* Verdicts of the connect workers. */
 enum dbgw_verdict {
 	DBGW_PASS,     /* not ours: leave the connect alone */
@@ -177,10 +185,10 @@ static __always_inline enum dbgw_verdict __sock6_xlate_fwd(struct bpf_sock_addr 
 
 	if (!cfg)
 		return DBGW_PASS;
-	w[0] = ctx->user_ip6[0];
-	w[1] = ctx->user_ip6[1];
-	w[2] = ctx->user_ip6[2];
-	w[3] = ctx->user_ip6[3];
+	w[0] = CTX_U32(ctx->user_ip6[0]);
+	w[1] = CTX_U32(ctx->user_ip6[1]);
+	w[2] = CTX_U32(ctx->user_ip6[2]);
+	w[3] = CTX_U32(ctx->user_ip6[3]);
 	mapped = __ip6_is_v4_mapped(w);
 
 	/*
@@ -196,17 +204,17 @@ static __always_inline enum dbgw_verdict __sock6_xlate_fwd(struct bpf_sock_addr 
 	if (verdict != DBGW_REDIRECT)
 		return verdict;
 	if (mapped) {
-		ctx->user_ip6[0] = 0;
-		ctx->user_ip6[1] = 0;
-		ctx->user_ip6[2] = bpf_htonl(0x0000ffff);
-		ctx->user_ip6[3] = cfg->agent_ip4;
+		CTX_U32(ctx->user_ip6[0]) = 0;
+		CTX_U32(ctx->user_ip6[1]) = 0;
+		CTX_U32(ctx->user_ip6[2]) = bpf_htonl(0x0000ffff);
+		CTX_U32(ctx->user_ip6[3]) = cfg->agent_ip4;
 		ctx->user_port = cfg->agent_port4;
 	} else {
 		__builtin_memcpy(w, cfg->agent_ip6, 16);
-		ctx->user_ip6[0] = w[0];
-		ctx->user_ip6[1] = w[1];
-		ctx->user_ip6[2] = w[2];
-		ctx->user_ip6[3] = w[3];
+		CTX_U32(ctx->user_ip6[0]) = w[0];
+		CTX_U32(ctx->user_ip6[1]) = w[1];
+		CTX_U32(ctx->user_ip6[2]) = w[2];
+		CTX_U32(ctx->user_ip6[3]) = w[3];
 		ctx->user_port = cfg->agent_port6;
 	}
 	return verdict;
@@ -253,10 +261,10 @@ static __always_inline void __sock6_rev_xlate(struct bpf_sock_addr *ctx)
 	/* IPv4 destinations are stored IPv4-mapped, which is exactly what an AF_INET6 socket
 	 * connected to an IPv4 address reports. */
 	__builtin_memcpy(w, orig->ip, 16);
-	ctx->user_ip6[0] = w[0];
-	ctx->user_ip6[1] = w[1];
-	ctx->user_ip6[2] = w[2];
-	ctx->user_ip6[3] = w[3];
+	CTX_U32(ctx->user_ip6[0]) = w[0];
+	CTX_U32(ctx->user_ip6[1]) = w[1];
+	CTX_U32(ctx->user_ip6[2]) = w[2];
+	CTX_U32(ctx->user_ip6[3]) = w[3];
 	ctx->user_port = orig->port;
 }
 
@@ -289,10 +297,10 @@ static __always_inline int __sock_key(struct bpf_sock_ops *skops, struct dbgw_so
 		__ip_v4_mapped(key->ip, skops->local_ip4);
 	} else if (skops->family == AF_INET6) {
 		/* A dual-stack socket talking IPv4 already reports ::ffff:a.b.c.d here. */
-		w[0] = skops->local_ip6[0];
-		w[1] = skops->local_ip6[1];
-		w[2] = skops->local_ip6[2];
-		w[3] = skops->local_ip6[3];
+		w[0] = CTX_U32(skops->local_ip6[0]);
+		w[1] = CTX_U32(skops->local_ip6[1]);
+		w[2] = CTX_U32(skops->local_ip6[2]);
+		w[3] = CTX_U32(skops->local_ip6[3]);
 		__builtin_memcpy(key->ip, w, 16);
 	} else {
 		return -1;

@@ -503,8 +503,11 @@ fn attach_and_pin(
         cause: "not in the object".into(),
     })?;
     // Other programs may be attached to the same cgroup (Cilium's socket load balancer
-    // attaches connect4 at the root too): share the hook rather than replace them.
-    let mode = CgroupAttachMode::AllowMultiple;
+    // attaches connect4 at the root too). A cgroup bpf_link (Linux 5.7+, what aya uses there)
+    // always shares the hook with them, and the kernel rejects any attach flag on it with
+    // EINVAL, so the mode must be `Single` (flags 0). Only on older kernels, where aya falls
+    // back to BPF_PROG_ATTACH (and nothing could be pinned anyway), would it mean "exclusive".
+    let mode = CgroupAttachMode::Single;
     let at = || format!("attach {name} to {}", cgroup.display());
     let link: FdLink = match hook.sock_addr {
         Some(_) => {
