@@ -152,6 +152,8 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour only for people: log files and collectors get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if let Err(e) = run(cli.command) {
         eprintln!("gateway: error: {e:#}");
@@ -201,7 +203,8 @@ fn run(command: Command) -> anyhow::Result<()> {
             admin_listen,
             node_name,
         } => {
-            let config = config.context("--config (or GATEWAY_CONFIG) is required to run the node agent")?;
+            let config =
+                config.context("--config (or GATEWAY_CONFIG) is required to run the node agent")?;
             let mut cfg = NodeConfig::load(&config)?;
             if let Some(a) = admin_listen {
                 cfg.admin_listen = a;

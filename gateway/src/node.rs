@@ -210,7 +210,10 @@ fn transparent_setup(
     proxy_ca: &[rustls_pki_types::CertificateDer<'static>],
 ) -> anyhow::Result<Transparent> {
     let std::net::SocketAddr::V4(agent_v4) = i.agent_address else {
-        anyhow::bail!("interception.agent_address must be IPv4 (got {})", i.agent_address);
+        anyhow::bail!(
+            "interception.agent_address must be IPv4 (got {})",
+            i.agent_address
+        );
     };
     let agent_v6 = match i.agent_address_v6 {
         None => None,
@@ -220,7 +223,8 @@ fn transparent_setup(
     let mut ports = i.ports.clone();
     let mut cidrs = Vec::new();
     for d in &i.destinations {
-        let d = parse_destination(d).map_err(|e| anyhow::anyhow!("interception.destinations: {e}"))?;
+        let d =
+            parse_destination(d).map_err(|e| anyhow::anyhow!("interception.destinations: {e}"))?;
         match d.net {
             None => ports.push(d.port),
             Some((ip, prefix)) => cidrs.push((ip, prefix, d.port)),
@@ -267,7 +271,8 @@ fn transparent_setup(
     Ok(Transparent {
         interception: std::sync::Mutex::new(interception),
         resolver,
-        routes: Transparent::routes_from(&i.routes).map_err(|e| anyhow::anyhow!("interception.routes: {e}"))?,
+        routes: Transparent::routes_from(&i.routes)
+            .map_err(|e| anyhow::anyhow!("interception.routes: {e}"))?,
         certs: transparent::WorkloadCerts::new(ca, proxy_ca.to_vec()),
         unknown_pod_wait: i.identity.unknown_pod_wait,
     })
@@ -399,7 +404,12 @@ async fn serve_explicit(app: TcpStream, peer: SocketAddr, l: Arc<Listener>, plan
     tunnel_session(app, peer, initial, target, &plane).await;
 }
 
-async fn serve_transparent(app: TcpStream, peer: SocketAddr, t: Arc<Transparent>, plane: Arc<Plane>) {
+async fn serve_transparent(
+    app: TcpStream,
+    peer: SocketAddr,
+    t: Arc<Transparent>,
+    plane: Arc<Plane>,
+) {
     let _active = ActiveGuard::new();
     let _ = app.set_nodelay(true);
     let Some(initial) = negotiate(&app, &plane).await else {
@@ -414,7 +424,11 @@ async fn serve_transparent(app: TcpStream, peer: SocketAddr, t: Arc<Transparent>
             return;
         }
     };
-    let tls = match t.certs.config_for(&plane.node_name, &decided.workload).await {
+    let tls = match t
+        .certs
+        .config_for(&plane.node_name, &decided.workload)
+        .await
+    {
         Ok(c) => c,
         Err(e) => {
             node_error("certificate");
@@ -432,9 +446,19 @@ async fn serve_transparent(app: TcpStream, peer: SocketAddr, t: Arc<Transparent>
     tunnel_session(app, peer, initial, target, &plane).await;
 }
 
-async fn tunnel_session(app: TcpStream, peer: SocketAddr, initial: Vec<u8>, target: Target, plane: &Plane) {
+async fn tunnel_session(
+    app: TcpStream,
+    peer: SocketAddr,
+    initial: Vec<u8>,
+    target: Target,
+    plane: &Plane,
+) {
     let started = Instant::now();
-    let dial = TlsConn::connect(plane.proxy_addr, target.tls.clone(), plane.proxy_name.clone());
+    let dial = TlsConn::connect(
+        plane.proxy_addr,
+        target.tls.clone(),
+        plane.proxy_name.clone(),
+    );
     let tunnel = match tokio::time::timeout(plane.dp.connect_timeout, dial).await {
         Ok(Ok(t)) => t,
         Ok(Err(ConnectError::Tcp(e))) => {

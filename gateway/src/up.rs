@@ -111,7 +111,10 @@ impl Kernel {
     pub fn outside_command(&self, program: &str) -> Command {
         let mut c = Command::new("sh");
         c.arg("-c")
-            .arg(format!("echo $$ > {}/cgroup.procs && exec \"$@\"", self.outside.display()))
+            .arg(format!(
+                "echo $$ > {}/cgroup.procs && exec \"$@\"",
+                self.outside.display()
+            ))
             .arg("outside")
             .arg(program);
         c
@@ -312,7 +315,11 @@ impl Stack {
             writeln!(y, "  cgroup: \"{}\"", k.tree.root.display())?;
             writeln!(y, "  pin_dir: \"{}\"", k.pin_dir.display())?;
             writeln!(y, "  agent_address: \"{}\"", k.agent_addr)?;
-            writeln!(y, "  routes: [{{ match_destination: [\"{}\"], route: {ROUTE} }}]", k.db_addr)?;
+            writeln!(
+                y,
+                "  routes: [{{ match_destination: [\"{}\"], route: {ROUTE} }}]",
+                k.db_addr
+            )?;
             writeln!(
                 y,
                 "  identity: {{ trust_domain: {DEMO_TRUST_DOMAIN}, inventory: inventory.yaml, unknown_pod_wait: 1s }}"
@@ -324,7 +331,15 @@ impl Stack {
                 pki::WORKLOAD_CA_CERT
             )?;
         }
-        writeln!(y, "listeners:{}", if self.spec.workloads.is_empty() { " []" } else { "" })?;
+        writeln!(
+            y,
+            "listeners:{}",
+            if self.spec.workloads.is_empty() {
+                " []"
+            } else {
+                ""
+            }
+        )?;
         for (i, w) in self.spec.workloads.iter().enumerate() {
             writeln!(y, "  - listen: \"127.0.0.1:0\"")?;
             writeln!(y, "    route: {}", w.route)?;
@@ -375,7 +390,11 @@ impl Stack {
     }
 
     /// Pods, cgroups, address bridges and the inventory, all unique to this stack.
-    fn start_kernel(&mut self, t: &TransparentSpec, workload_ca: &CertificateAuthority) -> Result<()> {
+    fn start_kernel(
+        &mut self,
+        t: &TransparentSpec,
+        workload_ca: &CertificateAuthority,
+    ) -> Result<()> {
         let idx = pods::unique_index();
         let (a, b) = ((idx / 250 % 250) as u8, (idx % 250 + 1) as u8);
         let db_ip = std::net::Ipv4Addr::new(10, 200, a, b);
@@ -406,12 +425,16 @@ impl Stack {
             made.push(pod);
         }
         if let Some((ns, sa)) = &t.host_identity {
-            writeln!(inventory, "host: {{ namespace: {ns}, service_account: {sa} }}")?;
+            writeln!(
+                inventory,
+                "host: {{ namespace: {ns}, service_account: {sa} }}"
+            )?;
         }
         std::fs::write(self.dir.join("inventory.yaml"), inventory)?;
 
         let day = Duration::from_secs(24 * 3600);
-        let (c, k) = workload_ca.issue(&LeafSpec::server(vec![CA_SERVER_NAME.into()], vec![]), day)?;
+        let (c, k) =
+            workload_ca.issue(&LeafSpec::server(vec![CA_SERVER_NAME.into()], vec![]), day)?;
         pki::write_public(&self.dir.join("ca-server.crt"), &c)?;
         pki::write_secret(&self.dir.join("ca-server.key"), &k)?;
         let (c, k) = workload_ca.issue(&LeafSpec::node(DEMO_TRUST_DOMAIN, NODE_NAME), day)?;

@@ -34,7 +34,7 @@ fn privileged() -> bool {
 fn transparent_stack() -> Stack {
     let mut spec = spec();
     spec.workloads.clear();
-    spec.extra_databases_yaml.clear();
+    // Keep the extra "down" database: team-b's role names it.
     spec.roles_yaml.push_str(
         r#"  - name: reporters
     match: { spiffe_id: "spiffe://demo.db-gateway.local/ns/team-a/sa/reporter" }
@@ -61,7 +61,10 @@ fn transparent_stack() -> Stack {
 
 fn conn(s: &Stack, port: u16, user: &str) -> String {
     let k = s.kernel.as_ref().unwrap();
-    format!("host={} port={port} user={user} dbname=app sslmode=disable connect_timeout=5", k.db_addr.ip())
+    format!(
+        "host={} port={port} user={user} dbname=app sslmode=disable connect_timeout=5",
+        k.db_addr.ip()
+    )
 }
 
 fn psql_in(s: &Stack, pod: usize, conninfo: &str, sql: &str) -> Output {
@@ -74,7 +77,11 @@ fn psql_in(s: &Stack, pod: usize, conninfo: &str, sql: &str) -> Output {
 }
 
 fn out(o: &Output) -> String {
-    assert!(o.status.success(), "failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8_lossy(&o.stdout).trim().to_owned()
 }
 
@@ -95,11 +102,19 @@ fn pod_client() {
     let Ok(conninfo) = std::env::var("DBGW_POD_CLIENT") else {
         return;
     };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
-        let (client, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await.unwrap();
+        let (client, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+            .await
+            .unwrap();
         tokio::spawn(conn);
-        let row = client.query_one("select current_user::text", &[]).await.unwrap();
+        let row = client
+            .query_one("select current_user::text", &[])
+            .await
+            .unwrap();
         println!("POD-CLIENT-USER {}", row.get::<_, String>(0));
     });
 }
@@ -117,11 +132,20 @@ fn pods_get_their_policy_users_through_interception() {
         (WORKER, "postgres", "worker"), // forced by policy
         (HOSTNET, "whatever", "worker"),
     ] {
-        let got = out(&psql_in(&s, pod, &conn(&s, port, user), "select current_user"));
+        let got = out(&psql_in(
+            &s,
+            pod,
+            &conn(&s, port, user),
+            "select current_user",
+        ));
         assert_eq!(got, want, "psql in pod {pod}");
         let o = tokio_postgres_in(&s, pod, &conn(&s, port, user));
         let text = String::from_utf8_lossy(&o.stdout);
-        assert!(text.contains(&format!("POD-CLIENT-USER {want}")), "tokio-postgres in pod {pod}: {text}{}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            text.contains(&format!("POD-CLIENT-USER {want}")),
+            "tokio-postgres in pod {pod}: {text}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
 
     // The denied pod gets the ErrorResponse with its identity.
@@ -132,11 +156,19 @@ fn pods_get_their_policy_users_through_interception() {
 
     // A user the identity may not use.
     let o = psql_in(&s, API, &conn(&s, port, "postgres"), "select 1");
-    assert!(String::from_utf8_lossy(&o.stderr).contains("may not log in to \"main\" as database user \"postgres\""));
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .contains("may not log in to \"main\" as database user \"postgres\"")
+    );
 
     // A process outside any pod, with no host identity configured: refused, saying why.
     let k = s.kernel.as_ref().unwrap();
-    let o = k.outside_command("psql").arg(conn(&s, port, "api")).args(["-XAtc", "select 1"]).output().unwrap();
+    let o = k
+        .outside_command("psql")
+        .arg(conn(&s, port, "api"))
+        .args(["-XAtc", "select 1"])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(err.contains("cannot identify the workload"), "{err}");
@@ -169,12 +201,18 @@ fn pods_get_their_policy_users_through_interception() {
         .iter()
         .find(|e| e["event"] == "db.session.start" && e["db_user"] == "api")
         .expect("api session audited");
-    assert_eq!(api["identity"], "spiffe://demo.db-gateway.local/ns/team-a/sa/api");
+    assert_eq!(
+        api["identity"],
+        "spiffe://demo.db-gateway.local/ns/team-a/sa/api"
+    );
     assert_eq!(api["node"], "demo-node");
     assert_eq!(api["pod"]["namespace"], "team-a");
     assert_eq!(api["pod"]["name"], "api-0");
     assert_eq!(api["pod"]["uid"], k.pods[API].uid.as_str());
-    assert_eq!(api["pod"]["container_id"], k.pods[API].container_id.as_str());
+    assert_eq!(
+        api["pod"]["container_id"],
+        k.pods[API].container_id.as_str()
+    );
 }
 
 #[test]
@@ -187,7 +225,10 @@ fn interception_survives_sigkill_and_uninstall_removes_everything() {
     assert_eq!(out(&psql_in(&s, API, &c, "select current_user")), "api");
     s.kill_node();
     let pin_dir = s.kernel.as_ref().unwrap().pin_dir.clone();
-    assert!(pin_dir.join("links").exists() || std::fs::read_dir(&pin_dir).unwrap().count() > 0, "pins survive SIGKILL");
+    assert!(
+        pin_dir.join("links").exists() || std::fs::read_dir(&pin_dir).unwrap().count() > 0,
+        "pins survive SIGKILL"
+    );
     s.start_node().expect("restart adopts the pins");
     assert!(s.log("node").contains("adopted=true"), "{}", s.log("node"));
     assert_eq!(out(&psql_in(&s, API, &c, "select current_user")), "api");
@@ -201,5 +242,9 @@ fn interception_survives_sigkill_and_uninstall_removes_everything() {
     assert!(!pin_dir.exists(), "pin dir left behind");
     // Nothing is attached any more: the pod's connect goes to the bridge address itself.
     let o = psql_in(&s, API, &c, "select 1");
-    assert!(String::from_utf8_lossy(&o.stderr).contains("Connection refused"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("Connection refused"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }

@@ -37,7 +37,9 @@ pub struct Decided {
 }
 
 impl Transparent {
-    pub fn routes_from(config: &[crate::config::RouteConfig]) -> Result<Vec<(Destination, String)>, String> {
+    pub fn routes_from(
+        config: &[crate::config::RouteConfig],
+    ) -> Result<Vec<(Destination, String)>, String> {
         let mut out = Vec::new();
         for r in config {
             for d in &r.match_destination {
@@ -75,7 +77,10 @@ impl Transparent {
             .ok_or_else(|| {
                 ErrorResponse::fatal(
                     sqlstate::UNABLE_TO_ESTABLISH_CONNECTION,
-                    format!("db-gateway node {node}: no database route for destination {}", orig.dst),
+                    format!(
+                        "db-gateway node {node}: no database route for destination {}",
+                        orig.dst
+                    ),
                 )
                 .with_hint("Add the address to interception.routes in the node configuration.")
             })?;
@@ -126,9 +131,17 @@ impl WorkloadCerts {
         }
     }
 
-    pub async fn config_for(&self, node: &str, w: &Workload) -> Result<Arc<ClientConfig>, ErrorResponse> {
+    pub async fn config_for(
+        &self,
+        node: &str,
+        w: &Workload,
+    ) -> Result<Arc<ClientConfig>, ErrorResponse> {
         let now = SystemTime::now();
-        if let Some((renew_at, cfg)) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(&w.spiffe_id)
+        if let Some((renew_at, cfg)) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&w.spiffe_id)
             && now < *renew_at
         {
             return Ok(cfg.clone());
