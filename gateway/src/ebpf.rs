@@ -653,43 +653,18 @@ fn bump_memlock_rlimit() {
     }
 }
 
-/// The cgroup v2 mount point, from /proc/self/mountinfo (fstype `cgroup2`).
+/// The cgroup v2 mount point (parsed by [`crate::identity::cgroup::cgroup2_mount`]).
 pub fn cgroup2_root() -> Result<PathBuf, EbpfError> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo")
-        .context(|| "read /proc/self/mountinfo".into())?;
-    parse_cgroup2_root(&info).ok_or_else(|| EbpfError::Step {
+    crate::identity::cgroup::cgroup2_mount().map_err(|e| EbpfError::Step {
         what: "find the cgroup v2 mount".into(),
-        cause: "no cgroup2 filesystem in /proc/self/mountinfo; mount one \
-                (`mount -t cgroup2 none /sys/fs/cgroup`)"
-            .into(),
-    })
-}
-
-fn parse_cgroup2_root(mountinfo: &str) -> Option<PathBuf> {
-    // "<id> <parent> <maj:min> <root> <mount point> <options> [optional…] - <fstype> <source> …"
-    mountinfo.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        if right.split_whitespace().next()? != "cgroup2" {
-            return None;
-        }
-        let mount_point = left.split_whitespace().nth(4)?;
-        // mountinfo escapes space, tab, newline and backslash as octal.
-        Some(PathBuf::from(
-            mount_point
-                .replace("\\040", " ")
-                .replace("\\011", "\t")
-                .replace("\\012", "\n")
-                .replace("\\134", "\\"),
-        ))
+        cause: e.into(),
     })
 }
 
 /// The id of a cgroup v2 directory as `bpf_get_current_cgroup_id()` reports it: its inode
 /// number on cgroupfs.
 pub fn cgroup_id(dir: &Path) -> Result<u64, EbpfError> {
-    Ok(std::fs::metadata(dir)
-        .context(|| format!("stat cgroup {}", dir.display()))?
-        .ino())
+    crate::identity::cgroup::id_of(dir).context(|| format!("stat cgroup {}", dir.display()))
 }
 
 /// The cgroup v2 directory of this process (from /proc/self/cgroup, line `0::<path>`).
@@ -710,25 +685,6 @@ pub fn current_cgroup() -> Result<PathBuf, EbpfError> {
 #[cfg(test)]
 mod tests {
     use super::{maps::ip16, *};
-
-    #[test]
-    fn finds_cgroup2_in_mountinfo() {
-        let info = "25 30 0:23 / /sys rw,nosuid - sysfs sysfs rw\n\
-                    41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n\
-                    42 31 0:39 / /sys/fs/cgroup/cpu rw shared:5 - cgroup cgroup rw,cpu\n";
-        assert_eq!(
-            parse_cgroup2_root(info),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
-        );
-        assert_eq!(
-            parse_cgroup2_root("1 2 0:1 / /a\\040b rw shared:1 master:2 - cgroup2 none rw\n"),
-            Some(PathBuf::from("/a b"))
-        );
-        assert_eq!(
-            parse_cgroup2_root("1 2 0:1 / /x rw - ext4 /dev/sda rw\n"),
-            None
-        );
-    }
 
     #[test]
     fn config_is_validated_and_encoded() {
