@@ -65,6 +65,9 @@ enum Command {
         /// Keep the temporary directory on exit (for inspection).
         #[arg(long, env = "GATEWAY_UP_KEEP")]
         keep: bool,
+        /// Explicit-mode listener instead of an eBPF-intercepted demo pod (the default as root).
+        #[arg(long, env = "GATEWAY_UP_EXPLICIT")]
+        explicit: bool,
     },
 }
 
@@ -303,6 +306,6 @@ fn run(command: Command) -> anyhow::Result<()> {
                 write_pair(&out, &cert, &key)
             }
         },
-        Command::Up { keep } => gateway::up::run(keep),
+        Command::Up { keep, explicit } => gateway::up::run(keep, explicit),
     }
 }

@@ -145,6 +145,8 @@ pub struct Stack {
     pub ca: Option<Child>,
     pub ca_addr: SocketAddr,
     pub kernel: Option<Kernel>,
+    /// Keep the directory (logs, configs, audit) when dropped.
+    pub keep_dir: bool,
     spec: StackSpec,
 }
 
@@ -235,6 +237,7 @@ impl Stack {
             ca: None,
             ca_addr: loopback(0),
             kernel: None,
+            keep_dir: std::env::var_os("GATEWAY_KEEP_TEST_DIR").is_some(),
             spec,
         };
         stack.start_proxy()?;
@@ -547,7 +550,7 @@ impl Drop for Stack {
         {
             eprintln!("failed to remove {}: {e}", k.pin_dir.display());
         }
-        if std::env::var_os("GATEWAY_KEEP_TEST_DIR").is_none() {
+        if !self.keep_dir {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
@@ -593,22 +596,42 @@ fn wait_for_startup(
     }
 }
 
-/// `gateway up`: one demo workload allowed as database user `app` on database `app`.
-pub fn run(keep: bool) -> Result<()> {
+/// Shell-quotes one word for the `POD` line.
+fn shell_quote(w: &str) -> String {
+    if !w.is_empty()
+        && w.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:".contains(&b))
+    {
+        w.to_owned()
+    } else {
+        format!("'{}'", w.replace('\'', "'\\''"))
+    }
+}
+
+/// `gateway up`: one demo workload, `demo/app`, allowed as database user `app` on
+/// database `app`. As root the workload is a pod (network namespace + kubelet-shaped
+/// cgroup) intercepted by eBPF; otherwise, or with `explicit`, an explicit-mode listener.
+pub fn run(keep: bool, explicit: bool) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    let transparent = !explicit && unsafe { libc::geteuid() } == 0;
     let spec = StackSpec {
         gateway_bin: std::env::current_exe()?,
-        workloads: vec![Workload::new("demo", "app")],
+        workloads: if transparent { Vec::new() } else { vec![Workload::new("demo", "app")] },
         roles_yaml: "  - name: demo-apps\n    match: { namespace: demo }\n    databases: { labels: { env: demo } }\n    db_users: [\"{{ .service_account }}\"]\n    db_names: [\"{{ .service_account }}\"]\n    force_db_user: true\n    force_db_name: true\n".into(),
         proxy_extra_yaml: String::new(),
         node_data_plane_yaml: String::new(),
         extra_databases_yaml: String::new(),
-        transparent: None,
+        transparent: transparent.then(|| TransparentSpec {
+            pods: vec![PodSpec::new("demo", "app-0", "app")],
+            host_identity: None,
+        }),
         setup_sql: vec![
             "CREATE ROLE app LOGIN".into(),
             "CREATE DATABASE app OWNER app".into(),
         ],
     };
-    let stack = Stack::start(spec)?;
+    let mut stack = Stack::start(spec)?;
+    stack.keep_dir = keep;
     eprintln!("db-gateway demo in {}", stack.dir.display());
     eprintln!(
         "  PostgreSQL 15 on 127.0.0.1:{} (certificate logins only)",
@@ -618,16 +641,40 @@ pub fn run(keep: bool) -> Result<()> {
         "  proxy on {} (admin http://{}/metrics)",
         stack.proxy_addr, stack.proxy_admin
     );
-    eprintln!(
-        "  node agent listener {} for spiffe://{DEMO_TRUST_DOMAIN}/ns/demo/sa/app (admin http://{}/metrics)",
-        stack.listeners[0], stack.node_admin
-    );
+    eprintln!("  node agent admin http://{}/metrics", stack.node_admin);
     eprintln!("  audit log {}", stack.audit_path.display());
-    eprintln!(
-        "Try: psql \"{}\" -c 'select current_user'   (Ctrl-C stops and cleans up)",
-        stack.conn_string(0, "app", "app")
-    );
-    println!("READY {}", stack.conn_string(0, "app", "app"));
+    let (ready, pod) = match &stack.kernel {
+        Some(k) => {
+            let conn = format!(
+                "host={} port={} user=app dbname=app sslmode=disable",
+                k.db_addr.ip(),
+                k.db_addr.port()
+            );
+            let prefix: Vec<String> = k.pods[0]
+                .command_prefix()
+                .iter()
+                .map(|w| shell_quote(w))
+                .collect();
+            eprintln!(
+                "  pod demo/app-0 (uid {}) in its own network namespace; {} is intercepted by eBPF",
+                k.pods[0].uid, k.db_addr
+            );
+            (conn, Some(prefix.join(" ")))
+        }
+        None => (stack.conn_string(0, "app", "app"), None),
+    };
+    match &pod {
+        Some(p) => eprintln!(
+            "Try: {p} psql \"{ready}\" -c 'select current_user'   (Ctrl-C stops and cleans up)"
+        ),
+        None => eprintln!(
+            "Try: psql \"{ready}\" -c 'select current_user'   (Ctrl-C stops and cleans up)"
+        ),
+    }
+    println!("READY {ready}");
+    if let Some(p) = &pod {
+        println!("POD {p}");
+    }
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
 
@@ -638,8 +685,6 @@ pub fn run(keep: bool) -> Result<()> {
     eprintln!("stopping and cleaning up");
     if keep {
         eprintln!("keeping {}", stack.dir.display());
-        // SAFETY-free: setting our own env var before Drop reads it, single-threaded here.
-        unsafe { std::env::set_var("GATEWAY_KEEP_TEST_DIR", "1") };
     }
     drop(stack);
     Ok(())

@@ -126,10 +126,11 @@ fn config_errors_name_file_line_and_field() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-#[test]
-fn gateway_up_prints_ready_serves_and_cleans_up() {
+/// Starts `gateway up`, returns (child, directory, READY string, POD prefix if any).
+fn start_up(args: &[&str]) -> (std::process::Child, String, String, Option<String>) {
     let mut child = Command::new(gateway_bin())
         .arg("up")
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -140,26 +141,26 @@ fn gateway_up_prints_ready_serves_and_cleans_up() {
     let dir = line
         .trim()
         .strip_prefix("db-gateway demo in ")
-        .expect("first line names the directory")
+        .unwrap_or_else(|| panic!("first line names the directory: {line}"))
         .to_owned();
-    let stdout = BufReader::new(child.stdout.take().unwrap());
+    // Keep draining stderr so the demo never blocks on a full pipe.
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
     let ready = stdout
-        .lines()
+        .by_ref()
         .map_while(Result::ok)
         .find_map(|l| l.strip_prefix("READY ").map(str::to_owned))
         .expect("READY line");
-    let o = Command::new("psql")
-        .arg(&ready)
-        .args(["-XAtc", "select current_user"])
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&o.stdout).trim(),
-        "app",
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let pod = if args.contains(&"--explicit") || unsafe { libc::geteuid() } != 0 {
+        None
+    } else {
+        let l = stdout.next().expect("POD line").unwrap();
+        Some(l.strip_prefix("POD ").expect("POD line").to_owned())
+    };
+    (child, dir, ready, pod)
+}
 
+fn stop_up(mut child: std::process::Child, dir: &str) {
     // SAFETY: kill(2) on our child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let t0 = Instant::now();
@@ -174,11 +175,76 @@ fn gateway_up_prints_ready_serves_and_cleans_up() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "{status}");
-    assert!(!std::path::Path::new(&dir).exists(), "{dir} left behind");
+    assert!(!std::path::Path::new(dir).exists(), "{dir} left behind");
+}
+
+#[test]
+fn gateway_up_explicit_prints_ready_serves_and_cleans_up() {
+    let (child, dir, ready, pod) = start_up(&["--explicit"]);
+    assert!(pod.is_none());
+    let o = Command::new("psql")
+        .arg(&ready)
+        .args(["-XAtc", "select current_user"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "app",
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    stop_up(child, &dir);
     let o = Command::new("psql")
         .arg(format!("{ready} connect_timeout=2"))
         .args(["-XAtc", "select 1"])
         .output()
         .unwrap();
     assert!(!o.status.success(), "still serving after exit");
+}
+
+#[test]
+fn gateway_up_transparent_pod_reaches_the_original_address_and_cleans_up() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI=true: needs root"
+        );
+        return;
+    }
+    let (child, dir, ready, pod) = start_up(&[]);
+    let pod = pod.expect("POD line as root");
+    assert!(ready.contains("port=5432"), "{ready}");
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(format!("{pod} psql '{ready}' -XAtc 'select current_user'"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "app",
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let netns = pod
+        .split("--net=/run/netns/")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    stop_up(child, &dir);
+    assert!(
+        !std::path::Path::new(&format!("/run/netns/{netns}")).exists(),
+        "namespace {netns} left behind"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir("/sys/fs/bpf")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().starts_with("dbgw-up-"))
+        .collect();
+    assert!(leftovers.is_empty(), "pins left behind: {leftovers:?}");
 }
