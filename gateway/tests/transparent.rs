@@ -248,3 +248,57 @@ fn interception_survives_sigkill_and_uninstall_removes_everything() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_refuses_a_node_asking_for_a_pod_on_another_node() {
+    if !privileged() {
+        return;
+    }
+    let s = transparent_stack();
+    let k = s.kernel.as_ref().unwrap();
+    let ca_dir = s.ca_dir.clone();
+    let ca = gateway::pki::CertificateAuthority::load(
+        &ca_dir.join(gateway::pki::WORKLOAD_CA_CERT),
+        &ca_dir.join(gateway::pki::WORKLOAD_CA_KEY),
+    )
+    .unwrap();
+    let roots = gateway::pki::load_certs(&ca_dir.join(gateway::pki::WORKLOAD_CA_CERT)).unwrap();
+    let client_for = |node: &str| {
+        let (c, key) = ca
+            .issue(
+                &gateway::pki::LeafSpec::node(gateway::up::DEMO_TRUST_DOMAIN, node),
+                Duration::from_secs(600),
+            )
+            .unwrap();
+        use rustls_pki_types::pem::PemObject;
+        let chain = vec![rustls_pki_types::CertificateDer::from_pem_slice(c.as_bytes()).unwrap()];
+        let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+        gateway::ca::CaClient {
+            addr: s.ca_addr,
+            server_name: rustls_pki_types::ServerName::try_from(gateway::up::CA_SERVER_NAME)
+                .unwrap(),
+            tls: std::sync::Arc::new(gateway::tunnel::client_config(chain, key, &roots).unwrap()),
+        }
+    };
+    let uid = k.pods[API].uid.clone();
+    // The pod's own node gets its identity...
+    let ok = client_for(gateway::up::NODE_NAME)
+        .workload_certificate(Some(&uid))
+        .await
+        .unwrap();
+    assert_eq!(
+        ok.spiffe_id.to_string(),
+        "spiffe://demo.db-gateway.local/ns/team-a/sa/api"
+    );
+    // ...another node does not.
+    let Err(e) = client_for("other-node")
+        .workload_certificate(Some(&uid))
+        .await
+    else {
+        panic!("another node obtained the pod's identity");
+    };
+    assert_eq!(
+        e.to_string(),
+        format!("CA refused: pod {uid} runs on node demo-node, not on other-node")
+    );
+}
