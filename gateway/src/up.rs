@@ -71,6 +71,8 @@ pub struct PodSpec {
     pub name: String,
     pub service_account: String,
     pub host_network: bool,
+    /// Left out of the inventory: a pod the resolver has not heard of (yet).
+    pub unlisted: bool,
 }
 
 impl PodSpec {
@@ -80,6 +82,7 @@ impl PodSpec {
             name: name.into(),
             service_account: service_account.into(),
             host_network: false,
+            unlisted: false,
         }
     }
 }
@@ -420,11 +423,13 @@ impl Stack {
                 &format!("dbgw{idx}v{k}"),
                 std::net::Ipv4Addr::new(10, 201 + k as u8, a, b),
             )?;
-            writeln!(
-                inventory,
-                "  - {{ uid: {}, namespace: {}, name: {}, service_account: {}, node: {NODE_NAME}, host_network: {} }}",
-                pod.uid, p.namespace, p.name, p.service_account, p.host_network
-            )?;
+            if !p.unlisted {
+                writeln!(
+                    inventory,
+                    "  - {{ uid: {}, namespace: {}, name: {}, service_account: {}, node: {NODE_NAME}, host_network: {} }}",
+                    pod.uid, p.namespace, p.name, p.service_account, p.host_network
+                )?;
+            }
             made.push(pod);
         }
         if let Some((ns, sa)) = &t.host_identity {

@@ -17,6 +17,7 @@ const REPORTER: usize = 1; // team-a/reporter
 const WORKER: usize = 2; // team-b/worker
 const HOSTNET: usize = 3; // team-b/worker, host network
 const DENIED: usize = 4; // intruder/x
+const UNLISTED: usize = 5; // a pod the inventory does not know
 
 fn privileged() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -53,6 +54,10 @@ fn transparent_stack() -> Stack {
             PodSpec::new("team-b", "worker-0", "worker"),
             hostnet,
             PodSpec::new("intruder", "x-0", "x"),
+            PodSpec {
+                unlisted: true,
+                ..PodSpec::new("team-a", "new-0", "api")
+            },
         ],
         host_identity: None,
     });
@@ -153,6 +158,21 @@ fn pods_get_their_policy_users_through_interception() {
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("identity spiffe://demo.db-gateway.local/ns/intruder/sa/x is not allowed to use database \"main\""), "{err}");
+
+    // A pod the resolver does not know: the agent waits briefly (unknown_pod_wait: 1s),
+    // then says why.
+    let t0 = std::time::Instant::now();
+    let o = psql_in(&s, UNLISTED, &conn(&s, port, "api"), "select 1");
+    let err = String::from_utf8_lossy(&o.stderr);
+    let uid = &s.kernel.as_ref().unwrap().pods[UNLISTED].uid;
+    assert!(
+        err.contains("cannot identify the workload") && err.contains(uid.as_str()),
+        "{err}"
+    );
+    assert!(
+        t0.elapsed() >= Duration::from_secs(1),
+        "did not wait for the pod"
+    );
 
     // A user the identity may not use.
     let o = psql_in(&s, API, &conn(&s, port, "postgres"), "select 1");
