@@ -65,6 +65,16 @@ const REQUIREMENTS: &[Requirement] = &[
         package: "iproute2",
         why: "network namespaces in tests",
     },
+    Requirement {
+        probe: Probe::Program("nsenter"),
+        package: "util-linux",
+        why: "running commands inside demo and test pods",
+    },
+    Requirement {
+        probe: Probe::Program("python3"),
+        package: "python3",
+        why: "getpeername check inside a test pod",
+    },
 ];
 
 /// Searched after PATH: `ip` lives in /usr/sbin, which a non-root PATH may not include.
