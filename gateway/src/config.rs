@@ -86,6 +86,14 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     })
 }
 
+/// Attaches the file name to a cross-field validation failure.
+fn invalid_at(path: &Path, check: Result<(), String>) -> Result<(), ConfigError> {
+    check.map_err(|message| ConfigError::Invalid {
+        path: path.to_owned(),
+        message,
+    })
+}
+
 fn base_dir(path: &Path) -> PathBuf {
     path.parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -300,11 +308,8 @@ impl NodeConfig {
             resolve(&base, &mut i.ca.node_cert);
             resolve(&base, &mut i.ca.node_key);
         }
-        cfg.validate().map_err(|message| ConfigError::Invalid {
-            path: path.to_owned(),
-            message,
-        })?;
-        Ok(cfg)
+        let check = cfg.validate();
+        invalid_at(path, check).map(|()| cfg)
     }
 
     /// Cross-field rules, with the setting named in the message.
@@ -610,11 +615,8 @@ impl ProxyConfig {
             resolve(&base, &mut p);
             cfg.audit.path = p.to_string_lossy().into_owned();
         }
-        cfg.validate().map_err(|message| ConfigError::Invalid {
-            path: path.to_owned(),
-            message,
-        })?;
-        Ok(cfg)
+        let check = cfg.validate();
+        invalid_at(path, check).map(|()| cfg)
     }
 
     pub fn validate(&self) -> Result<(), String> {

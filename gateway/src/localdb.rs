@@ -165,6 +165,11 @@ impl LocalPostgres {
     /// Runs `sql` with `psql` as the superuser over the unix socket and returns psql's stdout
     /// (unaligned, tuples only: one line per row, `|` between columns, trailing newline kept).
     pub fn psql(&self, sql: &str) -> Result<String> {
+        self.psql_db("postgres", sql)
+    }
+
+    /// Like [`Self::psql`], in database `db`.
+    pub fn psql_db(&self, db: &str, sql: &str) -> Result<String> {
         let output = self
             .client_command("psql")
             .arg("-h")
@@ -175,7 +180,7 @@ impl LocalPostgres {
                 "-U",
                 SUPERUSER,
                 "-d",
-                "postgres",
+                db,
                 "-v",
                 "ON_ERROR_STOP=1",
                 "-XAtq",

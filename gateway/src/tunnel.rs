@@ -107,6 +107,20 @@ impl Preamble {
     }
 }
 
+/// Reset, broken pipe, EOF and the like: the normal ways a TCP session ends, which the
+/// relays of both wings count as a close, not as an error.
+pub fn is_normal_close(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        e.kind(),
+        ErrorKind::UnexpectedEof
+            | ErrorKind::ConnectionReset
+            | ErrorKind::BrokenPipe
+            | ErrorKind::ConnectionAborted
+            | ErrorKind::NotConnected
+    )
+}
+
 /// rustls with ring, as DESIGN.md fixes; one place so both ends agree.
 pub fn crypto_provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())

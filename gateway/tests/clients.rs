@@ -116,20 +116,8 @@ fn pgbench_init_select_only_and_tpcb_with_8_clients() {
         rows.is_some(),
         "pgbench tables live in database app, not postgres"
     );
-    let count = Command::new("psql")
-        .args([
-            "-h",
-            s.pg.socket_dir.to_str().unwrap(),
-            "-p",
-            &s.pg.port.to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            "app",
-            "-XAtc",
-            "select count(*) from pgbench_history",
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&count.stdout).trim(), "800");
+    let count =
+        s.pg.psql_db("app", "select count(*) from pgbench_history")
+            .unwrap();
+    assert_eq!(count.trim(), "800");
 }

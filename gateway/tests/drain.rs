@@ -80,20 +80,6 @@ async fn drain_ends_idle_sessions_at_transaction_boundaries() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "{status}");
-    let committed = std::process::Command::new("psql")
-        .args([
-            "-h",
-            s.pg.socket_dir.to_str().unwrap(),
-            "-p",
-            &s.pg.port.to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            "app",
-            "-XAtc",
-            "select count(*) from t",
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&committed.stdout).trim(), "2");
+    let committed = s.pg.psql_db("app", "select count(*) from t").unwrap();
+    assert_eq!(committed.trim(), "2");
 }

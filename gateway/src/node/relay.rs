@@ -7,7 +7,7 @@
 //! after the previous bytes were written, so a slow receiver stops reading from the sender
 //! (backpressure) and memory never grows with the peer's speed.
 
-use std::io::{self, ErrorKind};
+use std::io;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::Duration;
@@ -16,6 +16,7 @@ use tokio_uring::net::TcpStream;
 
 use super::tls::TlsConn;
 use crate::config::TLS_RECORD_PAYLOAD;
+use crate::tunnel::is_normal_close;
 
 /// How much a direction may hold, derived from the configured budget.
 #[derive(Debug, Clone, Copy)]
@@ -35,17 +36,6 @@ impl Budget {
             down_read: (per_direction / 2).clamp(1024, 256 * 1024),
         }
     }
-}
-
-fn is_normal_close(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        ErrorKind::UnexpectedEof
-            | ErrorKind::ConnectionReset
-            | ErrorKind::BrokenPipe
-            | ErrorKind::ConnectionAborted
-            | ErrorKind::NotConnected
-    )
 }
 
 /// Application → proxy until the application closes; then passes the close on.

@@ -2,13 +2,13 @@
 //! server-to-client direction follows message boundaries so that a drain can end a session
 //! exactly after a `ReadyForQuery` with status `I` (idle, no transaction open).
 
-use std::io::ErrorKind;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::pg::{BackendScanner, ErrorResponse, sqlstate};
+use crate::tunnel::is_normal_close;
 
 /// One TLS record of plaintext: reads this large coalesce naturally under load.
 const CHUNK: usize = 16 * 1024;
@@ -41,17 +41,6 @@ impl Counters {
     pub fn server_to_client(&self) -> u64 {
         self.server_to_client.load(Relaxed)
     }
-}
-
-fn is_normal_close(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        ErrorKind::UnexpectedEof
-            | ErrorKind::ConnectionReset
-            | ErrorKind::BrokenPipe
-            | ErrorKind::ConnectionAborted
-            | ErrorKind::NotConnected
-    )
 }
 
 /// Client → server: plain copy.
