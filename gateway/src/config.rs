@@ -161,6 +161,11 @@ pub struct InterceptionConfig {
     /// Optional IPv6 agent address for native IPv6 destinations.
     #[serde(default)]
     pub agent_address_v6: Option<SocketAddr>,
+    /// Interface that holds the agent address(es): a bridge with no ports, created when
+    /// the address is not on the node yet (as node-local DNS does), kept across restarts
+    /// (pods depend on it), removed by `gateway node uninstall --interface`.
+    #[serde(default = "default_agent_interface")]
+    pub agent_interface: String,
     /// Destination ports intercepted for every address.
     #[serde(default = "default_ports")]
     pub ports: Vec<u16>,
@@ -185,6 +190,11 @@ fn default_agent_address() -> SocketAddr {
     DEFAULT_AGENT_ADDRESS
         .parse()
         .expect("constant address parses")
+}
+pub const DEFAULT_AGENT_INTERFACE: &str = "dbgw0";
+
+fn default_agent_interface() -> String {
+    DEFAULT_AGENT_INTERFACE.to_owned()
 }
 fn default_ports() -> Vec<u16> {
     vec![5432]

@@ -77,6 +77,9 @@ enum NodeAction {
     Uninstall {
         #[arg(long, env = "GATEWAY_BPF_PIN_DIR", default_value = gateway::config::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
+        /// Also delete the interface holding the agent address (e.g. `dbgw0`).
+        #[arg(long, env = "GATEWAY_AGENT_INTERFACE")]
+        interface: Option<String>,
     },
 }
 
@@ -193,11 +196,23 @@ fn write_pair(out: &std::path::Path, cert: &str, key: &str) -> anyhow::Result<()
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Node {
-            action: Some(NodeAction::Uninstall { pin_dir }),
+            action: Some(NodeAction::Uninstall { pin_dir, interface }),
             ..
         } => {
             gateway::ebpf::uninstall(&pin_dir)?;
             println!("removed interception pinned under {}", pin_dir.display());
+            if let Some(ifname) = interface {
+                let o = std::process::Command::new("ip")
+                    .args(["link", "del", &ifname])
+                    .output()
+                    .context("failed to run `ip` (package iproute2)")?;
+                anyhow::ensure!(
+                    o.status.success(),
+                    "failed to delete interface {ifname}: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                println!("removed interface {ifname}");
+            }
             Ok(())
         }
         Command::Node {

@@ -196,6 +196,56 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Makes `ip` an address of this host if it is not one yet, on bridge `interface` (no
+/// ports: nothing sent to it can leave the node), so pods can reach the agent address.
+fn ensure_local_address(interface: &str, ip: std::net::IpAddr) -> anyhow::Result<()> {
+    // Binding port 0 succeeds exactly when the address is local.
+    if std::net::TcpListener::bind((ip, 0)).is_ok() {
+        return Ok(());
+    }
+    let ip_cmd = |args: &[&str]| -> anyhow::Result<std::process::Output> {
+        std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .context("failed to run `ip` (package iproute2) to add the agent address")
+    };
+    if !ip_cmd(&["link", "show", interface])?.status.success() {
+        let o = ip_cmd(&["link", "add", interface, "type", "bridge"])?;
+        anyhow::ensure!(
+            o.status.success(),
+            "failed to create interface {interface} for the agent address: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+    }
+    let prefix = if ip.is_ipv4() { 32 } else { 128 };
+    for args in [
+        vec![
+            "addr".to_owned(),
+            "add".into(),
+            format!("{ip}/{prefix}"),
+            "dev".into(),
+            interface.into(),
+        ],
+        vec![
+            "link".to_owned(),
+            "set".into(),
+            interface.into(),
+            "up".into(),
+        ],
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = ip_cmd(&args)?;
+        anyhow::ensure!(
+            o.status.success() || String::from_utf8_lossy(&o.stderr).contains("File exists"),
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+    }
+    tracing::info!(%ip, interface, "agent address added");
+    Ok(())
+}
+
 /// An accept loop's kind.
 #[derive(Clone)]
 enum Endpoint {
@@ -242,6 +292,10 @@ fn transparent_setup(
         agent_mark: 0,
         fail_open: i.fail_open,
     };
+    ensure_local_address(&i.agent_interface, i.agent_address.ip())?;
+    if let Some(v6) = i.agent_address_v6 {
+        ensure_local_address(&i.agent_interface, v6.ip())?;
+    }
     if let Some(parent) = i.pin_dir.parent() {
         ebpf::ensure_bpffs(parent)?;
     }

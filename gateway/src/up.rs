@@ -101,6 +101,8 @@ pub struct Kernel {
     pub db_addr: SocketAddr,
     /// Where interception redirects to (the node agent listens here).
     pub agent_addr: SocketAddr,
+    /// The bridge the node agent creates to hold `agent_addr`.
+    pub agent_interface: String,
     pub pin_dir: PathBuf,
     pub pods: Vec<pods::Pod>,
     /// A cgroup in the attached subtree that is not a pod: "a process outside any pod".
@@ -321,6 +323,7 @@ impl Stack {
             writeln!(y, "  cgroup: \"{}\"", k.tree.root.display())?;
             writeln!(y, "  pin_dir: \"{}\"", k.pin_dir.display())?;
             writeln!(y, "  agent_address: \"{}\"", k.agent_addr)?;
+            writeln!(y, "  agent_interface: {}", k.agent_interface)?;
             writeln!(
                 y,
                 "  routes: [{{ match_destination: [\"{}\"], route: {ROUTE} }}]",
@@ -405,9 +408,11 @@ impl Stack {
         let (a, b) = ((idx / 250 % 250) as u8, (idx % 250 + 1) as u8);
         let db_ip = std::net::Ipv4Addr::new(10, 200, a, b);
         let agent_ip = std::net::Ipv4Addr::new(169, 254, a, b);
+        // The agent creates its own address holder (`agent_interface`); the guard only
+        // makes sure it goes away with the stack.
         let bridges = vec![
             pods::address_holder(&format!("dbgwd{idx}"), db_ip)?,
-            pods::address_holder(&format!("dbgwa{idx}"), agent_ip)?,
+            pods::Link(format!("dbgwa{idx}")),
         ];
         let cgroup2 = crate::identity::cgroup::cgroup2_mount()?;
         let tree = pods::CgroupTree::create(&cgroup2, &format!("dbgw-up-{idx}"))?;
@@ -451,6 +456,7 @@ impl Stack {
         self.kernel = Some(Kernel {
             db_addr: SocketAddr::from((db_ip, 5432)),
             agent_addr: SocketAddr::from((agent_ip, AGENT_PORT)),
+            agent_interface: format!("dbgwa{idx}"),
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/dbgw-up-{idx}")),
             pods: made,
             outside,

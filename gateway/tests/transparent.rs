@@ -254,12 +254,38 @@ fn interception_survives_sigkill_and_uninstall_removes_everything() {
     assert_eq!(out(&psql_in(&s, API, &c, "select current_user")), "api");
 
     s.kill_node();
+    let ifname = s.kernel.as_ref().unwrap().agent_interface.clone();
+    assert!(
+        Command::new("ip")
+            .args(["link", "show", &ifname])
+            .output()
+            .unwrap()
+            .status
+            .success(),
+        "the agent made {ifname}"
+    );
     let o = Command::new(gateway_bin())
-        .args(["node", "uninstall", "--pin-dir", pin_dir.to_str().unwrap()])
+        .args([
+            "node",
+            "uninstall",
+            "--pin-dir",
+            pin_dir.to_str().unwrap(),
+            "--interface",
+            &ifname,
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(!pin_dir.exists(), "pin dir left behind");
+    assert!(
+        !Command::new("ip")
+            .args(["link", "show", &ifname])
+            .output()
+            .unwrap()
+            .status
+            .success(),
+        "{ifname} left behind"
+    );
     // Nothing is attached any more: the pod's connect goes to the bridge address itself.
     let o = psql_in(&s, API, &c, "select 1");
     assert!(
