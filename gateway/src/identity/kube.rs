@@ -182,7 +182,12 @@ async fn watch(client: kube::Client, node: String, state: Arc<State>) {
             }
             Ok(Event::Apply(pod)) => {
                 if let Some(info) = pod_info(&pod) {
-                    tracing::debug!(uid = %info.uid, namespace = %info.namespace, name = %info.name, "pod applied");
+                    tracing::debug!(
+                        uid = %info.uid,
+                        namespace = %info.namespace,
+                        name = %info.name,
+                        "pod applied"
+                    );
                     state.write().insert(info.uid.clone(), info);
                 }
             }
@@ -194,7 +199,7 @@ async fn watch(client: kube::Client, node: String, state: Arc<State>) {
             }
             Err(e) => {
                 metrics::counter!("gateway_kube_watch_errors_total").increment(1);
-                tracing::warn!(node = %node, error = %e, "pod watch failed; retrying after backoff");
+                tracing::warn!(node = %node, error = %e, "pod watch failed; backing off");
             }
         }
     }
