@@ -42,6 +42,34 @@ pub trait PodDirectory: Send + Sync {
     fn host_identity(&self) -> Option<(String, String)>;
 }
 
+/// Only as complete as its watch: one scoped to a node vouches for that node's pods alone,
+/// which suits a CA per node; a central CA needs a watch of every node's pods.
+impl PodDirectory for crate::identity::kube::KubePods {
+    fn pod(&self, uid: &str) -> Option<PodRecord> {
+        crate::identity::PodSource::pod(self, uid).map(|p| PodRecord {
+            namespace: p.namespace,
+            service_account: p.service_account,
+            node: p.node,
+        })
+    }
+
+    fn host_identity(&self) -> Option<(String, String)> {
+        self.host()
+            .map(|h| (h.namespace.clone(), h.service_account.clone()))
+    }
+}
+
+/// A shared directory (a Kubernetes watch also read by `/readyz`) serves as one too.
+impl<T: PodDirectory + ?Sized> PodDirectory for Arc<T> {
+    fn pod(&self, uid: &str) -> Option<PodRecord> {
+        (**self).pod(uid)
+    }
+
+    fn host_identity(&self) -> Option<(String, String)> {
+        (**self).host_identity()
+    }
+}
+
 impl PodDirectory for crate::identity::inventory::Inventory {
     fn pod(&self, uid: &str) -> Option<PodRecord> {
         self.lookup(uid).map(|p| PodRecord {

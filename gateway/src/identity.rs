@@ -2,16 +2,18 @@
 //!
 //! cgroup id → cgroup path ([`cgroup::CgroupPaths`]) → pod UID and container id
 //! ([`cgroup::parse_pod_container`]) → pod metadata from a [`PodSource`] (the static
-//! [`inventory::Inventory`] today, a Kubernetes watch later) → a [`Workload`] with the SPIFFE
-//! ID `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+//! [`inventory::Inventory`] or the Kubernetes watch [`kube::KubePods`]) → a [`Workload`] with
+//! the SPIFFE ID `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
 //!
-//! Ground floor: imports only `config` helpers, `pki::SpiffeId` and `tunnel::PodMeta`.
+//! Ground floor: imports only `config` helpers, `pki::SpiffeId` and `tunnel::PodMeta` (and
+//! the `kube` crate, in `identity::kube`).
 //!
 //! The cgroup id must equal the cgroup directory's inode number, which holds on 64-bit
 //! kernels since 5.5 (kernfs node ids became 64-bit inode numbers then).
 
 pub mod cgroup;
 pub mod inventory;
+pub mod kube;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -84,12 +86,19 @@ pub enum IdentityError {
     TrustDomain(#[from] PkiError),
 }
 
-/// Where pod metadata comes from. A Kubernetes watch (pods with `spec.nodeName` = this node)
-/// will implement it next to the static inventory; `None` means "not known (yet)", which for
-/// a watch includes a pod created a moment ago.
+/// Where pod metadata comes from: the static inventory, or a Kubernetes watch of the pods
+/// with `spec.nodeName` = this node ([`kube::KubePods`]); `None` means "not known (yet)",
+/// which for a watch includes a pod created a moment ago.
 pub trait PodSource: Send + Sync {
     /// The pod with this UID (lower-case, dashes).
     fn pod(&self, uid: &str) -> Option<PodInfo>;
+}
+
+/// A shared source (a [`kube::KubePods`] also read by `/readyz`) serves as one too.
+impl<T: PodSource + ?Sized> PodSource for Arc<T> {
+    fn pod(&self, uid: &str) -> Option<PodInfo> {
+        (**self).pod(uid)
+    }
 }
 
 /// A resolved workload: what the node puts in its certificate request and preamble.
