@@ -215,10 +215,38 @@ pub struct RouteConfig {
 #[serde(deny_unknown_fields)]
 pub struct IdentityConfig {
     pub trust_domain: String,
-    /// Static pod inventory (bare hosts, tests, the demo).
-    pub inventory: PathBuf,
+    /// Static pod inventory (bare hosts, tests, the demo). Exactly one of `inventory` and
+    /// `kubernetes` is set.
+    #[serde(default)]
+    pub inventory: Option<PathBuf>,
+    /// Watch this node's pods on the Kubernetes API (in-cluster service account, or
+    /// `$KUBECONFIG`); needs RBAC get/list/watch on pods.
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesSource>,
     #[serde(default = "default_unknown_pod_wait", deserialize_with = "duration")]
     pub unknown_pod_wait: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesSource {
+    /// How long start-up waits for the first complete pod list before giving up.
+    #[serde(default = "default_kube_ready_timeout", deserialize_with = "duration")]
+    pub ready_timeout: Duration,
+    /// Identity for processes outside any pod (`None` refuses them).
+    #[serde(default)]
+    pub host: Option<HostIdentityConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostIdentityConfig {
+    pub namespace: String,
+    pub service_account: String,
+}
+
+fn default_kube_ready_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -313,7 +341,9 @@ impl NodeConfig {
             resolve(&base, &mut l.identity.key);
         }
         if let Some(i) = &mut cfg.interception {
-            resolve(&base, &mut i.identity.inventory);
+            if let Some(p) = &mut i.identity.inventory {
+                resolve(&base, p);
+            }
             resolve(&base, &mut i.ca.ca);
             resolve(&base, &mut i.ca.node_cert);
             resolve(&base, &mut i.ca.node_key);
@@ -332,6 +362,11 @@ impl NodeConfig {
         if let Some(i) = &self.interception {
             if i.routes.is_empty() {
                 return Err("interception.routes: at least one route is required".into());
+            }
+            if i.identity.inventory.is_some() == i.identity.kubernetes.is_some() {
+                return Err(
+                    "interception.identity: set exactly one of inventory and kubernetes".into(),
+                );
             }
             for (n, r) in i.routes.iter().enumerate() {
                 for d in &r.match_destination {
@@ -695,6 +730,28 @@ mod tests {
                 .unwrap_err()
                 .starts_with("data_plane.buffer_budget")
         );
+    }
+
+    #[test]
+    fn interception_needs_exactly_one_pod_source() {
+        let base = "proxy: {address: a, server_name: b, ca: c}\ninterception:\n  routes: [{match_destination: ['10.0.0.1:5432'], route: main}]\n  ca: {address: '127.0.0.1:1', server_name: ca, ca: c, node_cert: n, node_key: k}\n";
+        for (identity, ok) in [
+            ("{trust_domain: td, inventory: inv.yaml}", true),
+            ("{trust_domain: td, kubernetes: {ready_timeout: 5s}}", true),
+            ("{trust_domain: td}", false),
+            ("{trust_domain: td, inventory: i, kubernetes: {}}", false),
+        ] {
+            let text = format!("{base}  identity: {identity}\n");
+            let cfg = parse_yaml::<NodeConfig>(Path::new("n.yaml"), &text).unwrap();
+            let r = cfg.validate();
+            assert_eq!(r.is_ok(), ok, "{identity}: {r:?}");
+            if !ok {
+                assert!(
+                    r.unwrap_err()
+                        .contains("exactly one of inventory and kubernetes")
+                );
+            }
+        }
     }
 
     #[test]

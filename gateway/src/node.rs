@@ -196,6 +196,34 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Starts the pod watch on a runtime thread of its own (the data plane never waits for
+/// it) and waits for the first complete list.
+fn kube_pods(
+    node: &str,
+    host: Option<crate::identity::inventory::HostIdentity>,
+    ready_timeout: std::time::Duration,
+) -> anyhow::Result<Arc<crate::identity::kube::KubePods>> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("kube-watch")
+        .enable_all()
+        .build()?;
+    let client = rt
+        .block_on(kube::Client::try_default())
+        .context("Kubernetes client (in-cluster service account or $KUBECONFIG)")?;
+    let pods = crate::identity::kube::KubePods::spawn_with_host(client, node, host, rt.handle());
+    // The runtime lives on its own thread as long as the process: the watch keeps the pod
+    // map current.
+    std::thread::Builder::new()
+        .name("kube-watch".into())
+        .spawn(move || rt.block_on(std::future::pending::<()>()))?;
+    anyhow::ensure!(
+        pods.wait_ready(ready_timeout),
+        "no complete pod list from the Kubernetes API within {ready_timeout:?}"
+    );
+    Ok(pods)
+}
+
 /// Makes `ip` an address of this host if it is not one yet, on bridge `interface` (no
 /// ports: nothing sent to it can leave the node), so pods can reach the agent address.
 fn ensure_local_address(interface: &str, ip: std::net::IpAddr) -> anyhow::Result<()> {
@@ -303,13 +331,33 @@ fn transparent_setup(
         .with_context(|| format!("interception on cgroup {}", attach_to.display()))?;
     tracing::info!(cgroup = %attach_to.display(), pins = %i.pin_dir.display(), adopted = interception.adopted(), "interception attached");
 
-    let inventory = crate::identity::inventory::Inventory::load(&i.identity.inventory)?;
-    let resolver = crate::identity::Resolver::with_inventory(
-        crate::identity::cgroup::CgroupPaths::new(cgroup2),
-        inventory,
-        &i.identity.trust_domain,
-        &cfg.node_name,
-    )?;
+    let cgroups = crate::identity::cgroup::CgroupPaths::new(cgroup2);
+    let resolver = match (&i.identity.inventory, &i.identity.kubernetes) {
+        (Some(path), _) => crate::identity::Resolver::with_inventory(
+            cgroups,
+            crate::identity::inventory::Inventory::load(path)?,
+            &i.identity.trust_domain,
+            &cfg.node_name,
+        )?,
+        (None, Some(k)) => {
+            let host = k
+                .host
+                .as_ref()
+                .map(|h| crate::identity::inventory::HostIdentity {
+                    namespace: h.namespace.clone(),
+                    service_account: h.service_account.clone(),
+                });
+            let pods = kube_pods(&cfg.node_name, host.clone(), k.ready_timeout)?;
+            crate::identity::Resolver::new(
+                cgroups,
+                Box::new(pods),
+                &i.identity.trust_domain,
+                &cfg.node_name,
+                host,
+            )?
+        }
+        (None, None) => anyhow::bail!("interception.identity: no pod source configured"),
+    };
     let ca_roots = pki::load_certs(&i.ca.ca).context("interception.ca.ca")?;
     let node_tls = crate::tunnel::client_config(
         pki::load_certs(&i.ca.node_cert).context("interception.ca.node_cert")?,
