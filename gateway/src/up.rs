@@ -62,6 +62,9 @@ pub struct StackSpec {
     pub setup_sql: Vec<String>,
     /// Transparent mode: pods in namespaces and cgroups, intercepted by eBPF (root only).
     pub transparent: Option<TransparentSpec>,
+    /// `pg_hba.conf` lines placed before the certificate-only rules (the benchmark's
+    /// `direct` path and TLS peers log in over plain TCP with `hostnossl … trust`).
+    pub extra_hba: Vec<String>,
 }
 
 /// One pod of the transparent demo or tests.
@@ -203,7 +206,7 @@ impl Stack {
             server_cert_pem: pg_cert,
             server_key_pem: pg_key,
             client_ca_pem: std::fs::read_to_string(ca_dir.join(pki::DB_CLIENT_CA_CERT))?,
-            extra_hba: Vec::new(),
+            extra_hba: spec.extra_hba.clone(),
         })?;
         for sql in &spec.setup_sql {
             pg.psql(sql)
@@ -640,6 +643,7 @@ pub fn run(keep: bool, explicit: bool) -> Result<()> {
             "CREATE ROLE app LOGIN".into(),
             "CREATE DATABASE app OWNER app".into(),
         ],
+        extra_hba: Vec::new(),
     };
     let mut stack = Stack::start(spec)?;
     stack.keep_dir = keep;

@@ -3,6 +3,7 @@
 //! One module per subcommand, each an `Options` struct and a `run` function. Every external
 //! command's failure names the command and its exit status.
 
+mod bench;
 mod demo;
 mod setup;
 mod test;
@@ -32,6 +33,8 @@ enum Command {
     Test(test::Options),
     /// Build the gateway and run `gateway up`: local PostgreSQL + CA + proxy + node agent.
     Demo(demo::Options),
+    /// Load benchmark: gateway vs direct vs stunnel and HAProxy mTLS pairs (`bench/`).
+    Bench(bench::Options),
 }
 
 fn main() {
@@ -40,6 +43,7 @@ fn main() {
         Command::Setup(opts) => setup::run(&opts),
         Command::Test(opts) => test::run(&opts),
         Command::Demo(opts) => demo::run(opts),
+        Command::Bench(opts) => bench::run(&opts),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -61,6 +61,16 @@ const REQUIREMENTS: &[Requirement] = &[
         why: "eBPF helper headers",
     },
     Requirement {
+        probe: Probe::Program("stunnel4"),
+        package: "stunnel4",
+        why: "the stunnel mTLS pair in the benchmark",
+    },
+    Requirement {
+        probe: Probe::Program("haproxy"),
+        package: "haproxy",
+        why: "the HAProxy mTLS pair in the benchmark",
+    },
+    Requirement {
         probe: Probe::Program("ip"),
         package: "iproute2",
         why: "network namespaces in tests",

@@ -1,9 +1,10 @@
-//! `cargo xtask test`: everything CI runs, in order, stopping at the first failing step.
+//! `cargo xtask test`: everything CI runs, in order, stopping at the first failing step; the
+//! last step is `cargo xtask bench --quick`.
 
 use anyhow::Result;
 use clap::Args;
 
-use crate::{cargo, setup, step};
+use crate::{bench, cargo, setup, step};
 
 #[derive(Args)]
 pub struct Options {}
@@ -31,6 +32,12 @@ pub fn run(_opts: &Options) -> Result<()> {
         "test",
         cargo().args(["test", "--workspace", "--no-fail-fast"]),
     )?;
+    // Proves the harness: every path and scenario runs and every figure is measured (the
+    // harness asserts that; it never asserts a speed).
+    bench::run(&bench::Options {
+        quick: true,
+        ..bench::Options::default()
+    })?;
     println!("==> all steps passed");
     Ok(())
 }

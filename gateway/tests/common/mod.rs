@@ -62,6 +62,7 @@ pub fn spec() -> StackSpec {
             "CREATE ROLE worker LOGIN".into(),
             "CREATE DATABASE app OWNER api".into(),
         ],
+        extra_hba: Vec::new(),
     }
 }
 

@@ -1,0 +1,240 @@
+//! `bench client`: the harness's own PostgreSQL client (tokio-postgres), for what pgbench
+//! cannot measure: COPY throughput, the latency of a 1-row select loop, connection set-up.
+//!
+//! It runs as a child of the orchestrator (so it can run inside a pod), prints `WARM` once
+//! warm-up is over, then one JSON line with its [`Report`] when the measured phase ends.
+
+use std::io::Write as _;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt, pin_mut};
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+use tokio_postgres::{Client, NoTls};
+
+#[derive(clap::Args, Debug)]
+pub struct Options {
+    #[arg(value_enum)]
+    pub kind: Kind,
+    /// libpq-style connection string.
+    #[arg(long)]
+    pub conn: String,
+    #[arg(long, default_value_t = 1.0)]
+    pub warmup: f64,
+    #[arg(long, default_value_t = 2.0)]
+    pub seconds: f64,
+    /// Bytes to COPY.
+    #[arg(long, default_value_t = 64 << 20)]
+    pub bytes: u64,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// `COPY (…) TO STDOUT` of `--bytes`.
+    CopyOut,
+    /// `COPY copy_sink FROM STDIN` of `--bytes`.
+    CopyIn,
+    /// One connection, `SELECT 1` (prepared) in a loop.
+    Latency,
+    /// Connect (startup + authentication), one query, close; one at a time.
+    Connect,
+}
+
+/// Percentiles of one histogram, in microseconds.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+impl Percentiles {
+    pub fn of(h: &Histogram<u64>) -> Self {
+        Self {
+            p50: h.value_at_quantile(0.50) as f64,
+            p99: h.value_at_quantile(0.99) as f64,
+            p999: h.value_at_quantile(0.999) as f64,
+            max: h.max() as f64,
+        }
+    }
+}
+
+/// What one measured phase did.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Report {
+    /// Transactions (latency), connections (connect) or COPY runs.
+    pub count: u64,
+    pub seconds: f64,
+    pub bytes: u64,
+    /// Per operation (latency, connect); absent for COPY.
+    pub latency_us: Option<Percentiles>,
+}
+
+/// One line of COPY data: 1023 bytes of text and a newline.
+const LINE: usize = 1024;
+
+pub fn main(opts: Options) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let report = rt.block_on(run(&opts))?;
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+fn warm() -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "WARM")?;
+    out.flush()?;
+    Ok(())
+}
+
+async fn connect(conn: &str) -> Result<Client> {
+    let (client, connection) = tokio_postgres::connect(conn, NoTls)
+        .await
+        .with_context(|| format!("failed to connect ({conn})"))?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+async fn run(o: &Options) -> Result<Report> {
+    match o.kind {
+        Kind::Latency => {
+            let c = connect(&o.conn).await?;
+            let stmt = c.prepare("SELECT 1").await?;
+            let warm_end = Instant::now() + Duration::from_secs_f64(o.warmup);
+            while Instant::now() < warm_end {
+                c.query_one(&stmt, &[]).await?;
+            }
+            warm()?;
+            let mut h = Histogram::<u64>::new(3)?;
+            let start = Instant::now();
+            let end = start + Duration::from_secs_f64(o.seconds);
+            let mut count = 0;
+            while Instant::now() < end {
+                let t = Instant::now();
+                c.query_one(&stmt, &[]).await?;
+                h.record(t.elapsed().as_micros() as u64)?;
+                count += 1;
+            }
+            Ok(Report {
+                count,
+                seconds: start.elapsed().as_secs_f64(),
+                bytes: 0,
+                latency_us: Some(Percentiles::of(&h)),
+            })
+        }
+        Kind::Connect => {
+            let once = |conn: String| async move {
+                let c = connect(&conn).await?;
+                c.simple_query("").await?;
+                drop(c);
+                anyhow::Ok(())
+            };
+            let warm_end = Instant::now() + Duration::from_secs_f64(o.warmup);
+            while Instant::now() < warm_end {
+                once(o.conn.clone()).await?;
+            }
+            warm()?;
+            let mut h = Histogram::<u64>::new(3)?;
+            let start = Instant::now();
+            let end = start + Duration::from_secs_f64(o.seconds);
+            let mut count = 0;
+            while Instant::now() < end {
+                // Set-up latency: TCP connect to ReadyForQuery.
+                let t = Instant::now();
+                let c = connect(&o.conn).await?;
+                h.record(t.elapsed().as_micros() as u64)?;
+                c.simple_query("").await?;
+                drop(c);
+                count += 1;
+            }
+            Ok(Report {
+                count,
+                seconds: start.elapsed().as_secs_f64(),
+                bytes: 0,
+                latency_us: Some(Percentiles::of(&h)),
+            })
+        }
+        Kind::CopyOut => {
+            let c = connect(&o.conn).await?;
+            // Warm-up: a small COPY through the same connection.
+            copy_out(&c, (o.bytes / 16).max(LINE as u64)).await?;
+            warm()?;
+            let start = Instant::now();
+            let bytes = copy_out(&c, o.bytes).await?;
+            Ok(Report {
+                count: 1,
+                seconds: start.elapsed().as_secs_f64(),
+                bytes,
+                latency_us: None,
+            })
+        }
+        Kind::CopyIn => {
+            let c = connect(&o.conn).await?;
+            copy_in(&c, (o.bytes / 16).max(LINE as u64)).await?;
+            c.batch_execute("TRUNCATE copy_sink").await?;
+            warm()?;
+            let start = Instant::now();
+            let bytes = copy_in(&c, o.bytes).await?;
+            let seconds = start.elapsed().as_secs_f64();
+            c.batch_execute("TRUNCATE copy_sink").await?;
+            Ok(Report {
+                count: 1,
+                seconds,
+                bytes,
+                latency_us: None,
+            })
+        }
+    }
+}
+
+/// Streams `bytes` (rounded up to whole lines) from the server; returns the bytes received.
+async fn copy_out(c: &Client, bytes: u64) -> Result<u64> {
+    let lines = bytes.div_ceil(LINE as u64);
+    let sql = format!(
+        "COPY (SELECT repeat('x', {}) FROM generate_series(1, {lines})) TO STDOUT",
+        LINE - 1
+    );
+    let stream = c.copy_out(&sql).await?;
+    pin_mut!(stream);
+    let mut got = 0u64;
+    while let Some(chunk) = stream.next().await {
+        got += chunk?.len() as u64;
+    }
+    ensure!(
+        got == lines * LINE as u64,
+        "COPY TO STDOUT returned {got} bytes, expected {}",
+        lines * LINE as u64
+    );
+    Ok(got)
+}
+
+/// Streams `bytes` (rounded up to whole lines) to the server; returns the bytes sent.
+async fn copy_in(c: &Client, bytes: u64) -> Result<u64> {
+    // 64 lines per chunk: 64 KiB writes, one shared buffer (no per-chunk allocation).
+    let mut block = Vec::with_capacity(64 * LINE);
+    for _ in 0..64 {
+        block.extend(std::iter::repeat_n(b'x', LINE - 1));
+        block.push(b'\n');
+    }
+    let block = Bytes::from(block);
+    let chunks = bytes.div_ceil(block.len() as u64);
+    let sink = c.copy_in("COPY copy_sink FROM STDIN").await?;
+    pin_mut!(sink);
+    for _ in 0..chunks {
+        sink.feed(block.clone()).await?;
+    }
+    let rows = sink.finish().await?;
+    ensure!(
+        rows == chunks * 64,
+        "COPY FROM STDIN stored {rows} rows, expected {}",
+        chunks * 64
+    );
+    Ok(chunks * block.len() as u64)
+}

@@ -1,0 +1,238 @@
+//! The benchmark environment: one PostgreSQL, the gateway (explicit listener and, as root,
+//! an eBPF-intercepted pod), an stunnel pair and an HAProxy pair, all in front of the same
+//! database, plus the `bench` role and database the scenarios use.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use gateway::pki::{self, CertificateAuthority, LeafSpec, SpiffeId};
+use gateway::up::{PodSpec, Stack, StackSpec, TransparentSpec, Workload};
+
+use crate::peers::{self, Peer};
+
+pub const USER: &str = "bench";
+pub const DATABASE: &str = "bench";
+const NAMESPACE: &str = "bench";
+const SERVICE_ACCOUNT: &str = "bench";
+
+const ROLES: &str = r#"  - name: bench
+    match: { namespace: bench }
+    databases: { names: [main] }
+    db_users: [bench]
+    db_names: [bench]
+"#;
+
+/// One way from a client to the database.
+#[derive(Debug, Clone)]
+pub struct DataPath {
+    /// `direct`, `gateway`, `gateway-ebpf`, `stunnel`, `haproxy`.
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    /// Run clients inside transparent pod `i` (the address is the intercepted original one).
+    pub pod: Option<usize>,
+    /// The processes that carry this path's traffic (CPU is summed over them).
+    pub tunnel_pids: Vec<u32>,
+    /// What the path is, hop by hop, for the report.
+    pub description: String,
+}
+
+impl DataPath {
+    pub fn conn_string(&self) -> String {
+        format!(
+            "host={} port={} user={USER} dbname={DATABASE} sslmode=disable",
+            self.host, self.port
+        )
+    }
+}
+
+/// Everything the run started. Field order is drop order: the peers, then the stack
+/// (gateway processes, pods and cgroups, PostgreSQL, the temporary directory).
+pub struct Env {
+    pub paths: Vec<DataPath>,
+    /// Why the eBPF path is missing, when it is.
+    pub transparent_skipped: Option<String>,
+    _peers: Vec<Peer>,
+    pub stack: Stack,
+    pub work_dir: PathBuf,
+}
+
+impl Env {
+    pub fn start(gateway_bin: &Path, want_transparent: bool, scale: u32) -> Result<Self> {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let mut transparent_skipped = None;
+        let stack = if want_transparent && root {
+            match Stack::start(spec(gateway_bin, true)) {
+                Ok(s) => s,
+                Err(e) => {
+                    let why = format!("the eBPF stack did not start: {e:#}");
+                    eprintln!("bench: {why}; continuing with the explicit listener only");
+                    transparent_skipped = Some(why);
+                    Stack::start(spec(gateway_bin, false))?
+                }
+            }
+        } else {
+            transparent_skipped = Some(if root {
+                "--no-transparent given".into()
+            } else {
+                "needs root (network namespaces, cgroups, eBPF)".into()
+            });
+            Stack::start(spec(gateway_bin, false))?
+        };
+        let work_dir = stack.dir.join("bench");
+        std::fs::create_dir_all(&work_dir)?;
+        init_database(&stack, scale)?;
+
+        let pg = format!("127.0.0.1:{}", stack.pg.port).parse()?;
+        let ca = CertificateAuthority::load(
+            &stack.ca_dir.join(pki::WORKLOAD_CA_CERT),
+            &stack.ca_dir.join(pki::WORKLOAD_CA_KEY),
+        )?;
+        let certs = peers::Certs::write(&work_dir, &ca, &issue_pair(&ca)?)?;
+        let stunnel = peers::stunnel_pair(&work_dir, &certs, pg)?;
+        let haproxy = peers::haproxy_pair(&work_dir, &certs, pg)?;
+
+        let gw_pids: Vec<u32> = [stack.node.as_ref(), stack.proxy.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|c| c.id())
+            .collect();
+        let mut paths = vec![DataPath {
+            name: "direct".into(),
+            host: "127.0.0.1".into(),
+            port: stack.pg.port,
+            pod: None,
+            tunnel_pids: Vec::new(),
+            description: "client → PostgreSQL (TCP loopback, no TLS)".into(),
+        }];
+        let l = stack.listeners[0];
+        paths.push(DataPath {
+            name: "gateway".into(),
+            host: l.ip().to_string(),
+            port: l.port(),
+            pod: None,
+            tunnel_pids: gw_pids.clone(),
+            description: "client → node explicit listener → mTLS 1.3 → proxy → TLS → PostgreSQL"
+                .into(),
+        });
+        if let Some(k) = &stack.kernel {
+            paths.push(DataPath {
+                name: "gateway-ebpf".into(),
+                host: k.db_addr.ip().to_string(),
+                port: k.db_addr.port(),
+                pod: Some(0),
+                tunnel_pids: gw_pids,
+                description:
+                    "client in pod netns → connect4 rewrite → node → mTLS 1.3 → proxy → TLS → PostgreSQL"
+                        .into(),
+            });
+        }
+        for (name, peer) in [("stunnel", &stunnel), ("haproxy", &haproxy)] {
+            paths.push(DataPath {
+                name: name.into(),
+                host: peer.addr.ip().to_string(),
+                port: peer.addr.port(),
+                pod: None,
+                tunnel_pids: peer.pids(),
+                description: format!(
+                    "client → {name} client → mTLS 1.3 (ECDSA P-256) → {name} server → PostgreSQL"
+                ),
+            });
+        }
+        Ok(Self {
+            paths,
+            transparent_skipped,
+            _peers: vec![stunnel, haproxy],
+            stack,
+            work_dir,
+        })
+    }
+
+    /// A command running `program` where path `p`'s clients run (host, or inside the pod).
+    pub fn command(&self, p: &DataPath, program: &Path) -> Command {
+        match (p.pod, &self.stack.kernel) {
+            (Some(i), Some(k)) => k.pods[i].command(&program.to_string_lossy()),
+            _ => Command::new(program),
+        }
+    }
+}
+
+fn spec(gateway_bin: &Path, transparent: bool) -> StackSpec {
+    StackSpec {
+        gateway_bin: gateway_bin.to_owned(),
+        workloads: vec![Workload::new(NAMESPACE, SERVICE_ACCOUNT)],
+        roles_yaml: ROLES.into(),
+        proxy_extra_yaml: String::new(),
+        node_data_plane_yaml: String::new(),
+        extra_databases_yaml: String::new(),
+        setup_sql: vec![
+            format!("CREATE ROLE {USER} LOGIN"),
+            format!("CREATE DATABASE {DATABASE} OWNER {USER}"),
+        ],
+        transparent: transparent.then(|| TransparentSpec {
+            pods: vec![PodSpec::new(NAMESPACE, "bench-0", SERVICE_ACCOUNT)],
+            host_identity: None,
+        }),
+        // `direct` and the TLS peers' server ends log in over plain TCP; TLS logins still
+        // fall through to the certificate rule, so the gateway's upstream is unchanged.
+        extra_hba: vec!["hostnossl all all 127.0.0.1/32 trust".into()],
+    }
+}
+
+/// The peers' server and client certificates (ECDSA P-256, from the workload CA).
+fn issue_pair(ca: &CertificateAuthority) -> Result<peers::Pair> {
+    let day = Duration::from_secs(24 * 3600);
+    let server = ca.issue(
+        &LeafSpec::server(vec!["localhost".into()], vec!["127.0.0.1".parse()?]),
+        day,
+    )?;
+    let id = SpiffeId::new(gateway::up::DEMO_TRUST_DOMAIN, NAMESPACE, SERVICE_ACCOUNT);
+    let client = ca.issue(&LeafSpec::workload(&id), day)?;
+    Ok(peers::Pair { server, client })
+}
+
+/// `pgbench -i` as the `bench` role over the trusted unix socket.
+fn init_database(stack: &Stack, scale: u32) -> Result<()> {
+    let out = Command::new(stack.pg.bin_dir.join("pgbench"))
+        .arg("-i")
+        .arg("-q")
+        .args(["-s", &scale.to_string()])
+        .arg("-h")
+        .arg(&stack.pg.socket_dir)
+        .args(["-p", &stack.pg.port.to_string(), "-U", USER, DATABASE])
+        .output()
+        .context("failed to run pgbench -i")?;
+    ensure!(
+        out.status.success(),
+        "pgbench -i failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(stack.pg.bin_dir.join("psql"))
+        .arg("-h")
+        .arg(&stack.pg.socket_dir)
+        .args([
+            "-p",
+            &stack.pg.port.to_string(),
+            "-U",
+            USER,
+            "-d",
+            DATABASE,
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-Xq",
+            "-c",
+            "CREATE UNLOGGED TABLE copy_sink (line text)",
+        ])
+        .output()
+        .context("failed to run psql")?;
+    ensure!(
+        out.status.success(),
+        "creating the COPY sink table failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}

@@ -1,0 +1,273 @@
+//! The comparison tunnels: an stunnel client/server pair and an HAProxy client/server pair,
+//! each with mutual TLS 1.3 and ECDSA P-256 certificates from the same CA as the gateway.
+//!
+//! Each end is its own process (as it would be on two machines), so CPU is summed over both.
+//! A port clash (another process took the port between our probe and the peer's bind) is
+//! retried on fresh ports.
+
+use std::fmt::Write as _;
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use gateway::pki::{self, CertificateAuthority};
+use gateway::up::free_port;
+
+/// How often a pair is started on fresh ports after a bind failure.
+const PORT_ATTEMPTS: u32 = 5;
+/// How long a peer may take to listen.
+const READY_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// (certificate PEM, key PEM) for the server end and the client end.
+pub struct Pair {
+    pub server: (String, String),
+    pub client: (String, String),
+}
+
+/// The certificate files both peers use.
+pub struct Certs {
+    ca: PathBuf,
+    server_crt: PathBuf,
+    server_key: PathBuf,
+    client_crt: PathBuf,
+    client_key: PathBuf,
+    /// HAProxy wants certificate and key in one file.
+    server_pem: PathBuf,
+    client_pem: PathBuf,
+}
+
+impl Certs {
+    pub fn write(dir: &Path, ca: &CertificateAuthority, pair: &Pair) -> Result<Self> {
+        let f = |n: &str| dir.join(n);
+        let c = Self {
+            ca: f("peer-ca.crt"),
+            server_crt: f("peer-server.crt"),
+            server_key: f("peer-server.key"),
+            client_crt: f("peer-client.crt"),
+            client_key: f("peer-client.key"),
+            server_pem: f("peer-server.pem"),
+            client_pem: f("peer-client.pem"),
+        };
+        pki::write_public(&c.ca, ca.cert_pem())?;
+        pki::write_public(&c.server_crt, &pair.server.0)?;
+        pki::write_secret(&c.server_key, &pair.server.1)?;
+        pki::write_public(&c.client_crt, &pair.client.0)?;
+        pki::write_secret(&c.client_key, &pair.client.1)?;
+        pki::write_secret(
+            &c.server_pem,
+            &format!("{}{}", pair.server.0, pair.server.1),
+        )?;
+        pki::write_secret(
+            &c.client_pem,
+            &format!("{}{}", pair.client.0, pair.client.1),
+        )?;
+        Ok(c)
+    }
+}
+
+/// A running pair; dropping it stops both processes.
+pub struct Peer {
+    /// Where clients connect (the client end's plain-TCP listener).
+    pub addr: SocketAddr,
+    children: Vec<Child>,
+}
+
+impl Peer {
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(Child::id).collect()
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        for c in &mut self.children {
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Finds `program` on PATH or in the sbin directories; as root, installs `package` with
+/// apt-get when missing; otherwise fails naming the package.
+pub fn require(program: &str, package: &str) -> Result<PathBuf> {
+    if let Some(p) = find(program) {
+        return Ok(p);
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        eprintln!("bench: {program} missing, installing the Debian package {package}");
+        let ok = Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends", package])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok && let Some(p) = find(program) {
+            return Ok(p);
+        }
+    }
+    bail!(
+        "{program} not found and could not be installed: install the Debian package {package} \
+         (apt-get install {package}, or run cargo xtask setup as root)"
+    )
+}
+
+fn find(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/local/sbin"].map(PathBuf::from))
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+pub fn stunnel_pair(dir: &Path, certs: &Certs, db: SocketAddr) -> Result<Peer> {
+    let bin = require("stunnel4", "stunnel4")?;
+    start_pair("stunnel", |front, back| {
+        let common = |log: &str| {
+            format!(
+                "foreground = yes\npid =\nsyslog = no\ndebug = 4\noutput = {}\n\
+                 socket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n",
+                dir.join(log).display()
+            )
+        };
+        let mut server = common("stunnel-server.log");
+        writeln!(
+            server,
+            "[pg]\naccept = {back}\nconnect = {db}\ncert = {}\nkey = {}\nCAfile = {}\n\
+             verifyChain = yes\nrequireCert = yes\nsslVersionMin = TLSv1.3\nsslVersionMax = TLSv1.3",
+            certs.server_crt.display(),
+            certs.server_key.display(),
+            certs.ca.display()
+        )?;
+        let mut client = common("stunnel-client.log");
+        writeln!(
+            client,
+            "[pg]\nclient = yes\naccept = {front}\nconnect = {back}\ncert = {}\nkey = {}\n\
+             CAfile = {}\nverifyChain = yes\ncheckHost = localhost\n\
+             sslVersionMin = TLSv1.3\nsslVersionMax = TLSv1.3",
+            certs.client_crt.display(),
+            certs.client_key.display(),
+            certs.ca.display()
+        )?;
+        let server_cfg = dir.join("stunnel-server.conf");
+        let client_cfg = dir.join("stunnel-client.conf");
+        std::fs::write(&server_cfg, server)?;
+        std::fs::write(&client_cfg, client)?;
+        let cmd = |cfg: &Path| {
+            let mut c = Command::new(&bin);
+            c.arg(cfg);
+            c
+        };
+        Ok([
+            (cmd(&server_cfg), dir.join("stunnel-server.log")),
+            (cmd(&client_cfg), dir.join("stunnel-client.log")),
+        ])
+    })
+}
+
+pub fn haproxy_pair(dir: &Path, certs: &Certs, db: SocketAddr) -> Result<Peer> {
+    let bin = require("haproxy", "haproxy")?;
+    start_pair("haproxy", |front, back| {
+        let common = "global\n  maxconn 4000\n  nbthread 2\n\
+                      defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n";
+        let server = format!(
+            "{common}frontend tls_in\n  bind {back} ssl crt {} ca-file {} verify required ssl-min-ver TLSv1.3\n  \
+             default_backend pg\nbackend pg\n  server pg {db}\n",
+            certs.server_pem.display(),
+            certs.ca.display()
+        );
+        let client = format!(
+            "{common}frontend plain_in\n  bind {front}\n  default_backend tls_out\nbackend tls_out\n  \
+             server peer {back} ssl crt {} ca-file {} verify required verifyhost localhost sni str(localhost) ssl-min-ver TLSv1.3\n",
+            certs.client_pem.display(),
+            certs.ca.display()
+        );
+        let server_cfg = dir.join("haproxy-server.cfg");
+        let client_cfg = dir.join("haproxy-client.cfg");
+        std::fs::write(&server_cfg, server)?;
+        std::fs::write(&client_cfg, client)?;
+        let cmd = |cfg: &Path| {
+            let mut c = Command::new(&bin);
+            c.arg("-db").arg("-f").arg(cfg);
+            c
+        };
+        Ok([
+            (cmd(&server_cfg), dir.join("haproxy-server.log")),
+            (cmd(&client_cfg), dir.join("haproxy-client.log")),
+        ])
+    })
+}
+
+/// Starts a pair on fresh ports: `make(front, back)` writes both configurations and returns
+/// (server command, its log) and (client command, its log).
+fn start_pair(
+    what: &str,
+    make: impl Fn(SocketAddr, SocketAddr) -> Result<[(Command, PathBuf); 2]>,
+) -> Result<Peer> {
+    let mut last = String::new();
+    for _ in 0..PORT_ATTEMPTS {
+        let front: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+        let back: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+        let [server, client] = make(front, back)?;
+        let mut peer = Peer {
+            addr: front,
+            children: Vec::new(),
+        };
+        let mut ok = true;
+        for ((mut cmd, log), addr) in [(server, back), (client, front)] {
+            let out = std::fs::File::create(&log)?;
+            let child = cmd
+                .stdin(Stdio::null())
+                .stdout(out.try_clone()?)
+                .stderr(out)
+                .spawn()
+                .with_context(|| format!("failed to start {what}"))?;
+            peer.children.push(child);
+            if let Err(e) = wait_listening(peer.children.last_mut().expect("pushed"), addr, &log) {
+                last = format!("{e:#}");
+                ok = false;
+                break;
+            }
+        }
+        if ok {
+            return Ok(peer);
+        }
+        if !last.contains("in use") && !last.contains("bind") {
+            bail!("{what} did not start: {last}");
+        }
+        // Dropping `peer` stops what did start; try other ports.
+    }
+    bail!("{what} could not bind free ports in {PORT_ATTEMPTS} attempts: {last}")
+}
+
+fn wait_listening(child: &mut Child, addr: SocketAddr, log: &Path) -> Result<()> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!(
+                "exited ({status}) before listening on {addr}; {} says:\n{}",
+                log.display(),
+                std::fs::read_to_string(log).unwrap_or_default().trim_end()
+            );
+        }
+        if Instant::now() > deadline {
+            bail!("not listening on {addr} after {READY_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,504 @@
+//! The report: machine description, every path × scenario with its figures and their ratios
+//! to `direct` and to `haproxy` from the same run, and the targets of issue 5.
+//!
+//! Figure names carry their unit: `tps` (transactions or connections per second),
+//! `*_us` (microseconds, from hdrhistogram), `elapsed_s`, `mb_per_s` (10^6 bytes/s),
+//! `tunnel_cpu_s` (CPU seconds of the tunnel processes during the measured phase),
+//! `cpu_s_per_1000_tx`, `cpu_s_per_gb` (per 2^30 bytes).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Result, ensure};
+use serde::Serialize;
+
+use crate::env::Env;
+use crate::scenario::{Measurement, Plan, SCENARIOS};
+
+#[derive(Debug, Serialize)]
+pub struct Machine {
+    pub cores: usize,
+    pub cpu_model: String,
+    pub kernel: String,
+    pub memory: String,
+    pub versions: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PathInfo {
+    pub name: String,
+    pub description: String,
+    pub tunnel_pids: Vec<u32>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Row {
+    #[serde(flatten)]
+    pub m: Measurement,
+    /// figure → this path's value / direct's value (same scenario, same run).
+    pub to_direct: BTreeMap<String, f64>,
+    /// figure → this path's value / haproxy's value.
+    pub to_haproxy: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TargetResult {
+    pub target: String,
+    pub path: String,
+    /// `met`, `not met` or `not measured`.
+    pub status: String,
+    pub figures: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub machine: Machine,
+    pub plan: Plan,
+    pub paths: Vec<PathInfo>,
+    pub not_measured: Vec<String>,
+    pub results: Vec<Row>,
+    pub targets: Vec<TargetResult>,
+}
+
+/// Figures that are counts, not compared between paths.
+const NO_RATIO: &[&str] = &["transactions", "bytes"];
+
+impl Report {
+    pub fn new(plan: &Plan, env: &Env, ms: Vec<Measurement>) -> Result<Self> {
+        let find = |path: &str, scenario: &str| {
+            ms.iter()
+                .find(|m| m.path == path && m.scenario == scenario)
+                .cloned()
+        };
+        let ratios = |m: &Measurement, base: &str| {
+            let mut out = BTreeMap::new();
+            if let Some(b) = find(base, &m.scenario) {
+                for (k, v) in &m.figures {
+                    if let Some(bv) = b.figures.get(k)
+                        && *bv != 0.0
+                        && !NO_RATIO.contains(&k.as_str())
+                    {
+                        out.insert(k.clone(), v / bv);
+                    }
+                }
+            }
+            out
+        };
+        let results: Vec<Row> = ms
+            .iter()
+            .map(|m| Row {
+                to_direct: ratios(m, "direct"),
+                to_haproxy: ratios(m, "haproxy"),
+                m: m.clone(),
+            })
+            .collect();
+        let mut not_measured = vec![
+            "1-byte and 16 KiB round trips through a `tcp` route (the route kind is not built yet)".into(),
+            "10,000 idle connections through a `tcp` route, RSS per connection and growth over a hold".into(),
+            "RSS per open connection".into(),
+        ];
+        if let Some(why) = &env.transparent_skipped {
+            not_measured.push(format!("gateway-ebpf (eBPF-intercepted pod): {why}"));
+        }
+        let targets = targets(&results, env);
+        Ok(Self {
+            machine: machine(),
+            plan: *plan,
+            paths: env
+                .paths
+                .iter()
+                .map(|p| PathInfo {
+                    name: p.name.clone(),
+                    description: p.description.clone(),
+                    tunnel_pids: p.tunnel_pids.clone(),
+                })
+                .collect(),
+            not_measured,
+            results,
+            targets,
+        })
+    }
+
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        std::fs::write(
+            dir.join("report.json"),
+            serde_json::to_string_pretty(self)? + "\n",
+        )?;
+        std::fs::write(dir.join("report.md"), self.markdown())?;
+        Ok(())
+    }
+
+    /// Asserts that every figure in the report is a finite, positive number: a figure that
+    /// is claimed must have been measured. Speeds are never asserted.
+    pub fn check(&self) -> Result<()> {
+        let mut bad = Vec::new();
+        for r in &self.results {
+            ensure!(
+                !r.m.figures.is_empty(),
+                "{} over {}: no figures",
+                r.m.scenario,
+                r.m.path
+            );
+            for (k, v) in r.m.figures.iter().chain(&r.to_direct).chain(&r.to_haproxy) {
+                if !(v.is_finite() && *v > 0.0) {
+                    bad.push(format!("{} over {}: {k} = {v}", r.m.scenario, r.m.path));
+                }
+            }
+        }
+        let run = SCENARIOS
+            .iter()
+            .filter(|s| self.results.iter().any(|r| r.m.scenario == s.name));
+        for s in run {
+            for p in &self.paths {
+                if !self
+                    .results
+                    .iter()
+                    .any(|r| r.m.scenario == s.name && r.m.path == p.name)
+                {
+                    bad.push(format!("{} over {}: missing", s.name, p.name));
+                }
+            }
+        }
+        ensure!(
+            bad.is_empty(),
+            "figures not measured:\n  {}",
+            bad.join("\n  ")
+        );
+        Ok(())
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut s = String::new();
+        let m = &self.machine;
+        let _ = writeln!(
+            s,
+            "# db-gateway benchmark ({})\n",
+            if self.plan.quick { "quick" } else { "full" }
+        );
+        let _ = writeln!(
+            s,
+            "Machine: {} cores, {}, kernel {}, {} RAM. Everything (clients, tunnels, PostgreSQL) on this machine.\n",
+            m.cores, m.cpu_model, m.kernel, m.memory
+        );
+        for (k, v) in &m.versions {
+            let _ = writeln!(s, "- {k}: {v}");
+        }
+        let _ = writeln!(
+            s,
+            "\nPlan: warm-up {} s, measured {} s per path and scenario; COPY of {} MiB; pgbench scale {}.\n",
+            self.plan.warmup_s,
+            self.plan.measure_s,
+            self.plan.copy_bytes >> 20,
+            self.plan.pgbench_scale
+        );
+        let _ = writeln!(s, "## Paths\n");
+        for p in &self.paths {
+            let _ = writeln!(s, "- `{}`: {}", p.name, p.description);
+        }
+        let _ = writeln!(s, "\n## Targets (issue 5)\n");
+        let _ = writeln!(s, "| target | path | status | figures |\n|---|---|---|---|");
+        for t in &self.targets {
+            let _ = writeln!(
+                s,
+                "| {} | {} | **{}** | {} |",
+                t.target, t.path, t.status, t.figures
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\n## Results\n\nEach cell: value (ratio to `direct` / ratio to `haproxy`, same run). Latencies in µs.\n"
+        );
+        for sc in SCENARIOS {
+            let rows: Vec<&Row> = self
+                .results
+                .iter()
+                .filter(|r| r.m.scenario == sc.name)
+                .collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let _ = writeln!(s, "### {} — {}\n", sc.name, sc.title);
+            let mut cols: Vec<&String> = Vec::new();
+            for r in &rows {
+                for k in r.m.figures.keys() {
+                    if !cols.contains(&k) {
+                        cols.push(k);
+                    }
+                }
+            }
+            cols.sort_by_key(|k| column_rank(k));
+            let _ = writeln!(
+                s,
+                "| path | {} |\n|---|{}",
+                cols.iter()
+                    .map(|c| c.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" | "),
+                "---|".repeat(cols.len())
+            );
+            for r in rows {
+                let cells: Vec<String> = cols
+                    .iter()
+                    .map(|c| match r.m.figures.get(*c) {
+                        None => "–".into(),
+                        Some(v) => {
+                            let mut cell = fmt(*v);
+                            let d = r.to_direct.get(*c);
+                            let h = r.to_haproxy.get(*c);
+                            if d.is_some() || h.is_some() {
+                                let f = |x: Option<&f64>| {
+                                    x.map(|x| format!("{x:.2}×")).unwrap_or_else(|| "–".into())
+                                };
+                                cell.push_str(&format!(" ({} / {})", f(d), f(h)));
+                            }
+                            cell
+                        }
+                    })
+                    .collect();
+                let _ = writeln!(s, "| {} | {} |", r.m.path, cells.join(" | "));
+            }
+            s.push('\n');
+        }
+        let _ = writeln!(s, "## Not measured yet\n");
+        for n in &self.not_measured {
+            let _ = writeln!(s, "- {n}");
+        }
+        s
+    }
+}
+
+fn column_rank(k: &str) -> (usize, String) {
+    const ORDER: &[&str] = &[
+        "tps",
+        "elapsed_s",
+        "mb_per_s",
+        "p50",
+        "p99_",
+        "p999",
+        "max",
+        "pgbench_connect_ms",
+        "tunnel_cpu_s",
+        "cpu_s_per",
+        "transactions",
+        "bytes",
+    ];
+    (
+        ORDER.iter().position(|o| k.contains(o)).unwrap_or(99),
+        k.to_owned(),
+    )
+}
+
+fn fmt(v: f64) -> String {
+    if v >= 1000.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+/// A short summary line for the progress output.
+pub fn headline(m: &Measurement) -> String {
+    let g = |k: &str| m.figures.get(k).copied();
+    let mut parts = Vec::new();
+    if let Some(v) = g("tps") {
+        parts.push(format!("{v:.0}/s"));
+    }
+    if let Some(v) = g("mb_per_s") {
+        parts.push(format!("{v:.0} MB/s"));
+    }
+    for k in ["latency_p99_us", "setup_p50_us"] {
+        if let Some(v) = g(k) {
+            parts.push(format!("{k}={v:.0}"));
+        }
+    }
+    if let Some(v) = g("cpu_s_per_1000_tx").or(g("cpu_s_per_gb")) {
+        parts.push(format!("cpu={v:.3}"));
+    }
+    parts.join(" ")
+}
+
+fn targets(rows: &[Row], env: &Env) -> Vec<TargetResult> {
+    let get = |path: &str, sc: &str| rows.iter().find(|r| r.m.path == path && r.m.scenario == sc);
+    let mut out = Vec::new();
+    // (target, scenario, figure, against: "direct" | "haproxy" | "absolute", op, bound)
+    let checks: &[(&str, &str, &str, &str, bool, f64)] = &[
+        (
+            "select-only 8 clients: ≥ 0.60× direct throughput",
+            "select-8",
+            "tps",
+            "direct",
+            true,
+            0.60,
+        ),
+        (
+            "select-only 8 clients: p99 ≤ 2× direct p99",
+            "select-8",
+            "latency_p99_us",
+            "direct",
+            false,
+            2.0,
+        ),
+        (
+            "select-only 64 clients: ≥ 0.55× direct throughput",
+            "select-64",
+            "tps",
+            "direct",
+            true,
+            0.55,
+        ),
+        (
+            "tunnel CPU per 1000 transactions ≤ 0.5× HAProxy pair (select-only 8)",
+            "select-8",
+            "cpu_s_per_1000_tx",
+            "haproxy",
+            false,
+            0.5,
+        ),
+        (
+            "connect-per-transaction: ≥ 0.85× direct connections/s",
+            "connect-select-8",
+            "tps",
+            "direct",
+            true,
+            0.85,
+        ),
+        (
+            "set-up latency p50 ≤ 1.3× direct",
+            "setup-1",
+            "setup_p50_us",
+            "direct",
+            false,
+            1.3,
+        ),
+        (
+            "COPY TO STDOUT: ≤ 1.15× direct elapsed",
+            "copy-out",
+            "elapsed_s",
+            "direct",
+            false,
+            1.15,
+        ),
+        (
+            "COPY TO STDOUT: ≤ 1.0 CPU-s per GB (node + proxy)",
+            "copy-out",
+            "cpu_s_per_gb",
+            "absolute",
+            false,
+            1.0,
+        ),
+        (
+            "COPY FROM STDIN: ≤ 1.15× direct elapsed",
+            "copy-in",
+            "elapsed_s",
+            "direct",
+            false,
+            1.15,
+        ),
+        (
+            "COPY FROM STDIN: ≤ 1.0 CPU-s per GB (node + proxy)",
+            "copy-in",
+            "cpu_s_per_gb",
+            "absolute",
+            false,
+            1.0,
+        ),
+    ];
+    for p in env.paths.iter().filter(|p| p.name.starts_with("gateway")) {
+        for &(target, sc, fig, against, at_least, bound) in checks {
+            let (status, figures) = match get(&p.name, sc) {
+                None => ("not measured".to_owned(), String::new()),
+                Some(r) => {
+                    let value = r.m.figures.get(fig).copied();
+                    let x = match against {
+                        "direct" => r.to_direct.get(fig).copied(),
+                        "haproxy" => r.to_haproxy.get(fig).copied(),
+                        _ => value,
+                    };
+                    match (value, x) {
+                        (Some(v), Some(x)) => {
+                            let met = if at_least { x >= bound } else { x <= bound };
+                            let shown = if against == "absolute" {
+                                format!("{fig} = {}", fmt(v))
+                            } else {
+                                format!("{fig} = {} = {x:.2}× {against}", fmt(v))
+                            };
+                            (if met { "met" } else { "not met" }.to_owned(), shown)
+                        }
+                        _ => ("not measured".to_owned(), String::new()),
+                    }
+                }
+            };
+            out.push(TargetResult {
+                target: target.into(),
+                path: p.name.clone(),
+                status,
+                figures,
+            });
+        }
+        for t in [
+            "1-byte round trip: ≤ 30 µs added at p50 over direct",
+            "10,000 idle connections: ≤ 32 KiB RSS per connection, no growth over 10 min",
+        ] {
+            out.push(TargetResult {
+                target: t.into(),
+                path: p.name.clone(),
+                status: "not measured".into(),
+                figures: "needs the `tcp` route kind".into(),
+            });
+        }
+    }
+    out
+}
+
+fn machine() -> Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu_model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_owned())
+        .unwrap_or_else(|| "unknown".into());
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map(|kb| format!("{:.1} GiB", kb as f64 / (1 << 20) as f64))
+        .unwrap_or_else(|| "unknown".into());
+    let mut versions = BTreeMap::new();
+    for (name, prog, arg) in [
+        ("pgbench", "pgbench", "--version"),
+        ("haproxy", "haproxy", "-v"),
+        ("stunnel", "stunnel4", "-version"),
+    ] {
+        if let Ok(p) = crate::peers::require(prog, prog)
+            && let Ok(out) = Command::new(p).arg(arg).output()
+        {
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            if let Some(l) = text
+                .lines()
+                .find(|l| l.contains(name) || l.contains("HAProxy"))
+            {
+                versions.insert(name.to_owned(), l.trim().to_owned());
+            }
+        }
+    }
+    Machine {
+        cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu_model,
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+        memory,
+        versions,
+    }
+}

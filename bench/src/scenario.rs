@@ -1,0 +1,323 @@
+//! The scenarios, and the run: every scenario over every path, scenario by scenario, so
+//! that the paths of one scenario are measured minutes apart at most (a shared machine's
+//! load drifts).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Stdio;
+
+use anyhow::{Context, Result, bail, ensure};
+use serde::Serialize;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::client::{self, Percentiles};
+use crate::env::{DataPath, Env};
+use crate::pgbench::{self, Workload};
+use crate::{RunOptions, cpu, report};
+
+#[derive(Debug, Clone, Copy)]
+pub enum Kind {
+    Pgbench(Workload),
+    Client(client::Kind),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Scenario {
+    pub name: &'static str,
+    pub title: &'static str,
+    pub kind: Kind,
+}
+
+pub const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "select-8",
+        title: "pgbench -S, 8 clients",
+        kind: Kind::Pgbench(Workload {
+            select_only: true,
+            clients: 8,
+            connect_per_tx: false,
+        }),
+    },
+    Scenario {
+        name: "select-64",
+        title: "pgbench -S, 64 clients",
+        kind: Kind::Pgbench(Workload {
+            select_only: true,
+            clients: 64,
+            connect_per_tx: false,
+        }),
+    },
+    Scenario {
+        name: "tpcb-8",
+        title: "pgbench TPC-B, 8 clients",
+        kind: Kind::Pgbench(Workload {
+            select_only: false,
+            clients: 8,
+            connect_per_tx: false,
+        }),
+    },
+    Scenario {
+        name: "connect-select-8",
+        title: "pgbench -C -S, 8 clients (a connection per transaction)",
+        kind: Kind::Pgbench(Workload {
+            select_only: true,
+            clients: 8,
+            connect_per_tx: true,
+        }),
+    },
+    Scenario {
+        name: "setup-1",
+        title: "connection set-up, 1 client, one at a time (harness client)",
+        kind: Kind::Client(client::Kind::Connect),
+    },
+    Scenario {
+        name: "latency-1",
+        title: "1-row SELECT loop, 1 client (harness client)",
+        kind: Kind::Client(client::Kind::Latency),
+    },
+    Scenario {
+        name: "copy-out",
+        title: "COPY … TO STDOUT (harness client)",
+        kind: Kind::Client(client::Kind::CopyOut),
+    },
+    Scenario {
+        name: "copy-in",
+        title: "COPY … FROM STDIN (harness client)",
+        kind: Kind::Client(client::Kind::CopyIn),
+    },
+];
+
+/// Durations and sizes of one run.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Plan {
+    pub quick: bool,
+    pub warmup_s: u32,
+    pub measure_s: u32,
+    pub copy_bytes: u64,
+    pub pgbench_scale: u32,
+}
+
+/// One path × scenario: named figures (see `report.rs` for their units).
+#[derive(Debug, Clone, Serialize)]
+pub struct Measurement {
+    pub path: String,
+    pub scenario: String,
+    pub figures: BTreeMap<String, f64>,
+}
+
+pub async fn run(opts: RunOptions) -> Result<()> {
+    let mut plan = if opts.quick {
+        Plan {
+            quick: true,
+            warmup_s: 1,
+            measure_s: 2,
+            copy_bytes: 64 << 20,
+            pgbench_scale: 1,
+        }
+    } else {
+        Plan {
+            quick: false,
+            warmup_s: 5,
+            measure_s: 30,
+            copy_bytes: 1 << 30,
+            pgbench_scale: 10,
+        }
+    };
+    plan.measure_s = opts.measure_s.unwrap_or(plan.measure_s);
+    plan.warmup_s = opts.warmup_s.unwrap_or(plan.warmup_s);
+    for o in &opts.only {
+        ensure!(
+            SCENARIOS.iter().any(|s| s.name == o),
+            "unknown scenario {o:?}; known: {}",
+            SCENARIOS
+                .iter()
+                .map(|s| s.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let me = std::env::current_exe()?;
+    let gateway_bin = match &opts.gateway_bin {
+        Some(p) => p.clone(),
+        None => me.with_file_name("gateway"),
+    };
+    ensure!(
+        gateway_bin.is_file(),
+        "no gateway binary at {} (build it: cargo build -p gateway, or pass --gateway-bin)",
+        gateway_bin.display()
+    );
+    std::fs::create_dir_all(&opts.out)
+        .with_context(|| format!("failed to create {}", opts.out.display()))?;
+    let started = std::time::Instant::now();
+    eprintln!("bench: starting PostgreSQL, gateway, stunnel and haproxy ({plan:?})");
+    let env = Env::start(&gateway_bin, !opts.no_transparent, plan.pgbench_scale)?;
+    eprintln!(
+        "bench: paths {} (set up in {:.1}s)",
+        env.paths
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        started.elapsed().as_secs_f64()
+    );
+    let mut results = Vec::new();
+    for s in SCENARIOS
+        .iter()
+        .filter(|s| opts.only.is_empty() || opts.only.iter().any(|o| o == s.name))
+    {
+        for p in &env.paths {
+            let t = std::time::Instant::now();
+            let m = measure(&env, p, s, &plan, &me)
+                .await
+                .with_context(|| format!("scenario {} over {}", s.name, p.name))?;
+            eprintln!(
+                "bench: {:<17} {:<13} {} ({:.1}s)",
+                s.name,
+                p.name,
+                report::headline(&m),
+                t.elapsed().as_secs_f64()
+            );
+            results.push(m);
+        }
+    }
+    let r = report::Report::new(&plan, &env, results)?;
+    r.write(&opts.out)?;
+    // Every figure the report claims was measured must be a real, positive number.
+    r.check()?;
+    eprintln!(
+        "bench: wrote {}/report.json and report.md in {:.0}s",
+        opts.out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+async fn measure(
+    env: &Env,
+    p: &DataPath,
+    s: &Scenario,
+    plan: &Plan,
+    me: &Path,
+) -> Result<Measurement> {
+    let tunnel = p.tunnel_pids.clone();
+    let cpu = || cpu::total(&tunnel);
+    let mut f = BTreeMap::new();
+    let tunnel_cpu = match s.kind {
+        Kind::Pgbench(w) => {
+            let dir = env.work_dir.join(format!("{}-{}", s.name, p.name));
+            let (o, cpu_s) =
+                pgbench::run(env, p, w, plan.warmup_s, plan.measure_s, &dir, cpu).await?;
+            let _ = std::fs::remove_dir_all(&dir);
+            f.insert("transactions".into(), o.transactions as f64);
+            f.insert("tps".into(), o.tps);
+            latency(&mut f, "latency", &Percentiles::of(&o.latency_us));
+            if let Some(ms) = o.connect_ms {
+                f.insert("pgbench_connect_ms".into(), ms);
+            }
+            per_tx(&mut f, p, cpu_s, o.transactions);
+            cpu_s
+        }
+        Kind::Client(kind) => {
+            let (r, cpu_s) = run_client(env, p, kind, plan, me, cpu).await?;
+            match kind {
+                client::Kind::Latency | client::Kind::Connect => {
+                    let what = if kind == client::Kind::Connect {
+                        "setup"
+                    } else {
+                        "latency"
+                    };
+                    f.insert("transactions".into(), r.count as f64);
+                    f.insert("tps".into(), r.count as f64 / r.seconds);
+                    if let Some(l) = &r.latency_us {
+                        latency(&mut f, what, l);
+                    }
+                    per_tx(&mut f, p, cpu_s, r.count);
+                }
+                client::Kind::CopyOut | client::Kind::CopyIn => {
+                    f.insert("bytes".into(), r.bytes as f64);
+                    f.insert("elapsed_s".into(), r.seconds);
+                    f.insert("mb_per_s".into(), r.bytes as f64 / r.seconds / 1e6);
+                    if !p.tunnel_pids.is_empty() {
+                        f.insert(
+                            "cpu_s_per_gb".into(),
+                            cpu_s / (r.bytes as f64 / (1u64 << 30) as f64),
+                        );
+                    }
+                }
+            }
+            cpu_s
+        }
+    };
+    if !p.tunnel_pids.is_empty() {
+        f.insert("tunnel_cpu_s".into(), tunnel_cpu);
+    }
+    Ok(Measurement {
+        path: p.name.clone(),
+        scenario: s.name.into(),
+        figures: f,
+    })
+}
+
+fn latency(f: &mut BTreeMap<String, f64>, what: &str, l: &Percentiles) {
+    f.insert(format!("{what}_p50_us"), l.p50);
+    f.insert(format!("{what}_p99_us"), l.p99);
+    f.insert(format!("{what}_p999_us"), l.p999);
+    f.insert(format!("{what}_max_us"), l.max);
+}
+
+fn per_tx(f: &mut BTreeMap<String, f64>, p: &DataPath, cpu_s: f64, count: u64) {
+    if !p.tunnel_pids.is_empty() && count > 0 {
+        f.insert("cpu_s_per_1000_tx".into(), cpu_s / count as f64 * 1000.0);
+    }
+}
+
+/// Runs `bench client` where the path's clients run; CPU is sampled after `WARM` and after
+/// the report line.
+async fn run_client(
+    env: &Env,
+    p: &DataPath,
+    kind: client::Kind,
+    plan: &Plan,
+    me: &Path,
+    mut cpu: impl FnMut() -> Result<f64>,
+) -> Result<(client::Report, f64)> {
+    let kind_arg = match kind {
+        client::Kind::CopyOut => "copy-out",
+        client::Kind::CopyIn => "copy-in",
+        client::Kind::Latency => "latency",
+        client::Kind::Connect => "connect",
+    };
+    let mut cmd = env.command(p, me);
+    cmd.args(["client", kind_arg, "--conn", &p.conn_string()])
+        .args(["--warmup", &plan.warmup_s.to_string()])
+        .args(["--seconds", &plan.measure_s.to_string()])
+        .args(["--bytes", &plan.copy_bytes.to_string()]);
+    let mut child = tokio::process::Command::from(cmd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("failed to start bench client")?;
+    let mut lines = BufReader::new(child.stdout.take().context("no stdout")?).lines();
+    let mut cpu0 = None;
+    let mut report = None;
+    while let Some(line) = lines.next_line().await? {
+        if line == "WARM" {
+            cpu0 = Some(cpu()?);
+        } else if let Ok(r) = serde_json::from_str::<client::Report>(&line) {
+            let cpu_s = cpu()? - cpu0.context("report before WARM")?;
+            report = Some((r, cpu_s));
+        }
+    }
+    let out = child.wait_with_output().await?;
+    if !out.status.success() {
+        bail!(
+            "bench client {kind_arg} over {} failed ({}): {}",
+            p.name,
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim_end()
+        );
+    }
+    report.context("bench client printed no report")
+}
