@@ -105,6 +105,9 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         .collect();
     if let (Some(t), Some(i)) = (&transparent, &cfg.interception) {
         endpoints.push((i.agent_address, Endpoint::Transparent(t.clone())));
+        if let Some(v6) = i.agent_address_v6 {
+            endpoints.push((v6, Endpoint::Transparent(t.clone())));
+        }
     }
 
     let threads = match cfg.data_plane.threads {
@@ -245,15 +248,20 @@ fn ensure_local_address(interface: &str, ip: std::net::IpAddr) -> anyhow::Result
             String::from_utf8_lossy(&o.stderr).trim()
         );
     }
-    let prefix = if ip.is_ipv4() { 32 } else { 128 };
-    for args in [
-        vec![
-            "addr".to_owned(),
-            "add".into(),
-            format!("{ip}/{prefix}"),
+    // A portless bridge has no carrier, so IPv6 duplicate address detection would never
+    // finish and the address would stay unusable: skip it (the address is ours by config).
+    let mut add = vec!["addr".to_owned(), "add".into()];
+    match ip {
+        std::net::IpAddr::V4(_) => add.extend([format!("{ip}/32"), "dev".into(), interface.into()]),
+        std::net::IpAddr::V6(_) => add.extend([
+            format!("{ip}/128"),
             "dev".into(),
             interface.into(),
-        ],
+            "nodad".into(),
+        ]),
+    }
+    for args in [
+        add,
         vec![
             "link".to_owned(),
             "set".into(),

@@ -95,6 +95,8 @@ pub struct TransparentSpec {
     pub pods: Vec<PodSpec>,
     /// The inventory's identity for processes outside any pod (`None` refuses them).
     pub host_identity: Option<(String, String)>,
+    /// Also give the database, the agent and every namespaced pod an IPv6 address.
+    pub ipv6: bool,
 }
 
 /// The kernel side of a transparent stack. Field order is drop order: pods (namespaces,
@@ -104,6 +106,9 @@ pub struct Kernel {
     pub db_addr: SocketAddr,
     /// Where interception redirects to (the node agent listens here).
     pub agent_addr: SocketAddr,
+    /// The database's IPv6 address (with [`TransparentSpec::ipv6`]).
+    pub db_addr_v6: Option<SocketAddr>,
+    pub agent_addr_v6: Option<SocketAddr>,
     /// The bridge the node agent creates to hold `agent_addr`.
     pub agent_interface: String,
     pub pin_dir: PathBuf,
@@ -327,10 +332,14 @@ impl Stack {
             writeln!(y, "  pin_dir: \"{}\"", k.pin_dir.display())?;
             writeln!(y, "  agent_address: \"{}\"", k.agent_addr)?;
             writeln!(y, "  agent_interface: {}", k.agent_interface)?;
+            let mut dsts = format!("\"{}\"", k.db_addr);
+            if let (Some(db6), Some(agent6)) = (k.db_addr_v6, k.agent_addr_v6) {
+                writeln!(y, "  agent_address_v6: \"{agent6}\"")?;
+                dsts.push_str(&format!(", \"{db6}\""));
+            }
             writeln!(
                 y,
-                "  routes: [{{ match_destination: [\"{}\"], route: {ROUTE} }}]",
-                k.db_addr
+                "  routes: [{{ match_destination: [{dsts}], route: {ROUTE} }}]"
             )?;
             writeln!(
                 y,
@@ -417,6 +426,27 @@ impl Stack {
             pods::address_holder(&format!("dbgwd{idx}"), db_ip)?,
             pods::Link(format!("dbgwa{idx}")),
         ];
+        let (hi, lo) = ((idx >> 16) as u16, idx as u16);
+        let v6 = t.ipv6.then(|| {
+            (
+                std::net::Ipv6Addr::new(0xfd00, 0xdb, 0, 0, 0, 0, hi, lo),
+                std::net::Ipv6Addr::new(0xfd00, 0xa9, 0, 0, 0, 0, hi, lo),
+            )
+        });
+        if let Some((db6, _)) = v6 {
+            pods::run(
+                "ip",
+                &[
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{db6}/128"),
+                    "dev",
+                    &format!("dbgwd{idx}"),
+                    "nodad",
+                ],
+            )?;
+        }
         let cgroup2 = crate::identity::cgroup::cgroup2_mount()?;
         let tree = pods::CgroupTree::create(&cgroup2, &format!("dbgw-up-{idx}"))?;
         let outside = tree.mkdir("system.slice/outside.service")?;
@@ -431,6 +461,12 @@ impl Stack {
                 &format!("dbgw{idx}v{k}"),
                 std::net::Ipv4Addr::new(10, 201 + k as u8, a, b),
             )?;
+            if let (Some((db6, agent6)), false) = (v6, p.host_network) {
+                pod.add_ipv6(
+                    std::net::Ipv6Addr::new(0xfd00, 0x10 + k as u16, 0, 0, 0, 0, hi, lo),
+                    &[db6, agent6],
+                )?;
+            }
             if !p.unlisted {
                 writeln!(
                     inventory,
@@ -459,6 +495,8 @@ impl Stack {
         self.kernel = Some(Kernel {
             db_addr: SocketAddr::from((db_ip, 5432)),
             agent_addr: SocketAddr::from((agent_ip, AGENT_PORT)),
+            db_addr_v6: v6.map(|(db6, _)| SocketAddr::from((db6, 5432))),
+            agent_addr_v6: v6.map(|(_, agent6)| SocketAddr::from((agent6, AGENT_PORT))),
             agent_interface: format!("dbgwa{idx}"),
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/dbgw-up-{idx}")),
             pods: made,
@@ -638,6 +676,7 @@ pub fn run(keep: bool, explicit: bool) -> Result<()> {
         transparent: transparent.then(|| TransparentSpec {
             pods: vec![PodSpec::new("demo", "app-0", "app")],
             host_identity: None,
+            ipv6: false,
         }),
         setup_sql: vec![
             "CREATE ROLE app LOGIN".into(),

@@ -60,6 +60,7 @@ fn transparent_stack() -> Stack {
             },
         ],
         host_identity: None,
+        ipv6: true,
     });
     Stack::start(spec).expect("transparent stack")
 }
@@ -152,6 +153,18 @@ fn pods_get_their_policy_users_through_interception() {
             String::from_utf8_lossy(&o.stderr)
         );
     }
+
+    // IPv6: the same pod dialling the database's IPv6 address is intercepted too.
+    let db6 = s.kernel.as_ref().unwrap().db_addr_v6.unwrap();
+    let c6 = format!(
+        "host={} port=5432 user=api dbname=app sslmode=disable connect_timeout=5",
+        db6.ip()
+    );
+    assert_eq!(
+        out(&psql_in(&s, API, &c6, "select current_user")),
+        "api",
+        "IPv6"
+    );
 
     // The denied pod gets the ErrorResponse with its identity.
     let o = psql_in(&s, DENIED, &conn(&s, port, "x"), "select 1");

@@ -186,6 +186,45 @@ impl Pod {
         })
     }
 
+    /// Gives a namespaced pod the IPv6 address `ip` and a default route through its veth;
+    /// the host end answers neighbour solicitations for `targets` (proxy NDP), the IPv6
+    /// twin of proxy ARP. `nodad`: the addresses are unique by construction.
+    pub fn add_ipv6(&self, ip: std::net::Ipv6Addr, targets: &[std::net::Ipv6Addr]) -> Result<()> {
+        let (Some(ns), Some(veth)) = (&self.netns, &self._veth) else {
+            bail!("a host-network pod has the host's addresses");
+        };
+        let host_if = veth.0.as_str();
+        std::fs::write(format!("/proc/sys/net/ipv6/conf/{host_if}/proxy_ndp"), "1")?;
+        // The kernel answers proxied solicitations only on interfaces that forward.
+        std::fs::write(format!("/proc/sys/net/ipv6/conf/{host_if}/forwarding"), "1")?;
+        for t in targets {
+            run(
+                "ip",
+                &[
+                    "-6",
+                    "neigh",
+                    "add",
+                    "proxy",
+                    &t.to_string(),
+                    "dev",
+                    host_if,
+                ],
+            )?;
+        }
+        run(
+            "ip",
+            &["-6", "route", "add", &format!("{ip}/128"), "dev", host_if],
+        )?;
+        let in_ns = |args: &[&str]| {
+            let mut a = vec!["netns", "exec", ns.0.as_str(), "ip", "-6"];
+            a.extend_from_slice(args);
+            run("ip", &a)
+        };
+        in_ns(&["addr", "add", &format!("{ip}/128"), "dev", "eth0", "nodad"])?;
+        in_ns(&["route", "add", "default", "dev", "eth0"])?;
+        Ok(())
+    }
+
     /// A command prefix that runs a program inside the pod: first into its cgroup (so the
     /// kernel attributes its sockets to the pod), then into its network namespace.
     /// `ip netns exec` would remount /sys, so `nsenter` is used instead.
