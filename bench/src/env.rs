@@ -168,6 +168,7 @@ fn spec(gateway_bin: &Path, transparent: bool) -> StackSpec {
         proxy_extra_yaml: String::new(),
         node_data_plane_yaml: String::new(),
         extra_databases_yaml: String::new(),
+        tcp_routes: Vec::new(),
         setup_sql: vec![
             format!("CREATE ROLE {USER} LOGIN"),
             format!("CREATE DATABASE {DATABASE} OWNER {USER}"),

@@ -186,3 +186,40 @@ mod tests {
         assert!(r.pending().is_empty());
     }
 }
+
+/// Open files the agent and the proxy ask for: two sockets per relayed connection (the
+/// node holds the application's and the tunnel's, the proxy the tunnel's and the
+/// upstream's), so 10 000 connections need 20 000 plus headroom.
+const WANTED_OPEN_FILES: u64 = 1 << 20;
+
+/// Raises the soft open-files limit to the hard one, and both to [`WANTED_OPEN_FILES`]
+/// where allowed (root with CAP_SYS_RESOURCE, as the DaemonSet runs); the soft default of
+/// 1024 would cap a node at about 500 connections. Never lowers a limit.
+pub fn raise_open_files_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    let before = lim.rlim_cur;
+    if lim.rlim_max < WANTED_OPEN_FILES {
+        let want = libc::rlimit {
+            rlim_cur: WANTED_OPEN_FILES,
+            rlim_max: WANTED_OPEN_FILES,
+        };
+        // SAFETY: setrlimit reads the struct; failure (no privilege) leaves limits as they were.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } == 0 {
+            tracing::debug!(before, after = WANTED_OPEN_FILES, "open files limit raised");
+            return;
+        }
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: as above; the soft limit may always rise to the hard one.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    }
+    tracing::debug!(before, after = lim.rlim_cur, "open files limit");
+}

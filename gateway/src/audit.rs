@@ -22,6 +22,8 @@ pub struct SessionInfo {
     pub node: Option<String>,
     pub pod: Option<crate::tunnel::PodMeta>,
     pub database_route: Option<String>,
+    /// `postgres` or `tcp` (the route's protocol as the node announced it).
+    pub protocol: crate::config::Protocol,
     /// What the client asked for in its startup packet.
     pub requested_user: Option<String>,
     pub requested_database: Option<String>,

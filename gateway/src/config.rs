@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::tunnel::PodMeta;
 
@@ -29,6 +29,34 @@ pub const DEFAULT_DB_CLIENT_CERT_TTL: Duration = Duration::from_secs(10 * 60);
 pub const TLS_RECORD_PAYLOAD: usize = 16 * 1024;
 /// Per connection and direction: bytes read but not yet written stay under this.
 pub const DEFAULT_BUFFER_BUDGET: usize = 64 * 1024;
+
+/// What a route carries. The node, the preamble and the proxy's database entry must agree.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    /// PostgreSQL: encryption requests answered at the node, policy on user and database,
+    /// certificate login upstream, `ErrorResponse`s, cancel, drain at transaction ends.
+    #[default]
+    Postgres,
+    /// Plain L4: bytes relayed as they are to `upstream.address` (no TLS, no login); the
+    /// policy decides on identity and route only. For other TCP databases and for tests.
+    Tcp,
+}
+
+impl Protocol {
+    pub fn is_postgres(&self) -> bool {
+        *self == Protocol::Postgres
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::Postgres => "postgres",
+            Protocol::Tcp => "tcp",
+        })
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -209,6 +237,9 @@ pub struct RouteConfig {
     /// `ip:port`, `CIDR:port` or `*:port` entries.
     pub match_destination: Vec<String>,
     pub route: String,
+    /// `tcp` relays the connection as plain bytes (the proxy's route must be `tcp` too).
+    #[serde(default)]
+    pub protocol: Protocol,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -317,6 +348,9 @@ pub struct ListenerConfig {
     pub listen: SocketAddr,
     /// Database route: a `databases[].name` of the proxy's policy.
     pub route: String,
+    /// `tcp` relays the connection as plain bytes (the proxy's route must be `tcp` too).
+    #[serde(default)]
+    pub protocol: Protocol,
     /// The workload certificate this listener presents to the proxy.
     pub identity: IdentityFiles,
     /// Pod metadata for the audit log (explicit mode has no kernel to ask).
@@ -594,25 +628,42 @@ pub struct DatabaseSelector {
     pub labels: BTreeMap<String, String>,
 }
 
+impl DatabaseSelector {
+    /// Whether the selector picks `db`: all given names/labels must match, and an empty
+    /// selector picks nothing (deny by default).
+    pub fn covers(&self, db: &DatabaseConfig) -> bool {
+        (self.names.is_empty() || self.names.iter().any(|n| n == &db.name))
+            && self.labels.iter().all(|(k, v)| db.labels.get(k) == Some(v))
+            && !(self.names.is_empty() && self.labels.is_empty())
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseConfig {
     pub name: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// `postgres` (default) or `tcp` (plain L4 relay to `upstream.address`).
+    #[serde(default)]
+    pub protocol: Protocol,
     pub upstream: UpstreamConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
-    /// `host:port` of the PostgreSQL server.
+    /// `host:port` of the PostgreSQL server (or of the TCP service of a `tcp` route).
     pub address: String,
-    pub auth: UpstreamAuth,
+    /// Required for `postgres` routes; not allowed on `tcp` routes.
+    #[serde(default)]
+    pub auth: Option<UpstreamAuth>,
     #[serde(default)]
     pub tls: UpstreamTlsMode,
-    /// CA bundle for the server certificate (required: there is no system store to trust).
-    pub ca: PathBuf,
+    /// CA bundle for the server certificate (required for `postgres` routes: there is no
+    /// system store to trust; not allowed on `tcp` routes).
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
     /// Name to verify in the server certificate (default: the host part of `address`).
     pub server_name: Option<String>,
 }
@@ -653,7 +704,9 @@ impl ProxyConfig {
         resolve(&base, &mut cfg.db_client_ca.cert);
         resolve(&base, &mut cfg.db_client_ca.key);
         for d in &mut cfg.databases {
-            resolve(&base, &mut d.upstream.ca);
+            if let Some(ca) = &mut d.upstream.ca {
+                resolve(&base, ca);
+            }
         }
         if cfg.audit.path != "-" {
             let mut p = PathBuf::from(&cfg.audit.path);
@@ -666,9 +719,31 @@ impl ProxyConfig {
 
     pub fn validate(&self) -> Result<(), String> {
         let mut names = std::collections::HashSet::new();
-        for d in &self.databases {
+        for (i, d) in self.databases.iter().enumerate() {
             if !names.insert(d.name.as_str()) {
                 return Err(format!("databases: name {:?} is used twice", d.name));
+            }
+            let u = &d.upstream;
+            match d.protocol {
+                Protocol::Postgres if u.auth.is_none() => {
+                    return Err(format!(
+                        "databases[{i}] ({}): upstream.auth is required (auth: cert)",
+                        d.name
+                    ));
+                }
+                Protocol::Postgres if u.ca.is_none() => {
+                    return Err(format!(
+                        "databases[{i}] ({}): upstream.ca is required (the CA bundle of the server's certificate)",
+                        d.name
+                    ));
+                }
+                Protocol::Tcp if u.auth.is_some() || u.ca.is_some() || u.server_name.is_some() => {
+                    return Err(format!(
+                        "databases[{i}] ({}): a tcp route relays plain bytes; upstream.auth, upstream.ca and upstream.server_name do not apply",
+                        d.name
+                    ));
+                }
+                _ => {}
             }
         }
         for (i, r) in self.roles.iter().enumerate() {
@@ -687,9 +762,18 @@ impl ProxyConfig {
                     ));
                 }
             }
-            if r.effect == Effect::Allow && (r.db_users.is_empty() || r.db_names.is_empty()) {
+            // Users and database names only mean something on PostgreSQL routes.
+            let covers_postgres = self
+                .databases
+                .iter()
+                .filter(|d| d.protocol.is_postgres())
+                .any(|d| r.databases.covers(d));
+            if r.effect == Effect::Allow
+                && covers_postgres
+                && (r.db_users.is_empty() || r.db_names.is_empty())
+            {
                 return Err(format!(
-                    "roles[{i}] ({}): an allow role needs db_users and db_names",
+                    "roles[{i}] ({}): an allow role that covers a postgres route needs db_users and db_names",
                     r.name
                 ));
             }
@@ -755,6 +839,43 @@ mod tests {
     }
 
     #[test]
+    fn route_protocols_are_checked_per_kind() {
+        let base = "listen: '127.0.0.1:0'\ntrust_domain: td\ntls: {cert: c, key: k, client_ca: ca}\ndb_client_ca: {cert: c, key: k}\n";
+        let check = |databases: &str, roles: &str| {
+            let text = format!("{base}databases:\n{databases}roles:\n{roles}");
+            parse_yaml::<ProxyConfig>(Path::new("p.yaml"), &text)
+                .unwrap()
+                .validate()
+        };
+        let pg = "  - {name: main, upstream: {address: 'db:5432', auth: cert, ca: ca}}\n";
+        let tcp = "  - {name: echo, protocol: tcp, upstream: {address: 'echo:7'}}\n";
+        let tcp_role = "  - {name: r, match: {namespace: a}, databases: {names: [echo]}}\n";
+        let pg_role = "  - {name: r, match: {namespace: a}, databases: {names: [main]}}\n";
+        // A role over tcp routes only needs no users or database names.
+        assert_eq!(check(&format!("{pg}{tcp}"), tcp_role), Ok(()));
+        // One over a postgres route still does.
+        let e = check(&format!("{pg}{tcp}"), pg_role).unwrap_err();
+        assert!(e.contains("needs db_users and db_names"), "{e}");
+        let e = check(
+            "  - {name: echo, protocol: tcp, upstream: {address: 'echo:7', auth: cert}}\n",
+            tcp_role,
+        )
+        .unwrap_err();
+        assert!(e.starts_with("databases[0] (echo): a tcp route relays plain bytes"), "{e}");
+        let e = check("  - {name: main, upstream: {address: 'db:5432', auth: cert}}\n", "  []\n")
+            .unwrap_err();
+        assert!(e.contains("upstream.ca is required"), "{e}");
+        let e = check("  - {name: main, upstream: {address: 'db:5432', ca: c}}\n", "  []\n")
+            .unwrap_err();
+        assert!(e.contains("upstream.auth is required"), "{e}");
+        let typo = format!("{base}databases:\n  - {{name: x, protocol: udp, upstream: {{address: a}}}}\n");
+        let e = parse_yaml::<ProxyConfig>(Path::new("p.yaml"), &typo)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("p.yaml:6:") && e.contains("unknown variant `udp`"), "{e}");
+    }
+
+    #[test]
     fn destinations_parse_and_match() {
         let d = parse_destination("10.0.0.0/8:5432").unwrap();
         assert!(d.matches("10.1.2.3:5432".parse().unwrap()));
@@ -780,9 +901,9 @@ mod tests {
     fn upstream_server_name_defaults_to_host() {
         let u = UpstreamConfig {
             address: "db.example.com:5432".into(),
-            auth: UpstreamAuth::Cert,
+            auth: Some(UpstreamAuth::Cert),
             tls: UpstreamTlsMode::VerifyFull,
-            ca: PathBuf::from("ca"),
+            ca: Some(PathBuf::from("ca")),
             server_name: None,
         };
         assert_eq!(u.server_name(), "db.example.com");

@@ -161,6 +161,7 @@ fn main() {
         // Colour only for people: log files and collectors get plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    gateway::admin::raise_open_files_limit();
     if let Err(e) = run(cli.command) {
         eprintln!("gateway: error: {e:#}");
         std::process::exit(1);

@@ -20,11 +20,13 @@ use std::time::Instant;
 use anyhow::Context;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Socket, Type};
 use tokio_uring::net::{TcpListener, TcpStream};
 
 use crate::admin::{self, Readiness};
-use crate::config::{DataPlaneConfig, InterceptionConfig, NodeConfig, parse_destination};
+use crate::config::{
+    DataPlaneConfig, InterceptionConfig, NodeConfig, Protocol, parse_destination,
+};
 use crate::ebpf;
 use crate::pg::{ErrorResponse, sqlstate};
 use crate::pki;
@@ -38,6 +40,7 @@ use transparent::Transparent;
 struct Listener {
     listen: SocketAddr,
     route: String,
+    protocol: Protocol,
     pod: PodMeta,
     tls: Arc<ClientConfig>,
     identity_cert: std::path::PathBuf,
@@ -89,6 +92,7 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         listeners.push(Arc::new(Listener {
             listen: l.listen,
             route: l.route.clone(),
+            protocol: l.protocol,
             pod: l.pod.clone(),
             tls: Arc::new(tls),
             identity_cert: l.identity.cert.clone(),
@@ -393,6 +397,7 @@ impl Listener {
         Self {
             listen,
             route: self.route.clone(),
+            protocol: self.protocol,
             pod: self.pod.clone(),
             tls: self.tls.clone(),
             identity_cert: self.identity_cert.clone(),
@@ -401,7 +406,7 @@ impl Listener {
 }
 
 fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(socket2::Protocol::TCP))?;
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;
     s.set_tcp_nodelay(true)?;
@@ -460,9 +465,23 @@ async fn send_error(app: &TcpStream, e: ErrorResponse) {
     let _ = app.shutdown(std::net::Shutdown::Write);
 }
 
+/// Ends an application connection that cannot be served: a PostgreSQL client gets the
+/// `ErrorResponse`; a `tcp` route's client (which would not understand one) gets a close,
+/// and the reason goes to the log.
+async fn refuse(app: &TcpStream, protocol: Protocol, e: ErrorResponse) {
+    match protocol {
+        Protocol::Postgres => send_error(app, e).await,
+        Protocol::Tcp => {
+            tracing::info!(code = %e.sqlstate, reason = %e.message, "tcp connection refused");
+            let _ = app.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
 /// Where one application connection goes, and as whom.
 struct Target {
     route: String,
+    protocol: Protocol,
     pod: PodMeta,
     tls: Arc<ClientConfig>,
     original_dst: SocketAddr,
@@ -501,11 +520,17 @@ async fn negotiate(app: &TcpStream, plane: &Plane) -> Option<Vec<u8>> {
 async fn serve_explicit(app: TcpStream, peer: SocketAddr, l: Arc<Listener>, plane: Arc<Plane>) {
     let _active = ActiveGuard::new();
     let _ = app.set_nodelay(true);
-    let Some(initial) = negotiate(&app, &plane).await else {
-        return;
+    let initial = match l.protocol {
+        Protocol::Postgres => match negotiate(&app, &plane).await {
+            Some(bytes) => bytes,
+            None => return,
+        },
+        // Plain bytes: nothing to negotiate, the tunnel opens at once.
+        Protocol::Tcp => Vec::new(),
     };
     let target = Target {
         route: l.route.clone(),
+        protocol: l.protocol,
         pod: l.pod.clone(),
         tls: l.tls.clone(),
         original_dst: l.listen,
@@ -522,15 +547,26 @@ async fn serve_transparent(
 ) {
     let _active = ActiveGuard::new();
     let _ = app.set_nodelay(true);
-    let Some(initial) = negotiate(&app, &plane).await else {
-        return;
+    // The kernel's facts first (they pick the route and so the protocol); a PostgreSQL
+    // client still gets its encryption answer before any error.
+    let decided = t.decide(&plane.node_name, peer).await;
+    let protocol = match &decided {
+        Ok(d) => d.protocol,
+        Err((_, p)) => *p,
     };
-    let decided = match t.decide(&plane.node_name, peer).await {
+    let initial = match protocol {
+        Protocol::Postgres => match negotiate(&app, &plane).await {
+            Some(bytes) => bytes,
+            None => return,
+        },
+        Protocol::Tcp => Vec::new(),
+    };
+    let decided = match decided {
         Ok(d) => d,
-        Err(e) => {
+        Err((e, protocol)) => {
             node_error("identity");
             tracing::info!(%peer, reason = %e.message, "transparent connection refused");
-            send_error(&app, e).await;
+            refuse(&app, protocol, e).await;
             return;
         }
     };
@@ -542,12 +578,13 @@ async fn serve_transparent(
         Ok(c) => c,
         Err(e) => {
             node_error("certificate");
-            send_error(&app, e).await;
+            refuse(&app, decided.protocol, e).await;
             return;
         }
     };
     let target = Target {
         route: decided.route,
+        protocol: decided.protocol,
         pod: decided.workload.pod.clone(),
         tls,
         original_dst: decided.orig.dst,
@@ -573,8 +610,9 @@ async fn tunnel_session(
         Ok(Ok(t)) => t,
         Ok(Err(ConnectError::Tcp(e))) => {
             node_error("proxy_unreachable");
-            send_error(
+            refuse(
                 &app,
+                target.protocol,
                 ErrorResponse::fatal(
                     sqlstate::UNABLE_TO_ESTABLISH_CONNECTION,
                     format!("db-gateway node {}: cannot reach the proxy at {}: {e}", plane.node_name, plane.proxy_addr),
@@ -586,13 +624,19 @@ async fn tunnel_session(
         }
         Ok(Err(ConnectError::Tls(e))) => {
             node_error("tunnel_tls");
-            send_error(&app, tunnel_tls_error(plane, &target, &e.to_string())).await;
+            refuse(
+                &app,
+                target.protocol,
+                tunnel_tls_error(plane, &target, &e.to_string()),
+            )
+            .await;
             return;
         }
         Err(_) => {
             node_error("proxy_timeout");
-            send_error(
+            refuse(
                 &app,
+                target.protocol,
                 ErrorResponse::fatal(
                     sqlstate::UNABLE_TO_ESTABLISH_CONNECTION,
                     format!(
@@ -615,12 +659,18 @@ async fn tunnel_session(
         client_addr: peer,
         original_dst: Some(target.original_dst),
         pod: target.pod.clone(),
+        protocol: target.protocol,
     };
     let mut first = preamble.encode();
     first.extend_from_slice(&initial);
     if let Err(e) = tunnel.send(&first).await {
         node_error("tunnel_tls");
-        send_error(&app, tunnel_tls_error(plane, &target, &e.to_string())).await;
+        refuse(
+                &app,
+                target.protocol,
+                tunnel_tls_error(plane, &target, &e.to_string()),
+            )
+            .await;
         return;
     }
 
@@ -639,7 +689,12 @@ async fn tunnel_session(
             // The proxy refused us after the handshake (TLS 1.3 sends the verdict on the
             // client certificate with the first records).
             node_error("tunnel_tls");
-            send_error(&app, tunnel_tls_error(plane, &target, &e.to_string())).await;
+            refuse(
+                &app,
+                target.protocol,
+                tunnel_tls_error(plane, &target, &e.to_string()),
+            )
+            .await;
         } else {
             node_error("relay");
             tracing::debug!(%e, %peer, "relay from proxy ended with an error");

@@ -122,11 +122,7 @@ impl Role {
             && m.spiffe_id
                 .as_ref()
                 .is_none_or(|g| glob_match(g, &id.to_string()));
-        let sel = &self.cfg.databases;
-        let db_ok = (sel.names.is_empty() || sel.names.iter().any(|n| n == &db.name))
-            && sel.labels.iter().all(|(k, v)| db.labels.get(k) == Some(v))
-            && !(sel.names.is_empty() && sel.labels.is_empty());
-        id_ok && db_ok
+        id_ok && self.cfg.databases.covers(db)
     }
 }
 
@@ -159,14 +155,24 @@ impl Policy {
         self.databases.get(route)
     }
 
-    /// Decides a session. `user`/`database` are what the client's startup packet asked.
-    pub fn decide(
+    /// Decides a connection on a `tcp` route: identity and route only. Returns the
+    /// route's settings and the name of the allowing role.
+    pub fn decide_tcp(
         &self,
         id: &SpiffeId,
         route: &str,
-        user: Option<&str>,
-        database: Option<&str>,
-    ) -> Result<Decision, ErrorResponse> {
+    ) -> Result<(Arc<DatabaseConfig>, String), ErrorResponse> {
+        let (db, allow) = self.authorize(id, route)?;
+        Ok((db.clone(), allow[0].cfg.name.clone()))
+    }
+
+    /// Deny wins, then at least one allow role must match. Returns the route and the
+    /// matching allow roles (never empty).
+    fn authorize(
+        &self,
+        id: &SpiffeId,
+        route: &str,
+    ) -> Result<(&Arc<DatabaseConfig>, Vec<&Role>), ErrorResponse> {
         let db = self.databases.get(route).ok_or_else(|| {
             ErrorResponse::fatal(
                 sqlstate::INVALID_CATALOG_NAME,
@@ -203,7 +209,18 @@ impl Policy {
             )
             .with_hint(hint));
         }
+        Ok((db, allow))
+    }
 
+    /// Decides a session. `user`/`database` are what the client's startup packet asked.
+    pub fn decide(
+        &self,
+        id: &SpiffeId,
+        route: &str,
+        user: Option<&str>,
+        database: Option<&str>,
+    ) -> Result<Decision, ErrorResponse> {
+        let (db, allow) = self.authorize(id, route)?;
         let (db_user, users) = choose(&allow, id, user, |r| &r.db_users, |r| r.cfg.force_db_user);
         let db_user = db_user.ok_or_else(|| {
             let msg = match user {

@@ -7,6 +7,7 @@
 mod cancel;
 mod relay;
 mod session;
+mod tcp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

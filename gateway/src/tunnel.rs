@@ -20,6 +20,8 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 
+use crate::config::Protocol;
+
 pub const PREAMBLE_MAGIC: &[u8; 4] = b"DBGW";
 pub const PREAMBLE_VERSION: u8 = 1;
 /// A preamble is a few hundred bytes; the bound keeps a broken peer from making the proxy
@@ -69,6 +71,10 @@ pub struct Preamble {
     pub original_dst: Option<SocketAddr>,
     #[serde(default)]
     pub pod: PodMeta,
+    /// What the node relays: the proxy refuses a preamble whose protocol is not its
+    /// route's (absent = `postgres`, as nodes before `tcp` routes sent).
+    #[serde(default, skip_serializing_if = "Protocol::is_postgres")]
+    pub protocol: Protocol,
 }
 
 impl Preamble {
@@ -187,8 +193,21 @@ mod tests {
                 namespace: Some("ns".into()),
                 ..PodMeta::default()
             },
+            protocol: Protocol::Postgres,
         };
         let bytes = p.encode();
+        // Nodes from before `tcp` routes sent no protocol: absent means postgres, and a
+        // postgres preamble is still written without it.
+        assert!(!String::from_utf8_lossy(&bytes).contains("protocol"));
+        let tcp = Preamble {
+            protocol: Protocol::Tcp,
+            ..p.clone()
+        };
+        let tcp_bytes = tcp.encode();
+        assert_eq!(
+            Preamble::decode_body(&tcp_bytes[PREAMBLE_HEADER_LEN..]).unwrap(),
+            tcp
+        );
         let header: [u8; PREAMBLE_HEADER_LEN] = bytes[..PREAMBLE_HEADER_LEN].try_into().unwrap();
         let len = Preamble::body_len(&header).unwrap();
         assert_eq!(len, bytes.len() - PREAMBLE_HEADER_LEN);

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::localdb::{self, LocalPostgres, LocalPostgresOptions};
+use crate::config::Protocol;
 use crate::pki::{self, CertificateAuthority, LeafSpec, SpiffeId};
 
 pub const DEMO_TRUST_DOMAIN: &str = "demo.db-gateway.local";
@@ -33,6 +34,8 @@ pub struct Workload {
     pub service_account: String,
     /// Route the listener sends to (default [`ROUTE`]).
     pub route: String,
+    /// The listener's protocol (a `tcp` listener needs a [`TcpRoute`] of that name).
+    pub protocol: Protocol,
 }
 
 impl Workload {
@@ -41,8 +44,27 @@ impl Workload {
             namespace: namespace.into(),
             service_account: service_account.into(),
             route: ROUTE.into(),
+            protocol: Protocol::Postgres,
         }
     }
+
+    /// A listener of the same identity on `tcp` route `route`.
+    pub fn tcp(namespace: &str, service_account: &str, route: &str) -> Self {
+        Self {
+            route: route.into(),
+            protocol: Protocol::Tcp,
+            ..Self::new(namespace, service_account)
+        }
+    }
+}
+
+/// A `tcp` route of the proxy (plain L4 to `upstream`).
+#[derive(Debug, Clone)]
+pub struct TcpRoute {
+    pub name: String,
+    pub upstream: SocketAddr,
+    /// Transparent mode: pods reach it by dialling the database's address on this port.
+    pub intercept_port: u16,
 }
 
 #[derive(Debug, Clone)]
@@ -58,6 +80,8 @@ pub struct StackSpec {
     pub node_data_plane_yaml: String,
     /// More entries of the proxy's `databases:` list (YAML sequence items, indented by 2).
     pub extra_databases_yaml: String,
+    /// `tcp` routes on the proxy (and, in transparent mode, intercepted on their port).
+    pub tcp_routes: Vec<TcpRoute>,
     /// SQL run as superuser once the database is up (roles, databases, grants).
     pub setup_sql: Vec<String>,
     /// Transparent mode: pods in namespaces and cgroups, intercepted by eBPF (root only).
@@ -299,6 +323,13 @@ impl Stack {
         if !y.ends_with('\n') {
             y.push('\n');
         }
+        for r in &self.spec.tcp_routes {
+            writeln!(
+                y,
+                "  - name: {}\n    protocol: tcp\n    upstream: {{ address: \"{}\" }}",
+                r.name, r.upstream
+            )?;
+        }
         y.push_str("roles:\n");
         y.push_str(&self.spec.roles_yaml);
         std::fs::write(&self.proxy_config, y)?;
@@ -337,10 +368,21 @@ impl Stack {
                 writeln!(y, "  agent_address_v6: \"{agent6}\"")?;
                 dsts.push_str(&format!(", \"{db6}\""));
             }
-            writeln!(
-                y,
-                "  routes: [{{ match_destination: [{dsts}], route: {ROUTE} }}]"
-            )?;
+            writeln!(y, "  routes:")?;
+            writeln!(y, "    - {{ match_destination: [{dsts}], route: {ROUTE} }}")?;
+            let mut extra = Vec::new();
+            for r in &self.spec.tcp_routes {
+                let dst = SocketAddr::new(k.db_addr.ip(), r.intercept_port);
+                writeln!(
+                    y,
+                    "    - {{ match_destination: [\"{dst}\"], route: {}, protocol: tcp }}",
+                    r.name
+                )?;
+                extra.push(format!("\"{}/32:{}\"", k.db_addr.ip(), r.intercept_port));
+            }
+            if !extra.is_empty() {
+                writeln!(y, "  destinations: [{}]", extra.join(", "))?;
+            }
             writeln!(
                 y,
                 "  identity: {{ trust_domain: {DEMO_TRUST_DOMAIN}, inventory: inventory.yaml, unknown_pod_wait: 1s }}"
@@ -364,6 +406,7 @@ impl Stack {
         for (i, w) in self.spec.workloads.iter().enumerate() {
             writeln!(y, "  - listen: \"127.0.0.1:0\"")?;
             writeln!(y, "    route: {}", w.route)?;
+            writeln!(y, "    protocol: {}", w.protocol)?;
             writeln!(
                 y,
                 "    identity: {{ cert: workload-{i}.crt, key: workload-{i}.key }}"
@@ -673,6 +716,7 @@ pub fn run(keep: bool, explicit: bool) -> Result<()> {
         proxy_extra_yaml: String::new(),
         node_data_plane_yaml: String::new(),
         extra_databases_yaml: String::new(),
+        tcp_routes: Vec::new(),
         transparent: transparent.then(|| TransparentSpec {
             pods: vec![PodSpec::new("demo", "app-0", "app")],
             host_identity: None,

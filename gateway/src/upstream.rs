@@ -121,12 +121,16 @@ impl Upstreams {
         databases: &[DatabaseConfig],
     ) -> Result<Self, UpstreamError> {
         let mut roots = HashMap::new();
-        for db in databases {
+        for db in databases.iter().filter(|d| d.protocol.is_postgres()) {
+            let ca = db.upstream.ca.as_ref().ok_or_else(|| UpstreamError::Config {
+                db: db.name.clone(),
+                reason: "upstream.ca is required".into(),
+            })?;
             let mut store = RootCertStore::empty();
-            for c in crate::pki::load_certs(&db.upstream.ca)? {
+            for c in crate::pki::load_certs(ca)? {
                 store.add(c).map_err(|e| UpstreamError::Config {
                     db: db.name.clone(),
-                    reason: format!("{}: {e}", db.upstream.ca.display()),
+                    reason: format!("{}: {e}", ca.display()),
                 })?;
             }
             roots.insert(db.name.clone(), Arc::new(store));

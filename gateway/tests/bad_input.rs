@@ -263,6 +263,7 @@ fn good_preamble() -> Vec<u8> {
         client_addr: "127.0.0.1:1".parse().unwrap(),
         original_dst: None,
         pod: PodMeta::default(),
+        protocol: Default::default(),
     }
     .encode()
 }
@@ -436,6 +437,7 @@ async fn forged_preamble_cannot_change_identity() {
             name: Some("api-0".into()),
             ..PodMeta::default()
         },
+        protocol: Default::default(),
     }
     .encode();
     let out = try_session(&s, connector, forged).await.unwrap();

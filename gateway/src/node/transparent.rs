@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 use rustls::ClientConfig;
 
 use crate::ca::CaClient;
-use crate::config::{Destination, parse_destination};
+use crate::config::{Destination, Protocol, parse_destination};
 use crate::ebpf::{Interception, OrigDst};
 use crate::identity::{IdentityError, Resolver, Workload};
 use crate::pg::{ErrorResponse, sqlstate};
@@ -24,33 +24,51 @@ use crate::pki::SpiffeId;
 pub struct Transparent {
     pub interception: Mutex<Interception>,
     pub resolver: Resolver,
-    pub routes: Vec<(Destination, String)>,
+    pub routes: Vec<Route>,
     pub certs: WorkloadCerts,
     pub unknown_pod_wait: Duration,
+}
+
+/// One `interception.routes` destination pattern.
+pub struct Route {
+    pub destination: Destination,
+    pub name: String,
+    pub protocol: Protocol,
 }
 
 /// A connection's target, decided from kernel facts.
 pub struct Decided {
     pub orig: OrigDst,
     pub route: String,
+    pub protocol: Protocol,
     pub workload: Workload,
 }
 
 impl Transparent {
     pub fn routes_from(
         config: &[crate::config::RouteConfig],
-    ) -> Result<Vec<(Destination, String)>, String> {
+    ) -> Result<Vec<Route>, String> {
         let mut out = Vec::new();
         for r in config {
             for d in &r.match_destination {
-                out.push((parse_destination(d)?, r.route.clone()));
+                out.push(Route {
+                    destination: parse_destination(d)?,
+                    name: r.route.clone(),
+                    protocol: r.protocol,
+                });
             }
         }
         Ok(out)
     }
 
-    /// Where the connection from `peer` was going, and whose it is.
-    pub async fn decide(&self, node: &str, peer: SocketAddr) -> Result<Decided, ErrorResponse> {
+    /// Where the connection from `peer` was going, and whose it is. A refusal comes with
+    /// the protocol to refuse in (`postgres` while the route is not known).
+    pub async fn decide(
+        &self,
+        node: &str,
+        peer: SocketAddr,
+    ) -> Result<Decided, (ErrorResponse, Protocol)> {
+        let unknown = |e| (e, Protocol::Postgres);
         let orig = self
             .interception
             .lock()
@@ -61,19 +79,20 @@ impl Transparent {
                     sqlstate::CONNECTION_FAILURE,
                     format!("db-gateway node {node}: interception lookup failed: {e}"),
                 )
-            })?
+            })
+            .map_err(unknown)?
             .ok_or_else(|| {
                 ErrorResponse::fatal(
                     sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
                     format!("db-gateway node {node}: connection from {peer} was not intercepted"),
                 )
                 .with_hint("Connect to the database's own address; the agent address only serves intercepted connections.")
-            })?;
+            })
+            .map_err(unknown)?;
         let route = self
             .routes
             .iter()
-            .find(|(d, _)| d.matches(orig.dst))
-            .map(|(_, r)| r.clone())
+            .find(|r| r.destination.matches(orig.dst))
             .ok_or_else(|| {
                 ErrorResponse::fatal(
                     sqlstate::UNABLE_TO_ESTABLISH_CONNECTION,
@@ -83,11 +102,16 @@ impl Transparent {
                     ),
                 )
                 .with_hint("Add the address to interception.routes in the node configuration.")
-            })?;
-        let workload = self.resolve(node, orig.cgroup_id).await?;
+            })
+            .map_err(unknown)?;
+        let workload = self
+            .resolve(node, orig.cgroup_id)
+            .await
+            .map_err(|e| (e, route.protocol))?;
         Ok(Decided {
             orig,
-            route,
+            route: route.name.clone(),
+            protocol: route.protocol,
             workload,
         })
     }

@@ -15,6 +15,7 @@ use super::Shared;
 use super::cancel::CancelTarget;
 use super::relay::{self, Counters, End};
 use crate::audit::{Outcome, SessionInfo};
+use crate::config::Protocol;
 use crate::pg::{self, ErrorResponse, StartupMessage, StartupRequest, sqlstate};
 use crate::pki::{SpiffeId, spiffe_id_of};
 use crate::tunnel::{PREAMBLE_HEADER_LEN, Preamble};
@@ -36,7 +37,7 @@ impl From<ErrorResponse> for Refusal {
     }
 }
 
-fn error_counter(code: &str) {
+pub(super) fn error_counter(code: &str) {
     metrics::counter!("gateway_proxy_errors_total", "sqlstate" => code.to_owned()).increment(1);
 }
 
@@ -86,6 +87,7 @@ pub async fn handle(
         node: None,
         pod: None,
         database_route: None,
+        protocol: Protocol::Postgres,
         requested_user: None,
         requested_database: None,
         db_user: None,
@@ -96,12 +98,41 @@ pub async fn handle(
         upstream_addr: None,
     };
 
-    let startup = tokio::time::timeout(
-        timeout,
-        read_preamble_and_startup(&mut client, &identity, &shared),
-    )
-    .await;
-    let (preamble, startup) = match startup {
+    let preamble = match tokio::time::timeout(timeout, read_preamble(&mut client)).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(Failure::Client(refusal))) => {
+            finish_refused(&shared, &mut client, &info, refusal, started).await;
+            return;
+        }
+        Ok(Err(Failure::Gone)) | Err(_) => return,
+    };
+    info.node = Some(preamble.node.clone());
+    info.pod = Some(preamble.pod.clone());
+    info.database_route = Some(preamble.route.clone());
+    info.client_addr = Some(preamble.client_addr.to_string());
+    info.protocol = preamble.protocol;
+    let route_protocol = shared.policy.database(&preamble.route).map(|d| d.protocol);
+    match (preamble.protocol, route_protocol) {
+        (Protocol::Tcp, _) => {
+            super::tcp::handle(&shared, client, &identity, info, drain, started).await;
+            return;
+        }
+        (Protocol::Postgres, Some(Protocol::Tcp)) => {
+            let e = ErrorResponse::fatal(
+                sqlstate::CONNECTION_EXCEPTION,
+                format!("db-gateway: route \"{}\" is a tcp route, but the node sent a PostgreSQL connection", preamble.route),
+            )
+            .with_hint("Set protocol: tcp on the node listener or interception route for this route, or point it at a postgres route.");
+            finish_refused(&shared, &mut client, &info, e.into(), started).await;
+            return;
+        }
+        _ => {}
+    }
+
+    let remaining = timeout.saturating_sub(started.elapsed());
+    let startup =
+        tokio::time::timeout(remaining, read_startup(&mut client, &identity, &shared)).await;
+    let startup = match startup {
         Ok(Ok(Some(x))) => x,
         // A cancel request: served, no session.
         Ok(Ok(None)) => return,
@@ -123,10 +154,6 @@ pub async fn handle(
             return;
         }
     };
-    info.node = Some(preamble.node.clone());
-    info.pod = Some(preamble.pod.clone());
-    info.database_route = Some(preamble.route.clone());
-    info.client_addr = Some(preamble.client_addr.to_string());
     info.requested_user = startup.param("user").map(str::to_owned);
     info.requested_database = startup.param("database").map(str::to_owned);
 
@@ -278,12 +305,8 @@ impl From<ErrorResponse> for Failure {
     }
 }
 
-/// Reads the preamble and the startup packet; `Ok(None)` after serving a cancel request.
-async fn read_preamble_and_startup(
-    client: &mut Client,
-    identity: &SpiffeId,
-    shared: &Shared,
-) -> Result<Option<(Preamble, StartupMessage)>, Failure> {
+/// Reads the node's preamble: route, pod metadata, protocol (never the identity).
+async fn read_preamble(client: &mut Client) -> Result<Preamble, Failure> {
     let mut header = [0u8; PREAMBLE_HEADER_LEN];
     client
         .read_exact(&mut header)
@@ -302,8 +325,15 @@ async fn read_preamble_and_startup(
         .read_exact(&mut body)
         .await
         .map_err(|_| Failure::Gone)?;
-    let preamble = Preamble::decode_body(&body).map_err(bad_preamble)?;
+    Ok(Preamble::decode_body(&body).map_err(bad_preamble)?)
+}
 
+/// Reads the startup packet; `Ok(None)` after serving a cancel request.
+async fn read_startup(
+    client: &mut Client,
+    identity: &SpiffeId,
+    shared: &Shared,
+) -> Result<Option<StartupMessage>, Failure> {
     // The node answers SSLRequest/GSSENCRequest itself; we still accept them so an older
     // or simpler node works.
     for _ in 0..3 {
@@ -317,7 +347,7 @@ async fn read_preamble_and_startup(
                 serve_cancel(shared, identity, pid, secret).await;
                 return Ok(None);
             }
-            Ok(StartupRequest::Startup(m)) => return Ok(Some((preamble, m))),
+            Ok(StartupRequest::Startup(m)) => return Ok(Some(m)),
             Err(e) => {
                 let hint = if e.sqlstate == sqlstate::FEATURE_NOT_SUPPORTED {
                     "Use a PostgreSQL client that speaks protocol 3.0 (any libpq since 7.4)."
@@ -440,7 +470,7 @@ fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
     }
 }
 
-fn new_session_id() -> String {
+pub(super) fn new_session_id() -> String {
     let b: [u8; 16] = rand::random();
     b.iter().map(|x| format!("{x:02x}")).collect()
 }

@@ -56,6 +56,7 @@ pub fn spec() -> StackSpec {
         extra_databases_yaml: format!(
             "  - name: down\n    upstream: {{ address: \"127.0.0.1:{closed_port}\", auth: cert, server_name: localhost, ca: ca/workload-ca.crt }}\n"
         ),
+        tcp_routes: Vec::new(),
         transparent: None,
         setup_sql: vec![
             "CREATE ROLE api LOGIN".into(),
