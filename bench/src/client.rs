@@ -1,10 +1,13 @@
 //! `bench client`: the harness's own PostgreSQL client (tokio-postgres), for what pgbench
-//! cannot measure: COPY throughput, the latency of a 1-row select loop, connection set-up.
+//! cannot measure: COPY throughput, the latency of a 1-row select loop, connection set-up;
+//! and its plain TCP client for the `tcp` route scenarios (echo round trips, idle
+//! connections).
 //!
 //! It runs as a child of the orchestrator (so it can run inside a pod), prints `WARM` once
 //! warm-up is over, then one JSON line with its [`Report`] when the measured phase ends.
 
-use std::io::Write as _;
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
@@ -18,9 +21,21 @@ use tokio_postgres::{Client, NoTls};
 pub struct Options {
     #[arg(value_enum)]
     pub kind: Kind,
-    /// libpq-style connection string.
-    #[arg(long)]
+    /// libpq-style connection string (PostgreSQL kinds).
+    #[arg(long, default_value = "")]
     pub conn: String,
+    /// `host:port` of the echo service (round-trip and idle kinds).
+    #[arg(long, default_value = "")]
+    pub addr: String,
+    /// Bytes per round trip.
+    #[arg(long, default_value_t = 1)]
+    pub size: usize,
+    /// Idle connections to open.
+    #[arg(long, default_value_t = 1000)]
+    pub count: usize,
+    /// Seconds to hold the idle connections open.
+    #[arg(long, default_value_t = 2.0)]
+    pub hold: f64,
     #[arg(long, default_value_t = 1.0)]
     pub warmup: f64,
     #[arg(long, default_value_t = 2.0)]
@@ -40,6 +55,11 @@ pub enum Kind {
     Latency,
     /// Connect (startup + authentication), one query, close; one at a time.
     Connect,
+    /// One TCP connection to the echo service: write `--size` bytes, read them back.
+    RoundTrip,
+    /// Open `--count` TCP connections (each proven with a 1-byte echo), print `OPENED`,
+    /// hold them `--hold` seconds, print `HELD`, close.
+    Idle,
 }
 
 /// Percentiles of one histogram, in microseconds.
@@ -77,6 +97,15 @@ pub struct Report {
 const LINE: usize = 1024;
 
 pub fn main(opts: Options) -> Result<()> {
+    let report = match opts.kind {
+        Kind::RoundTrip => Some(round_trip(&opts)?),
+        Kind::Idle => Some(idle(&opts)?),
+        _ => None,
+    };
+    if let Some(report) = report {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -86,10 +115,101 @@ pub fn main(opts: Options) -> Result<()> {
 }
 
 fn warm() -> Result<()> {
+    say("WARM")
+}
+
+/// One line to the orchestrator, flushed at once (it samples CPU and memory on it).
+fn say(line: &str) -> Result<()> {
     let mut out = std::io::stdout().lock();
-    writeln!(out, "WARM")?;
+    writeln!(out, "{line}")?;
     out.flush()?;
     Ok(())
+}
+
+fn tcp_connect(addr: &str) -> Result<TcpStream> {
+    let s = TcpStream::connect(addr).with_context(|| format!("failed to connect to {addr}"))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    Ok(s)
+}
+
+/// Blocking socket calls: the least client overhead in the figure, the same for every path.
+fn round_trip(o: &Options) -> Result<Report> {
+    ensure!(o.size > 0, "--size must be at least 1");
+    let mut s = tcp_connect(&o.addr)?;
+    let out: Vec<u8> = (0..o.size).map(|i| (i % 251) as u8).collect();
+    let mut back = vec![0u8; o.size];
+    let mut once = |s: &mut TcpStream| -> Result<()> {
+        s.write_all(&out)?;
+        s.read_exact(&mut back)
+            .context("the echo did not come back whole")?;
+        ensure!(back == out, "the echo came back changed");
+        Ok(())
+    };
+    let warm_end = Instant::now() + Duration::from_secs_f64(o.warmup);
+    while Instant::now() < warm_end {
+        once(&mut s)?;
+    }
+    warm()?;
+    let mut h = Histogram::<u64>::new(3)?;
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(o.seconds);
+    let mut count = 0u64;
+    while Instant::now() < end {
+        let t = Instant::now();
+        once(&mut s)?;
+        h.record(t.elapsed().as_nanos() as u64 / 1000)?;
+        count += 1;
+    }
+    Ok(Report {
+        count,
+        seconds: start.elapsed().as_secs_f64(),
+        bytes: count * 2 * o.size as u64,
+        latency_us: Some(Percentiles::of(&h)),
+    })
+}
+
+/// Connections per batch: opened together, then proven together, so the tunnels' set-up
+/// overlaps without flooding the listeners' accept queues.
+const IDLE_BATCH: usize = 200;
+
+fn idle(o: &Options) -> Result<Report> {
+    let start = Instant::now();
+    let mut open: Vec<TcpStream> = Vec::with_capacity(o.count);
+    while open.len() < o.count {
+        let n = IDLE_BATCH.min(o.count - open.len());
+        let mut batch = Vec::with_capacity(n);
+        for _ in 0..n {
+            let mut s = tcp_connect(&o.addr)
+                .with_context(|| format!("after {} open connections", open.len()))?;
+            s.write_all(b"i")?;
+            batch.push(s);
+        }
+        for s in &mut batch {
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b).with_context(|| {
+                format!("no echo on connection {} of {}", open.len() + 1, o.count)
+            })?;
+        }
+        open.extend(batch);
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    say(&format!("OPENED {}", open.len()))?;
+    std::thread::sleep(Duration::from_secs_f64(o.hold));
+    // Still open at the end of the hold: every connection answers again.
+    for (i, s) in open.iter_mut().enumerate() {
+        s.write_all(b"j")?;
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b)
+            .with_context(|| format!("connection {i} died during the hold"))?;
+    }
+    say("HELD")?;
+    Ok(Report {
+        count: open.len() as u64,
+        seconds,
+        bytes: 0,
+        latency_us: None,
+    })
 }
 
 async fn connect(conn: &str) -> Result<Client> {
@@ -191,6 +311,7 @@ async fn run(o: &Options) -> Result<Report> {
                 latency_us: None,
             })
         }
+        Kind::RoundTrip | Kind::Idle => anyhow::bail!("{:?} is a plain TCP kind", o.kind),
     }
 }
 

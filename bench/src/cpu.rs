@@ -1,4 +1,5 @@
-//! CPU time of the tunnel processes, from `/proc/<pid>/stat` (utime + stime, all threads).
+//! CPU time of the tunnel processes, from `/proc/<pid>/stat` (utime + stime, all threads),
+//! and their resident memory, from `/proc/<pid>/status`.
 
 use anyhow::{Context, Result};
 
@@ -30,6 +31,23 @@ pub fn total(pids: &[u32]) -> Result<f64> {
     pids.iter().map(|&p| seconds(p)).sum()
 }
 
+/// Summed resident set (`VmRSS`, KiB) of a set of processes.
+pub fn rss_kib(pids: &[u32]) -> Result<u64> {
+    let mut total = 0;
+    for pid in pids {
+        let path = format!("/proc/{pid}/status");
+        let text =
+            std::fs::read_to_string(&path).with_context(|| format!("failed to read {path}"))?;
+        let kib = text
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .with_context(|| format!("no VmRSS in {path}"))?;
+        total += kib;
+    }
+    Ok(total)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -40,5 +58,7 @@ mod tests {
         }
         assert!(x > 0);
         assert!(super::seconds(std::process::id()).unwrap() >= 0.0);
+        // A running test binary is resident: at least a few hundred KiB.
+        assert!(super::rss_kib(&[std::process::id()]).unwrap() > 100);
     }
 }

@@ -2,13 +2,14 @@
 //! an eBPF-intercepted pod), an stunnel pair and an HAProxy pair, all in front of the same
 //! database, plus the `bench` role and database the scenarios use.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use gateway::pki::{self, CertificateAuthority, LeafSpec, SpiffeId};
-use gateway::up::{PodSpec, Stack, StackSpec, TransparentSpec, Workload};
+use gateway::up::{PodSpec, Stack, StackSpec, TcpRoute, TransparentSpec, Workload};
 
 use crate::peers::{self, Peer};
 
@@ -22,7 +23,15 @@ const ROLES: &str = r#"  - name: bench
     databases: { names: [main] }
     db_users: [bench]
     db_names: [bench]
+  - name: bench-echo
+    match: { namespace: bench }
+    databases: { names: [echo] }
 "#;
+
+/// The `tcp` route to the echo server, and the port pods dial it on (the database's
+/// address, intercepted like 5432).
+const ECHO_ROUTE: &str = "echo";
+const ECHO_INTERCEPT_PORT: u16 = 7000;
 
 /// One way from a client to the database.
 #[derive(Debug, Clone)]
@@ -31,6 +40,8 @@ pub struct DataPath {
     pub name: String,
     pub host: String,
     pub port: u16,
+    /// Where the `tcp` scenarios connect (through this path to the echo server).
+    pub tcp_addr: String,
     /// Run clients inside transparent pod `i` (the address is the intercepted original one).
     pub pod: Option<usize>,
     /// The processes that carry this path's traffic (CPU is summed over them).
@@ -63,15 +74,17 @@ impl Env {
     pub fn start(gateway_bin: &Path, want_transparent: bool, scale: u32) -> Result<Self> {
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
+        let echo = crate::echo::start()?;
+        let spec = |transparent| spec(gateway_bin, transparent, echo);
         let mut transparent_skipped = None;
         let stack = if want_transparent && root {
-            match Stack::start(spec(gateway_bin, true)) {
+            match Stack::start(spec(true)) {
                 Ok(s) => s,
                 Err(e) => {
                     let why = format!("the eBPF stack did not start: {e:#}");
                     eprintln!("bench: {why}; continuing with the explicit listener only");
                     transparent_skipped = Some(why);
-                    Stack::start(spec(gateway_bin, false))?
+                    Stack::start(spec(false))?
                 }
             }
         } else {
@@ -80,7 +93,7 @@ impl Env {
             } else {
                 "needs root (network namespaces, cgroups, eBPF)".into()
             });
-            Stack::start(spec(gateway_bin, false))?
+            Stack::start(spec(false))?
         };
         let work_dir = stack.dir.join("bench");
         std::fs::create_dir_all(&work_dir)?;
@@ -92,8 +105,8 @@ impl Env {
             &stack.ca_dir.join(pki::WORKLOAD_CA_KEY),
         )?;
         let certs = peers::Certs::write(&work_dir, &ca, &issue_pair(&ca)?)?;
-        let stunnel = peers::stunnel_pair(&work_dir, &certs, pg)?;
-        let haproxy = peers::haproxy_pair(&work_dir, &certs, pg)?;
+        let stunnel = peers::stunnel_pair(&work_dir, &certs, &[pg, echo])?;
+        let haproxy = peers::haproxy_pair(&work_dir, &certs, &[pg, echo])?;
 
         let gw_pids: Vec<u32> = [stack.node.as_ref(), stack.proxy.as_ref()]
             .into_iter()
@@ -104,6 +117,7 @@ impl Env {
             name: "direct".into(),
             host: "127.0.0.1".into(),
             port: stack.pg.port,
+            tcp_addr: echo.to_string(),
             pod: None,
             tunnel_pids: Vec::new(),
             description: "client → PostgreSQL (TCP loopback, no TLS)".into(),
@@ -113,6 +127,7 @@ impl Env {
             name: "gateway".into(),
             host: l.ip().to_string(),
             port: l.port(),
+            tcp_addr: stack.listeners[1].to_string(),
             pod: None,
             tunnel_pids: gw_pids.clone(),
             description: "client → node explicit listener → mTLS 1.3 → proxy → TLS → PostgreSQL"
@@ -123,6 +138,7 @@ impl Env {
                 name: "gateway-ebpf".into(),
                 host: k.db_addr.ip().to_string(),
                 port: k.db_addr.port(),
+                tcp_addr: SocketAddr::new(k.db_addr.ip(), ECHO_INTERCEPT_PORT).to_string(),
                 pod: Some(0),
                 tunnel_pids: gw_pids,
                 description:
@@ -133,8 +149,9 @@ impl Env {
         for (name, peer) in [("stunnel", &stunnel), ("haproxy", &haproxy)] {
             paths.push(DataPath {
                 name: name.into(),
-                host: peer.addr.ip().to_string(),
-                port: peer.addr.port(),
+                host: peer.addrs[0].ip().to_string(),
+                port: peer.addrs[0].port(),
+                tcp_addr: peer.addrs[1].to_string(),
                 pod: None,
                 tunnel_pids: peer.pids(),
                 description: format!(
@@ -160,15 +177,23 @@ impl Env {
     }
 }
 
-fn spec(gateway_bin: &Path, transparent: bool) -> StackSpec {
+fn spec(gateway_bin: &Path, transparent: bool, echo: SocketAddr) -> StackSpec {
     StackSpec {
         gateway_bin: gateway_bin.to_owned(),
-        workloads: vec![Workload::new(NAMESPACE, SERVICE_ACCOUNT)],
+        // Listener 0: PostgreSQL; listener 1: the echo server's `tcp` route.
+        workloads: vec![
+            Workload::new(NAMESPACE, SERVICE_ACCOUNT),
+            Workload::tcp(NAMESPACE, SERVICE_ACCOUNT, ECHO_ROUTE),
+        ],
         roles_yaml: ROLES.into(),
         proxy_extra_yaml: String::new(),
         node_data_plane_yaml: String::new(),
         extra_databases_yaml: String::new(),
-        tcp_routes: Vec::new(),
+        tcp_routes: vec![TcpRoute {
+            name: ECHO_ROUTE.into(),
+            upstream: echo,
+            intercept_port: ECHO_INTERCEPT_PORT,
+        }],
         setup_sql: vec![
             format!("CREATE ROLE {USER} LOGIN"),
             format!("CREATE DATABASE {DATABASE} OWNER {USER}"),

@@ -10,6 +10,7 @@
 
 mod client;
 mod cpu;
+mod echo;
 mod env;
 mod peers;
 mod pgbench;
@@ -51,6 +52,12 @@ pub struct RunOptions {
     /// Override the warm-up seconds (quick 1, full 5).
     #[arg(long)]
     pub warmup_s: Option<u32>,
+    /// Override the idle scenario's connection count (quick 500, full 10000).
+    #[arg(long)]
+    pub idle_connections: Option<usize>,
+    /// Override how long the gateway paths hold the idle connections (quick 2, full 600).
+    #[arg(long)]
+    pub idle_hold_s: Option<u32>,
     /// Only these scenarios (comma-separated names; default all).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
@@ -77,6 +84,7 @@ fn main() {
 /// Runs the benchmark; on SIGINT or SIGTERM the run is dropped, which stops every process
 /// it started and removes its directories (all cleanup lives in `Drop`).
 fn orchestrate(opts: RunOptions) -> Result<()> {
+    echo::raise_open_files_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -69,8 +69,9 @@ impl Certs {
 
 /// A running pair; dropping it stops both processes.
 pub struct Peer {
-    /// Where clients connect (the client end's plain-TCP listener).
-    pub addr: SocketAddr,
+    /// Where clients connect (the client end's plain-TCP listeners), one per target in the
+    /// order given.
+    pub addrs: Vec<SocketAddr>,
     children: Vec<Child>,
 }
 
@@ -132,9 +133,10 @@ fn find(program: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-pub fn stunnel_pair(dir: &Path, certs: &Certs, db: SocketAddr) -> Result<Peer> {
+/// An stunnel pair with one service per target (each its own port pair).
+pub fn stunnel_pair(dir: &Path, certs: &Certs, targets: &[SocketAddr]) -> Result<Peer> {
     let bin = require("stunnel4", "stunnel4")?;
-    start_pair("stunnel", |front, back| {
+    start_pair("stunnel", targets.len(), |fronts, backs| {
         let common = |log: &str| {
             format!(
                 "foreground = yes\npid =\nsyslog = no\ndebug = 4\noutput = {}\n\
@@ -143,24 +145,27 @@ pub fn stunnel_pair(dir: &Path, certs: &Certs, db: SocketAddr) -> Result<Peer> {
             )
         };
         let mut server = common("stunnel-server.log");
-        writeln!(
-            server,
-            "[pg]\naccept = {back}\nconnect = {db}\ncert = {}\nkey = {}\nCAfile = {}\n\
-             verifyChain = yes\nrequireCert = yes\nsslVersionMin = TLSv1.3\nsslVersionMax = TLSv1.3",
-            certs.server_crt.display(),
-            certs.server_key.display(),
-            certs.ca.display()
-        )?;
         let mut client = common("stunnel-client.log");
-        writeln!(
-            client,
-            "[pg]\nclient = yes\naccept = {front}\nconnect = {back}\ncert = {}\nkey = {}\n\
-             CAfile = {}\nverifyChain = yes\ncheckHost = localhost\n\
-             sslVersionMin = TLSv1.3\nsslVersionMax = TLSv1.3",
-            certs.client_crt.display(),
-            certs.client_key.display(),
-            certs.ca.display()
-        )?;
+        for (i, target) in targets.iter().enumerate() {
+            let (front, back) = (fronts[i], backs[i]);
+            writeln!(
+                server,
+                "[svc{i}]\naccept = {back}\nconnect = {target}\ncert = {}\nkey = {}\nCAfile = {}\n\
+                 verifyChain = yes\nrequireCert = yes\nsslVersionMin = TLSv1.3\nsslVersionMax = TLSv1.3",
+                certs.server_crt.display(),
+                certs.server_key.display(),
+                certs.ca.display()
+            )?;
+            writeln!(
+                client,
+                "[svc{i}]\nclient = yes\naccept = {front}\nconnect = {back}\ncert = {}\nkey = {}\n\
+                 CAfile = {}\nverifyChain = yes\ncheckHost = localhost\n\
+                 sslVersionMin = TLSv1.3\nsslVersionMax = TLSv1.3",
+                certs.client_crt.display(),
+                certs.client_key.display(),
+                certs.ca.display()
+            )?;
+        }
         let server_cfg = dir.join("stunnel-server.conf");
         let client_cfg = dir.join("stunnel-client.conf");
         std::fs::write(&server_cfg, server)?;
@@ -177,23 +182,36 @@ pub fn stunnel_pair(dir: &Path, certs: &Certs, db: SocketAddr) -> Result<Peer> {
     })
 }
 
-pub fn haproxy_pair(dir: &Path, certs: &Certs, db: SocketAddr) -> Result<Peer> {
+/// An HAProxy pair with one frontend/backend per target.
+pub fn haproxy_pair(dir: &Path, certs: &Certs, targets: &[SocketAddr]) -> Result<Peer> {
     let bin = require("haproxy", "haproxy")?;
-    start_pair("haproxy", |front, back| {
-        let common = "global\n  maxconn 4000\n  nbthread 2\n\
-                      defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n";
-        let server = format!(
-            "{common}frontend tls_in\n  bind {back} ssl crt {} ca-file {} verify required ssl-min-ver TLSv1.3\n  \
-             default_backend pg\nbackend pg\n  server pg {db}\n",
-            certs.server_pem.display(),
-            certs.ca.display()
+    start_pair("haproxy", targets.len(), |fronts, backs| {
+        // As many connections as the open-files limit allows (HAProxy checks maxconn
+        // against it at start and needs two descriptors per connection).
+        let maxconn = crate::echo::max_relayed_connections();
+        let common = format!(
+            "global\n  maxconn {maxconn}\n  nbthread 2\n\
+             defaults\n  mode tcp\n  maxconn {maxconn}\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n"
         );
-        let client = format!(
-            "{common}frontend plain_in\n  bind {front}\n  default_backend tls_out\nbackend tls_out\n  \
-             server peer {back} ssl crt {} ca-file {} verify required verifyhost localhost sni str(localhost) ssl-min-ver TLSv1.3\n",
-            certs.client_pem.display(),
-            certs.ca.display()
-        );
+        let mut server = common.clone();
+        let mut client = common;
+        for (i, target) in targets.iter().enumerate() {
+            let (front, back) = (fronts[i], backs[i]);
+            writeln!(
+                server,
+                "frontend tls_in{i}\n  bind {back} ssl crt {} ca-file {} verify required ssl-min-ver TLSv1.3\n  \
+                 default_backend plain{i}\nbackend plain{i}\n  server s{i} {target}",
+                certs.server_pem.display(),
+                certs.ca.display()
+            )?;
+            writeln!(
+                client,
+                "frontend plain_in{i}\n  bind {front}\n  default_backend tls_out{i}\nbackend tls_out{i}\n  \
+                 server peer{i} {back} ssl crt {} ca-file {} verify required verifyhost localhost sni str(localhost) ssl-min-ver TLSv1.3",
+                certs.client_pem.display(),
+                certs.ca.display()
+            )?;
+        }
         let server_cfg = dir.join("haproxy-server.cfg");
         let client_cfg = dir.join("haproxy-client.cfg");
         std::fs::write(&server_cfg, server)?;
@@ -210,23 +228,30 @@ pub fn haproxy_pair(dir: &Path, certs: &Certs, db: SocketAddr) -> Result<Peer> {
     })
 }
 
-/// Starts a pair on fresh ports: `make(front, back)` writes both configurations and returns
-/// (server command, its log) and (client command, its log).
+/// Starts a pair on fresh ports: `make(fronts, backs)` (`n` of each) writes both
+/// configurations and returns (server command, its log) and (client command, its log).
 fn start_pair(
     what: &str,
-    make: impl Fn(SocketAddr, SocketAddr) -> Result<[(Command, PathBuf); 2]>,
+    n: usize,
+    make: impl Fn(&[SocketAddr], &[SocketAddr]) -> Result<[(Command, PathBuf); 2]>,
 ) -> Result<Peer> {
     let mut last = String::new();
+    let fresh = || -> Result<Vec<SocketAddr>> {
+        (0..n)
+            .map(|_| Ok(SocketAddr::from(([127, 0, 0, 1], free_port()?))))
+            .collect()
+    };
     for _ in 0..PORT_ATTEMPTS {
-        let front: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
-        let back: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
-        let [server, client] = make(front, back)?;
+        let fronts = fresh()?;
+        let backs = fresh()?;
+        let [server, client] = make(&fronts, &backs)?;
         let mut peer = Peer {
-            addr: front,
+            addrs: fronts.clone(),
             children: Vec::new(),
         };
         let mut ok = true;
-        for ((mut cmd, log), addr) in [(server, back), (client, front)] {
+        // Every listener of an end must be up (each is a fresh port that may clash).
+        for ((mut cmd, log), addrs) in [(server, &backs), (client, &fronts)] {
             let out = std::fs::File::create(&log)?;
             let child = cmd
                 .stdin(Stdio::null())
@@ -235,9 +260,16 @@ fn start_pair(
                 .spawn()
                 .with_context(|| format!("failed to start {what}"))?;
             peer.children.push(child);
-            if let Err(e) = wait_listening(peer.children.last_mut().expect("pushed"), addr, &log) {
-                last = format!("{e:#}");
-                ok = false;
+            for &addr in addrs {
+                if let Err(e) =
+                    wait_listening(peer.children.last_mut().expect("pushed"), addr, &log)
+                {
+                    last = format!("{e:#}");
+                    ok = false;
+                    break;
+                }
+            }
+            if !ok {
                 break;
             }
         }

@@ -19,6 +19,10 @@ use crate::{RunOptions, cpu, report};
 pub enum Kind {
     Pgbench(Workload),
     Client(client::Kind),
+    /// Echo round trips of this many bytes through the path's `tcp` service.
+    RoundTrip(usize),
+    /// Idle connections through the path's `tcp` service: memory per connection.
+    Idle,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -28,7 +32,15 @@ pub struct Scenario {
     pub kind: Kind,
 }
 
+/// `idle` comes first: RSS growth per connection is only meaningful on processes whose
+/// heap has not been grown (and freed) by earlier scenarios. The second path over the same
+/// node and proxy (`gateway-ebpf`) reuses what the first one freed and reads low.
 pub const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "idle",
+        title: "idle connections held open through a `tcp` route (RSS per connection)",
+        kind: Kind::Idle,
+    },
     Scenario {
         name: "select-8",
         title: "pgbench -S, 8 clients",
@@ -85,6 +97,16 @@ pub const SCENARIOS: &[Scenario] = &[
         title: "COPY … FROM STDIN (harness client)",
         kind: Kind::Client(client::Kind::CopyIn),
     },
+    Scenario {
+        name: "rtt-1",
+        title: "1-byte request/response, 1 connection, `tcp` route to an echo server",
+        kind: Kind::RoundTrip(1),
+    },
+    Scenario {
+        name: "rtt-16k",
+        title: "16 KiB request/response, 1 connection, `tcp` route to an echo server",
+        kind: Kind::RoundTrip(16 * 1024),
+    },
 ];
 
 /// Durations and sizes of one run.
@@ -95,6 +117,11 @@ pub struct Plan {
     pub measure_s: u32,
     pub copy_bytes: u64,
     pub pgbench_scale: u32,
+    /// Connections of the idle scenario.
+    pub idle_connections: usize,
+    /// How long the `gateway` path holds them (the "no growth" target's window); the
+    /// other paths hold them `measure_s`.
+    pub idle_hold_s: u32,
 }
 
 /// One path × scenario: named figures (see `report.rs` for their units).
@@ -113,6 +140,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             measure_s: 2,
             copy_bytes: 64 << 20,
             pgbench_scale: 1,
+            idle_connections: 500,
+            idle_hold_s: 2,
         }
     } else {
         Plan {
@@ -121,10 +150,24 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             measure_s: 30,
             copy_bytes: 1 << 30,
             pgbench_scale: 10,
+            idle_connections: 10_000,
+            idle_hold_s: 600,
         }
     };
     plan.measure_s = opts.measure_s.unwrap_or(plan.measure_s);
     plan.warmup_s = opts.warmup_s.unwrap_or(plan.warmup_s);
+    plan.idle_connections = opts.idle_connections.unwrap_or(plan.idle_connections);
+    let fits = crate::echo::max_relayed_connections();
+    if plan.idle_connections > fits {
+        eprintln!(
+            "bench: the open-files limit ({}) lets a tunnel process relay {fits} connections \
+             (two sockets each); the idle scenario opens {fits}, not {}",
+            crate::echo::open_files_limit(),
+            plan.idle_connections
+        );
+        plan.idle_connections = fits;
+    }
+    plan.idle_hold_s = opts.idle_hold_s.unwrap_or(plan.idle_hold_s);
     for o in &opts.only {
         ensure!(
             SCENARIOS.iter().any(|s| s.name == o),
@@ -218,7 +261,9 @@ async fn measure(
             cpu_s
         }
         Kind::Client(kind) => {
-            let (r, cpu_s) = run_client(env, p, kind, plan, me, cpu).await?;
+            let run = run_client(env, p, kind, &[], plan, me, &tunnel).await?;
+            let r = &run.report;
+            let cpu_s = run.cpu_since("WARM")?;
             match kind {
                 client::Kind::Latency | client::Kind::Connect => {
                     let what = if kind == client::Kind::Connect {
@@ -244,11 +289,79 @@ async fn measure(
                         );
                     }
                 }
+                client::Kind::RoundTrip | client::Kind::Idle => {
+                    bail!("{kind:?} is not a PostgreSQL client kind")
+                }
             }
             cpu_s
         }
+        Kind::RoundTrip(size) => {
+            let size = size.to_string();
+            let run = run_client(
+                env,
+                p,
+                client::Kind::RoundTrip,
+                &["--size", &size],
+                plan,
+                me,
+                &tunnel,
+            )
+            .await?;
+            let r = &run.report;
+            let cpu_s = run.cpu_since("WARM")?;
+            f.insert("transactions".into(), r.count as f64);
+            f.insert("tps".into(), r.count as f64 / r.seconds);
+            if let Some(l) = &r.latency_us {
+                latency(&mut f, "rtt", l);
+            }
+            per_tx(&mut f, p, cpu_s, r.count);
+            cpu_s
+        }
+        Kind::Idle => {
+            let count = plan.idle_connections.to_string();
+            // The gateway holds for the growth target's window; the other paths for as long
+            // as any other scenario (their RSS per connection is the comparison).
+            let hold = if p.name == "gateway" {
+                plan.idle_hold_s
+            } else {
+                plan.measure_s
+            };
+            let before_kib = cpu::rss_kib(&tunnel)?;
+            let run = run_client(
+                env,
+                p,
+                client::Kind::Idle,
+                &["--count", &count, "--hold", &hold.to_string()],
+                plan,
+                me,
+                &tunnel,
+            )
+            .await?;
+            let n = run.report.count as f64;
+            ensure!(
+                run.report.count as usize == plan.idle_connections,
+                "opened {} of {} connections",
+                run.report.count,
+                plan.idle_connections
+            );
+            f.insert("connections".into(), n);
+            f.insert("open_s".into(), run.report.seconds);
+            f.insert("hold_s".into(), hold as f64);
+            let opened = run.mark("OPENED")?;
+            let held = run.mark("HELD")?;
+            if !p.tunnel_pids.is_empty() {
+                // Growth of the tunnel processes from before the first connection.
+                let per_conn = |kib: u64| kib.saturating_sub(before_kib) as f64 / n;
+                f.insert("rss_kib_per_conn".into(), per_conn(opened.rss_kib));
+                f.insert("rss_end_kib_per_conn".into(), per_conn(held.rss_kib));
+                let open_cpu = opened.cpu_s - run.mark("START")?.cpu_s;
+                f.insert("cpu_s_per_1000_conn".into(), open_cpu / n * 1000.0);
+            }
+            held.cpu_s - opened.cpu_s
+        }
     };
-    if !p.tunnel_pids.is_empty() {
+    // An idle hold may use no measurable CPU at all (10 ms ticks): not a figure there.
+    if !p.tunnel_pids.is_empty() && !matches!(s.kind, Kind::Idle) {
         f.insert("tunnel_cpu_s".into(), tunnel_cpu);
     }
     Ok(Measurement {
@@ -271,27 +384,67 @@ fn per_tx(f: &mut BTreeMap<String, f64>, p: &DataPath, cpu_s: f64, count: u64) {
     }
 }
 
-/// Runs `bench client` where the path's clients run; CPU is sampled after `WARM` and after
-/// the report line.
+/// CPU and memory of the tunnel processes when the client printed a marker line.
+#[derive(Debug, Clone, Copy)]
+pub struct Mark {
+    pub cpu_s: f64,
+    pub rss_kib: u64,
+}
+
+/// What one `bench client` run gave: its report, and the tunnels' state at each marker
+/// (`START` before the client, `WARM`, `OPENED`, `HELD`, and `END` at the report line).
+pub struct ClientRun {
+    pub report: client::Report,
+    marks: Vec<(String, Mark)>,
+}
+
+impl ClientRun {
+    pub fn mark(&self, name: &str) -> Result<Mark> {
+        self.marks
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, m)| *m)
+            .with_context(|| format!("the client printed no {name}"))
+    }
+
+    /// Tunnel CPU seconds from marker `name` to the report.
+    pub fn cpu_since(&self, name: &str) -> Result<f64> {
+        Ok(self.mark("END")?.cpu_s - self.mark(name)?.cpu_s)
+    }
+}
+
+/// Runs `bench client` where the path's clients run, sampling the tunnels at every marker.
 async fn run_client(
     env: &Env,
     p: &DataPath,
     kind: client::Kind,
+    extra: &[&str],
     plan: &Plan,
     me: &Path,
-    mut cpu: impl FnMut() -> Result<f64>,
-) -> Result<(client::Report, f64)> {
+    tunnel: &[u32],
+) -> Result<ClientRun> {
+    let sample = || -> Result<Mark> {
+        Ok(Mark {
+            cpu_s: cpu::total(tunnel)?,
+            rss_kib: cpu::rss_kib(tunnel)?,
+        })
+    };
     let kind_arg = match kind {
         client::Kind::CopyOut => "copy-out",
         client::Kind::CopyIn => "copy-in",
         client::Kind::Latency => "latency",
         client::Kind::Connect => "connect",
+        client::Kind::RoundTrip => "round-trip",
+        client::Kind::Idle => "idle",
     };
     let mut cmd = env.command(p, me);
     cmd.args(["client", kind_arg, "--conn", &p.conn_string()])
+        .args(["--addr", &p.tcp_addr])
         .args(["--warmup", &plan.warmup_s.to_string()])
         .args(["--seconds", &plan.measure_s.to_string()])
-        .args(["--bytes", &plan.copy_bytes.to_string()]);
+        .args(["--bytes", &plan.copy_bytes.to_string()])
+        .args(extra);
+    let mut marks = vec![("START".to_owned(), sample()?)];
     let mut child = tokio::process::Command::from(cmd)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -300,14 +453,13 @@ async fn run_client(
         .spawn()
         .context("failed to start bench client")?;
     let mut lines = BufReader::new(child.stdout.take().context("no stdout")?).lines();
-    let mut cpu0 = None;
     let mut report = None;
     while let Some(line) = lines.next_line().await? {
-        if line == "WARM" {
-            cpu0 = Some(cpu()?);
-        } else if let Ok(r) = serde_json::from_str::<client::Report>(&line) {
-            let cpu_s = cpu()? - cpu0.context("report before WARM")?;
-            report = Some((r, cpu_s));
+        if let Ok(r) = serde_json::from_str::<client::Report>(&line) {
+            marks.push(("END".into(), sample()?));
+            report = Some(r);
+        } else if let Some(name) = line.split_whitespace().next() {
+            marks.push((name.to_owned(), sample()?));
         }
     }
     let out = child.wait_with_output().await?;
@@ -319,5 +471,8 @@ async fn run_client(
             String::from_utf8_lossy(&out.stderr).trim_end()
         );
     }
-    report.context("bench client printed no report")
+    Ok(ClientRun {
+        report: report.context("bench client printed no report")?,
+        marks,
+    })
 }

@@ -170,23 +170,6 @@ pub async fn shutdown_signal() {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn readiness_guards_name_what_is_pending() {
-        let r = Readiness::default();
-        let a = r.block("certs loaded");
-        let b = r.block("listeners bound");
-        assert_eq!(r.pending(), vec!["certs loaded", "listeners bound"]);
-        drop(a);
-        assert_eq!(r.pending(), vec!["listeners bound"]);
-        drop(b);
-        assert!(r.pending().is_empty());
-    }
-}
-
 /// Open files the agent and the proxy ask for: two sockets per relayed connection (the
 /// node holds the application's and the tunnel's, the proxy the tunnel's and the
 /// upstream's), so 10 000 connections need 20 000 plus headroom.
@@ -222,4 +205,21 @@ pub fn raise_open_files_limit() {
         unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
     }
     tracing::debug!(before, after = lim.rlim_cur, "open files limit");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_guards_name_what_is_pending() {
+        let r = Readiness::default();
+        let a = r.block("certs loaded");
+        let b = r.block("listeners bound");
+        assert_eq!(r.pending(), vec!["certs loaded", "listeners bound"]);
+        drop(a);
+        assert_eq!(r.pending(), vec!["listeners bound"]);
+        drop(b);
+        assert!(r.pending().is_empty());
+    }
 }

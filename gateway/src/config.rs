@@ -861,18 +861,31 @@ mod tests {
             tcp_role,
         )
         .unwrap_err();
-        assert!(e.starts_with("databases[0] (echo): a tcp route relays plain bytes"), "{e}");
-        let e = check("  - {name: main, upstream: {address: 'db:5432', auth: cert}}\n", "  []\n")
-            .unwrap_err();
+        assert!(
+            e.starts_with("databases[0] (echo): a tcp route relays plain bytes"),
+            "{e}"
+        );
+        let e = check(
+            "  - {name: main, upstream: {address: 'db:5432', auth: cert}}\n",
+            "  []\n",
+        )
+        .unwrap_err();
         assert!(e.contains("upstream.ca is required"), "{e}");
-        let e = check("  - {name: main, upstream: {address: 'db:5432', ca: c}}\n", "  []\n")
-            .unwrap_err();
+        let e = check(
+            "  - {name: main, upstream: {address: 'db:5432', ca: c}}\n",
+            "  []\n",
+        )
+        .unwrap_err();
         assert!(e.contains("upstream.auth is required"), "{e}");
-        let typo = format!("{base}databases:\n  - {{name: x, protocol: udp, upstream: {{address: a}}}}\n");
+        let typo =
+            format!("{base}databases:\n  - {{name: x, protocol: udp, upstream: {{address: a}}}}\n");
         let e = parse_yaml::<ProxyConfig>(Path::new("p.yaml"), &typo)
             .unwrap_err()
             .to_string();
-        assert!(e.starts_with("p.yaml:6:") && e.contains("unknown variant `udp`"), "{e}");
+        assert!(
+            e.starts_with("p.yaml:6:") && e.contains("unknown variant `udp`"),
+            "{e}"
+        );
     }
 
     #[test]

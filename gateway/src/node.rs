@@ -6,6 +6,7 @@
 //! encryption), open an mTLS tunnel to the proxy as the listener's workload identity, send
 //! the preamble and the client's startup packet, then relay both ways.
 
+mod pool;
 mod relay;
 mod startup;
 mod tls;
@@ -24,9 +25,7 @@ use socket2::{Domain, Socket, Type};
 use tokio_uring::net::{TcpListener, TcpStream};
 
 use crate::admin::{self, Readiness};
-use crate::config::{
-    DataPlaneConfig, InterceptionConfig, NodeConfig, Protocol, parse_destination,
-};
+use crate::config::{DataPlaneConfig, InterceptionConfig, NodeConfig, Protocol, parse_destination};
 use crate::ebpf;
 use crate::pg::{ErrorResponse, sqlstate};
 use crate::pki;
@@ -406,7 +405,11 @@ impl Listener {
 }
 
 fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(socket2::Protocol::TCP))?;
+    let s = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;
     s.set_tcp_nodelay(true)?;
@@ -666,11 +669,11 @@ async fn tunnel_session(
     if let Err(e) = tunnel.send(&first).await {
         node_error("tunnel_tls");
         refuse(
-                &app,
-                target.protocol,
-                tunnel_tls_error(plane, &target, &e.to_string()),
-            )
-            .await;
+            &app,
+            target.protocol,
+            tunnel_tls_error(plane, &target, &e.to_string()),
+        )
+        .await;
         return;
     }
 

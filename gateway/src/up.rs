@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::localdb::{self, LocalPostgres, LocalPostgresOptions};
 use crate::config::Protocol;
+use crate::localdb::{self, LocalPostgres, LocalPostgresOptions};
 use crate::pki::{self, CertificateAuthority, LeafSpec, SpiffeId};
 
 pub const DEMO_TRUST_DOMAIN: &str = "demo.db-gateway.local";

@@ -122,10 +122,14 @@ impl Upstreams {
     ) -> Result<Self, UpstreamError> {
         let mut roots = HashMap::new();
         for db in databases.iter().filter(|d| d.protocol.is_postgres()) {
-            let ca = db.upstream.ca.as_ref().ok_or_else(|| UpstreamError::Config {
-                db: db.name.clone(),
-                reason: "upstream.ca is required".into(),
-            })?;
+            let ca = db
+                .upstream
+                .ca
+                .as_ref()
+                .ok_or_else(|| UpstreamError::Config {
+                    db: db.name.clone(),
+                    reason: "upstream.ca is required".into(),
+                })?;
             let mut store = RootCertStore::empty();
             for c in crate::pki::load_certs(ca)? {
                 store.add(c).map_err(|e| UpstreamError::Config {

@@ -77,7 +77,8 @@ fn tcp_route_relays_bytes_both_ways_and_half_close() {
         w.shutdown(std::net::Shutdown::Write).unwrap();
     });
     let mut back = Vec::new();
-    c.read_to_end(&mut back).expect("echo until the server closes");
+    c.read_to_end(&mut back)
+        .expect("echo until the server closes");
     writer.join().unwrap();
     assert_eq!(back.len(), big.len());
     assert!(back == big, "echoed bytes differ");
@@ -101,7 +102,10 @@ fn tcp_route_relays_bytes_both_ways_and_half_close() {
     assert_eq!(end["result"], "success");
     assert_eq!(end["database_route"], "echo");
     assert_eq!(end["role"], "team-a-echo");
-    assert_eq!(end["identity"], "spiffe://demo.db-gateway.local/ns/team-a/sa/api");
+    assert_eq!(
+        end["identity"],
+        "spiffe://demo.db-gateway.local/ns/team-a/sa/api"
+    );
     assert_eq!(end["upstream_addr"], echo.to_string());
     assert_eq!(end["bytes_client_to_server"], 1 + big.len() as u64);
     assert_eq!(end["bytes_server_to_client"], 1 + big.len() as u64);

@@ -14,9 +14,14 @@ use std::time::Duration;
 
 use tokio_uring::net::TcpStream;
 
+use super::pool::{self, AdaptiveBuf};
 use super::tls::TlsConn;
 use crate::config::TLS_RECORD_PAYLOAD;
 use crate::tunnel::is_normal_close;
+
+/// The read an idle connection keeps posted: a PostgreSQL query or an echo fits, and
+/// 10 000 idle connections pin 40 MiB of these, not 640 MiB.
+const SMALL_READ: usize = 2048;
 
 /// How much a direction may hold, derived from the configured budget.
 #[derive(Debug, Clone, Copy)]
@@ -45,14 +50,12 @@ pub async fn app_to_proxy(
     budget: Budget,
     max_flush_delay: Duration,
 ) -> io::Result<u64> {
-    let mut buf = Vec::with_capacity(budget.up_read);
+    let mut bufs = AdaptiveBuf::new(SMALL_READ, budget.up_read);
     let mut total = 0u64;
     // Registered once per connection: a lookup per message showed up in profiles.
     let bytes_metric = metrics::counter!("gateway_node_bytes_total", "direction" => "app_to_proxy");
     loop {
-        buf.clear();
-        let (res, b) = app.read(buf).await;
-        buf = b;
+        let (res, mut buf) = app.read(bufs.take()).await;
         let n = match res {
             Ok(0) => break,
             Ok(n) => n,
@@ -63,9 +66,11 @@ pub async fn app_to_proxy(
             tokio::time::sleep(max_flush_delay).await;
             read_ready(&app, &mut buf, budget.up_read);
         }
-        tunnel.send(&buf).await?;
+        let sent = tunnel.send(&buf).await;
         total += buf.len() as u64;
         bytes_metric.increment(buf.len() as u64);
+        bufs.put_back(buf, n);
+        sent?;
     }
     tunnel.close_write().await;
     Ok(total)
@@ -103,20 +108,25 @@ pub async fn proxy_to_app(
     budget: Budget,
     delivered: &std::cell::Cell<bool>,
 ) -> io::Result<u64> {
-    let mut cipher = Vec::with_capacity(budget.down_read);
-    let mut plain = Vec::with_capacity(budget.down_read);
+    let mut ciphers = AdaptiveBuf::new(SMALL_READ, budget.down_read);
     let mut total = 0u64;
     // Registered once per connection: a lookup per message showed up in profiles.
     let bytes_metric = metrics::counter!("gateway_node_bytes_total", "direction" => "proxy_to_app");
     loop {
-        plain.clear();
-        let (res, c) = tunnel.recv(cipher, &mut plain).await;
-        cipher = c;
-        let open = res?;
+        // No plaintext buffer while waiting: `recv` takes one from the pool once
+        // ciphertext has arrived, and it goes back after the write.
+        let mut plain = Vec::new();
+        let (res, cipher) = tunnel.recv(ciphers.take(), &mut plain).await;
+        let read = match &res {
+            Ok((_, n)) => *n,
+            Err(_) => 0,
+        };
+        ciphers.put_back(cipher, read);
+        let (open, _) = res?;
         if !plain.is_empty() {
             let len = plain.len();
             let (res, p) = app.write_all(plain).await;
-            plain = p;
+            pool::give(p);
             if let Err(e) = res {
                 return if is_normal_close(&e) {
                     Ok(total)

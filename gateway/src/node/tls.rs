@@ -41,7 +41,8 @@ impl TlsConn {
         let conn = Self {
             sock: Rc::new(sock),
             tls: RefCell::new(tls),
-            out: tokio::sync::Mutex::new(Vec::with_capacity(4096)),
+            // Grows to what sealing needs; an idle connection's stays small.
+            out: tokio::sync::Mutex::new(Vec::new()),
         };
         conn.handshake().await.map_err(ConnectError::Tls)?;
         Ok(conn)
@@ -113,9 +114,14 @@ impl TlsConn {
         res
     }
 
-    /// Reads ciphertext into `buf` and appends the plaintext it yields to `plain`.
-    /// Returns `Ok(false)` at the end of the stream (close_notify or TCP EOF).
-    pub async fn recv(&self, mut buf: Vec<u8>, plain: &mut Vec<u8>) -> (io::Result<bool>, Vec<u8>) {
+    /// Reads ciphertext into `buf` and appends the plaintext it yields to `plain` (an
+    /// empty `plain` gets a pooled buffer once there is ciphertext). Returns whether the
+    /// stream is still open (`false` after close_notify or TCP EOF) and the bytes read.
+    pub async fn recv(
+        &self,
+        mut buf: Vec<u8>,
+        plain: &mut Vec<u8>,
+    ) -> (io::Result<(bool, usize)>, Vec<u8>) {
         buf.clear();
         let (res, buf) = self.sock.read(buf).await;
         let n = match res {
@@ -123,13 +129,16 @@ impl TlsConn {
             Err(e) => return (Err(e), buf),
         };
         if n == 0 {
-            return (Ok(false), buf);
+            return (Ok((false, 0)), buf);
+        }
+        if plain.capacity() == 0 {
+            *plain = super::pool::take(n);
         }
         let r = self.ingest(&buf[..n], plain);
         if r.is_err() {
             let _ = self.flush().await;
         }
-        (r, buf)
+        (r.map(|open| (open, n)), buf)
     }
 
     /// Feeds ciphertext to rustls and drains the plaintext. `Ok(false)` once the peer sent

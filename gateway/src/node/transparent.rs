@@ -45,9 +45,7 @@ pub struct Decided {
 }
 
 impl Transparent {
-    pub fn routes_from(
-        config: &[crate::config::RouteConfig],
-    ) -> Result<Vec<Route>, String> {
+    pub fn routes_from(config: &[crate::config::RouteConfig]) -> Result<Vec<Route>, String> {
         let mut out = Vec::new();
         for r in config {
             for d in &r.match_destination {
