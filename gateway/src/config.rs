@@ -514,6 +514,9 @@ pub fn parse_destination(s: &str) -> Result<Destination, String> {
 #[serde(deny_unknown_fields)]
 pub struct ProxyConfig {
     pub listen: SocketAddr,
+    /// Single-threaded runtimes, one per CPU when 0.
+    #[serde(default)]
+    pub threads: usize,
     #[serde(default = "default_proxy_admin")]
     pub admin_listen: SocketAddr,
     /// Only client certificates with a SPIFFE ID in this trust domain are identities.

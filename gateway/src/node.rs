@@ -552,7 +552,7 @@ async fn serve_transparent(
     let _ = app.set_nodelay(true);
     // The kernel's facts first (they pick the route and so the protocol); a PostgreSQL
     // client still gets its encryption answer before any error.
-    let decided = t.decide(&plane.node_name, peer).await;
+    let decided = Box::pin(t.decide(&plane.node_name, peer)).await;
     let protocol = match &decided {
         Ok(d) => d.protocol,
         Err((_, p)) => *p,
@@ -604,11 +604,13 @@ async fn tunnel_session(
     plane: &Plane,
 ) {
     let started = Instant::now();
-    let dial = TlsConn::connect(
+    // Boxed: the handshake's future is large and would otherwise stay part of this
+    // connection's task for its whole life.
+    let dial = Box::pin(TlsConn::connect(
         plane.proxy_addr,
         target.tls.clone(),
         plane.proxy_name.clone(),
-    );
+    ));
     let tunnel = match tokio::time::timeout(plane.dp.connect_timeout, dial).await {
         Ok(Ok(t)) => t,
         Ok(Err(ConnectError::Tcp(e))) => {

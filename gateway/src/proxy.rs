@@ -1,8 +1,12 @@
 //! The proxy service: terminates the nodes' mTLS tunnels, decides each session by policy,
 //! logs in upstream without a password, relays, audits, and drains on SIGTERM.
 //!
-//! It runs on a multi-threaded tokio runtime (the proxy is a shared service whose cost is
-//! dominated by TLS on both sides; work stealing balances that well).
+//! It runs one single-threaded tokio runtime per core, each accepting on its own
+//! SO_REUSEPORT socket (the kernel spreads connections by 4-tuple hash), like the node's
+//! data plane: a session's tasks never move between threads, so the relays' thread-local
+//! buffer pools get their buffers back on the thread that lent them, and no session waits
+//! for a work-stealing hand-off. (Measured on the 2-core bench machine: neutral for
+//! latency and throughput against the multi-threaded runtime; see `bench/RESULTS.md`.)
 
 mod cancel;
 mod relay;
@@ -97,35 +101,96 @@ pub fn run(cfg: ProxyConfig) -> anyhow::Result<()> {
     let readiness = Readiness::default();
     let not_ready = readiness.block("proxy listener");
     let admin_addr = admin::spawn(cfg.admin_listen, metrics, readiness)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("proxy")
-        .build()?;
-    rt.block_on(async move {
-        let listener = TcpListener::bind(cfg.listen)
-            .await
-            .with_context(|| format!("failed to bind proxy listen address {}", cfg.listen))?;
-        let local = listener.local_addr()?;
-        let shared = Arc::new(prepare(cfg, local)?);
-        tracing::info!(listen = %local, admin = %admin_addr, "proxy ready");
-        // Machine-readable start-up lines (the demo and the tests bind port 0 and read them).
-        println!("ADMIN {admin_addr}");
-        println!("LISTENING {local}");
-        drop(not_ready);
-        let (drain_tx, drain_rx) = watch::channel(false);
-        tokio::spawn(async move {
-            admin::shutdown_signal().await;
+    let threads = match cfg.threads {
+        0 => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        n => n,
+    };
+    // Every socket is bound before anything starts, so a bad address fails start-up; a
+    // port of 0 is fixed by the first socket and shared by the others.
+    let mut sockets = Vec::with_capacity(threads);
+    let mut addr = cfg.listen;
+    for _ in 0..threads {
+        let s = reuseport_listener(addr)
+            .with_context(|| format!("failed to bind proxy listen address {addr}"))?;
+        addr = s.local_addr()?;
+        sockets.push(s);
+    }
+    let shared = Arc::new(prepare(cfg, addr)?);
+    let sessions = Arc::new(SessionCount::default());
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let mut workers = Vec::new();
+    let mut sockets = sockets.into_iter();
+    let own = sockets.next().context("no proxy listener")?;
+    for (t, sock) in sockets.enumerate() {
+        let (shared, sessions, drain) = (shared.clone(), sessions.clone(), drain_rx.clone());
+        workers.push(
+            std::thread::Builder::new()
+                .name(format!("proxy-{}", t + 1))
+                .spawn(move || serve_on_thread(shared, sock, sessions, drain))?,
+        );
+    }
+    tracing::info!(listen = %addr, admin = %admin_addr, threads, "proxy ready");
+    // Machine-readable start-up lines (the demo and the tests bind port 0 and read them).
+    println!("ADMIN {admin_addr}");
+    println!("LISTENING {addr}");
+    drop(not_ready);
+    let signal = std::thread::Builder::new()
+        .name("proxy-signal".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(admin::shutdown_signal());
             tracing::info!("shutdown signal: draining");
             let _ = drain_tx.send(true);
-        });
-        serve(shared, listener, drain_rx).await;
-        Ok(())
+            anyhow::Ok(())
+        })?;
+    serve_on_thread(shared, own, sessions, drain_rx)?;
+    for w in workers {
+        let _ = w.join();
+    }
+    let _ = signal.join();
+    Ok(())
+}
+
+fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(4096)?;
+    Ok(s.into())
+}
+
+/// One proxy thread: a single-threaded runtime serving its own listener until drain ends.
+fn serve_on_thread(
+    shared: Arc<Shared>,
+    sock: std::net::TcpListener,
+    sessions: Arc<SessionCount>,
+    drain: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = TcpListener::from_std(sock)?;
+        serve(shared, listener, sessions, drain).await;
+        anyhow::Ok(())
     })
 }
 
-/// Accepts until `drain` turns true, then waits for sessions up to the grace period.
-pub async fn serve(shared: Arc<Shared>, listener: TcpListener, mut drain: watch::Receiver<bool>) {
-    let sessions = Arc::new(SessionCount::default());
+/// Accepts until `drain` turns true, then waits for the sessions of every thread up to the
+/// grace period.
+async fn serve(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    sessions: Arc<SessionCount>,
+    mut drain: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {

@@ -50,7 +50,11 @@ pub async fn handle(
     let _ = tcp.set_nodelay(true);
     let started = Instant::now();
     let timeout = shared.cfg.startup_timeout;
-    let tls = match tokio::time::timeout(timeout, shared.acceptor.accept(tcp)).await {
+    // The set-up steps' futures are boxed: they are large (a TLS handshake, an upstream
+    // login) and would otherwise stay part of this future, i.e. of every session's
+    // memory, for the whole relay. Boxed, they are freed when done.
+    let accept = Box::pin(shared.acceptor.accept(tcp));
+    let tls = match tokio::time::timeout(timeout, accept).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             let reason = handshake_failure_reason(&e);
@@ -98,7 +102,7 @@ pub async fn handle(
         upstream_addr: None,
     };
 
-    let preamble = match tokio::time::timeout(timeout, read_preamble(&mut client)).await {
+    let preamble = match tokio::time::timeout(timeout, Box::pin(read_preamble(&mut client))).await {
         Ok(Ok(p)) => p,
         Ok(Err(Failure::Client(refusal))) => {
             finish_refused(&shared, &mut client, &info, refusal, started).await;
@@ -130,8 +134,11 @@ pub async fn handle(
     }
 
     let remaining = timeout.saturating_sub(started.elapsed());
-    let startup =
-        tokio::time::timeout(remaining, read_startup(&mut client, &identity, &shared)).await;
+    let startup = tokio::time::timeout(
+        remaining,
+        Box::pin(read_startup(&mut client, &identity, &shared)),
+    )
+    .await;
     let startup = match startup {
         Ok(Ok(Some(x))) => x,
         // A cancel request: served, no session.
@@ -185,16 +192,14 @@ pub async fn handle(
     info.role = Some(decision.role.clone());
 
     let login_started = Instant::now();
-    let login = shared
-        .upstreams
-        .login(
-            &decision.database,
-            &decision.db_user,
-            &decision.db_name,
-            &startup.params,
-            shared.cfg.upstream_connect_timeout,
-        )
-        .await;
+    let login = Box::pin(shared.upstreams.login(
+        &decision.database,
+        &decision.db_user,
+        &decision.db_name,
+        &startup.params,
+        shared.cfg.upstream_connect_timeout,
+    ))
+    .await;
     let login = match login {
         Ok(l) => l,
         Err(e) => {
