@@ -91,6 +91,9 @@ pub struct Report {
     pub bytes: u64,
     /// Per operation (latency, connect); absent for COPY.
     pub latency_us: Option<Percentiles>,
+    /// Idle: why fewer connections than asked for were opened (the path refused more).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<String>,
 }
 
 /// One line of COPY data: 1023 bytes of text and a newline.
@@ -166,6 +169,7 @@ fn round_trip(o: &Options) -> Result<Report> {
         seconds: start.elapsed().as_secs_f64(),
         bytes: count * 2 * o.size as u64,
         latency_us: Some(Percentiles::of(&h)),
+        limit: None,
     })
 }
 
@@ -173,29 +177,46 @@ fn round_trip(o: &Options) -> Result<Report> {
 /// overlaps without flooding the listeners' accept queues.
 const IDLE_BATCH: usize = 200;
 
+/// Opens and proves one batch; an error names the connection that failed.
+fn open_batch(o: &Options, first: usize, n: usize) -> Result<Vec<TcpStream>> {
+    let mut batch = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut s = tcp_connect(&o.addr)
+            .with_context(|| format!("connection {} of {}", first + i + 1, o.count))?;
+        s.write_all(b"i")?;
+        batch.push(s);
+    }
+    for (i, s) in batch.iter_mut().enumerate() {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b)
+            .with_context(|| format!("no echo on connection {} of {}", first + i + 1, o.count))?;
+    }
+    Ok(batch)
+}
+
+/// A path that refuses more connections (a peer's own client limit) ends the opening
+/// phase early: the connections already proven are held and measured, and the report
+/// says why there are fewer. No connection at all is an error.
 fn idle(o: &Options) -> Result<Report> {
     let start = Instant::now();
     let mut open: Vec<TcpStream> = Vec::with_capacity(o.count);
+    let mut limit = None;
     while open.len() < o.count {
         let n = IDLE_BATCH.min(o.count - open.len());
-        let mut batch = Vec::with_capacity(n);
-        for _ in 0..n {
-            let mut s = tcp_connect(&o.addr)
-                .with_context(|| format!("after {} open connections", open.len()))?;
-            s.write_all(b"i")?;
-            batch.push(s);
+        match open_batch(o, open.len(), n) {
+            Ok(batch) => open.extend(batch),
+            Err(e) if !open.is_empty() => {
+                limit = Some(format!("{e:#}"));
+                break;
+            }
+            Err(e) => return Err(e),
         }
-        for s in &mut batch {
-            let mut b = [0u8; 1];
-            s.read_exact(&mut b).with_context(|| {
-                format!("no echo on connection {} of {}", open.len() + 1, o.count)
-            })?;
-        }
-        open.extend(batch);
     }
     let seconds = start.elapsed().as_secs_f64();
     say(&format!("OPENED {}", open.len()))?;
     std::thread::sleep(Duration::from_secs_f64(o.hold));
+    // Sampled before the connections are used again (that traffic is not the hold's).
+    say("HELD")?;
     // Still open at the end of the hold: every connection answers again.
     for (i, s) in open.iter_mut().enumerate() {
         s.write_all(b"j")?;
@@ -203,12 +224,12 @@ fn idle(o: &Options) -> Result<Report> {
         s.read_exact(&mut b)
             .with_context(|| format!("connection {i} died during the hold"))?;
     }
-    say("HELD")?;
     Ok(Report {
         count: open.len() as u64,
         seconds,
         bytes: 0,
         latency_us: None,
+        limit,
     })
 }
 
@@ -247,6 +268,7 @@ async fn run(o: &Options) -> Result<Report> {
                 seconds: start.elapsed().as_secs_f64(),
                 bytes: 0,
                 latency_us: Some(Percentiles::of(&h)),
+                limit: None,
             })
         }
         Kind::Connect => {
@@ -279,6 +301,7 @@ async fn run(o: &Options) -> Result<Report> {
                 seconds: start.elapsed().as_secs_f64(),
                 bytes: 0,
                 latency_us: Some(Percentiles::of(&h)),
+                limit: None,
             })
         }
         Kind::CopyOut => {
@@ -293,6 +316,7 @@ async fn run(o: &Options) -> Result<Report> {
                 seconds: start.elapsed().as_secs_f64(),
                 bytes,
                 latency_us: None,
+                limit: None,
             })
         }
         Kind::CopyIn => {
@@ -309,6 +333,7 @@ async fn run(o: &Options) -> Result<Report> {
                 seconds,
                 bytes,
                 latency_us: None,
+                limit: None,
             })
         }
         Kind::RoundTrip | Kind::Idle => anyhow::bail!("{:?} is a plain TCP kind", o.kind),

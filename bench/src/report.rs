@@ -94,7 +94,8 @@ impl Report {
                 m: m.clone(),
             })
             .collect();
-        let mut not_measured = Vec::new();
+        // Notes of single measurements (a peer that held fewer connections) go here too.
+        let mut not_measured: Vec<String> = ms.iter().filter_map(|m| m.note.clone()).collect();
         if let Some(why) = &env.transparent_skipped {
             not_measured.push(format!("gateway-ebpf (eBPF-intercepted pod): {why}"));
         }
@@ -262,7 +263,7 @@ impl Report {
             s.push('\n');
         }
         if !self.not_measured.is_empty() {
-            let _ = writeln!(s, "## Not measured\n");
+            let _ = writeln!(s, "## Not measured, or measured with a caveat\n");
             for n in &self.not_measured {
                 let _ = writeln!(s, "- {n}");
             }

@@ -173,8 +173,11 @@ fn serve_on_thread(
     sessions: Arc<SessionCount>,
     drain: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    // I/O and timers only: the process driver's orphan reaping ran at every park (1 % of
+    // the proxy's samples in a round-trip profile) and signals have their own thread.
     let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
+        .enable_io()
+        .enable_time()
         .build()?;
     rt.block_on(async move {
         let listener = TcpListener::from_std(sock)?;
