@@ -53,15 +53,7 @@ pub fn raise_open_files_limit() {
 
 /// The open-files limit every process of the run has (after raising it).
 pub fn open_files_limit() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct we pass.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return 1024;
-    }
-    lim.rlim_cur
+    gateway::admin::open_files_limit()
 }
 
 /// Connections a tunnel process can relay at once: it holds two sockets per connection,

@@ -179,14 +179,9 @@ const WANTED_OPEN_FILES: u64 = 1 << 20;
 /// where allowed (root with CAP_SYS_RESOURCE, as the DaemonSet runs); the soft default of
 /// 1024 would cap a node at about 500 connections. Never lowers a limit.
 pub fn raise_open_files_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct we pass.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+    let Some(mut lim) = open_files() else {
         return;
-    }
+    };
     let before = lim.rlim_cur;
     if lim.rlim_max < WANTED_OPEN_FILES {
         let want = libc::rlimit {
@@ -205,6 +200,20 @@ pub fn raise_open_files_limit() {
         unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
     }
     tracing::debug!(before, after = lim.rlim_cur, "open files limit");
+}
+
+/// The soft open-files limit of this process (what it may open now).
+pub fn open_files_limit() -> u64 {
+    open_files().map_or(1024, |l| l.rlim_cur)
+}
+
+fn open_files() -> Option<libc::rlimit> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0).then_some(lim)
 }
 
 #[cfg(test)]
