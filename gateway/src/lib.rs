@@ -2,7 +2,7 @@
 //!
 //! Ground floor (imports nothing of ours above it): `pg`, `pki`, `config`, `admin`, `ebpf`,
 //! `localdb`, `identity` (which takes `PodMeta` from `tunnel`). Shared by both wings:
-//! `tunnel`. Serving the proxy: `policy`, `upstream`, `audit`. The CA service: `ca`. The
+//! `tunnel`, `net`. Serving the proxy: `policy`, `upstream`, `audit`. The CA service: `ca`. The
 //! wings `node` and `proxy` never import each other.
 
 pub mod admin;
@@ -12,6 +12,7 @@ pub mod config;
 pub mod ebpf;
 pub mod identity;
 pub mod localdb;
+pub mod net;
 pub mod node;
 pub mod pg;
 pub mod pki;

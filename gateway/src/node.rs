@@ -21,7 +21,6 @@ use std::time::Instant;
 use anyhow::Context;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
-use socket2::{Domain, Socket, Type};
 use tokio_uring::net::{TcpListener, TcpStream};
 
 use crate::admin::{self, Readiness};
@@ -125,8 +124,8 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     for (listen, endpoint) in &mut endpoints {
         let mut addr = *listen;
         for per_thread in sockets.iter_mut() {
-            let s =
-                reuseport_listener(addr).with_context(|| format!("failed to listen on {addr}"))?;
+            let s = crate::net::reuseport_listener(addr, 1024)
+                .with_context(|| format!("failed to listen on {addr}"))?;
             addr = s.local_addr()?;
             per_thread.push(s);
         }
@@ -402,20 +401,6 @@ impl Listener {
             identity_cert: self.identity_cert.clone(),
         }
     }
-}
-
-fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let s = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )?;
-    s.set_reuse_address(true)?;
-    s.set_reuse_port(true)?;
-    s.set_tcp_nodelay(true)?;
-    s.bind(&addr.into())?;
-    s.listen(1024)?;
-    Ok(s.into())
 }
 
 async fn accept_loop(listener: TcpListener, endpoint: Endpoint, plane: Arc<Plane>) {

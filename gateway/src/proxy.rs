@@ -112,8 +112,10 @@ pub fn run(cfg: ProxyConfig) -> anyhow::Result<()> {
     let mut sockets = Vec::with_capacity(threads);
     let mut addr = cfg.listen;
     for _ in 0..threads {
-        let s = reuseport_listener(addr)
+        let s = crate::net::reuseport_listener(addr, 4096)
             .with_context(|| format!("failed to bind proxy listen address {addr}"))?;
+        // tokio registers it with epoll: it must not block.
+        s.set_nonblocking(true)?;
         addr = s.local_addr()?;
         sockets.push(s);
     }
@@ -153,17 +155,6 @@ pub fn run(cfg: ProxyConfig) -> anyhow::Result<()> {
     }
     let _ = signal.join();
     Ok(())
-}
-
-fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    s.set_reuse_address(true)?;
-    s.set_reuse_port(true)?;
-    s.set_nonblocking(true)?;
-    s.bind(&addr.into())?;
-    s.listen(4096)?;
-    Ok(s.into())
 }
 
 /// One proxy thread: a single-threaded runtime serving its own listener until drain ends.
