@@ -206,6 +206,7 @@ fn spec(gateway_bin: &Path, transparent: bool, echo: SocketAddr) -> StackSpec {
         // `direct` and the TLS peers' server ends log in over plain TCP; TLS logins still
         // fall through to the certificate rule, so the gateway's upstream is unchanged.
         extra_hba: vec!["hostnossl all all 127.0.0.1/32 trust".into()],
+        upstream_reuse: None,
     }
 }
 

@@ -34,6 +34,10 @@ pub struct SessionInfo {
     pub client_addr: Option<String>,
     pub node_addr: String,
     pub upstream_addr: Option<String>,
+    /// The server session was kept from an earlier client session (`upstream.reuse`)
+    /// instead of logged in for this one; written only when true.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub upstream_reused: bool,
 }
 
 #[derive(Debug, Serialize)]

@@ -255,8 +255,20 @@ pub fn negotiate_protocol_version(out: &mut Vec<u8>, options: &[String]) {
     push_message(out, b'v', &body);
 }
 
+pub const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
+
 pub fn terminate() -> [u8; 5] {
-    [b'X', 0, 0, 0, 4]
+    TERMINATE
+}
+
+/// A simple-protocol `Query`.
+pub fn query(sql: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(sql.len() + 6);
+    out.push(b'Q');
+    out.extend_from_slice(&((sql.len() + 5) as u32).to_be_bytes());
+    out.extend_from_slice(sql.as_bytes());
+    out.push(0);
+    out
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -354,10 +366,12 @@ impl ErrorResponse {
     }
 }
 
-/// Tracks message boundaries in a backend byte stream without copying it, so the relay can
-/// tell when the server is idle (`ReadyForQuery` with status `I`) for a clean drain.
+/// Tracks message boundaries in a typed-message byte stream (either direction, after
+/// start-up) without copying it: the relay tells from it when the server is idle
+/// (`ReadyForQuery` with status `I`) for a clean drain, and when the client's last bytes
+/// are a `Terminate`, so the server session can be kept for reuse.
 #[derive(Debug, Default)]
-pub struct BackendScanner {
+pub struct MessageScanner {
     /// Header bytes of a message whose header was split across reads.
     header: [u8; 5],
     header_len: usize,
@@ -367,9 +381,12 @@ pub struct BackendScanner {
     tag: u8,
     /// Status byte of the last complete `ReadyForQuery`, if the stream ended right after it.
     idle_status: Option<u8>,
+    /// Where the current (or last) message began in the latest chunk; `None` when it began
+    /// in an earlier one.
+    start: Option<usize>,
 }
 
-impl BackendScanner {
+impl MessageScanner {
     /// Feeds the next chunk; afterwards [`Self::ready_status`] tells whether the chunk ended
     /// exactly after a `ReadyForQuery`.
     pub fn feed(&mut self, mut chunk: &[u8]) -> Result<(), ProtocolError> {
@@ -377,6 +394,8 @@ impl BackendScanner {
             return Ok(());
         }
         self.idle_status = None;
+        self.start = None;
+        let total = chunk.len();
         while !chunk.is_empty() {
             if self.remaining > 0 {
                 let take = self.remaining.min(chunk.len());
@@ -391,6 +410,9 @@ impl BackendScanner {
                 continue;
             }
             self.idle_status = None;
+            if self.header_len == 0 {
+                self.start = Some(total - chunk.len());
+            }
             let take = (5 - self.header_len).min(chunk.len());
             self.header[self.header_len..self.header_len + take].copy_from_slice(&chunk[..take]);
             self.header_len += take;
@@ -406,7 +428,7 @@ impl BackendScanner {
                 ]) as usize;
                 if len < 4 {
                     return Err(ProtocolError::violation(format!(
-                        "invalid message length {len} from server"
+                        "invalid message length {len}"
                     )));
                 }
                 self.remaining = len - 4;
@@ -417,8 +439,23 @@ impl BackendScanner {
 
     /// `Some(status)` when everything fed so far ends exactly at a `ReadyForQuery`.
     pub fn ready_status(&self) -> Option<u8> {
-        if self.remaining == 0 && self.header_len == 0 {
+        if self.at_boundary() {
             self.idle_status
+        } else {
+            None
+        }
+    }
+
+    /// Everything fed so far is whole messages.
+    pub fn at_boundary(&self) -> bool {
+        self.remaining == 0 && self.header_len == 0
+    }
+
+    /// When the last chunk fed ended exactly with a whole message of type `tag` that began
+    /// in that chunk: where in the chunk it began.
+    pub fn ends_with(&self, tag: u8) -> Option<usize> {
+        if self.at_boundary() && self.tag == tag {
+            self.start
         } else {
             None
         }
@@ -553,19 +590,49 @@ mod tests {
         push_message(&mut stream, b'C', b"SELECT 1\0");
         push_message(&mut stream, b'Z', b"I");
         for split in 0..=stream.len() {
-            let mut s = BackendScanner::default();
+            let mut s = MessageScanner::default();
             s.feed(&stream[..split]).unwrap();
             s.feed(&stream[split..]).unwrap();
             assert_eq!(s.ready_status(), Some(b'I'), "split at {split}");
         }
-        let mut s = BackendScanner::default();
+        let mut s = MessageScanner::default();
         s.feed(&stream[..stream.len() - 1]).unwrap();
         assert_eq!(s.ready_status(), None);
         let mut more = stream.clone();
         push_message(&mut more, b'D', b"xx");
-        let mut s = BackendScanner::default();
+        let mut s = MessageScanner::default();
         s.feed(&more).unwrap();
         assert_eq!(s.ready_status(), None);
-        assert!(BackendScanner::default().feed(&[b'Z', 0, 0, 0, 1]).is_err());
+        assert!(MessageScanner::default().feed(&[b'Z', 0, 0, 0, 1]).is_err());
+    }
+
+    #[test]
+    fn scanner_finds_a_trailing_terminate() {
+        let mut stream = Vec::new();
+        push_message(&mut stream, b'Q', b"select 1\0");
+        let query_len = stream.len();
+        stream.extend_from_slice(&terminate());
+        // In one chunk: Terminate starts right after the query.
+        let mut s = MessageScanner::default();
+        s.feed(&stream).unwrap();
+        assert_eq!(s.ends_with(b'X'), Some(query_len));
+        // Alone in the next chunk.
+        let mut s = MessageScanner::default();
+        s.feed(&stream[..query_len]).unwrap();
+        assert_eq!(s.ends_with(b'X'), None);
+        s.feed(&stream[query_len..]).unwrap();
+        assert_eq!(s.ends_with(b'X'), Some(0));
+        // Split inside the Terminate: it did not begin in the last chunk.
+        let mut s = MessageScanner::default();
+        s.feed(&stream[..query_len + 2]).unwrap();
+        s.feed(&stream[query_len + 2..]).unwrap();
+        assert_eq!(s.ends_with(b'X'), None);
+        assert!(s.at_boundary());
+        // An 'X' byte inside a query body is not a Terminate.
+        let mut q = Vec::new();
+        push_message(&mut q, b'Q', b"X\0\0\0\x04");
+        let mut s = MessageScanner::default();
+        s.feed(&q).unwrap();
+        assert_eq!(s.ends_with(b'X'), None);
     }
 }

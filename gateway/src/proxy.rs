@@ -10,6 +10,7 @@
 
 mod cancel;
 mod relay;
+mod reuse;
 mod session;
 mod tcp;
 
@@ -185,6 +186,9 @@ async fn serve(
     sessions: Arc<SessionCount>,
     mut drain: watch::Receiver<bool>,
 ) {
+    // This thread's kept server sessions (`upstream.reuse`): expired ones closed, all of
+    // them on drain.
+    tokio::spawn(reuse::sweep(drain.clone()));
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {

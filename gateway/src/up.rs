@@ -80,6 +80,9 @@ pub struct StackSpec {
     pub node_data_plane_yaml: String,
     /// More entries of the proxy's `databases:` list (YAML sequence items, indented by 2).
     pub extra_databases_yaml: String,
+    /// `upstream.reuse` of the main route (a YAML flow mapping such as `{ max_idle: 8 }`);
+    /// `None` leaves reuse off, as it is by default.
+    pub upstream_reuse: Option<String>,
     /// `tcp` routes on the proxy (and, in transparent mode, intercepted on their port).
     pub tcp_routes: Vec<TcpRoute>,
     /// SQL run as superuser once the database is up (roles, databases, grants).
@@ -288,11 +291,15 @@ impl Stack {
 
     /// The database route's upstream, as the proxy sees it.
     fn databases_yaml(&self) -> String {
-        format!(
+        let mut y = format!(
             "databases:\n  - name: {ROUTE}\n    labels: {{ env: demo }}\n    upstream:\n      address: \"127.0.0.1:{}\"\n      auth: cert\n      server_name: localhost\n      ca: ca/{}\n",
             self.pg.port,
             pki::WORKLOAD_CA_CERT
-        )
+        );
+        if let Some(reuse) = &self.spec.upstream_reuse {
+            y.push_str(&format!("      reuse: {reuse}\n"));
+        }
+        y
     }
 
     /// (Re)starts the proxy on a fresh port; the node config follows it.
@@ -727,6 +734,7 @@ pub fn run(keep: bool, explicit: bool) -> Result<()> {
             "CREATE DATABASE app OWNER app".into(),
         ],
         extra_hba: Vec::new(),
+        upstream_reuse: None,
     };
     let mut stack = Stack::start(spec)?;
     stack.keep_dir = keep;

@@ -88,10 +88,13 @@ impl UpstreamError {
     }
 }
 
+/// The proxy's TLS connection to a PostgreSQL server.
+pub type ServerStream = TlsStream<TcpStream>;
+
 /// A logged-in upstream session, positioned right after the server's first
 /// `ReadyForQuery`.
 pub struct Login {
-    pub stream: TlsStream<TcpStream>,
+    pub stream: ServerStream,
     pub addr: SocketAddr,
     /// `ParameterStatus` and `NoticeResponse` messages, raw, in the server's order.
     pub greeting: Vec<u8>,
@@ -242,13 +245,20 @@ impl Upstreams {
         params.extend(
             extra_params
                 .iter()
-                .filter(|(k, _)| k != "user" && k != "database" && !k.starts_with("_pq_."))
+                .filter(|(k, _)| is_forwarded_param(k))
                 .map(|(k, v)| (k.as_str(), v.as_str())),
         );
         stream.write_all(&pg::encode_startup(&params)).await?;
         stream.flush().await?;
         read_login(stream, addr).await
     }
+}
+
+/// Startup parameters of the client that go to the server as they are: not `user` and
+/// `database` (the policy decides those), not protocol extensions (`_pq_.*`, answered by
+/// the proxy).
+pub fn is_forwarded_param(name: &str) -> bool {
+    name != "user" && name != "database" && !name.starts_with("_pq_.")
 }
 
 async fn read_login(

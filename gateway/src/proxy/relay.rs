@@ -19,7 +19,7 @@ use std::task::Poll;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
 
-use crate::pg::{BackendScanner, ErrorResponse, sqlstate};
+use crate::pg::{MessageScanner, ErrorResponse, sqlstate};
 use crate::tunnel::is_normal_close;
 
 /// One TLS record of plaintext: reads this large coalesce naturally under load.
@@ -110,6 +110,21 @@ pub struct Counters {
 }
 
 impl Counters {
+    /// For a session whose server just sent `ReadyForQuery` `I` (after login or reset).
+    /// Set before the relay starts, not by it: the two directions start in either order.
+    pub fn at_ready() -> Self {
+        Self {
+            idle: AtomicBool::new(true),
+            ..Self::default()
+        }
+    }
+
+    /// The server is idle outside a transaction, everything it sent was delivered, and
+    /// the client sent nothing since.
+    pub fn idle(&self) -> bool {
+        self.idle.load(Relaxed)
+    }
+
     pub fn client_to_server(&self) -> u64 {
         self.client_to_server.load(Relaxed)
     }
@@ -119,8 +134,27 @@ impl Counters {
     }
 }
 
-/// Client → server: plain copy.
-pub async fn client_to_server<R, W>(mut from: R, to: &mut W, counters: &Counters) -> End
+/// How the client's side of a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientEnd {
+    /// The client ended cleanly (`Terminate`, or EOF after whole messages) while the
+    /// server was idle outside a transaction: nothing of the end was passed on, so the
+    /// server session can be reset and kept.
+    Keep,
+    /// The end was passed on (`Terminate`, EOF), or the copy failed.
+    Done,
+}
+
+/// Client → server: a copy that follows message boundaries, so that with `keep` a clean
+/// end leaves the server session open for reuse ([`ClientEnd::Keep`]). Otherwise the
+/// client's `Terminate` and EOF are passed on (TLS close_notify + FIN) so the server ends
+/// the session.
+pub async fn client_to_server<R, W>(
+    mut from: R,
+    to: &mut W,
+    counters: &Counters,
+    keep: bool,
+) -> ClientEnd
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -128,6 +162,9 @@ where
     // Registered once per connection: a lookup per message showed up in profiles.
     let bytes_metric =
         metrics::counter!("gateway_proxy_bytes_total", "direction" => "client_to_server");
+    let mut scanner = MessageScanner::default();
+    let mut framed = keep;
+    let mut terminate: &[u8] = &[];
     loop {
         let chunk = match read_chunk(&mut from).await {
             Ok(c) if c.is_empty() => break,
@@ -135,23 +172,42 @@ where
             Err(e) if is_normal_close(&e) => break,
             Err(e) => {
                 tracing::debug!(%e, "client read failed");
+                framed = false;
                 break;
             }
         };
-        let n = chunk.len();
-        counters.idle.store(false, Relaxed);
-        if let Err(e) = to.write_all(&chunk).await.and(to.flush().await) {
-            if !is_normal_close(&e) {
-                tracing::debug!(%e, "server write failed");
+        // Bad framing is the server's to refuse: keep copying, only never keep.
+        framed = framed && scanner.feed(&chunk).is_ok();
+        let terminate_at = if framed { scanner.ends_with(b'X') } else { None };
+        let forward = &chunk[..terminate_at.unwrap_or(chunk.len())];
+        if !forward.is_empty() {
+            counters.idle.store(false, Relaxed);
+            if let Err(e) = to.write_all(forward).await.and(to.flush().await) {
+                if !is_normal_close(&e) {
+                    tracing::debug!(%e, "server write failed");
+                }
+                return ClientEnd::Done;
             }
-            return End::Closed;
+            counters
+                .client_to_server
+                .fetch_add(forward.len() as u64, Relaxed);
+            bytes_metric.increment(forward.len() as u64);
         }
-        counters.client_to_server.fetch_add(n as u64, Relaxed);
-        bytes_metric.increment(n as u64);
+        if terminate_at.is_some() {
+            terminate = &crate::pg::TERMINATE;
+            break;
+        }
     }
-    // Pass the client's EOF on (TLS close_notify + FIN) so the server ends the session.
+    if framed && scanner.at_boundary() && counters.idle() {
+        return ClientEnd::Keep;
+    }
+    if !terminate.is_empty() && to.write_all(terminate).await.is_ok() {
+        counters
+            .client_to_server
+            .fetch_add(terminate.len() as u64, Relaxed);
+    }
     let _ = to.shutdown().await;
-    End::Closed
+    ClientEnd::Done
 }
 
 /// Server → client, watching message boundaries and the drain signal.
@@ -166,11 +222,11 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut scanner = BackendScanner::default();
+    let mut scanner = MessageScanner::default();
     let mut draining = *drain.borrow();
     // `first` holds any server bytes read together with the login's ReadyForQuery.
-    counters.idle.store(true, Relaxed);
     if !first.is_empty() {
+        counters.idle.store(false, Relaxed);
         if let Err(e) = scanner.feed(first) {
             return End::Protocol(e.message);
         }
@@ -214,6 +270,9 @@ where
             }
         };
         let n = chunk.len();
+        // Not idle while these bytes are on their way: the session can only be kept while
+        // this direction waits for the server with nothing read.
+        counters.idle.store(false, Relaxed);
         if let Err(e) = scanner.feed(&chunk) {
             return End::Protocol(e.message);
         }
@@ -271,7 +330,7 @@ mod tests {
         let (mut server, server_side) = tokio::io::duplex(1024);
         let (client_side, mut client) = tokio::io::duplex(1024);
         let (tx, rx) = watch::channel(false);
-        let counters = Counters::default();
+        let counters = Counters::at_ready();
         let mut client_w = client_side;
         let relay = server_to_client(server_side, &mut client_w, &counters, &[], rx);
         let driver = async {

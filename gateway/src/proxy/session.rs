@@ -13,12 +13,14 @@ use tokio_rustls::server::TlsStream;
 
 use super::Shared;
 use super::cancel::CancelTarget;
-use super::relay::{self, Counters, End};
+use super::relay::{self, ClientEnd, Counters, End};
+use super::reuse;
 use crate::audit::{Outcome, SessionInfo};
 use crate::config::Protocol;
 use crate::pg::{self, ErrorResponse, StartupMessage, StartupRequest, sqlstate};
 use crate::pki::{SpiffeId, spiffe_id_of};
 use crate::tunnel::{PREAMBLE_HEADER_LEN, Preamble};
+use crate::upstream::{Login, ServerStream};
 
 type Client = TlsStream<TcpStream>;
 
@@ -100,6 +102,7 @@ pub async fn handle(
         client_addr: None,
         node_addr: peer.to_string(),
         upstream_addr: None,
+        upstream_reused: false,
     };
 
     let preamble = match tokio::time::timeout(timeout, Box::pin(read_preamble(&mut client))).await {
@@ -191,26 +194,45 @@ pub async fn handle(
     info.db_name = Some(decision.db_name.clone());
     info.role = Some(decision.role.clone());
 
-    let login_started = Instant::now();
-    let login = Box::pin(shared.upstreams.login(
-        &decision.database,
-        &decision.db_user,
-        &decision.db_name,
-        &startup.params,
-        shared.cfg.upstream_connect_timeout,
-    ))
-    .await;
-    let login = match login {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::warn!(session = %info.session_id, route = %preamble.route, user = %decision.db_user, %e, "upstream login failed");
-            let error = e.to_client(&preamble.route, &decision.db_user);
-            finish_refused(&shared, &mut client, &info, error.into(), started).await;
-            return;
+    let reuse = decision.database.upstream.reuse.as_ref();
+    let reuse_key = reuse.map(|_| {
+        reuse::Key::new(
+            &decision.database.name,
+            &decision.db_user,
+            &decision.db_name,
+            &startup.params,
+        )
+    });
+    let (login, born) = match reuse_key.as_ref().and_then(reuse::take) {
+        Some(kept) => {
+            info.upstream_reused = true;
+            kept
+        }
+        None => {
+            let login_started = Instant::now();
+            let login = Box::pin(shared.upstreams.login(
+                &decision.database,
+                &decision.db_user,
+                &decision.db_name,
+                &startup.params,
+                shared.cfg.upstream_connect_timeout,
+            ))
+            .await;
+            match login {
+                Ok(l) => {
+                    metrics::histogram!("gateway_proxy_upstream_login_seconds")
+                        .record(login_started.elapsed().as_secs_f64());
+                    (l, login_started)
+                }
+                Err(e) => {
+                    tracing::warn!(session = %info.session_id, route = %preamble.route, user = %decision.db_user, %e, "upstream login failed");
+                    let error = e.to_client(&preamble.route, &decision.db_user);
+                    finish_refused(&shared, &mut client, &info, error.into(), started).await;
+                    return;
+                }
+            }
         }
     };
-    metrics::histogram!("gateway_proxy_upstream_login_seconds")
-        .record(login_started.elapsed().as_secs_f64());
     info.upstream_addr = Some(login.addr.to_string());
 
     // Greet the client as the server would, with our own cancel key.
@@ -237,15 +259,25 @@ pub async fn handle(
     metrics::counter!("gateway_proxy_sessions_total", "result" => "success").increment(1);
     tracing::info!(session = %info.session_id, %identity, route = %preamble.route, user = %decision.db_user, db = %decision.db_name, "session started");
 
-    let counters = Counters::default();
+    let counters = Counters::at_ready();
     let mut end = End::Closed;
+    let mut kept = None;
+    let Login {
+        stream,
+        addr,
+        greeting,
+        backend_key,
+        ready,
+        rest,
+    } = login;
     if client
         .write_all(&hello)
         .await
         .and(client.flush().await)
         .is_ok()
     {
-        end = relay_session(client, login.stream, &login.rest, &counters, drain).await;
+        let keep = reuse.is_some() && rest.is_empty();
+        (end, kept) = relay_session(client, stream, &rest, &counters, drain.clone(), keep).await;
     }
     drop(cancel_key);
     let outcome = match &end {
@@ -269,25 +301,55 @@ pub async fn handle(
         started.elapsed(),
     );
     tracing::info!(session = %info.session_id, ?end, "session ended");
+    if let (Some(stream), Some(cfg), Some(key)) = (kept, reuse, reuse_key) {
+        if *drain.borrow() {
+            let mut stream = stream;
+            let _ = stream.write_all(&pg::TERMINATE).await;
+            let _ = stream.shutdown().await;
+            return;
+        }
+        let login = Login {
+            stream,
+            addr,
+            greeting,
+            backend_key,
+            ready,
+            rest: Vec::new(),
+        };
+        reuse::keep(key, cfg, login, born, shared.cfg.upstream_connect_timeout).await;
+    }
 }
 
+/// Relays until the session ends. With `keep`, a clean client end while the server is
+/// idle returns the server session (for [`reuse::keep`]) instead of closing it.
 async fn relay_session(
     client: Client,
-    upstream: tokio_rustls::client::TlsStream<TcpStream>,
+    upstream: ServerStream,
     first: &[u8],
     counters: &Counters,
     drain: watch::Receiver<bool>,
-) -> End {
+    keep: bool,
+) -> (End, Option<ServerStream>) {
     let (client_r, mut client_w) = tokio::io::split(client);
-    let (up_r, mut up_w) = tokio::io::split(upstream);
+    let (mut up_r, mut up_w) = tokio::io::split(upstream);
     let end = {
-        let c2s = relay::client_to_server(client_r, &mut up_w, counters);
-        let s2c = relay::server_to_client(up_r, &mut client_w, counters, first, drain);
+        let c2s = relay::client_to_server(client_r, &mut up_w, counters, keep);
+        let s2c = relay::server_to_client(&mut up_r, &mut client_w, counters, first, drain);
         tokio::pin!(c2s, s2c);
         tokio::select! {
-            _ = &mut c2s => s2c.await,
-            end = &mut s2c => end,
+            c = &mut c2s => match c {
+                // Both directions stop here: the server-to-client one waits in a read
+                // with nothing taken (that is what idle means), so dropping it loses
+                // no byte.
+                ClientEnd::Keep => None,
+                ClientEnd::Done => Some(s2c.await),
+            },
+            end = &mut s2c => Some(end),
         }
+    };
+    let Some(end) = end else {
+        let _ = client_w.shutdown().await;
+        return (End::Closed, Some(up_r.unsplit(up_w)));
     };
     if end == End::Drained {
         // Tell the server goodbye properly so it logs no "unexpected EOF".
@@ -295,7 +357,7 @@ async fn relay_session(
     }
     let _ = up_w.shutdown().await;
     let _ = client_w.shutdown().await;
-    end
+    (end, None)
 }
 
 enum Failure {

@@ -64,6 +64,7 @@ pub fn spec() -> StackSpec {
             "CREATE DATABASE app OWNER api".into(),
         ],
         extra_hba: Vec::new(),
+        upstream_reuse: None,
     }
 }
 
