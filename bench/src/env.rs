@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use gateway::pki::{self, CertificateAuthority, LeafSpec, SpiffeId};
-use gateway::up::{PodSpec, Stack, StackSpec, TcpRoute, TransparentSpec, Workload};
+use gateway::up::{PgRoute, PodSpec, Stack, StackSpec, TcpRoute, TransparentSpec, Workload};
 
 use crate::peers::{self, Peer};
 
@@ -20,13 +20,20 @@ const SERVICE_ACCOUNT: &str = "bench";
 
 const ROLES: &str = r#"  - name: bench
     match: { namespace: bench }
-    databases: { names: [main] }
+    databases: { names: [main, main-reuse] }
     db_users: [bench]
     db_names: [bench]
   - name: bench-echo
     match: { namespace: bench }
     databases: { names: [echo] }
 "#;
+
+/// The route with `upstream.reuse` on, its node listener, its settings, and the scenarios
+/// the `gateway-reuse` path runs.
+const REUSE_ROUTE: &str = "main-reuse";
+const REUSE_LISTENER: usize = 2;
+const REUSE: &str = "{ max_idle: 16 }";
+const REUSE_SCENARIOS: &[&str] = &["connect-select-8", "setup-1"];
 
 /// The `tcp` route to the echo server, and the port pods dial it on (the database's
 /// address, intercepted like 5432).
@@ -48,6 +55,14 @@ pub struct DataPath {
     pub tunnel_pids: Vec<u32>,
     /// What the path is, hop by hop, for the report.
     pub description: String,
+    /// Only these scenarios (all when `None`).
+    pub scenarios: Option<&'static [&'static str]>,
+}
+
+impl DataPath {
+    pub fn runs(&self, scenario: &str) -> bool {
+        self.scenarios.is_none_or(|s| s.contains(&scenario))
+    }
 }
 
 impl DataPath {
@@ -121,6 +136,7 @@ impl Env {
             pod: None,
             tunnel_pids: Vec::new(),
             description: "client → PostgreSQL (TCP loopback, no TLS)".into(),
+            scenarios: None,
         }];
         let l = stack.listeners[0];
         paths.push(DataPath {
@@ -132,6 +148,22 @@ impl Env {
             tunnel_pids: gw_pids.clone(),
             description: "client → node explicit listener → mTLS 1.3 → proxy → TLS → PostgreSQL"
                 .into(),
+            scenarios: None,
+        });
+        // The same hops with `upstream.reuse` on: only where a new session's server login
+        // is what is measured (long sessions are the `gateway` path's figures).
+        let l = stack.listeners[REUSE_LISTENER];
+        paths.push(DataPath {
+            name: "gateway-reuse".into(),
+            host: l.ip().to_string(),
+            port: l.port(),
+            tcp_addr: stack.listeners[1].to_string(),
+            pod: None,
+            tunnel_pids: gw_pids.clone(),
+            description: format!(
+                "as `gateway`, with the proxy's upstream.reuse {REUSE} (server sessions reset with DISCARD ALL and kept for the next client)"
+            ),
+            scenarios: Some(REUSE_SCENARIOS),
         });
         if let Some(k) = &stack.kernel {
             paths.push(DataPath {
@@ -144,6 +176,7 @@ impl Env {
                 description:
                     "client in pod netns → connect4 rewrite → node → mTLS 1.3 → proxy → TLS → PostgreSQL"
                         .into(),
+                scenarios: None,
             });
         }
         for (name, peer) in [("stunnel", &stunnel), ("haproxy", &haproxy)] {
@@ -157,6 +190,7 @@ impl Env {
                 description: format!(
                     "client → {name} client → mTLS 1.3 (ECDSA P-256) → {name} server → PostgreSQL"
                 ),
+                scenarios: None,
             });
         }
         Ok(Self {
@@ -184,6 +218,10 @@ fn spec(gateway_bin: &Path, transparent: bool, echo: SocketAddr) -> StackSpec {
         workloads: vec![
             Workload::new(NAMESPACE, SERVICE_ACCOUNT),
             Workload::tcp(NAMESPACE, SERVICE_ACCOUNT, ECHO_ROUTE),
+            Workload {
+                route: REUSE_ROUTE.into(),
+                ..Workload::new(NAMESPACE, SERVICE_ACCOUNT)
+            },
         ],
         roles_yaml: ROLES.into(),
         proxy_extra_yaml: String::new(),
@@ -207,6 +245,10 @@ fn spec(gateway_bin: &Path, transparent: bool, echo: SocketAddr) -> StackSpec {
         // fall through to the certificate rule, so the gateway's upstream is unchanged.
         extra_hba: vec!["hostnossl all all 127.0.0.1/32 trust".into()],
         upstream_reuse: None,
+        pg_routes: vec![PgRoute {
+            name: REUSE_ROUTE.into(),
+            reuse: Some(REUSE.into()),
+        }],
     }
 }
 

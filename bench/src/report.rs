@@ -31,6 +31,9 @@ pub struct PathInfo {
     pub name: String,
     pub description: String,
     pub tunnel_pids: Vec<u32>,
+    /// The scenarios this path runs, when not all of them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scenarios: Option<Vec<String>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -110,6 +113,9 @@ impl Report {
                     name: p.name.clone(),
                     description: p.description.clone(),
                     tunnel_pids: p.tunnel_pids.clone(),
+                    scenarios: p
+                        .scenarios
+                        .map(|s| s.iter().map(|x| x.to_string()).collect()),
                 })
                 .collect(),
             not_measured,
@@ -148,7 +154,11 @@ impl Report {
             .iter()
             .filter(|s| self.results.iter().any(|r| r.m.scenario == s.name));
         for s in run {
-            for p in &self.paths {
+            for p in self.paths.iter().filter(|p| {
+                p.scenarios
+                    .as_ref()
+                    .is_none_or(|only| only.iter().any(|x| x == s.name))
+            }) {
                 if !self
                     .results
                     .iter()
@@ -416,7 +426,7 @@ fn targets(rows: &[Row], env: &Env) -> Vec<TargetResult> {
         ),
     ];
     for p in env.paths.iter().filter(|p| p.name.starts_with("gateway")) {
-        for &(target, sc, fig, against, at_least, bound) in checks {
+        for &(target, sc, fig, against, at_least, bound) in checks.iter().filter(|c| p.runs(c.1)) {
             let (status, figures) = match get(&p.name, sc) {
                 None => ("not measured".to_owned(), String::new()),
                 Some(r) => {
@@ -447,8 +457,12 @@ fn targets(rows: &[Row], env: &Env) -> Vec<TargetResult> {
                 figures,
             });
         }
-        out.push(round_trip_target(&p.name, get));
-        out.extend(idle_targets(&p.name, get));
+        if p.runs("rtt-1") {
+            out.push(round_trip_target(&p.name, get));
+        }
+        if p.runs("idle") {
+            out.extend(idle_targets(&p.name, get));
+        }
     }
     out
 }

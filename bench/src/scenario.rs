@@ -211,7 +211,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         .iter()
         .filter(|s| opts.only.is_empty() || opts.only.iter().any(|o| o == s.name))
     {
-        for p in &env.paths {
+        for p in env.paths.iter().filter(|p| p.runs(s.name)) {
             let t = std::time::Instant::now();
             let m = measure(&env, p, s, &plan, &me)
                 .await

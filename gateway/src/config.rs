@@ -959,9 +959,10 @@ mod tests {
         let parse = |db: &str| {
             parse_yaml::<ProxyConfig>(Path::new("p.yaml"), &format!("{base}databases:\n{db}"))
         };
-        let cfg =
-            parse("  - {name: main, upstream: {address: 'db:5432', auth: cert, ca: ca, reuse: {}}}\n")
-                .unwrap();
+        let cfg = parse(
+            "  - {name: main, upstream: {address: 'db:5432', auth: cert, ca: ca, reuse: {}}}\n",
+        )
+        .unwrap();
         assert_eq!(cfg.validate(), Ok(()));
         let r = cfg.databases[0].upstream.reuse.as_ref().unwrap();
         assert_eq!(
@@ -976,7 +977,10 @@ mod tests {
             .unwrap()
             .validate()
             .unwrap_err();
-        assert!(e.contains("upstream.reuse.max_idle must be 1 to 1024"), "{e}");
+        assert!(
+            e.contains("upstream.reuse.max_idle must be 1 to 1024"),
+            "{e}"
+        );
         let e = parse("  - {name: echo, protocol: tcp, upstream: {address: 'e:7', reuse: {}}}\n")
             .unwrap()
             .validate()

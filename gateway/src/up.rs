@@ -67,6 +67,14 @@ pub struct TcpRoute {
     pub intercept_port: u16,
 }
 
+/// A `postgres` route of the proxy to the stack's own server.
+#[derive(Debug, Clone)]
+pub struct PgRoute {
+    pub name: String,
+    /// `upstream.reuse`, as a YAML flow mapping; `None` for off.
+    pub reuse: Option<String>,
+}
+
 #[derive(Debug, Clone)]
 pub struct StackSpec {
     /// The `gateway` binary to run for the proxy and the node.
@@ -83,6 +91,9 @@ pub struct StackSpec {
     /// `upstream.reuse` of the main route (a YAML flow mapping such as `{ max_idle: 8 }`);
     /// `None` leaves reuse off, as it is by default.
     pub upstream_reuse: Option<String>,
+    /// More `postgres` routes to the stack's own server (e.g. the same database with
+    /// `upstream.reuse` on, next to the main route without it).
+    pub pg_routes: Vec<PgRoute>,
     /// `tcp` routes on the proxy (and, in transparent mode, intercepted on their port).
     pub tcp_routes: Vec<TcpRoute>,
     /// SQL run as superuser once the database is up (roles, databases, grants).
@@ -289,15 +300,23 @@ impl Stack {
         Ok(stack)
     }
 
-    /// The database route's upstream, as the proxy sees it.
+    /// The database routes to the stack's server, as the proxy sees them.
     fn databases_yaml(&self) -> String {
-        let mut y = format!(
-            "databases:\n  - name: {ROUTE}\n    labels: {{ env: demo }}\n    upstream:\n      address: \"127.0.0.1:{}\"\n      auth: cert\n      server_name: localhost\n      ca: ca/{}\n",
-            self.pg.port,
-            pki::WORKLOAD_CA_CERT
-        );
-        if let Some(reuse) = &self.spec.upstream_reuse {
-            y.push_str(&format!("      reuse: {reuse}\n"));
+        let main = PgRoute {
+            name: ROUTE.into(),
+            reuse: self.spec.upstream_reuse.clone(),
+        };
+        let mut y = String::from("databases:\n");
+        for r in std::iter::once(&main).chain(&self.spec.pg_routes) {
+            y.push_str(&format!(
+                "  - name: {}\n    labels: {{ env: demo }}\n    upstream:\n      address: \"127.0.0.1:{}\"\n      auth: cert\n      server_name: localhost\n      ca: ca/{}\n",
+                r.name,
+                self.pg.port,
+                pki::WORKLOAD_CA_CERT
+            ));
+            if let Some(reuse) = &r.reuse {
+                y.push_str(&format!("      reuse: {reuse}\n"));
+            }
         }
         y
     }
@@ -735,6 +754,7 @@ pub fn run(keep: bool, explicit: bool) -> Result<()> {
         ],
         extra_hba: Vec::new(),
         upstream_reuse: None,
+        pg_routes: Vec::new(),
     };
     let mut stack = Stack::start(spec)?;
     stack.keep_dir = keep;

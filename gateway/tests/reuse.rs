@@ -36,7 +36,8 @@ fn stack() -> Stack {
     db_names: [app]
 "#
     .into();
-    spec.setup_sql.push("GRANT ALL ON DATABASE app TO worker".into());
+    spec.setup_sql
+        .push("GRANT ALL ON DATABASE app TO worker".into());
     Stack::start(spec).expect("start the stack")
 }
 
@@ -51,7 +52,9 @@ async fn text(c: &tokio_postgres::Client, sql: &str) -> String {
     let rows = c.simple_query(sql).await.unwrap();
     rows.iter()
         .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("NULL").to_owned()),
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                Some(r.get(0).unwrap_or("NULL").to_owned())
+            }
             _ => None,
         })
         .unwrap_or_else(|| panic!("{sql}: no row: {rows:?}"))
@@ -84,7 +87,11 @@ async fn close(c: (tokio_postgres::Client, tokio::task::JoinHandle<()>)) {
 }
 
 fn kept(s: &Stack) -> f64 {
-    metric(&scrape(s.proxy_admin), "gateway_proxy_upstream_kept_sessions").unwrap_or(0.0)
+    metric(
+        &scrape(s.proxy_admin),
+        "gateway_proxy_upstream_kept_sessions",
+    )
+    .unwrap_or(0.0)
 }
 
 fn reuse_count(s: &Stack, result: &str) -> f64 {
@@ -148,10 +155,17 @@ async fn kept_session_is_reset_and_serves_only_the_same_user_and_parameters() {
     let e = c.simple_query("execute p").await.unwrap_err();
     assert_eq!(sqlstate(&e), "26000", "prepared statement gone: {e}");
     assert_eq!(
-        text(c, "select count(*) from pg_locks where locktype = 'advisory'").await,
+        text(
+            c,
+            "select count(*) from pg_locks where locktype = 'advisory'"
+        )
+        .await,
         "0"
     );
-    assert_eq!(text(c, "select count(*) from pg_listening_channels()").await, "0");
+    assert_eq!(
+        text(c, "select count(*) from pg_listening_channels()").await,
+        "0"
+    );
 
     // A different database user or different startup parameters never take it.
     close(second).await;
@@ -208,7 +222,10 @@ async fn open_transaction_killed_backend_and_expiry_are_not_reused_and_drain_clo
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(kept(&s), 0.0);
     assert_eq!(reuse_count(&s, "idle_timeout"), 1.0);
-    wait_for("the expired backend to end", || !backend_alive(&s, fresh_pid)).await;
+    wait_for("the expired backend to end", || {
+        !backend_alive(&s, fresh_pid)
+    })
+    .await;
 
     // Drain closes kept sessions: the proxy exits and their backends end.
     let last = open(&s, API, "api", "").await;

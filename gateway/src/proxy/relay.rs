@@ -19,7 +19,7 @@ use std::task::Poll;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
 
-use crate::pg::{MessageScanner, ErrorResponse, sqlstate};
+use crate::pg::{ErrorResponse, MessageScanner, sqlstate};
 use crate::tunnel::is_normal_close;
 
 /// One TLS record of plaintext: reads this large coalesce naturally under load.
@@ -178,7 +178,11 @@ where
         };
         // Bad framing is the server's to refuse: keep copying, only never keep.
         framed = framed && scanner.feed(&chunk).is_ok();
-        let terminate_at = if framed { scanner.ends_with(b'X') } else { None };
+        let terminate_at = if framed {
+            scanner.ends_with(b'X')
+        } else {
+            None
+        };
         let forward = &chunk[..terminate_at.unwrap_or(chunk.len())];
         if !forward.is_empty() {
             counters.idle.store(false, Relaxed);

@@ -358,18 +358,29 @@ mod tests {
             "main",
             "api",
             "app",
-            &p(&[("application_name", "x"), ("client_encoding", "UTF8"), ("user", "zz")]),
+            &p(&[
+                ("application_name", "x"),
+                ("client_encoding", "UTF8"),
+                ("user", "zz"),
+            ]),
         );
         let b = Key::new(
             "main",
             "api",
             "app",
-            &p(&[("client_encoding", "UTF8"), ("_pq_.x", "1"), ("application_name", "x")]),
+            &p(&[
+                ("client_encoding", "UTF8"),
+                ("_pq_.x", "1"),
+                ("application_name", "x"),
+            ]),
         );
         assert_eq!(a, b);
         let other_user = Key::new("main", "worker", "app", &p(&[("application_name", "x")]));
         assert_ne!(a, other_user);
         let other_params = Key::new("main", "api", "app", &p(&[("application_name", "y")]));
-        assert_ne!(Key::new("main", "api", "app", &p(&[("application_name", "x")])), other_params);
+        assert_ne!(
+            Key::new("main", "api", "app", &p(&[("application_name", "x")])),
+            other_params
+        );
     }
 }

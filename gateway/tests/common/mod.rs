@@ -65,6 +65,7 @@ pub fn spec() -> StackSpec {
         ],
         extra_hba: Vec::new(),
         upstream_reuse: None,
+        pg_routes: Vec::new(),
     }
 }
 
