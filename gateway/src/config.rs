@@ -328,7 +328,22 @@ pub struct DataPlaneConfig {
     /// How long a client may take to send its startup packet.
     #[serde(deserialize_with = "duration")]
     pub startup_timeout: Duration,
+    /// Pre-handshaked tunnels to the proxy kept ready per workload identity and data-plane
+    /// thread, refilled as sessions take them (0 turns the warm pool off). A new session
+    /// then skips the TCP and mTLS handshake with the proxy.
+    pub warm_tunnels: usize,
+    /// A warm tunnel unused this long is closed (an identity that stops connecting keeps
+    /// nothing open). Must stay below the proxy's `tunnel_idle_timeout`.
+    #[serde(deserialize_with = "duration")]
+    pub warm_tunnel_idle: Duration,
 }
+
+pub const DEFAULT_WARM_TUNNELS: usize = 2;
+pub const DEFAULT_WARM_TUNNEL_IDLE: Duration = Duration::from_secs(20);
+/// How long the proxy waits for the preamble on a handshaked tunnel (the node's warm
+/// tunnels wait there).
+pub const DEFAULT_TUNNEL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const MAX_WARM_TUNNELS: usize = 64;
 
 impl Default for DataPlaneConfig {
     fn default() -> Self {
@@ -338,6 +353,8 @@ impl Default for DataPlaneConfig {
             buffer_budget: DEFAULT_BUFFER_BUDGET,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             startup_timeout: DEFAULT_STARTUP_TIMEOUT,
+            warm_tunnels: DEFAULT_WARM_TUNNELS,
+            warm_tunnel_idle: DEFAULT_WARM_TUNNEL_IDLE,
         }
     }
 }
@@ -418,6 +435,17 @@ impl NodeConfig {
                 "data_plane.buffer_budget: {} is below one TLS record ({TLS_RECORD_PAYLOAD} bytes)",
                 dp.buffer_budget
             ));
+        }
+        if dp.warm_tunnels > MAX_WARM_TUNNELS {
+            return Err(format!(
+                "data_plane.warm_tunnels: {} is above {MAX_WARM_TUNNELS} per identity and thread",
+                dp.warm_tunnels
+            ));
+        }
+        if dp.warm_tunnels > 0 && dp.warm_tunnel_idle.is_zero() {
+            return Err(
+                "data_plane.warm_tunnel_idle: must be more than 0 (or set warm_tunnels: 0)".into(),
+            );
         }
         if dp.max_flush_delay > Duration::from_millis(100) {
             return Err(format!(
@@ -531,6 +559,10 @@ pub struct ProxyConfig {
     pub drain_grace: Duration,
     #[serde(default = "default_startup_timeout", deserialize_with = "duration")]
     pub startup_timeout: Duration,
+    /// How long a handshaked tunnel may wait for its preamble: nodes keep warm tunnels
+    /// (`data_plane.warm_tunnels`) that send it only when an application connects.
+    #[serde(default = "default_tunnel_idle_timeout", deserialize_with = "duration")]
+    pub tunnel_idle_timeout: Duration,
     #[serde(default = "default_connect_timeout", deserialize_with = "duration")]
     pub upstream_connect_timeout: Duration,
     #[serde(default)]
@@ -549,6 +581,9 @@ fn default_startup_timeout() -> Duration {
 }
 fn default_connect_timeout() -> Duration {
     DEFAULT_CONNECT_TIMEOUT
+}
+fn default_tunnel_idle_timeout() -> Duration {
+    DEFAULT_TUNNEL_IDLE_TIMEOUT
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -11,6 +11,7 @@ mod relay;
 mod startup;
 mod tls;
 mod transparent;
+mod warm;
 
 use std::cell::Cell;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -51,6 +52,7 @@ struct Plane {
     proxy_name: ServerName<'static>,
     dp: DataPlaneConfig,
     budget: Budget,
+    warm: Arc<warm::Dialer>,
 }
 
 /// `gateway node`: explicit listeners and/or transparent interception; runs until
@@ -139,8 +141,14 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let plane = Arc::new(Plane {
         node_name: cfg.node_name.clone(),
         proxy_addr,
-        proxy_name,
         budget: Budget::new(cfg.data_plane.buffer_budget),
+        warm: Arc::new(warm::Dialer {
+            proxy_addr,
+            proxy_name: proxy_name.clone(),
+            connect_timeout: cfg.data_plane.connect_timeout,
+            keep: cfg.data_plane.warm_tunnels,
+        }),
+        proxy_name,
         dp: cfg.data_plane.clone(),
     });
 
@@ -156,6 +164,9 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
                     for (sock, endpoint) in socks.into_iter().zip(endpoints) {
                         let listener = TcpListener::from_std(sock);
                         tokio_uring::spawn(accept_loop(listener, endpoint, plane.clone()));
+                    }
+                    if plane.dp.warm_tunnels > 0 {
+                        tokio_uring::spawn(warm::sweep(plane.dp.warm_tunnel_idle));
                     }
                     let _ = bound_tx.send(Ok(()));
                     std::future::pending::<()>().await;
@@ -589,14 +600,25 @@ async fn tunnel_session(
     plane: &Plane,
 ) {
     let started = Instant::now();
-    // Boxed: the handshake's future is large and would otherwise stay part of this
-    // connection's task for its whole life.
-    let dial = Box::pin(TlsConn::connect(
-        plane.proxy_addr,
-        target.tls.clone(),
-        plane.proxy_name.clone(),
-    ));
-    let tunnel = match tokio::time::timeout(plane.dp.connect_timeout, dial).await {
+    let warm = warm::take(&target.tls, plane.dp.warm_tunnel_idle);
+    // Whether a warm tunnel was there or not, the next session of this identity should
+    // find one.
+    warm::refill(&target.tls, &plane.warm);
+    let dialled = warm.is_none();
+    let tunnel = match warm {
+        Some(t) => Ok(Ok(t)),
+        None => {
+            // Boxed: the handshake's future is large and would otherwise stay part of
+            // this connection's task for its whole life.
+            let dial = Box::pin(TlsConn::connect(
+                plane.proxy_addr,
+                target.tls.clone(),
+                plane.proxy_name.clone(),
+            ));
+            tokio::time::timeout(plane.dp.connect_timeout, dial).await
+        }
+    };
+    let tunnel = match tunnel {
         Ok(Ok(t)) => t,
         Ok(Err(ConnectError::Tcp(e))) => {
             node_error("proxy_unreachable");
@@ -640,8 +662,11 @@ async fn tunnel_session(
             return;
         }
     };
-    metrics::histogram!("gateway_node_tunnel_handshake_seconds")
-        .record(started.elapsed().as_secs_f64());
+    if dialled {
+        warm::handshake_done(&tunnel);
+        metrics::histogram!("gateway_node_tunnel_handshake_seconds")
+            .record(started.elapsed().as_secs_f64());
+    }
 
     let preamble = Preamble {
         route: target.route.clone(),

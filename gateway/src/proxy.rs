@@ -45,7 +45,8 @@ pub struct Shared {
     pub local_addr: SocketAddr,
 }
 
-/// Counts live sessions so that drain can wait for the last one.
+/// Counts live connections (sessions, and tunnels still in their handshake or waiting for
+/// a preamble) so that drain can wait for the last one.
 #[derive(Default)]
 struct SessionCount {
     n: AtomicUsize,
@@ -57,14 +58,12 @@ struct SessionGuard(Arc<SessionCount>);
 impl SessionGuard {
     fn new(c: &Arc<SessionCount>) -> Self {
         c.n.fetch_add(1, Ordering::SeqCst);
-        metrics::gauge!("gateway_proxy_active_sessions").increment(1.0);
         Self(c.clone())
     }
 }
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
-        metrics::gauge!("gateway_proxy_active_sessions").decrement(1.0);
         if self.0.n.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.0.zero.notify_waiters();
         }

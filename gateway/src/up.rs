@@ -84,7 +84,8 @@ pub struct StackSpec {
     pub roles_yaml: String,
     /// Extra top-level proxy settings (YAML lines), e.g. `drain_grace: 5s`.
     pub proxy_extra_yaml: String,
-    /// Extra `data_plane:` settings of the node (YAML mapping lines, indented by 2).
+    /// Extra `data_plane:` settings of the node (YAML mapping lines, indented by 2; a
+    /// `threads:` line here replaces the default of 2).
     pub node_data_plane_yaml: String,
     /// More entries of the proxy's `databases:` list (YAML sequence items, indented by 2).
     pub extra_databases_yaml: String,
@@ -378,7 +379,10 @@ impl Stack {
             self.proxy_addr,
             pki::WORKLOAD_CA_CERT
         )?;
-        writeln!(y, "data_plane:\n  threads: 2")?;
+        writeln!(y, "data_plane:")?;
+        if !self.spec.node_data_plane_yaml.contains("  threads:") {
+            writeln!(y, "  threads: 2")?;
+        }
         y.push_str(&self.spec.node_data_plane_yaml);
         if !y.ends_with('\n') {
             y.push('\n');

@@ -9,6 +9,7 @@
 use std::cell::RefCell;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -28,6 +29,12 @@ fn tls_err(e: rustls::Error) -> io::Error {
 }
 
 impl TlsConn {
+    /// Whether this tunnel's handshake resumed an earlier TLS session (no certificates
+    /// exchanged, no signatures made).
+    pub fn resumed(&self) -> bool {
+        self.tls.borrow().handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+    }
+
     /// Dials `addr` and completes the TLS 1.3 handshake.
     pub async fn connect(
         addr: SocketAddr,
@@ -170,6 +177,32 @@ impl TlsConn {
         self.tls.borrow_mut().send_close_notify();
         let _ = self.flush().await;
         let _ = self.sock.shutdown(std::net::Shutdown::Write);
+    }
+
+    /// For a tunnel that sat unused: takes in whatever the proxy sent meanwhile (TLS 1.3
+    /// session tickets, which rustls stores for resumption) without waiting, and says
+    /// whether the tunnel is still good: open, and no application data or alert arrived.
+    /// Only valid while no read is posted on the socket.
+    pub fn still_open(&self) -> bool {
+        let fd = self.sock.as_raw_fd();
+        let mut buf = [0u8; 4096];
+        loop {
+            // SAFETY: recv(2) into a live stack buffer of the given length; MSG_DONTWAIT
+            // never blocks the runtime thread.
+            let n =
+                unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+            if n < 0 {
+                return io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock;
+            }
+            if n == 0 {
+                return false;
+            }
+            let mut plain = Vec::new();
+            match self.ingest(&buf[..n as usize], &mut plain) {
+                Ok(true) if plain.is_empty() => continue,
+                _ => return false,
+            }
+        }
     }
 
     pub fn wants_write(&self) -> bool {

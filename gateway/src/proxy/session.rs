@@ -39,6 +39,38 @@ impl From<ErrorResponse> for Refusal {
     }
 }
 
+/// `gateway_proxy_active_sessions`: tunnels that sent a preamble, until they end (warm
+/// tunnels waiting for one are `gateway_proxy_waiting_tunnels`).
+struct ActiveSession;
+
+impl ActiveSession {
+    fn new() -> Self {
+        metrics::gauge!("gateway_proxy_active_sessions").increment(1.0);
+        Self
+    }
+}
+
+impl Drop for ActiveSession {
+    fn drop(&mut self) {
+        metrics::gauge!("gateway_proxy_active_sessions").decrement(1.0);
+    }
+}
+
+struct WaitingTunnel;
+
+impl WaitingTunnel {
+    fn new() -> Self {
+        metrics::gauge!("gateway_proxy_waiting_tunnels").increment(1.0);
+        Self
+    }
+}
+
+impl Drop for WaitingTunnel {
+    fn drop(&mut self) {
+        metrics::gauge!("gateway_proxy_waiting_tunnels").decrement(1.0);
+    }
+}
+
 pub(super) fn error_counter(code: &str) {
     metrics::counter!("gateway_proxy_errors_total", "sqlstate" => code.to_owned()).increment(1);
 }
@@ -105,14 +137,38 @@ pub async fn handle(
         upstream_reused: false,
     };
 
-    let preamble = match tokio::time::timeout(timeout, Box::pin(read_preamble(&mut client))).await {
+    // A node's warm tunnel sends its preamble only when an application connects: wait up
+    // to `tunnel_idle_timeout` for it (the handshake already proved the identity), and
+    // not past a drain.
+    let mut drain_seen = drain.clone();
+    let waiting = WaitingTunnel::new();
+    let preamble = tokio::select! {
+        r = tokio::time::timeout(
+            shared.cfg.tunnel_idle_timeout,
+            Box::pin(read_preamble(&mut client)),
+        ) => r,
+        () = async { let _ = drain_seen.wait_for(|d| *d).await; } => {
+            let _ = client.shutdown().await;
+            return;
+        }
+    };
+    let preamble = match preamble {
         Ok(Ok(p)) => p,
         Ok(Err(Failure::Client(refusal))) => {
             finish_refused(&shared, &mut client, &info, refusal, started).await;
             return;
         }
-        Ok(Err(Failure::Gone)) | Err(_) => return,
+        Ok(Err(Failure::Gone)) => return,
+        Err(_) => {
+            metrics::counter!("gateway_proxy_idle_tunnels_closed_total").increment(1);
+            let _ = client.shutdown().await;
+            return;
+        }
     };
+    drop(waiting);
+    // The session starts with its preamble (a warm tunnel may have waited before it).
+    let started = Instant::now();
+    let _active = ActiveSession::new();
     info.node = Some(preamble.node.clone());
     info.pod = Some(preamble.pod.clone());
     info.database_route = Some(preamble.route.clone());

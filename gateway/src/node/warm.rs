@@ -1,0 +1,183 @@
+//! The warm pool: mTLS tunnels to the proxy, handshaked ahead of need, per workload
+//! identity and data-plane thread. A new application connection takes one and only sends
+//! its preamble, so its set-up skips the TCP and TLS handshakes with the proxy.
+//!
+//! The pool fills on demand: each session that takes a tunnel (or finds none) starts one
+//! dial in the background while fewer than `warm_tunnels` are kept or dialling, so a busy
+//! identity always finds one and an idle one holds nothing once `warm_tunnel_idle` passes.
+//! Tunnels stay on the thread that dialled them (io_uring sockets belong to their ring).
+//!
+//! Identity: a pool belongs to one `ClientConfig`, i.e. to one workload certificate; the
+//! entry holds that `Arc`, so the key (its address) cannot be reused by another identity's
+//! configuration while tunnels of this one are kept. A renewed certificate is a new
+//! configuration and a new pool; the old one empties as its tunnels expire.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+
+use super::tls::TlsConn;
+
+/// Where and how to dial, and how many to keep.
+#[derive(Clone)]
+pub struct Dialer {
+    pub proxy_addr: SocketAddr,
+    pub proxy_name: ServerName<'static>,
+    pub connect_timeout: Duration,
+    pub keep: usize,
+}
+
+struct Pool {
+    tls: Arc<ClientConfig>,
+    /// Newest last, with when it was made ready.
+    ready: Vec<(TlsConn, Instant)>,
+    dialling: usize,
+}
+
+thread_local! {
+    static POOLS: RefCell<HashMap<usize, Pool>> = RefCell::new(HashMap::new());
+}
+
+fn key(tls: &Arc<ClientConfig>) -> usize {
+    Arc::as_ptr(tls) as usize
+}
+
+fn count(result: &'static str) {
+    metrics::counter!("gateway_node_warm_tunnels_total", "result" => result).increment(1);
+}
+
+/// A ready tunnel for this identity, if one is kept and still good.
+pub fn take(tls: &Arc<ClientConfig>, idle: Duration) -> Option<TlsConn> {
+    let now = Instant::now();
+    loop {
+        let (conn, since) = POOLS.with(|p| {
+            p.borrow_mut()
+                .get_mut(&key(tls))
+                .filter(|pool| Arc::ptr_eq(&pool.tls, tls))
+                .and_then(|pool| pool.ready.pop())
+        })?;
+        metrics::gauge!("gateway_node_warm_tunnels").decrement(1.0);
+        if now.duration_since(since) >= idle {
+            count("expired");
+            close(conn);
+            continue;
+        }
+        if !conn.still_open() {
+            // The proxy ended it (restart, its tunnel_idle_timeout) or sent an alert.
+            count("stale");
+            continue;
+        }
+        count("hit");
+        return Some(conn);
+    }
+}
+
+/// Starts one background dial for this identity unless enough are kept or on their way.
+pub fn refill(tls: &Arc<ClientConfig>, d: &Arc<Dialer>) {
+    if d.keep == 0 {
+        return;
+    }
+    let start = POOLS.with(|p| {
+        let mut pools = p.borrow_mut();
+        let pool = pools.entry(key(tls)).or_insert_with(|| Pool {
+            tls: tls.clone(),
+            ready: Vec::new(),
+            dialling: 0,
+        });
+        if pool.ready.len() + pool.dialling >= d.keep {
+            return false;
+        }
+        pool.dialling += 1;
+        true
+    });
+    if !start {
+        return;
+    }
+    let (tls, d) = (tls.clone(), d.clone());
+    tokio_uring::spawn(async move {
+        let dial = Box::pin(TlsConn::connect(
+            d.proxy_addr,
+            tls.clone(),
+            d.proxy_name.clone(),
+        ));
+        let conn = match tokio::time::timeout(d.connect_timeout, dial).await {
+            Ok(Ok(c)) => {
+                handshake_done(&c);
+                Some(c)
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(%e, "warm tunnel dial failed");
+                count("dial_failed");
+                None
+            }
+            Err(_) => {
+                count("dial_failed");
+                None
+            }
+        };
+        let extra = POOLS.with(|p| {
+            let mut pools = p.borrow_mut();
+            let pool = pools.get_mut(&key(&tls))?;
+            pool.dialling -= 1;
+            let conn = conn?;
+            if pool.ready.len() >= d.keep {
+                return Some(conn);
+            }
+            pool.ready.push((conn, Instant::now()));
+            metrics::gauge!("gateway_node_warm_tunnels").increment(1.0);
+            None
+        });
+        if let Some(c) = extra {
+            close(c);
+        }
+    });
+}
+
+/// Closes this thread's tunnels that waited longer than `idle`, every second, and forgets
+/// identities with nothing kept or dialling.
+pub async fn sweep(idle: Duration) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = Instant::now();
+        let expired: Vec<TlsConn> = POOLS.with(|p| {
+            let mut pools = p.borrow_mut();
+            let mut out = Vec::new();
+            for pool in pools.values_mut() {
+                let mut i = 0;
+                while i < pool.ready.len() {
+                    if now.duration_since(pool.ready[i].1) >= idle {
+                        out.push(pool.ready.remove(i).0);
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            pools.retain(|_, pool| !pool.ready.is_empty() || pool.dialling > 0);
+            out
+        });
+        for c in expired {
+            metrics::gauge!("gateway_node_warm_tunnels").decrement(1.0);
+            count("expired");
+            close(c);
+        }
+    }
+}
+
+/// Counts a finished handshake by kind: resumption (TLS 1.3 tickets) saves both sides
+/// their signatures and certificate checks.
+pub fn handshake_done(c: &TlsConn) {
+    let kind = if c.resumed() { "resumed" } else { "full" };
+    metrics::counter!("gateway_node_tunnel_handshakes_total", "kind" => kind).increment(1);
+}
+
+/// close_notify and FIN, so the proxy ends its side at once instead of at its timeout.
+fn close(conn: TlsConn) {
+    tokio_uring::spawn(async move {
+        conn.close_write().await;
+    });
+}
