@@ -569,11 +569,8 @@ async fn serve_transparent(
             return;
         }
     };
-    let tls = match t
-        .certs
-        .config_for(&plane.node_name, &decided.workload)
-        .await
-    {
+    // Boxed: a certificate request's future is large and done before the relay starts.
+    let tls = match Box::pin(t.certs.config_for(&plane.node_name, &decided.workload)).await {
         Ok(c) => c,
         Err(e) => {
             node_error("certificate");
@@ -605,6 +602,8 @@ async fn tunnel_session(
     // find one.
     warm::refill(&target.tls, &plane.warm);
     let dialled = warm.is_none();
+    // The connection goes behind an `Rc` at once: both relay directions share it, and a
+    // 1.1 KiB value kept in this future would stay in the task for the session's life.
     let tunnel = match warm {
         Some(t) => Ok(Ok(t)),
         None => {
@@ -615,7 +614,9 @@ async fn tunnel_session(
                 target.tls.clone(),
                 plane.proxy_name.clone(),
             ));
-            tokio::time::timeout(plane.dp.connect_timeout, dial).await
+            tokio::time::timeout(plane.dp.connect_timeout, dial)
+                .await
+                .map(|r| r.map(Rc::new))
         }
     };
     let tunnel = match tunnel {
@@ -690,7 +691,6 @@ async fn tunnel_session(
     }
 
     let app = Rc::new(app);
-    let tunnel = Rc::new(tunnel);
     let up = tokio_uring::spawn(relay::app_to_proxy(
         app.clone(),
         tunnel.clone(),

@@ -15,6 +15,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,8 +52,9 @@ fn count(result: &'static str) {
     metrics::counter!("gateway_node_warm_tunnels_total", "result" => result).increment(1);
 }
 
-/// A ready tunnel for this identity, if one is kept and still good.
-pub fn take(tls: &Arc<ClientConfig>, idle: Duration) -> Option<TlsConn> {
+/// A ready tunnel for this identity, if one is kept and still good (shared: both relay
+/// directions use it).
+pub fn take(tls: &Arc<ClientConfig>, idle: Duration) -> Option<Rc<TlsConn>> {
     let now = Instant::now();
     loop {
         let (conn, since) = POOLS.with(|p| {
@@ -73,7 +75,7 @@ pub fn take(tls: &Arc<ClientConfig>, idle: Duration) -> Option<TlsConn> {
             continue;
         }
         count("hit");
-        return Some(conn);
+        return Some(Rc::new(conn));
     }
 }
 

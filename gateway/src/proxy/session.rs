@@ -6,17 +6,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::server::TlsStream;
 
 use super::Shared;
-use super::cancel::CancelTarget;
+use super::cancel::{CancelKey, CancelTarget};
 use super::relay::{self, ClientEnd, Counters, End};
 use super::reuse;
 use crate::audit::{Outcome, SessionInfo};
-use crate::config::Protocol;
+use crate::config::{Protocol, ReuseConfig};
 use crate::pg::{self, ErrorResponse, StartupMessage, StartupRequest, sqlstate};
 use crate::pki::{SpiffeId, spiffe_id_of};
 use crate::tunnel::{PREAMBLE_HEADER_LEN, Preamble};
@@ -41,7 +41,7 @@ impl From<ErrorResponse> for Refusal {
 
 /// `gateway_proxy_active_sessions`: tunnels that sent a preamble, until they end (warm
 /// tunnels waiting for one are `gateway_proxy_waiting_tunnels`).
-struct ActiveSession;
+pub(super) struct ActiveSession;
 
 impl ActiveSession {
     fn new() -> Self {
@@ -75,18 +75,53 @@ pub(super) fn error_counter(code: &str) {
     metrics::counter!("gateway_proxy_errors_total", "sqlstate" => code.to_owned()).increment(1);
 }
 
+/// A tunnel that passed the TLS handshake and sent its preamble. Phases take it boxed:
+/// what a future takes by value stays in it for its whole life.
+pub(super) struct Opened {
+    pub(super) client: Client,
+    pub(super) identity: SpiffeId,
+    pub(super) info: SessionInfo,
+    pub(super) preamble: Preamble,
+    /// When the preamble arrived (a warm tunnel may have waited before it).
+    pub(super) started: Instant,
+    pub(super) active: ActiveSession,
+}
+
 pub async fn handle(
     shared: Arc<Shared>,
     tcp: TcpStream,
     peer: SocketAddr,
     drain: watch::Receiver<bool>,
 ) {
+    // Each phase runs in its own boxed future, freed when it is done: a task's allocation
+    // is its largest state, so otherwise every relaying session would keep the room of the
+    // steps before it, and a tcp session the room of a PostgreSQL one (16 KiB per
+    // connection, measured with -Zprint-type-sizes, where 4 KiB are used).
+    let Some(opened) = Box::pin(open(&shared, tcp, peer, &drain)).await else {
+        return;
+    };
+    match opened.preamble.protocol {
+        Protocol::Tcp => Box::pin(super::tcp::handle(&shared, opened, drain)).await,
+        Protocol::Postgres => {
+            let Some(session) = Box::pin(postgres_start(&shared, opened)).await else {
+                return;
+            };
+            Box::pin(postgres_run(&shared, session, drain)).await
+        }
+    }
+}
+
+/// TLS handshake, identity, preamble.
+async fn open(
+    shared: &Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    drain: &watch::Receiver<bool>,
+) -> Option<Box<Opened>> {
     let _ = tcp.set_nodelay(true);
     let started = Instant::now();
     let timeout = shared.cfg.startup_timeout;
-    // The set-up steps' futures are boxed: they are large (a TLS handshake, an upstream
-    // login) and would otherwise stay part of this future, i.e. of every session's
-    // memory, for the whole relay. Boxed, they are freed when done.
+    // Boxed, like every large set-up step: freed as soon as it is done.
     let accept = Box::pin(shared.acceptor.accept(tcp));
     let tls = match tokio::time::timeout(timeout, accept).await {
         Ok(Ok(tls)) => tls,
@@ -95,12 +130,12 @@ pub async fn handle(
             metrics::counter!("gateway_proxy_tls_handshake_failures_total", "reason" => reason)
                 .increment(1);
             tracing::info!(%peer, %e, reason, "tls handshake refused");
-            return;
+            return None;
         }
         Err(_) => {
             metrics::counter!("gateway_proxy_tls_handshake_failures_total", "reason" => "timeout")
                 .increment(1);
-            return;
+            return None;
         }
     };
     metrics::histogram!("gateway_proxy_tls_handshake_seconds")
@@ -115,7 +150,7 @@ pub async fn handle(
             metrics::counter!("gateway_proxy_tls_handshake_failures_total", "reason" => "no_identity").increment(1);
             tracing::warn!(%peer, error = %e.message, "client certificate has no usable identity");
             send_error(&mut client, &e).await;
-            return;
+            return None;
         }
     };
 
@@ -149,65 +184,83 @@ pub async fn handle(
         ) => r,
         () = async { let _ = drain_seen.wait_for(|d| *d).await; } => {
             let _ = client.shutdown().await;
-            return;
-        }
-    };
-    let preamble = match preamble {
-        Ok(Ok(p)) => p,
-        Ok(Err(Failure::Client(refusal))) => {
-            finish_refused(&shared, &mut client, &info, refusal, started).await;
-            return;
-        }
-        Ok(Err(Failure::Gone)) => return,
-        Err(_) => {
-            metrics::counter!("gateway_proxy_idle_tunnels_closed_total").increment(1);
-            let _ = client.shutdown().await;
-            return;
+            return None;
         }
     };
     drop(waiting);
-    // The session starts with its preamble (a warm tunnel may have waited before it).
-    let started = Instant::now();
-    let _active = ActiveSession::new();
+    let preamble = match preamble {
+        Ok(Ok(p)) => p,
+        Ok(Err(Failure::Client(refusal))) => {
+            Box::pin(finish_refused(shared, &mut client, &info, refusal, started)).await;
+            return None;
+        }
+        Ok(Err(Failure::Gone)) => return None,
+        Err(_) => {
+            metrics::counter!("gateway_proxy_idle_tunnels_closed_total").increment(1);
+            let _ = client.shutdown().await;
+            return None;
+        }
+    };
     info.node = Some(preamble.node.clone());
     info.pod = Some(preamble.pod.clone());
     info.database_route = Some(preamble.route.clone());
     info.client_addr = Some(preamble.client_addr.to_string());
     info.protocol = preamble.protocol;
-    let route_protocol = shared.policy.database(&preamble.route).map(|d| d.protocol);
-    match (preamble.protocol, route_protocol) {
-        (Protocol::Tcp, _) => {
-            super::tcp::handle(&shared, client, &identity, info, drain, started).await;
-            return;
-        }
-        (Protocol::Postgres, Some(Protocol::Tcp)) => {
-            let e = ErrorResponse::fatal(
-                sqlstate::CONNECTION_EXCEPTION,
-                format!("db-gateway: route \"{}\" is a tcp route, but the node sent a PostgreSQL connection", preamble.route),
-            )
-            .with_hint("Set protocol: tcp on the node listener or interception route for this route, or point it at a postgres route.");
-            finish_refused(&shared, &mut client, &info, e.into(), started).await;
-            return;
-        }
-        _ => {}
+    Some(Box::new(Opened {
+        client,
+        identity,
+        info,
+        preamble,
+        started: Instant::now(),
+        active: ActiveSession::new(),
+    }))
+}
+
+/// A PostgreSQL session's start: startup packet, policy, upstream login (or a kept server
+/// session), the greeting to send. `None` when it was refused (answered and audited).
+async fn postgres_start(shared: &Arc<Shared>, opened: Box<Opened>) -> Option<Box<Session<'_>>> {
+    let Opened {
+        mut client,
+        identity,
+        mut info,
+        preamble,
+        started,
+        active,
+    } = *opened;
+    let timeout = shared.cfg.startup_timeout;
+    if shared.policy.database(&preamble.route).map(|d| d.protocol) == Some(Protocol::Tcp) {
+        let e = ErrorResponse::fatal(
+            sqlstate::CONNECTION_EXCEPTION,
+            format!("db-gateway: route \"{}\" is a tcp route, but the node sent a PostgreSQL connection", preamble.route),
+        )
+        .with_hint("Set protocol: tcp on the node listener or interception route for this route, or point it at a postgres route.");
+        Box::pin(finish_refused(
+            shared,
+            &mut client,
+            &info,
+            e.into(),
+            started,
+        ))
+        .await;
+        return None;
     }
 
     let remaining = timeout.saturating_sub(started.elapsed());
     let startup = tokio::time::timeout(
         remaining,
-        Box::pin(read_startup(&mut client, &identity, &shared)),
+        Box::pin(read_startup(&mut client, &identity, shared)),
     )
     .await;
     let startup = match startup {
         Ok(Ok(Some(x))) => x,
         // A cancel request: served, no session.
-        Ok(Ok(None)) => return,
+        Ok(Ok(None)) => return None,
         Ok(Err(Failure::Client(refusal))) => {
             // Not even a startup message: still one start/end pair so the attempt is seen.
-            finish_refused(&shared, &mut client, &info, refusal, started).await;
-            return;
+            Box::pin(finish_refused(shared, &mut client, &info, refusal, started)).await;
+            return None;
         }
-        Ok(Err(Failure::Gone)) => return,
+        Ok(Err(Failure::Gone)) => return None,
         Err(_) => {
             let e = ErrorResponse::fatal(
                 sqlstate::PROTOCOL_VIOLATION,
@@ -216,8 +269,15 @@ pub async fn handle(
             .with_hint(format!(
                 "The client must send its startup message within {timeout:?}."
             ));
-            finish_refused(&shared, &mut client, &info, e.into(), started).await;
-            return;
+            Box::pin(finish_refused(
+                shared,
+                &mut client,
+                &info,
+                e.into(),
+                started,
+            ))
+            .await;
+            return None;
         }
     };
     info.requested_user = startup.param("user").map(str::to_owned);
@@ -233,7 +293,7 @@ pub async fn handle(
         Err(error) => {
             tracing::info!(session = %info.session_id, %identity, route = %preamble.route, reason = %error.message, "session denied");
             finish_refused(
-                &shared,
+                shared,
                 &mut client,
                 &info,
                 Refusal {
@@ -243,23 +303,23 @@ pub async fn handle(
                 started,
             )
             .await;
-            return;
+            return None;
         }
     };
     info.db_user = Some(decision.db_user.clone());
     info.db_name = Some(decision.db_name.clone());
     info.role = Some(decision.role.clone());
 
-    let reuse = decision.database.upstream.reuse.as_ref();
-    let reuse_key = reuse.map(|_| {
-        reuse::Key::new(
+    let reuse = decision.database.upstream.reuse.clone().map(|cfg| {
+        let key = reuse::Key::new(
             &decision.database.name,
             &decision.db_user,
             &decision.db_name,
             &startup.params,
-        )
+        );
+        (key, cfg)
     });
-    let (login, born) = match reuse_key.as_ref().and_then(reuse::take) {
+    let (login, born) = match reuse.as_ref().and_then(|(key, _)| reuse::take(key)) {
         Some(kept) => {
             info.upstream_reused = true;
             kept
@@ -283,8 +343,15 @@ pub async fn handle(
                 Err(e) => {
                     tracing::warn!(session = %info.session_id, route = %preamble.route, user = %decision.db_user, %e, "upstream login failed");
                     let error = e.to_client(&preamble.route, &decision.db_user);
-                    finish_refused(&shared, &mut client, &info, error.into(), started).await;
-                    return;
+                    Box::pin(finish_refused(
+                        shared,
+                        &mut client,
+                        &info,
+                        error.into(),
+                        started,
+                    ))
+                    .await;
+                    return None;
                 }
             }
         }
@@ -314,10 +381,53 @@ pub async fn handle(
     shared.audit.session_start(&info, &outcome);
     metrics::counter!("gateway_proxy_sessions_total", "result" => "success").increment(1);
     tracing::info!(session = %info.session_id, %identity, route = %preamble.route, user = %decision.db_user, db = %decision.db_name, "session started");
+    Some(Box::new(Session {
+        client,
+        login,
+        born,
+        info,
+        started,
+        hello,
+        cancel_key,
+        reuse,
+        _active: active,
+    }))
+}
 
+/// A started PostgreSQL session, between login and relay.
+struct Session<'a> {
+    client: Client,
+    login: Login,
+    /// When its server session logged in (it may be a kept one).
+    born: Instant,
+    info: SessionInfo,
+    started: Instant,
+    /// `AuthenticationOk` … `ReadyForQuery`, as the client is to get it.
+    hello: Vec<u8>,
+    cancel_key: Option<CancelKey<'a>>,
+    reuse: Option<(reuse::Key, ReuseConfig)>,
+    _active: ActiveSession,
+}
+
+/// A PostgreSQL session's life after login: greeting, relay, audit, and keeping the
+/// server session when `upstream.reuse` allows.
+async fn postgres_run(
+    shared: &Arc<Shared>,
+    session: Box<Session<'_>>,
+    drain: watch::Receiver<bool>,
+) {
+    let Session {
+        client,
+        login,
+        born,
+        info,
+        started,
+        hello,
+        cancel_key,
+        reuse,
+        _active,
+    } = *session;
     let counters = Counters::at_ready();
-    let mut end = End::Closed;
-    let mut kept = None;
     let Login {
         stream,
         addr,
@@ -326,15 +436,19 @@ pub async fn handle(
         ready,
         rest,
     } = login;
-    if client
-        .write_all(&hello)
-        .await
-        .and(client.flush().await)
-        .is_ok()
-    {
-        let keep = reuse.is_some() && rest.is_empty();
-        (end, kept) = relay_session(client, stream, &rest, &counters, drain.clone(), keep).await;
-    }
+    let keep = reuse.is_some() && rest.is_empty();
+    // Split here, not in the relay: what a future takes by value stays in it for its whole
+    // life, and the two TLS streams are 2.3 KiB (the halves are pointers).
+    let (end, kept) = Box::pin(relay_session(
+        tokio::io::split(client),
+        tokio::io::split(stream),
+        hello,
+        &rest,
+        &counters,
+        drain.clone(),
+        keep,
+    ))
+    .await;
     drop(cancel_key);
     let outcome = match &end {
         End::Closed => Outcome::default(),
@@ -357,7 +471,7 @@ pub async fn handle(
         started.elapsed(),
     );
     tracing::info!(session = %info.session_id, ?end, "session ended");
-    if let (Some(stream), Some(cfg), Some(key)) = (kept, reuse, reuse_key) {
+    if let (Some(stream), Some((key, cfg))) = (kept, reuse) {
         if *drain.borrow() {
             let mut stream = stream;
             let _ = stream.write_all(&pg::TERMINATE).await;
@@ -372,22 +486,39 @@ pub async fn handle(
             ready,
             rest: Vec::new(),
         };
-        reuse::keep(key, cfg, login, born, shared.cfg.upstream_connect_timeout).await;
+        Box::pin(reuse::keep(
+            key,
+            &cfg,
+            login,
+            born,
+            shared.cfg.upstream_connect_timeout,
+        ))
+        .await;
     }
 }
 
-/// Relays until the session ends. With `keep`, a clean client end while the server is
+/// Greets the client (`hello`), then relays until the session ends. With `keep`, a clean client end while the server is
 /// idle returns the server session (for [`reuse::keep`]) instead of closing it.
 async fn relay_session(
-    client: Client,
-    upstream: ServerStream,
+    client: (ReadHalf<Client>, WriteHalf<Client>),
+    upstream: (ReadHalf<ServerStream>, WriteHalf<ServerStream>),
+    hello: Vec<u8>,
     first: &[u8],
     counters: &Counters,
     drain: watch::Receiver<bool>,
     keep: bool,
 ) -> (End, Option<ServerStream>) {
-    let (client_r, mut client_w) = tokio::io::split(client);
-    let (mut up_r, mut up_w) = tokio::io::split(upstream);
+    let (client_r, mut client_w) = client;
+    let (mut up_r, mut up_w) = upstream;
+    if client_w
+        .write_all(&hello)
+        .await
+        .and(client_w.flush().await)
+        .is_err()
+    {
+        return (End::Closed, None);
+    }
+    drop(hello);
     let end = {
         let c2s = relay::client_to_server(client_r, &mut up_w, counters, keep);
         let s2c = relay::server_to_client(&mut up_r, &mut client_w, counters, first, drain);

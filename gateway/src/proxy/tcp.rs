@@ -13,20 +13,21 @@ use tokio_rustls::server::TlsStream;
 
 use super::Shared;
 use super::relay::{Counters, copy_plain};
-use super::session::error_counter;
+use super::session::{Opened, error_counter};
 use crate::audit::{Outcome, SessionInfo};
 use crate::config::Protocol;
 use crate::pg::sqlstate;
-use crate::pki::SpiffeId;
 
-pub async fn handle(
-    shared: &Arc<Shared>,
-    mut client: TlsStream<TcpStream>,
-    identity: &SpiffeId,
-    mut info: SessionInfo,
-    _drain: watch::Receiver<bool>,
-    started: Instant,
-) {
+pub async fn handle(shared: &Arc<Shared>, opened: Box<Opened>, _drain: watch::Receiver<bool>) {
+    let Opened {
+        mut client,
+        identity,
+        mut info,
+        started,
+        active: _active,
+        ..
+    } = *opened;
+    let identity = &identity;
     let route = info.database_route.clone().unwrap_or_default();
     let refuse = |code: &str, message: String, denied: bool| Outcome {
         error_code: Some(code.to_owned()),
