@@ -100,13 +100,8 @@ pub struct Report {
 const LINE: usize = 1024;
 
 pub fn main(opts: Options) -> Result<()> {
-    let report = match opts.kind {
-        Kind::RoundTrip => Some(round_trip(&opts)?),
-        Kind::Idle => Some(idle(&opts)?),
-        _ => None,
-    };
-    if let Some(report) = report {
-        println!("{}", serde_json::to_string(&report)?);
+    if opts.kind == Kind::Idle {
+        println!("{}", serde_json::to_string(&idle(&opts)?)?);
         return Ok(());
     }
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -136,22 +131,17 @@ fn tcp_connect(addr: &str) -> Result<TcpStream> {
     Ok(s)
 }
 
-/// Blocking socket calls: the least client overhead in the figure, the same for every path.
-fn round_trip(o: &Options) -> Result<Report> {
-    ensure!(o.size > 0, "--size must be at least 1");
-    let mut s = tcp_connect(&o.addr)?;
-    let out: Vec<u8> = (0..o.size).map(|i| (i % 251) as u8).collect();
-    let mut back = vec![0u8; o.size];
-    let mut once = |s: &mut TcpStream| -> Result<()> {
-        s.write_all(&out)?;
-        s.read_exact(&mut back)
-            .context("the echo did not come back whole")?;
-        ensure!(back == out, "the echo came back changed");
-        Ok(())
-    };
+/// Warm-up, `WARM`, then timed operations for the measured seconds. Each operation
+/// returns the part of its time that is the figure (all of it, or a connection's set-up);
+/// the report has their count and latency percentiles.
+async fn timed<F, Fut>(o: &Options, bytes_per_op: u64, mut op: F) -> Result<Report>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Duration>>,
+{
     let warm_end = Instant::now() + Duration::from_secs_f64(o.warmup);
     while Instant::now() < warm_end {
-        once(&mut s)?;
+        op().await?;
     }
     warm()?;
     let mut h = Histogram::<u64>::new(3)?;
@@ -159,18 +149,36 @@ fn round_trip(o: &Options) -> Result<Report> {
     let end = start + Duration::from_secs_f64(o.seconds);
     let mut count = 0u64;
     while Instant::now() < end {
-        let t = Instant::now();
-        once(&mut s)?;
-        h.record(t.elapsed().as_nanos() as u64 / 1000)?;
+        let took = op().await?;
+        h.record(took.as_micros() as u64)?;
         count += 1;
     }
     Ok(Report {
         count,
         seconds: start.elapsed().as_secs_f64(),
-        bytes: count * 2 * o.size as u64,
+        bytes: count * bytes_per_op,
         latency_us: Some(Percentiles::of(&h)),
         limit: None,
     })
+}
+
+/// Blocking socket calls (inside [`timed`]'s loop on a one-thread runtime, nothing else
+/// runs there): the least client overhead in the figure, the same for every path.
+async fn round_trip(o: &Options) -> Result<Report> {
+    ensure!(o.size > 0, "--size must be at least 1");
+    let mut s = tcp_connect(&o.addr)?;
+    let out: Vec<u8> = (0..o.size).map(|i| (i % 251) as u8).collect();
+    let mut back = vec![0u8; o.size];
+    let mut once = || -> Result<Duration> {
+        let t = Instant::now();
+        s.write_all(&out)?;
+        s.read_exact(&mut back)
+            .context("the echo did not come back whole")?;
+        let took = t.elapsed();
+        ensure!(back == out, "the echo came back changed");
+        Ok(took)
+    };
+    timed(o, 2 * o.size as u64, || std::future::ready(once())).await
 }
 
 /// Connections per batch: opened together, then proven together, so the tunnels' set-up
@@ -248,61 +256,24 @@ async fn run(o: &Options) -> Result<Report> {
         Kind::Latency => {
             let c = connect(&o.conn).await?;
             let stmt = c.prepare("SELECT 1").await?;
-            let warm_end = Instant::now() + Duration::from_secs_f64(o.warmup);
-            while Instant::now() < warm_end {
-                c.query_one(&stmt, &[]).await?;
-            }
-            warm()?;
-            let mut h = Histogram::<u64>::new(3)?;
-            let start = Instant::now();
-            let end = start + Duration::from_secs_f64(o.seconds);
-            let mut count = 0;
-            while Instant::now() < end {
+            let (c, stmt) = (&c, &stmt);
+            timed(o, 0, || async move {
                 let t = Instant::now();
-                c.query_one(&stmt, &[]).await?;
-                h.record(t.elapsed().as_micros() as u64)?;
-                count += 1;
-            }
-            Ok(Report {
-                count,
-                seconds: start.elapsed().as_secs_f64(),
-                bytes: 0,
-                latency_us: Some(Percentiles::of(&h)),
-                limit: None,
+                c.query_one(stmt, &[]).await?;
+                Ok(t.elapsed())
             })
+            .await
         }
         Kind::Connect => {
-            let once = |conn: String| async move {
-                let c = connect(&conn).await?;
-                c.simple_query("").await?;
-                drop(c);
-                anyhow::Ok(())
-            };
-            let warm_end = Instant::now() + Duration::from_secs_f64(o.warmup);
-            while Instant::now() < warm_end {
-                once(o.conn.clone()).await?;
-            }
-            warm()?;
-            let mut h = Histogram::<u64>::new(3)?;
-            let start = Instant::now();
-            let end = start + Duration::from_secs_f64(o.seconds);
-            let mut count = 0;
-            while Instant::now() < end {
+            timed(o, 0, || async {
                 // Set-up latency: TCP connect to ReadyForQuery.
                 let t = Instant::now();
                 let c = connect(&o.conn).await?;
-                h.record(t.elapsed().as_micros() as u64)?;
+                let took = t.elapsed();
                 c.simple_query("").await?;
-                drop(c);
-                count += 1;
-            }
-            Ok(Report {
-                count,
-                seconds: start.elapsed().as_secs_f64(),
-                bytes: 0,
-                latency_us: Some(Percentiles::of(&h)),
-                limit: None,
+                Ok(took)
             })
+            .await
         }
         Kind::CopyOut => {
             let c = connect(&o.conn).await?;
@@ -336,7 +307,8 @@ async fn run(o: &Options) -> Result<Report> {
                 limit: None,
             })
         }
-        Kind::RoundTrip | Kind::Idle => anyhow::bail!("{:?} is a plain TCP kind", o.kind),
+        Kind::RoundTrip => round_trip(o).await,
+        Kind::Idle => anyhow::bail!("idle runs without a runtime"),
     }
 }
 

@@ -2,9 +2,9 @@
 //! identity and data-plane thread. A new application connection takes one and only sends
 //! its preamble, so its set-up skips the TCP and TLS handshakes with the proxy.
 //!
-//! The pool fills on demand: each session that takes a tunnel (or finds none) starts one
-//! dial in the background while fewer than `warm_tunnels` are kept or dialling, so a busy
-//! identity always finds one and an idle one holds nothing once `warm_tunnel_idle` passes.
+//! The pool fills on demand: each session that takes a tunnel (or finds none) starts
+//! background dials up to `warm_tunnels` kept or dialling, so a busy identity finds one
+//! and an idle one holds nothing once `warm_tunnel_idle` passes.
 //! Tunnels stay on the thread that dialled them (io_uring sockets belong to their ring).
 //!
 //! Identity: a pool belongs to one `ClientConfig`, i.e. to one workload certificate; the
@@ -79,27 +79,28 @@ pub fn take(tls: &Arc<ClientConfig>, idle: Duration) -> Option<Rc<TlsConn>> {
     }
 }
 
-/// Starts one background dial for this identity unless enough are kept or on their way.
+/// Starts background dials for this identity until `keep` are kept or on their way.
 pub fn refill(tls: &Arc<ClientConfig>, d: &Arc<Dialer>) {
     if d.keep == 0 {
         return;
     }
-    let start = POOLS.with(|p| {
+    let missing = POOLS.with(|p| {
         let mut pools = p.borrow_mut();
         let pool = pools.entry(key(tls)).or_insert_with(|| Pool {
             tls: tls.clone(),
             ready: Vec::new(),
             dialling: 0,
         });
-        if pool.ready.len() + pool.dialling >= d.keep {
-            return false;
-        }
-        pool.dialling += 1;
-        true
+        let missing = d.keep.saturating_sub(pool.ready.len() + pool.dialling);
+        pool.dialling += missing;
+        missing
     });
-    if !start {
-        return;
+    for _ in 0..missing {
+        dial_one(tls, d);
     }
+}
+
+fn dial_one(tls: &Arc<ClientConfig>, d: &Arc<Dialer>) {
     let (tls, d) = (tls.clone(), d.clone());
     tokio_uring::spawn(async move {
         let dial = Box::pin(TlsConn::connect(
