@@ -61,6 +61,24 @@ impl Drop for BlockReady {
 }
 
 /// Installs the global Prometheus recorder (once per process).
+/// One unit of a gauge (active connections, sessions, waiting tunnels), held for as long
+/// as this value lives, so every way out of a task gives it back.
+pub struct GaugeHeld(metrics::Gauge);
+
+impl GaugeHeld {
+    pub fn new(name: &'static str) -> Self {
+        let g = metrics::gauge!(name);
+        g.increment(1.0);
+        Self(g)
+    }
+}
+
+impl Drop for GaugeHeld {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
 pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?

@@ -440,19 +440,8 @@ async fn accept_loop(listener: TcpListener, endpoint: Endpoint, plane: Arc<Plane
     }
 }
 
-struct ActiveGuard;
-
-impl ActiveGuard {
-    fn new() -> Self {
-        metrics::gauge!("gateway_node_active_connections").increment(1.0);
-        Self
-    }
-}
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        metrics::gauge!("gateway_node_active_connections").decrement(1.0);
-    }
+fn active_connection() -> admin::GaugeHeld {
+    admin::GaugeHeld::new("gateway_node_active_connections")
 }
 
 fn node_error(kind: &'static str) {
@@ -517,7 +506,7 @@ async fn negotiate(app: &TcpStream, plane: &Plane) -> Option<Vec<u8>> {
 }
 
 async fn serve_explicit(app: TcpStream, peer: SocketAddr, l: Arc<Listener>, plane: Arc<Plane>) {
-    let _active = ActiveGuard::new();
+    let _active = active_connection();
     let _ = app.set_nodelay(true);
     let initial = match l.protocol {
         Protocol::Postgres => match negotiate(&app, &plane).await {
@@ -544,7 +533,7 @@ async fn serve_transparent(
     t: Arc<Transparent>,
     plane: Arc<Plane>,
 ) {
-    let _active = ActiveGuard::new();
+    let _active = active_connection();
     let _ = app.set_nodelay(true);
     // The kernel's facts first (they pick the route and so the protocol); a PostgreSQL
     // client still gets its encryption answer before any error.

@@ -95,20 +95,7 @@ fn kept(s: &Stack) -> f64 {
 }
 
 fn reuse_count(s: &Stack, result: &str) -> f64 {
-    metric_with(
-        &scrape(s.proxy_admin),
-        "gateway_proxy_upstream_reuse_total",
-        &format!("result=\"{result}\""),
-    )
-    .unwrap_or(0.0)
-}
-
-async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    result_count(s.proxy_admin, "gateway_proxy_upstream_reuse_total", result)
 }
 
 fn backend_alive(s: &Stack, pid: i32) -> bool {

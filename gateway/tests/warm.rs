@@ -4,30 +4,17 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use gateway::up::Stack;
 
 fn warm(s: &Stack, result: &str) -> f64 {
-    metric_with(
-        &scrape(s.node_admin),
-        "gateway_node_warm_tunnels_total",
-        &format!("result=\"{result}\""),
-    )
-    .unwrap_or(0.0)
+    result_count(s.node_admin, "gateway_node_warm_tunnels_total", result)
 }
 
 fn kept(s: &Stack) -> f64 {
     metric(&scrape(s.node_admin), "gateway_node_warm_tunnels").unwrap_or(0.0)
-}
-
-async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn current_user(s: &Stack, i: usize, user: &str) -> String {

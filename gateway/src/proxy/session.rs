@@ -15,6 +15,7 @@ use super::Shared;
 use super::cancel::{CancelKey, CancelTarget};
 use super::relay::{self, ClientEnd, Counters, End};
 use super::reuse;
+use crate::admin::GaugeHeld;
 use crate::audit::{Outcome, SessionInfo};
 use crate::config::{Protocol, ReuseConfig};
 use crate::pg::{self, ErrorResponse, StartupMessage, StartupRequest, sqlstate};
@@ -39,37 +40,10 @@ impl From<ErrorResponse> for Refusal {
     }
 }
 
-/// `gateway_proxy_active_sessions`: tunnels that sent a preamble, until they end (warm
-/// tunnels waiting for one are `gateway_proxy_waiting_tunnels`).
-pub(super) struct ActiveSession;
-
-impl ActiveSession {
-    fn new() -> Self {
-        metrics::gauge!("gateway_proxy_active_sessions").increment(1.0);
-        Self
-    }
-}
-
-impl Drop for ActiveSession {
-    fn drop(&mut self) {
-        metrics::gauge!("gateway_proxy_active_sessions").decrement(1.0);
-    }
-}
-
-struct WaitingTunnel;
-
-impl WaitingTunnel {
-    fn new() -> Self {
-        metrics::gauge!("gateway_proxy_waiting_tunnels").increment(1.0);
-        Self
-    }
-}
-
-impl Drop for WaitingTunnel {
-    fn drop(&mut self) {
-        metrics::gauge!("gateway_proxy_waiting_tunnels").decrement(1.0);
-    }
-}
+/// `gateway_proxy_active_sessions` counts tunnels that sent a preamble, until they end;
+/// warm tunnels waiting for one are `gateway_proxy_waiting_tunnels`.
+const ACTIVE_SESSIONS: &str = "gateway_proxy_active_sessions";
+const WAITING_TUNNELS: &str = "gateway_proxy_waiting_tunnels";
 
 pub(super) fn error_counter(code: &str) {
     metrics::counter!("gateway_proxy_errors_total", "sqlstate" => code.to_owned()).increment(1);
@@ -84,7 +58,7 @@ pub(super) struct Opened {
     pub(super) preamble: Preamble,
     /// When the preamble arrived (a warm tunnel may have waited before it).
     pub(super) started: Instant,
-    pub(super) active: ActiveSession,
+    pub(super) active: GaugeHeld,
 }
 
 pub async fn handle(
@@ -176,7 +150,7 @@ async fn open(
     // to `tunnel_idle_timeout` for it (the handshake already proved the identity), and
     // not past a drain.
     let mut drain_seen = drain.clone();
-    let waiting = WaitingTunnel::new();
+    let waiting = GaugeHeld::new(WAITING_TUNNELS);
     let preamble = tokio::select! {
         r = tokio::time::timeout(
             shared.cfg.tunnel_idle_timeout,
@@ -212,7 +186,7 @@ async fn open(
         info,
         preamble,
         started: Instant::now(),
-        active: ActiveSession::new(),
+        active: GaugeHeld::new(ACTIVE_SESSIONS),
     }))
 }
 
@@ -406,7 +380,7 @@ struct Session<'a> {
     hello: Vec<u8>,
     cancel_key: Option<CancelKey<'a>>,
     reuse: Option<(reuse::Key, ReuseConfig)>,
-    _active: ActiveSession,
+    _active: GaugeHeld,
 }
 
 /// A PostgreSQL session's life after login: greeting, relay, audit, and keeping the

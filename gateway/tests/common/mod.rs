@@ -162,3 +162,20 @@ pub fn metric_with(text: &str, name: &str, label: &str) -> Option<f64> {
         .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
         .reduce(|a, b| a + b)
 }
+
+/// A counter's sample with `result="<result>"` (0 when absent).
+pub fn result_count(admin: SocketAddr, name: &str, result: &str) -> f64 {
+    metric_with(&scrape(admin), name, &format!("result=\"{result}\"")).unwrap_or(0.0)
+}
+
+/// Polls `f` every 50 ms until it holds; fails the test after 10 s, naming `what`.
+pub async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
