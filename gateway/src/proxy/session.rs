@@ -165,7 +165,7 @@ async fn open(
     let preamble = match preamble {
         Ok(Ok(p)) => p,
         Ok(Err(Failure::Client(refusal))) => {
-            Box::pin(finish_refused(shared, &mut client, &info, refusal, started)).await;
+            finish_refused(shared, &mut client, &info, refusal, started).await;
             return None;
         }
         Ok(Err(Failure::Gone)) => return None,
@@ -208,14 +208,7 @@ async fn postgres_start(shared: &Arc<Shared>, opened: Box<Opened>) -> Option<Box
             format!("db-gateway: route \"{}\" is a tcp route, but the node sent a PostgreSQL connection", preamble.route),
         )
         .with_hint("Set protocol: tcp on the node listener or interception route for this route, or point it at a postgres route.");
-        Box::pin(finish_refused(
-            shared,
-            &mut client,
-            &info,
-            e.into(),
-            started,
-        ))
-        .await;
+        finish_refused(shared, &mut client, &info, e.into(), started).await;
         return None;
     }
 
@@ -231,7 +224,7 @@ async fn postgres_start(shared: &Arc<Shared>, opened: Box<Opened>) -> Option<Box
         Ok(Ok(None)) => return None,
         Ok(Err(Failure::Client(refusal))) => {
             // Not even a startup message: still one start/end pair so the attempt is seen.
-            Box::pin(finish_refused(shared, &mut client, &info, refusal, started)).await;
+            finish_refused(shared, &mut client, &info, refusal, started).await;
             return None;
         }
         Ok(Err(Failure::Gone)) => return None,
@@ -243,14 +236,7 @@ async fn postgres_start(shared: &Arc<Shared>, opened: Box<Opened>) -> Option<Box
             .with_hint(format!(
                 "The client must send its startup message within {timeout:?}."
             ));
-            Box::pin(finish_refused(
-                shared,
-                &mut client,
-                &info,
-                e.into(),
-                started,
-            ))
-            .await;
+            finish_refused(shared, &mut client, &info, e.into(), started).await;
             return None;
         }
     };
@@ -317,14 +303,7 @@ async fn postgres_start(shared: &Arc<Shared>, opened: Box<Opened>) -> Option<Box
                 Err(e) => {
                     tracing::warn!(session = %info.session_id, route = %preamble.route, user = %decision.db_user, %e, "upstream login failed");
                     let error = e.to_client(&preamble.route, &decision.db_user);
-                    Box::pin(finish_refused(
-                        shared,
-                        &mut client,
-                        &info,
-                        error.into(),
-                        started,
-                    ))
-                    .await;
+                    finish_refused(shared, &mut client, &info, error.into(), started).await;
                     return None;
                 }
             }
@@ -634,7 +613,19 @@ async fn serve_cancel(shared: &Shared, identity: &SpiffeId, pid: i32, secret: i3
     tracing::info!(%identity, result, "cancel request");
 }
 
-async fn finish_refused(
+/// Answers and audits a refused session. Boxed here rather than at each call: a refusal
+/// is rare, and inline its future would enlarge every session's task.
+fn finish_refused<'a>(
+    shared: &'a Shared,
+    client: &'a mut Client,
+    info: &'a SessionInfo,
+    refusal: Refusal,
+    started: Instant,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+    Box::pin(finish_refused_now(shared, client, info, refusal, started))
+}
+
+async fn finish_refused_now(
     shared: &Shared,
     client: &mut Client,
     info: &SessionInfo,
