@@ -86,11 +86,16 @@ pub struct Env {
 }
 
 impl Env {
-    pub fn start(gateway_bin: &Path, want_transparent: bool, scale: u32) -> Result<Self> {
+    pub fn start(
+        gateway_bin: &Path,
+        want_transparent: bool,
+        scale: u32,
+        threads: u16,
+    ) -> Result<Self> {
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
         let echo = crate::echo::start()?;
-        let spec = |transparent| spec(gateway_bin, transparent, echo);
+        let spec = |transparent| spec(gateway_bin, transparent, echo, threads);
         let mut transparent_skipped = None;
         let stack = if want_transparent && root {
             match Stack::start(spec(true)) {
@@ -121,7 +126,7 @@ impl Env {
         )?;
         let certs = peers::Certs::write(&work_dir, &ca, &issue_pair(&ca)?)?;
         let stunnel = peers::stunnel_pair(&work_dir, &certs, &[pg, echo])?;
-        let haproxy = peers::haproxy_pair(&work_dir, &certs, &[pg, echo])?;
+        let haproxy = peers::haproxy_pair(&work_dir, &certs, &[pg, echo], threads)?;
 
         let gw_pids: Vec<u32> = [stack.node.as_ref(), stack.proxy.as_ref()]
             .into_iter()
@@ -211,7 +216,7 @@ impl Env {
     }
 }
 
-fn spec(gateway_bin: &Path, transparent: bool, echo: SocketAddr) -> StackSpec {
+fn spec(gateway_bin: &Path, transparent: bool, echo: SocketAddr, threads: u16) -> StackSpec {
     StackSpec {
         gateway_bin: gateway_bin.to_owned(),
         // Listener 0: PostgreSQL; listener 1: the echo server's `tcp` route.
@@ -224,8 +229,8 @@ fn spec(gateway_bin: &Path, transparent: bool, echo: SocketAddr) -> StackSpec {
             },
         ],
         roles_yaml: ROLES.into(),
-        proxy_extra_yaml: String::new(),
-        node_data_plane_yaml: String::new(),
+        proxy_extra_yaml: format!("threads: {threads}\n"),
+        node_data_plane_yaml: format!("  threads: {threads}\n"),
         extra_databases_yaml: String::new(),
         tcp_routes: vec![TcpRoute {
             name: ECHO_ROUTE.into(),

@@ -61,6 +61,10 @@ pub struct RunOptions {
     /// Only these scenarios (comma-separated names; default all).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
+    /// Threads of each tunnel process: the node agent's `data_plane.threads`, the proxy's
+    /// `threads` and each HAProxy's `nbthread` (stunnel runs a thread per connection).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub threads: u16,
 }
 
 #[derive(Subcommand)]

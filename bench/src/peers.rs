@@ -183,14 +183,19 @@ pub fn stunnel_pair(dir: &Path, certs: &Certs, targets: &[SocketAddr]) -> Result
 }
 
 /// An HAProxy pair with one frontend/backend per target.
-pub fn haproxy_pair(dir: &Path, certs: &Certs, targets: &[SocketAddr]) -> Result<Peer> {
+pub fn haproxy_pair(
+    dir: &Path,
+    certs: &Certs,
+    targets: &[SocketAddr],
+    threads: u16,
+) -> Result<Peer> {
     let bin = require("haproxy", "haproxy")?;
     start_pair("haproxy", targets.len(), |fronts, backs| {
         // As many connections as the open-files limit allows (HAProxy checks maxconn
         // against it at start and needs two descriptors per connection).
         let maxconn = crate::echo::max_relayed_connections();
         let common = format!(
-            "global\n  maxconn {maxconn}\n  nbthread 2\n\
+            "global\n  maxconn {maxconn}\n  nbthread {threads}\n\
              defaults\n  mode tcp\n  maxconn {maxconn}\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n"
         );
         let mut server = common.clone();

@@ -196,7 +196,12 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         .with_context(|| format!("failed to create {}", opts.out.display()))?;
     let started = std::time::Instant::now();
     eprintln!("bench: starting PostgreSQL, gateway, stunnel and haproxy ({plan:?})");
-    let env = Env::start(&gateway_bin, !opts.no_transparent, plan.pgbench_scale)?;
+    let env = Env::start(
+        &gateway_bin,
+        !opts.no_transparent,
+        plan.pgbench_scale,
+        opts.threads,
+    )?;
     eprintln!(
         "bench: paths {} (set up in {:.1}s)",
         env.paths

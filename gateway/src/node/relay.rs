@@ -16,7 +16,6 @@ use tokio_uring::net::TcpStream;
 
 use super::pool::{self, AdaptiveBuf};
 use super::tls::TlsConn;
-use crate::config::TLS_RECORD_PAYLOAD;
 use crate::tunnel::is_normal_close;
 
 /// The read an idle connection keeps posted: a PostgreSQL query or an echo fits, and
@@ -26,7 +25,8 @@ const SMALL_READ: usize = 2048;
 /// How much a direction may hold, derived from the configured budget.
 #[derive(Debug, Clone, Copy)]
 pub struct Budget {
-    /// Plaintext read from the application per write (≤ one TLS record).
+    /// Plaintext read from the application per write (sealed into as many records as it
+    /// needs, written with one operation).
     pub up_read: usize,
     /// Ciphertext read from the proxy per write to the application.
     pub down_read: usize,
@@ -35,7 +35,9 @@ pub struct Budget {
 impl Budget {
     pub fn new(per_direction: usize) -> Self {
         Self {
-            up_read: TLS_RECORD_PAYLOAD.min(per_direction / 2).max(1024),
+            // Several records per write when the application sends in bulk (fewer
+            // operations per byte); a sealed record adds 22 bytes to its plaintext.
+            up_read: (per_direction / 2).clamp(1024, 256 * 1024),
             // Plaintext from one ciphertext read is never larger than the read itself, so
             // read + plaintext stays within the budget.
             down_read: (per_direction / 2).clamp(1024, 256 * 1024),

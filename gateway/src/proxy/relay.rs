@@ -23,7 +23,7 @@ use crate::pg::{ErrorResponse, MessageScanner, sqlstate};
 use crate::tunnel::is_normal_close;
 
 /// One TLS record of plaintext: reads this large coalesce naturally under load.
-const CHUNK: usize = 16 * 1024;
+const CHUNK: usize = 64 * 1024;
 /// Buffers a thread keeps for reuse (more are freed): enough for every read in flight on
 /// a busy worker, small next to the sessions they serve.
 const POOL_KEEP: usize = 256;
