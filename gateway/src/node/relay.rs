@@ -1,9 +1,9 @@
 //! The node's relay between an application socket and its tunnel to the proxy.
 //!
 //! Bounded-latency buffering: a read from the application is sealed and written as soon
-//! as it completes (io_uring already hands us everything that was ready, up to one TLS
-//! record), unless `max_flush_delay` is set, in which case a short read may wait that long
-//! for more bytes. Each direction holds at most its budget: the next read is issued only
+//! as it completes (io_uring already hands us everything that was ready, up to half the
+//! direction's budget), unless `max_flush_delay` is set, in which case a short read may
+//! wait that long for more bytes. Each direction holds at most its budget: the next read is issued only
 //! after the previous bytes were written, so a slow receiver stops reading from the sender
 //! (backpressure) and memory never grows with the peer's speed.
 
