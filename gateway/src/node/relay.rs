@@ -3,9 +3,9 @@
 //! Bounded-latency buffering: a read from the application is sealed and written as soon
 //! as it completes (io_uring already hands us everything that was ready, up to half the
 //! direction's budget), unless `max_flush_delay` is set, in which case a short read may
-//! wait that long for more bytes. Each direction holds at most its budget: the next read is issued only
-//! after the previous bytes were written, so a slow receiver stops reading from the sender
-//! (backpressure) and memory never grows with the peer's speed.
+//! wait that long for more bytes. Each direction holds at most its budget: the next read
+//! is issued only after the previous bytes were written, so a slow receiver stops reading
+//! from the sender (backpressure) and memory never grows with the peer's speed.
 
 use std::io;
 use std::os::fd::AsRawFd;
