@@ -195,7 +195,8 @@ impl Report {
         let _ = writeln!(
             s,
             "\nPlan: warm-up {} s, measured {} s per path and scenario; COPY of {} MiB; pgbench scale {}; \
-             {} idle connections held {} s on `gateway` ({} s on the other paths).\n",
+             {} idle connections held {} s on `gateway` ({} s on the other paths); \
+             {} thread(s) in each tunnel process (node agent, proxy, each HAProxy).\n",
             self.plan.warmup_s,
             self.plan.measure_s,
             self.plan.copy_bytes >> 20,
@@ -203,6 +204,7 @@ impl Report {
             self.plan.idle_connections,
             self.plan.idle_hold_s,
             self.plan.measure_s,
+            self.plan.threads,
         );
         let _ = writeln!(s, "## Paths\n");
         for p in &self.paths {

@@ -122,6 +122,8 @@ pub struct Plan {
     /// How long the `gateway` path holds them (the "no growth" target's window); the
     /// other paths hold them `measure_s`.
     pub idle_hold_s: u32,
+    /// Threads of each tunnel process (node agent, proxy, each HAProxy).
+    pub threads: u16,
 }
 
 /// One path × scenario: named figures (see `report.rs` for their units).
@@ -145,6 +147,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             pgbench_scale: 1,
             idle_connections: 500,
             idle_hold_s: 2,
+            threads: opts.threads,
         }
     } else {
         Plan {
@@ -155,6 +158,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             pgbench_scale: 10,
             idle_connections: 10_000,
             idle_hold_s: 600,
+            threads: opts.threads,
         }
     };
     plan.measure_s = opts.measure_s.unwrap_or(plan.measure_s);
@@ -200,7 +204,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         &gateway_bin,
         !opts.no_transparent,
         plan.pgbench_scale,
-        opts.threads,
+        plan.threads,
     )?;
     eprintln!(
         "bench: paths {} (set up in {:.1}s)",
