@@ -60,7 +60,6 @@ impl Drop for BlockReady {
     }
 }
 
-/// Installs the global Prometheus recorder (once per process).
 /// One unit of a gauge (active connections, sessions, waiting tunnels), held for as long
 /// as this value lives, so every way out of a task gives it back.
 pub struct GaugeHeld(metrics::Gauge);
@@ -79,6 +78,7 @@ impl Drop for GaugeHeld {
     }
 }
 
+/// Installs the global Prometheus recorder (once per process).
 pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?
