@@ -258,7 +258,7 @@ fn spec(gateway_bin: &Path, transparent: bool, echo: SocketAddr, threads: u16) -
 }
 
 /// The peers' server and client certificates (ECDSA P-256, from the workload CA).
-fn issue_pair(ca: &CertificateAuthority) -> Result<peers::Pair> {
+pub(crate) fn issue_pair(ca: &CertificateAuthority) -> Result<peers::Pair> {
     let day = Duration::from_secs(24 * 3600);
     let server = ca.issue(
         &LeafSpec::server(vec!["localhost".into()], vec!["127.0.0.1".parse()?]),

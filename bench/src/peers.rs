@@ -6,7 +6,7 @@
 //! retried on fresh ports.
 
 use std::fmt::Write as _;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -136,7 +136,7 @@ fn find(program: &str) -> Option<PathBuf> {
 /// An stunnel pair with one service per target (each its own port pair).
 pub fn stunnel_pair(dir: &Path, certs: &Certs, targets: &[SocketAddr]) -> Result<Peer> {
     let bin = require("stunnel4", "stunnel4")?;
-    start_pair("stunnel", targets.len(), |fronts, backs| {
+    start_pair("stunnel", targets.len(), &mut free_port, |fronts, backs| {
         let common = |log: &str| {
             format!(
                 "foreground = yes\npid =\nsyslog = no\ndebug = 4\noutput = {}\n\
@@ -189,8 +189,18 @@ pub fn haproxy_pair(
     targets: &[SocketAddr],
     threads: u16,
 ) -> Result<Peer> {
+    haproxy_pair_on(dir, certs, targets, threads, &mut free_port)
+}
+
+fn haproxy_pair_on(
+    dir: &Path,
+    certs: &Certs,
+    targets: &[SocketAddr],
+    threads: u16,
+    ports: &mut dyn FnMut() -> Result<u16>,
+) -> Result<Peer> {
     let bin = require("haproxy", "haproxy")?;
-    start_pair("haproxy", targets.len(), |fronts, backs| {
+    start_pair("haproxy", targets.len(), ports, |fronts, backs| {
         // As many connections as the open-files limit allows (HAProxy checks maxconn
         // against it at start and needs two descriptors per connection).
         let maxconn = crate::echo::max_relayed_connections();
@@ -233,17 +243,18 @@ pub fn haproxy_pair(
     })
 }
 
-/// Starts a pair on fresh ports: `make(fronts, backs)` (`n` of each) writes both
-/// configurations and returns (server command, its log) and (client command, its log).
+/// Starts a pair on fresh ports from `ports`: `make(fronts, backs)` (`n` of each) writes
+/// both configurations and returns (server command, its log) and (client command, its log).
 fn start_pair(
     what: &str,
     n: usize,
+    ports: &mut dyn FnMut() -> Result<u16>,
     make: impl Fn(&[SocketAddr], &[SocketAddr]) -> Result<[(Command, PathBuf); 2]>,
 ) -> Result<Peer> {
     let mut last = String::new();
-    let fresh = || -> Result<Vec<SocketAddr>> {
+    let mut fresh = || -> Result<Vec<SocketAddr>> {
         (0..n)
-            .map(|_| Ok(SocketAddr::from(([127, 0, 0, 1], free_port()?))))
+            .map(|_| Ok(SocketAddr::from(([127, 0, 0, 1], ports()?))))
             .collect()
     };
     for _ in 0..PORT_ATTEMPTS {
@@ -292,7 +303,7 @@ fn start_pair(
 fn wait_listening(child: &mut Child, addr: SocketAddr, log: &Path) -> Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+        if listens(child.id(), addr) {
             return Ok(());
         }
         if let Ok(Some(status)) = child.try_wait() {
@@ -306,5 +317,129 @@ fn wait_listening(child: &mut Child, addr: SocketAddr, log: &Path) -> Result<()>
             bail!("not listening on {addr} after {READY_TIMEOUT:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether process `pid` holds a listening TCP socket on `addr` (an IPv4 address in this
+/// network namespace). A connect probe cannot tell: it also succeeds when another process
+/// holds the port and the peer is about to fail its bind.
+fn listens(pid: u32, addr: SocketAddr) -> bool {
+    let SocketAddr::V4(v4) = addr else {
+        return false;
+    };
+    // /proc/net/tcp writes the address as the in-memory u32 in hex, the port big-endian.
+    let local = format!(
+        "{:08X}:{:04X}",
+        u32::from_ne_bytes(v4.ip().octets()),
+        v4.port()
+    );
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // Fields: sl, local, remote, state (0A = LISTEN), …, inode (10th).
+            (f.len() > 9 && f[1] == local && f[3] == "0A").then(|| format!("socket:[{}]", f[9]))
+        })
+        .collect();
+    if inodes.is_empty() {
+        return false;
+    }
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .is_ok_and(|l| inodes.iter().any(|i| l.as_os_str() == i.as_str()))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    fn ci() -> bool {
+        std::env::var("CI").is_ok_and(|v| v == "true")
+    }
+
+    #[test]
+    fn a_missing_program_is_named_with_its_package() {
+        let e = require("dbgw-no-such-program", "dbgw-no-such-package")
+            .expect_err("a program that exists nowhere");
+        let msg = format!("{e:#}");
+        assert!(msg.contains("dbgw-no-such-program"), "{msg}");
+        assert!(
+            msg.contains("apt-get install dbgw-no-such-package"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn listens_tells_our_listener_from_another_process() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        assert!(listens(std::process::id(), addr));
+        // PID 1 never holds our socket.
+        assert!(!listens(1, addr));
+        drop(l);
+        assert!(!listens(std::process::id(), addr));
+    }
+
+    /// The client end's first port is taken by another listener (this test): the pair
+    /// must notice that HAProxy failed to bind (a connect would succeed against our
+    /// listener), stop the server end it already started, and come up on fresh ports.
+    #[test]
+    fn haproxy_pair_retries_a_port_clash_on_fresh_ports() {
+        if require("haproxy", "haproxy").is_err() && !ci() {
+            eprintln!("skipped: haproxy is not installed (cargo xtask setup installs it)");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("dbgw-bench-peers-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca_dir = dir.join("ca");
+        pki::init_ca(&ca_dir, gateway::up::DEMO_TRUST_DOMAIN).unwrap();
+        let ca = CertificateAuthority::load(
+            &ca_dir.join(pki::WORKLOAD_CA_CERT),
+            &ca_dir.join(pki::WORKLOAD_CA_KEY),
+        )
+        .unwrap();
+        let certs = Certs::write(&dir, &ca, &crate::env::issue_pair(&ca).unwrap()).unwrap();
+
+        let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken_port = taken.local_addr().unwrap().port();
+        let mut handed = Vec::new();
+        let mut ports = || -> Result<u16> {
+            // The first port asked for is the client end's front: the taken one.
+            let p = if handed.is_empty() {
+                taken_port
+            } else {
+                free_port()?
+            };
+            handed.push(p);
+            Ok(p)
+        };
+        let target: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let result = haproxy_pair_on(&dir, &certs, &[target], 1, &mut ports);
+        let peer = result.unwrap_or_else(|e| panic!("{e:#}"));
+        // Two attempts, each asking for a front and a back port.
+        assert_eq!(handed.len(), 4, "ports handed out: {handed:?}");
+        assert_ne!(peer.addrs[0].port(), taken_port);
+        assert_eq!(peer.children.len(), 2);
+        assert!(listens(peer.children[1].id(), peer.addrs[0]));
+        let log = std::fs::read_to_string(dir.join("haproxy-client.log")).unwrap_or_default();
+        let pids = peer.pids();
+        drop(peer);
+        for pid in pids {
+            assert!(
+                !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+                "haproxy {pid} still running after the pair was dropped; client log:\n{log}"
+            );
+        }
+        drop(taken);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
