@@ -18,6 +18,7 @@ pub mod pg;
 pub mod pki;
 pub mod policy;
 pub mod proxy;
+pub mod telemetry;
 pub mod tunnel;
 pub mod up;
 pub mod upstream;
