@@ -1,12 +1,13 @@
 //! Who is connecting: from the cgroup id the eBPF hooks report to a workload identity.
 //!
 //! cgroup id → cgroup path ([`cgroup::CgroupPaths`]) → pod UID and container id
-//! ([`cgroup::parse_pod_container`]) → pod metadata from a [`PodSource`] (the static
+//! ([`cgroup::parse_pod_container`]) → the pod from a [`PodDirectory`] (the static
 //! [`inventory::Inventory`] or the Kubernetes watch [`kube::KubePods`]) → a [`Workload`] with
 //! the SPIFFE ID `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
 //!
-//! Ground floor: imports only `config` helpers, `pki::SpiffeId` and `tunnel::PodMeta` (and
-//! the `kube` crate, in `identity::kube`).
+//! Ground floor: imports only the pod vocabulary (`pod`), `config`'s YAML helpers,
+//! `pki::SpiffeId` and the metric names of `telemetry` (and the `kube` crate, in
+//! `identity::kube`).
 //!
 //! The cgroup id must equal the cgroup directory's inode number, which holds on 64-bit
 //! kernels since 5.5 (kernfs node ids became 64-bit inode numbers then).
@@ -22,10 +23,13 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use crate::config::ConfigError;
 use crate::pki::{PkiError, SpiffeId};
-use crate::tunnel::PodMeta;
+use crate::pod::{HostIdentity, Pod, PodDirectory, PodMeta};
 
 use cgroup::{CgroupPaths, PodContainer, parse_pod_container};
-use inventory::{HostIdentity, Inventory, PodInfo};
+use inventory::Inventory;
+
+// TRANSITION(issue 17): old path, removed after the merge
+pub use crate::pod::PodDirectory as PodSource;
 
 /// Parsed paths kept per cgroup id; past this the cache starts over (a node runs a few
 /// hundred containers, so this is only a bound against churn).
@@ -41,6 +45,8 @@ pub enum IdentityError {
         "no cgroup2 filesystem is mounted (cgroup v2 is required; hybrid hosts mount it at e.g. /sys/fs/cgroup/unified)"
     )]
     NoCgroup2Mount,
+    #[error("no cgroup v2 entry (0::) in /proc/self/cgroup")]
+    NoCgroup2Entry,
     #[error(
         "cgroup2 is mounted only as a subtree (at {mount_point}); the hierarchy root must be mounted"
     )]
@@ -86,21 +92,6 @@ pub enum IdentityError {
     TrustDomain(#[from] PkiError),
 }
 
-/// Where pod metadata comes from: the static inventory, or a Kubernetes watch of the pods
-/// with `spec.nodeName` = this node ([`kube::KubePods`]); `None` means "not known (yet)",
-/// which for a watch includes a pod created a moment ago.
-pub trait PodSource: Send + Sync {
-    /// The pod with this UID (lower-case, dashes).
-    fn pod(&self, uid: &str) -> Option<PodInfo>;
-}
-
-/// A shared source (a [`kube::KubePods`] also read by `/readyz`) serves as one too.
-impl<T: PodSource + ?Sized> PodSource for Arc<T> {
-    fn pod(&self, uid: &str) -> Option<PodInfo> {
-        (**self).pod(uid)
-    }
-}
-
 /// A resolved workload: what the node puts in its certificate request and preamble.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Workload {
@@ -113,10 +104,10 @@ pub struct Workload {
 /// locks), so the data-plane threads can call it per accepted connection.
 pub struct Resolver {
     cgroups: CgroupPaths,
-    pods: Box<dyn PodSource>,
+    /// The node's pods, and the identity of processes outside any pod.
+    pods: Box<dyn PodDirectory>,
     trust_domain: String,
     node_name: String,
-    host: Option<HostIdentity>,
     /// Path and parse result per cgroup id. A cgroup id is never reused while the kernel
     /// runs (64-bit, increasing), so an entry never goes stale; pod metadata is not cached
     /// here, because pods change.
@@ -130,13 +121,13 @@ struct Parsed {
 }
 
 impl Resolver {
-    /// `host`: the identity for processes outside any pod; `None` refuses them.
-    pub fn new(
+    /// A resolver over the pods of `pods`; processes outside any pod get the directory's
+    /// host identity, and are refused when it has none.
+    pub fn from_directory(
         cgroups: CgroupPaths,
-        pods: Box<dyn PodSource>,
+        pods: Box<dyn PodDirectory>,
         trust_domain: &str,
         node_name: &str,
-        host: Option<HostIdentity>,
     ) -> Result<Self, IdentityError> {
         // Checked once here so that every identity built later is valid.
         SpiffeId::parse(&format!("spiffe://{trust_domain}/ns/x/sa/x"))?;
@@ -145,20 +136,40 @@ impl Resolver {
             pods,
             trust_domain: trust_domain.to_owned(),
             node_name: node_name.to_owned(),
-            host,
             parsed: RwLock::new(HashMap::new()),
         })
     }
 
-    /// A resolver over a static inventory, with the inventory's host identity.
+    // TRANSITION(issue 17): old constructor, removed after the merge (use `from_directory`;
+    // the directory carries the host identity now)
+    pub fn new(
+        cgroups: CgroupPaths,
+        pods: Box<dyn PodDirectory>,
+        trust_domain: &str,
+        node_name: &str,
+        host: Option<HostIdentity>,
+    ) -> Result<Self, IdentityError> {
+        struct WithHost(Box<dyn PodDirectory>, Option<HostIdentity>);
+        impl PodDirectory for WithHost {
+            fn pod(&self, uid: &str) -> Option<Pod> {
+                self.0.pod(uid)
+            }
+            fn host(&self) -> Option<&HostIdentity> {
+                self.1.as_ref()
+            }
+        }
+        let pods = Box::new(WithHost(pods, host));
+        Self::from_directory(cgroups, pods, trust_domain, node_name)
+    }
+
+    // TRANSITION(issue 17): old constructor, removed after the merge (use `from_directory`)
     pub fn with_inventory(
         cgroups: CgroupPaths,
         inventory: Inventory,
         trust_domain: &str,
         node_name: &str,
     ) -> Result<Self, IdentityError> {
-        let host = inventory.host().cloned();
-        Self::new(cgroups, Box::new(inventory), trust_domain, node_name, host)
+        Self::from_directory(cgroups, Box::new(inventory), trust_domain, node_name)
     }
 
     /// The workload whose process runs in cgroup `cgroup_id`, or why there is none.
@@ -166,8 +177,8 @@ impl Resolver {
         let parsed = self.parsed(cgroup_id)?;
         let Some(pc) = &parsed.pod else {
             let host = self
-                .host
-                .as_ref()
+                .pods
+                .host()
                 .ok_or_else(|| IdentityError::NoHostIdentity {
                     path: parsed.path.clone(),
                 })?;
@@ -177,15 +188,11 @@ impl Resolver {
                     &host.namespace,
                     &host.service_account,
                 ),
-                pod: PodMeta {
-                    namespace: Some(host.namespace.clone()),
-                    service_account: Some(host.service_account.clone()),
-                    ..PodMeta::default()
-                },
+                pod: host.meta(),
                 labels: BTreeMap::new(),
             });
         };
-        let info = self
+        let mut info = self
             .pods
             .pod(&pc.pod_uid)
             .ok_or_else(|| IdentityError::UnknownPod {
@@ -216,16 +223,12 @@ impl Resolver {
                 Some(_) => {}
             }
         }
+        let spiffe_id = SpiffeId::new(&self.trust_domain, &info.namespace, &info.service_account);
+        let labels = std::mem::take(&mut info.labels);
         Ok(Workload {
-            spiffe_id: SpiffeId::new(&self.trust_domain, &info.namespace, &info.service_account),
-            pod: PodMeta {
-                namespace: Some(info.namespace),
-                name: Some(info.name),
-                uid: Some(info.uid),
-                container_id: pc.container_id.clone(),
-                service_account: Some(info.service_account),
-            },
-            labels: info.labels,
+            spiffe_id,
+            pod: info.into_meta(pc.container_id.clone()),
+            labels,
         })
     }
 
@@ -333,9 +336,9 @@ mod tests {
 
         fn resolver(&self, inventory: &str) -> Resolver {
             let inv = Inventory::parse(Path::new("inventory.yaml"), inventory).unwrap();
-            Resolver::with_inventory(
+            Resolver::from_directory(
                 CgroupPaths::new(self.tmp.path()),
-                inv,
+                Box::new(inv),
                 "example.org",
                 "node-1",
             )
@@ -486,22 +489,24 @@ mod tests {
     #[test]
     fn pod_source_changes_show_through_the_cache() {
         /// A source that learns pods while running, like a Kubernetes watch.
-        struct Late(Arc<Mutex<Option<PodInfo>>>);
-        impl PodSource for Late {
-            fn pod(&self, uid: &str) -> Option<PodInfo> {
+        struct Late(Arc<Mutex<Option<Pod>>>);
+        impl PodDirectory for Late {
+            fn pod(&self, uid: &str) -> Option<Pod> {
                 let pod = self.0.lock().unwrap().clone();
                 pod.filter(|p| p.uid == uid)
+            }
+            fn host(&self) -> Option<&HostIdentity> {
+                None
             }
         }
         let tree = Tree::new();
         let id = tree.cgroup(&format!("{}/docker-{CID}.scope", pod_slice(UID_)));
         let slot = Arc::new(Mutex::new(None));
-        let resolver = Resolver::new(
+        let resolver = Resolver::from_directory(
             CgroupPaths::new(tree.tmp.path()),
             Box::new(Late(Arc::clone(&slot))),
             "example.org",
             "node-1",
-            None,
         )
         .unwrap();
         assert!(matches!(
@@ -580,12 +585,11 @@ mod tests {
 
     #[test]
     fn bad_trust_domain_is_refused_up_front() {
-        let result = Resolver::new(
+        let result = Resolver::from_directory(
             CgroupPaths::new("/nonexistent"),
             Box::new(Inventory::default()),
             "Example Org",
             "node-1",
-            None,
         );
         assert!(matches!(result, Err(IdentityError::TrustDomain(_))));
     }

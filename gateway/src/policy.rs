@@ -7,13 +7,25 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use crate::config::{DatabaseConfig, Effect, RoleConfig};
+use crate::config::{DatabaseConfig, DatabaseSelector, Effect, RoleConfig};
 use crate::pg::{ErrorResponse, sqlstate};
 use crate::pki::SpiffeId;
 
 /// Variables a template may use: `{{ .namespace }}`, `{{ .service_account }}`,
 /// `{{ .trust_domain }}`.
 const TEMPLATE_VARS: [&str; 3] = ["namespace", "service_account", "trust_domain"];
+
+/// Which database routes a role covers is policy, though the proxy's config checks it too
+/// (an allow role over a postgres route must name users and database names).
+impl DatabaseSelector {
+    /// Whether the selector picks `db`: all given names/labels must match, and an empty
+    /// selector picks nothing (deny by default).
+    pub fn covers(&self, db: &DatabaseConfig) -> bool {
+        (self.names.is_empty() || self.names.iter().any(|n| n == &db.name))
+            && self.labels.iter().all(|(k, v)| db.labels.get(k) == Some(v))
+            && !(self.names.is_empty() && self.labels.is_empty())
+    }
+}
 
 #[derive(Debug)]
 pub struct Policy {
@@ -346,6 +358,24 @@ roles:
     match: { service_account: intruder }
     databases: { names: [main, other] }
 "#;
+
+    #[test]
+    fn selectors_cover_by_name_and_label_and_an_empty_one_covers_nothing() {
+        let p: P = parse_yaml(std::path::Path::new("t.yaml"), BASE).unwrap();
+        let (main, other) = (&p.databases[0], &p.databases[1]);
+        let sel = |yaml: &str| -> DatabaseSelector {
+            parse_yaml(std::path::Path::new("s.yaml"), yaml).unwrap()
+        };
+        let by_label = sel("labels: { env: prod }");
+        assert!(by_label.covers(main) && !by_label.covers(other));
+        let by_name = sel("names: [other]");
+        assert!(!by_name.covers(main) && by_name.covers(other));
+        // Names and labels must both match.
+        let both = sel("names: [main, other]\nlabels: { env: prod }");
+        assert!(both.covers(main) && !both.covers(other));
+        let empty = sel("{}");
+        assert!(!empty.covers(main) && !empty.covers(other));
+    }
 
     #[test]
     fn templates_render_from_identity() {

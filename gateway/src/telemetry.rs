@@ -7,5 +7,6 @@
 //! Not named `metrics`, which would shadow the `metrics` crate's macros inside this crate.
 
 pub mod ca;
+pub mod identity;
 pub mod node;
 pub mod proxy;

@@ -9,6 +9,9 @@
 //!
 //! The body is informational (route, original destination, pod metadata): the proxy takes
 //! the workload's *identity* only from the verified client certificate, never from here.
+//!
+//! Shared by both wings; imports only the vocabulary the preamble is written in (`route`,
+//! `pod`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,7 +23,9 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 
-use crate::config::Protocol;
+// TRANSITION(issue 17): old path, removed after the merge (then `use crate::pod::PodMeta`)
+pub use crate::pod::PodMeta;
+use crate::route::Protocol;
 
 pub const PREAMBLE_MAGIC: &[u8; 4] = b"DBGW";
 pub const PREAMBLE_VERSION: u8 = 1;
@@ -30,6 +35,9 @@ pub const MAX_PREAMBLE_LEN: usize = 64 * 1024;
 pub const PREAMBLE_HEADER_LEN: usize = 9;
 /// ALPN protocol id of the tunnel, so a TLS endpoint of something else fails fast.
 pub const ALPN: &[u8] = b"dbgw/1";
+/// One TLS record of plaintext (RFC 8446's maximum fragment): the unit the relays of both
+/// wings coalesce to, and the least buffer budget per direction that can hold one record.
+pub const TLS_RECORD_PAYLOAD: usize = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
@@ -41,21 +49,6 @@ pub enum TunnelError {
     Tls(#[from] rustls::Error),
     #[error("tls client verifier: {0}")]
     Verifier(String),
-}
-
-/// Pod metadata known to the node (in explicit mode: from the listener's configuration).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct PodMeta {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespace: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub uid: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub container_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub service_account: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

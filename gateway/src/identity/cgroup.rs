@@ -105,6 +105,24 @@ fn unescape_octal(field: &str) -> Result<String, String> {
     String::from_utf8(out).map_err(|_| format!("path {field:?} is not UTF-8"))
 }
 
+/// Where the kernel names this process's cgroups.
+pub const PROC_SELF_CGROUP: &str = "/proc/self/cgroup";
+
+/// The cgroup v2 directory of this process (from /proc/self/cgroup, line `0::<path>`, under
+/// the cgroup v2 mount): the node agent exempts its own cgroup from interception.
+pub fn current_cgroup() -> Result<PathBuf, IdentityError> {
+    let root = cgroup2_mount()?;
+    let own = fs::read_to_string(PROC_SELF_CGROUP).map_err(|source| IdentityError::Read {
+        path: PathBuf::from(PROC_SELF_CGROUP),
+        source,
+    })?;
+    let rel = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or(IdentityError::NoCgroup2Entry)?;
+    Ok(root.join(rel.trim_start_matches('/')))
+}
+
 /// The cgroup id of a cgroup directory: its inode number.
 pub fn id_of(path: &Path) -> io::Result<u64> {
     Ok(fs::symlink_metadata(path)?.ino())
@@ -545,6 +563,23 @@ mod tests {
         // Every supported host has one (hybrid or unified); the test environment too.
         let mount = cgroup2_mount().unwrap();
         assert!(mount.is_dir(), "{}", mount.display());
+    }
+
+    #[test]
+    fn this_process_is_in_a_cgroup_under_the_mount_whose_id_is_its_inode() {
+        let mount = cgroup2_mount().unwrap();
+        let own = current_cgroup().unwrap();
+        assert!(
+            own.starts_with(&mount),
+            "{} under {}",
+            own.display(),
+            mount.display()
+        );
+        assert!(own.is_dir(), "{}", own.display());
+        // The id the resolver will look up is the one the directory walk finds.
+        let id = id_of(&own).unwrap();
+        let rel = Path::new("/").join(own.strip_prefix(&mount).unwrap());
+        assert_eq!(CgroupPaths::new(&mount).path_of(id), Some(rel));
     }
 
     #[test]

@@ -15,51 +15,23 @@
 //!   service_account: node-tools
 //! ```
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::{IdentityError, PodSource};
+use super::IdentityError;
 use crate::config::{ConfigError, load_yaml, parse_yaml};
+use crate::pod::{Pod, PodDirectory};
 
-/// What the gateway knows about one pod.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PodInfo {
-    /// The pod UID, lower-case with dashes (normalised on load).
-    pub uid: String,
-    pub namespace: String,
-    pub name: String,
-    pub service_account: String,
-    /// The node the pod is scheduled on; the resolver refuses pods of other nodes, since a
-    /// cgroup here cannot belong to them (a stale or copied inventory would say otherwise).
-    pub node: String,
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    /// Informational: a host-network pod still has its own cgroup, so its identity is
-    /// resolved the same way.
-    #[serde(default)]
-    pub host_network: bool,
-    /// If set, only processes in these containers (64-hex ids) get the pod's identity;
-    /// the pod-level cgroup and any other container are refused.
-    #[serde(default)]
-    pub containers: Option<Vec<String>>,
-}
-
-/// The identity given to processes outside any pod, when one is configured.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HostIdentity {
-    pub namespace: String,
-    pub service_account: String,
-}
+// TRANSITION(issue 17): old paths, removed after the merge (then `use crate::pod::HostIdentity`)
+pub use crate::pod::{HostIdentity, Pod as PodInfo};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct InventoryFile {
     #[serde(default)]
-    pods: Vec<PodInfo>,
+    pods: Vec<Pod>,
     #[serde(default)]
     host: Option<HostIdentity>,
 }
@@ -67,7 +39,7 @@ struct InventoryFile {
 /// Pods by UID, plus the optional host identity.
 #[derive(Debug, Clone, Default)]
 pub struct Inventory {
-    pods: HashMap<String, PodInfo>,
+    pods: HashMap<String, Pod>,
     host: Option<HostIdentity>,
 }
 
@@ -85,12 +57,8 @@ impl Inventory {
         Self::build(path, file)
     }
 
-    pub fn lookup(&self, pod_uid: &str) -> Option<&PodInfo> {
+    pub fn lookup(&self, pod_uid: &str) -> Option<&Pod> {
         self.pods.get(pod_uid)
-    }
-
-    pub fn host(&self) -> Option<&HostIdentity> {
-        self.host.as_ref()
     }
 
     fn build(path: &Path, file: InventoryFile) -> Result<Self, IdentityError> {
@@ -139,9 +107,13 @@ impl Inventory {
     }
 }
 
-impl PodSource for Inventory {
-    fn pod(&self, uid: &str) -> Option<PodInfo> {
+impl PodDirectory for Inventory {
+    fn pod(&self, uid: &str) -> Option<Pod> {
         self.lookup(uid).cloned()
+    }
+
+    fn host(&self) -> Option<&HostIdentity> {
+        self.host.as_ref()
     }
 }
 

@@ -7,20 +7,20 @@
 //!
 //! The list, the watch, resuming a broken watch from the last `resourceVersion` (and
 //! re-listing when the server answers 410 Gone) are `kube::runtime::watcher`'s; this module
-//! turns its events into a map UID → [`PodInfo`] and says when the first list is in.
+//! turns its events into a map UID → [`Pod`] and says when the first list is in.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod as KubePod};
 use kube::Api;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 
-use super::PodSource;
-use super::inventory::{HostIdentity, PodInfo};
+use crate::pod::{HostIdentity, Pod, PodDirectory};
+use crate::telemetry::identity::KUBE_WATCH_ERRORS;
 
 /// The service account Kubernetes runs a pod as when its spec names none.
 const DEFAULT_SERVICE_ACCOUNT: &str = "default";
@@ -40,7 +40,7 @@ pub struct KubePods {
 /// What the watch task and the readers share.
 #[derive(Default)]
 struct State {
-    pods: RwLock<HashMap<String, PodInfo>>,
+    pods: RwLock<HashMap<String, Pod>>,
     /// Set once the first complete list has been applied, never cleared: after that the
     /// map is at worst stale while the watch recovers, which is better than refusing all.
     ready: Mutex<bool>,
@@ -116,11 +116,6 @@ impl KubePods {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-
-    /// The identity for processes outside any pod, if one was configured.
-    pub fn host(&self) -> Option<&HostIdentity> {
-        self.host.as_ref()
-    }
 }
 
 impl Drop for KubePods {
@@ -129,18 +124,23 @@ impl Drop for KubePods {
     }
 }
 
-impl PodSource for KubePods {
-    fn pod(&self, uid: &str) -> Option<PodInfo> {
+impl PodDirectory for KubePods {
+    fn pod(&self, uid: &str) -> Option<Pod> {
         self.state.read().get(uid).cloned()
+    }
+
+    /// The identity configured for processes outside any pod (the API has no notion of one).
+    fn host(&self) -> Option<&HostIdentity> {
+        self.host.as_ref()
     }
 }
 
 impl State {
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, PodInfo>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Pod>> {
         self.pods.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, PodInfo>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Pod>> {
         self.pods.write().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -157,13 +157,13 @@ impl State {
 /// retried after the runtime's default backoff (0.8 s doubling to 30 s, with jitter, the
 /// client-go reflector's numbers), so a flapping API server is not hammered.
 async fn watch(client: kube::Client, node: String, state: Arc<State>) {
-    let api: Api<Pod> = Api::all(client);
+    let api: Api<KubePod> = Api::all(client);
     let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
     let mut events = std::pin::pin!(watcher::watcher(api, config).default_backoff());
     // Pods of a list in progress. The map is replaced only when the list is complete, so
     // a re-list (after 410 Gone) neither empties the map meanwhile nor keeps pods that
     // were deleted while the watch was down.
-    let mut listing: Option<HashMap<String, PodInfo>> = None;
+    let mut listing: Option<HashMap<String, Pod>> = None;
     while let Some(event) = events.next().await {
         match event {
             Ok(Event::Init) => listing = Some(HashMap::new()),
@@ -198,7 +198,7 @@ async fn watch(client: kube::Client, node: String, state: Arc<State>) {
                 }
             }
             Err(e) => {
-                metrics::counter!("gateway_kube_watch_errors_total").increment(1);
+                metrics::counter!(KUBE_WATCH_ERRORS).increment(1);
                 tracing::warn!(node = %node, error = %e, "pod watch failed; backing off");
             }
         }
@@ -209,7 +209,7 @@ async fn watch(client: kube::Client, node: String, state: Arc<State>) {
 
 /// What the gateway needs of a pod; `None` (logged) for a pod without UID or namespace,
 /// which the API server never sends, since such a pod could not be looked up or named.
-fn pod_info(pod: &Pod) -> Option<PodInfo> {
+fn pod_info(pod: &KubePod) -> Option<Pod> {
     let meta = &pod.metadata;
     let (Some(uid), Some(namespace)) = (meta.uid.as_deref(), meta.namespace.as_deref()) else {
         tracing::warn!(name = ?meta.name, "pod without uid or namespace ignored");
@@ -223,7 +223,7 @@ fn pod_info(pod: &Pod) -> Option<PodInfo> {
         .flatten()
         .flatten();
     let containers: Vec<String> = statuses.filter_map(container_id).collect();
-    Some(PodInfo {
+    Some(Pod {
         // The API server writes UIDs in lower case; the cgroup side normalises to that too.
         uid: uid.to_ascii_lowercase(),
         namespace: namespace.to_owned(),
@@ -271,7 +271,6 @@ mod tests {
     use tokio::sync::mpsc;
 
     use super::*;
-    use crate::ca::{PodDirectory, PodRecord};
 
     const NODE: &str = "node-1";
     const SELECTOR: &str = "fieldSelector=spec.nodeName%3Dnode-1";
@@ -509,10 +508,10 @@ mod tests {
 
     /// Polls until `check` holds for the pod (or its absence); the watch applies events on
     /// its own task.
-    async fn eventually(pods: &KubePods, uid: &str, check: impl Fn(Option<&PodInfo>) -> bool) {
+    async fn eventually(pods: &KubePods, uid: &str, check: impl Fn(Option<&Pod>) -> bool) {
         let deadline = Instant::now() + WAIT;
         loop {
-            let pod = PodSource::pod(pods, uid);
+            let pod = PodDirectory::pod(pods, uid);
             if check(pod.as_ref()) {
                 return;
             }
@@ -552,10 +551,10 @@ mod tests {
         assert!(pods.is_ready());
         assert_eq!(pods.len(), 2);
 
-        let a = PodSource::pod(&*pods, UID_A).expect("listed pod");
+        let a = PodDirectory::pod(&*pods, UID_A).expect("listed pod");
         assert_eq!(
             a,
-            PodInfo {
+            Pod {
                 uid: UID_A.into(),
                 namespace: "team-a".into(),
                 name: "api-7d9f".into(),
@@ -566,7 +565,7 @@ mod tests {
                 containers: Some(vec![CID_1.into()]),
             }
         );
-        let b = PodSource::pod(&*pods, UID_B).expect("listed pod");
+        let b = PodDirectory::pod(&*pods, UID_B).expect("listed pod");
         assert_eq!(b.service_account, "default");
         assert!(b.host_network);
         assert_eq!(
@@ -574,15 +573,12 @@ mod tests {
             Some(vec![CID_2.into()]),
             "init containers count"
         );
+        // What the CA decides on: namespace, service account and node.
         assert_eq!(
-            PodDirectory::pod(&*pods, UID_A),
-            Some(PodRecord {
-                namespace: "team-a".into(),
-                service_account: "api".into(),
-                node: NODE.into(),
-            })
+            PodDirectory::pod(&*pods, UID_A).map(|p| (p.namespace, p.service_account, p.node)),
+            Some(("team-a".into(), "api".into(), NODE.into()))
         );
-        assert_eq!(pods.host_identity(), None);
+        assert_eq!(pods.host(), None);
 
         // The watch that follows the list starts at the list's resourceVersion.
         let watch = server.next_watch().await;
@@ -605,7 +601,7 @@ mod tests {
             pod(UID_A, "api-7d9f", "11", json!({ "app": "api" }), &[]),
         );
         eventually(&pods, UID_A, |p| p.is_some()).await;
-        let added = PodSource::pod(&*pods, UID_A).unwrap();
+        let added = PodDirectory::pod(&*pods, UID_A).unwrap();
         assert_eq!(added.containers, None, "no container created yet");
 
         let modified = pod(
@@ -620,7 +616,7 @@ mod tests {
             p.is_some_and(|p| p.labels.get("tier").map(String::as_str) == Some("gold"))
         })
         .await;
-        let updated = PodSource::pod(&*pods, UID_A).unwrap();
+        let updated = PodDirectory::pod(&*pods, UID_A).unwrap();
         assert_eq!(
             updated.containers,
             Some(vec![CID_1.into()]),
@@ -664,7 +660,7 @@ mod tests {
         second.send("DELETED", pod(UID_A, "api-7d9f", "18", json!({}), &[]));
         eventually(&pods, UID_A, |p| p.is_none()).await;
         assert!(
-            PodSource::pod(&*pods, UID_B).is_some(),
+            PodDirectory::pod(&*pods, UID_B).is_some(),
             "kept across the restart"
         );
 
@@ -704,7 +700,7 @@ mod tests {
         let watch = server.next_watch().await;
         watch.send("ERROR", status(410, "Expired"));
         eventually(&pods, UID_B, |p| p.is_none()).await;
-        let a = PodSource::pod(&*pods, UID_A).unwrap();
+        let a = PodDirectory::pod(&*pods, UID_A).unwrap();
         assert_eq!(a.labels.get("v").map(String::as_str), Some("2"));
         let next = server.next_watch().await;
         assert_eq!(next.resource_version(), Some("30"));
@@ -725,7 +721,7 @@ mod tests {
                 .unwrap();
         assert!(!early, "not ready before a list succeeded");
         assert!(wait_ready(&pods).await, "ready after the retry");
-        assert!(PodSource::pod(&*pods, UID_A).is_some());
+        assert!(PodDirectory::pod(&*pods, UID_A).is_some());
         assert_eq!(server.lists_requested(), 2);
         let _watch = server.next_watch().await;
         server.assert_only_this_node_requested();
@@ -745,13 +741,16 @@ mod tests {
             &tokio::runtime::Handle::current(),
         );
         assert_eq!(
-            pods.host_identity(),
-            Some(("host".to_owned(), "node-tools".to_owned()))
+            pods.host(),
+            Some(&HostIdentity {
+                namespace: "host".into(),
+                service_account: "node-tools".into(),
+            })
         );
         // Shared handles plug into the resolver and the CA as they are.
         let directory: Box<dyn PodDirectory> = Box::new(Arc::clone(&pods));
-        assert!(directory.host_identity().is_some());
-        let source: Box<dyn PodSource> = Box::new(pods);
+        assert!(directory.host().is_some());
+        let source: Box<dyn PodDirectory> = Box::new(pods);
         assert!(source.pod(UID_A).is_none());
     }
 
@@ -780,7 +779,7 @@ mod tests {
 
     #[test]
     fn a_pod_without_uid_or_namespace_is_ignored() {
-        let mut p: Pod = serde_json::from_value(pod(UID_A, "x", "1", json!({}), &[])).unwrap();
+        let mut p: KubePod = serde_json::from_value(pod(UID_A, "x", "1", json!({}), &[])).unwrap();
         assert!(pod_info(&p).is_some());
         p.metadata.namespace = None;
         assert!(pod_info(&p).is_none());

@@ -1,6 +1,27 @@
 //! The metrics of the ca: names, HELP text, and zero values registered at start so that a
 //! scrape shows every series before it first moves.
 
+/// Workload certificates signed (`ca::service`).
+pub const CERTIFICATES_ISSUED: &str = "gateway_ca_certificates_issued_total";
+/// Requests refused: not a node, unknown pod, pod on another node, no host identity, bad
+/// request (`ca::service`).
+pub const REFUSALS: &str = "gateway_ca_refusals_total";
+
 /// Describes every metric of the ca and registers its series at zero. Call once, after
-/// the recorder is installed.
-pub fn describe() {}
+/// the recorder is installed. The CA's pod directory may be a Kubernetes watch, whose
+/// metrics [`super::identity::describe`] covers; `ca::run` calls both.
+pub fn describe() {
+    metrics::describe_counter!(
+        CERTIFICATES_ISSUED,
+        metrics::Unit::Count,
+        "Workload certificates the CA signed for a node's pods (or its host identity)."
+    );
+    metrics::describe_counter!(
+        REFUSALS,
+        metrics::Unit::Count,
+        "Certificate requests the CA refused (not a node, unknown pod, pod on another node, no host identity, bad request)."
+    );
+    for name in [CERTIFICATES_ISSUED, REFUSALS] {
+        metrics::counter!(name).increment(0);
+    }
+}

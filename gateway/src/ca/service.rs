@@ -1,0 +1,364 @@
+//! The CA's decision and its HTTP face: whether the asking node may have a certificate for
+//! the pod it names ([`CaService::issue`]), and the mutual-TLS HTTP/1.1 server around it
+//! ([`serve`]).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Serialize;
+use tokio::net::TcpListener;
+
+use super::wire::{CertificateRequest, CertificateResponse, ErrorBody, WORKLOAD_CERTIFICATES_PATH};
+use crate::pki::{self, CertificateAuthority, LeafSpec, SpiffeId};
+use crate::pod::PodDirectory;
+use crate::telemetry::ca::{CERTIFICATES_ISSUED, REFUSALS};
+
+/// A CSR is well under 1 KiB; anything bigger is not one.
+const MAX_REQUEST_BODY: usize = 16 * 1024;
+/// A node that does not finish its TLS handshake by then is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after a failed accept (out of descriptors, say) before the next one.
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
+
+/// The CA service: its key, its trust domain, how long certificates live, and the pod
+/// directory that says which node each pod runs on.
+pub struct CaService {
+    pub ca: CertificateAuthority,
+    pub trust_domain: String,
+    pub ttl: Duration,
+    pub pods: Box<dyn PodDirectory>,
+}
+
+/// Why the CA refuses a request; the message goes back to the node and into the CA log.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Refusal {
+    #[error("client certificate is not a node identity: {0}")]
+    NotANode(String),
+    #[error("pod {0} is not known to the CA")]
+    UnknownPod(String),
+    #[error("no host identity is configured for processes outside pods")]
+    NoHostIdentity,
+    #[error("pod {pod} runs on node {actual}, not on {asking}")]
+    WrongNode {
+        pod: String,
+        actual: String,
+        asking: String,
+    },
+    #[error("bad request: {0}")]
+    BadRequest(String),
+}
+
+impl CaService {
+    /// Decides and signs one request from the node `node_cert` identifies.
+    pub fn issue(
+        &self,
+        node_cert: Option<&rustls_pki_types::CertificateDer<'_>>,
+        req: &CertificateRequest,
+    ) -> Result<CertificateResponse, Refusal> {
+        let node_cert = node_cert.ok_or_else(|| Refusal::NotANode("no certificate".into()))?;
+        let node = pki::node_name_of(node_cert, &self.trust_domain)
+            .map_err(|e| Refusal::NotANode(e.to_string()))?;
+        let id = match &req.pod_uid {
+            None => {
+                let host = self.pods.host().ok_or(Refusal::NoHostIdentity)?;
+                SpiffeId::new(&self.trust_domain, &host.namespace, &host.service_account)
+            }
+            Some(uid) => {
+                let pod = self
+                    .pods
+                    .pod(uid)
+                    .ok_or_else(|| Refusal::UnknownPod(uid.clone()))?;
+                if pod.node != node {
+                    return Err(Refusal::WrongNode {
+                        pod: uid.clone(),
+                        actual: pod.node,
+                        asking: node,
+                    });
+                }
+                SpiffeId::new(&self.trust_domain, &pod.namespace, &pod.service_account)
+            }
+        };
+        let certificate = self
+            .ca
+            .issue_for_csr(&LeafSpec::workload(&id), &req.csr, self.ttl)
+            .map_err(|e| Refusal::BadRequest(e.to_string()))?;
+        metrics::counter!(CERTIFICATES_ISSUED).increment(1);
+        Ok(CertificateResponse {
+            certificate,
+            spiffe_id: id.to_string(),
+        })
+    }
+}
+
+fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(
+        serde_json::to_vec(body).unwrap_or_default(),
+    )));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+async fn handle(
+    svc: Arc<CaService>,
+    node_cert: Option<rustls_pki_types::CertificateDer<'static>>,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    if req.method() != Method::POST || req.uri().path() != WORKLOAD_CERTIFICATES_PATH {
+        return json(
+            StatusCode::NOT_FOUND,
+            &ErrorBody {
+                error: format!("only POST {WORKLOAD_CERTIFICATES_PATH}"),
+            },
+        );
+    }
+    let body = match Limited::new(req.into_body(), MAX_REQUEST_BODY)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return json(
+                StatusCode::BAD_REQUEST,
+                &ErrorBody {
+                    error: format!("request body: {e}"),
+                },
+            );
+        }
+    };
+    let result = serde_json::from_slice::<CertificateRequest>(&body)
+        .map_err(|e| Refusal::BadRequest(e.to_string()))
+        .and_then(|r| svc.issue(node_cert.as_ref(), &r));
+    match result {
+        Ok(resp) => json(StatusCode::OK, &resp),
+        Err(refusal) => {
+            tracing::warn!(%refusal, "workload certificate refused");
+            metrics::counter!(REFUSALS).increment(1);
+            let status = match refusal {
+                Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
+                _ => StatusCode::FORBIDDEN,
+            };
+            json(
+                status,
+                &ErrorBody {
+                    error: refusal.to_string(),
+                },
+            )
+        }
+    }
+}
+
+/// Serves until the listener fails; every connection must present a client certificate
+/// from the workload CA (checked by rustls), and its node name is read per request.
+pub async fn serve(svc: Arc<CaService>, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let Ok((tcp, peer)) = listener.accept().await else {
+            tokio::time::sleep(ACCEPT_RETRY).await;
+            continue;
+        };
+        let acceptor = acceptor.clone();
+        let svc = svc.clone();
+        tokio::spawn(async move {
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::info!(%peer, %e, "ca: tls handshake refused");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let node_cert = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.clone().into_owned());
+            let service = hyper::service::service_fn(move |req| {
+                let svc = svc.clone();
+                let node_cert = node_cert.clone();
+                async move { Ok::<_, Infallible>(handle(svc, node_cert, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::inventory::Inventory;
+    use crate::pod::{HostIdentity, Pod};
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    use std::collections::HashMap;
+
+    struct Pods(HashMap<String, Pod>);
+
+    impl PodDirectory for Pods {
+        fn pod(&self, uid: &str) -> Option<Pod> {
+            self.0.get(uid).cloned()
+        }
+        fn host(&self) -> Option<&HostIdentity> {
+            None
+        }
+    }
+
+    fn service(dir: &std::path::Path) -> CaService {
+        let pods = Pods(HashMap::from([(
+            "uid-1".to_owned(),
+            Pod {
+                uid: "uid-1".into(),
+                namespace: "team-a".into(),
+                service_account: "api".into(),
+                node: "node-1".into(),
+                name: "api-0".into(),
+                labels: Default::default(),
+                host_network: false,
+                containers: None,
+            },
+        )]));
+        service_over(dir, Box::new(pods))
+    }
+
+    fn service_over(dir: &std::path::Path, pods: Box<dyn PodDirectory>) -> CaService {
+        pki::init_ca(dir, "td").unwrap();
+        let ca = CertificateAuthority::load(
+            &dir.join(pki::WORKLOAD_CA_CERT),
+            &dir.join(pki::WORKLOAD_CA_KEY),
+        )
+        .unwrap();
+        CaService {
+            ca,
+            trust_domain: "td".into(),
+            ttl: Duration::from_secs(3600),
+            pods,
+        }
+    }
+
+    fn node_cert(svc: &CaService, leaf: &LeafSpec) -> CertificateDer<'static> {
+        let (pem, _) = svc.ca.issue(leaf, Duration::from_secs(60)).unwrap();
+        CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+    }
+
+    fn csr() -> String {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        // A greedy CSR asking for a SAN of its own: the CA must ignore it.
+        let params = rcgen::CertificateParams::new(vec!["evil.example".to_owned()]).unwrap();
+        params.serialize_request(&key).unwrap().pem().unwrap()
+    }
+
+    #[test]
+    fn issues_only_for_pods_on_the_asking_node() {
+        let dir = std::env::temp_dir().join(format!("dbgw-ca-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let svc = service(&dir);
+        let node1 = node_cert(&svc, &LeafSpec::node("td", "node-1"));
+        let node2 = node_cert(&svc, &LeafSpec::node("td", "node-2"));
+        let req = CertificateRequest {
+            pod_uid: Some("uid-1".into()),
+            csr: csr(),
+        };
+        let ok = svc.issue(Some(&node1), &req).unwrap();
+        assert_eq!(ok.spiffe_id, "spiffe://td/ns/team-a/sa/api");
+        let cert = CertificateDer::from_pem_slice(ok.certificate.as_bytes()).unwrap();
+        assert_eq!(pki::spiffe_id_of(&cert).unwrap().to_string(), ok.spiffe_id);
+        let (_, x509) = x509_parser::parse_x509_certificate(&cert).unwrap();
+        let sans = format!(
+            "{:?}",
+            x509.subject_alternative_name().unwrap().unwrap().value
+        );
+        assert!(
+            !sans.contains("evil.example"),
+            "CSR names leaked into the certificate: {sans}"
+        );
+
+        assert_eq!(
+            svc.issue(Some(&node2), &req).unwrap_err(),
+            Refusal::WrongNode {
+                pod: "uid-1".into(),
+                actual: "node-1".into(),
+                asking: "node-2".into()
+            }
+        );
+        let unknown = CertificateRequest {
+            pod_uid: Some("uid-9".into()),
+            csr: csr(),
+        };
+        assert_eq!(
+            svc.issue(Some(&node1), &unknown).unwrap_err(),
+            Refusal::UnknownPod("uid-9".into())
+        );
+        // A workload certificate is not a node identity.
+        let workload = node_cert(
+            &svc,
+            &LeafSpec::workload(&SpiffeId::new("td", "team-a", "api")),
+        );
+        assert!(matches!(
+            svc.issue(Some(&workload), &req),
+            Err(Refusal::NotANode(_))
+        ));
+        assert!(matches!(svc.issue(None, &req), Err(Refusal::NotANode(_))));
+        let host = CertificateRequest {
+            pod_uid: None,
+            csr: csr(),
+        };
+        assert_eq!(
+            svc.issue(Some(&node1), &host).unwrap_err(),
+            Refusal::NoHostIdentity
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_inventory_directory_gives_host_processes_its_host_identity() {
+        let dir = std::env::temp_dir().join(format!("dbgw-ca-host-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let inventory = Inventory::parse(
+            std::path::Path::new("inventory.yaml"),
+            "pods:
+  - uid: 0f9c1a2b-3c4d-4e5f-8a9b-0c1d2e3f4a5b
+    namespace: team-a
+    name: api-7d9f
+    service_account: api
+    node: node-1
+host:
+  namespace: host
+  service_account: node-tools
+",
+        )
+        .unwrap();
+        let svc = service_over(&dir, Box::new(inventory));
+        let node1 = node_cert(&svc, &LeafSpec::node("td", "node-1"));
+        let node2 = node_cert(&svc, &LeafSpec::node("td", "node-2"));
+        let host = CertificateRequest {
+            pod_uid: None,
+            csr: csr(),
+        };
+        let ok = svc.issue(Some(&node1), &host).unwrap();
+        assert_eq!(ok.spiffe_id, "spiffe://td/ns/host/sa/node-tools");
+        // The inventory's pods are decided on as any directory's.
+        let pod = CertificateRequest {
+            pod_uid: Some("0f9c1a2b-3c4d-4e5f-8a9b-0c1d2e3f4a5b".into()),
+            csr: csr(),
+        };
+        assert_eq!(
+            svc.issue(Some(&node1), &pod).unwrap().spiffe_id,
+            "spiffe://td/ns/team-a/sa/api"
+        );
+        assert!(matches!(
+            svc.issue(Some(&node2), &pod),
+            Err(Refusal::WrongNode { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

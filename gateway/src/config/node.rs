@@ -1,0 +1,338 @@
+//! The node agent's file (`gateway node --config`): explicit listeners, transparent
+//! interception, the data plane's knobs.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::*;
+use crate::pod::{HostIdentity, PodMeta};
+use crate::route::{Protocol, parse_destination};
+use crate::tunnel::TLS_RECORD_PAYLOAD;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Name recorded in the preamble and audit log (default: `$NODE_NAME`, else hostname).
+    #[serde(default = "default_node_name")]
+    pub node_name: String,
+    #[serde(default = "default_node_admin")]
+    pub admin_listen: SocketAddr,
+    pub proxy: ProxyEndpoint,
+    #[serde(default)]
+    pub data_plane: DataPlaneConfig,
+    /// Explicit-mode listeners (one identity and route each).
+    #[serde(default)]
+    pub listeners: Vec<ListenerConfig>,
+    /// Transparent mode: eBPF interception of connections from pods.
+    #[serde(default)]
+    pub interception: Option<InterceptionConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterceptionConfig {
+    /// cgroup v2 directory the programs attach to (default: the cgroup v2 root, found in
+    /// /proc/self/mountinfo). Tests attach to a subtree they made.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: PathBuf,
+    /// Where intercepted connections are redirected; the agent listens here.
+    #[serde(default = "default_agent_address")]
+    pub agent_address: SocketAddr,
+    /// Optional IPv6 agent address for native IPv6 destinations.
+    #[serde(default)]
+    pub agent_address_v6: Option<SocketAddr>,
+    /// Interface that holds the agent address(es): a bridge with no ports, created when
+    /// the address is not on the node yet (as node-local DNS does), kept across restarts
+    /// (pods depend on it), removed by `gateway node uninstall --interface`.
+    #[serde(default = "default_agent_interface")]
+    pub agent_interface: String,
+    /// Destination ports intercepted for every address.
+    #[serde(default = "default_ports")]
+    pub ports: Vec<u16>,
+    /// Extra `CIDR:port` destinations (e.g. `10.0.0.0/8:6432`, `[fd00::/8]:5432`).
+    #[serde(default)]
+    pub destinations: Vec<String>,
+    /// When the agent is not serving: `false` refuses connects, `true` lets them go direct.
+    #[serde(default)]
+    pub fail_open: bool,
+    /// Original destination → database route; the first match wins.
+    pub routes: Vec<RouteConfig>,
+    /// Workload identity from the connecting socket's cgroup.
+    pub identity: IdentityConfig,
+    /// Where the node gets workload certificates.
+    pub ca: CaEndpoint,
+}
+
+fn default_pin_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_PIN_DIR)
+}
+fn default_agent_address() -> SocketAddr {
+    DEFAULT_AGENT_ADDRESS
+        .parse()
+        .expect("constant address parses")
+}
+fn default_agent_interface() -> String {
+    DEFAULT_AGENT_INTERFACE.to_owned()
+}
+fn default_ports() -> Vec<u16> {
+    vec![DEFAULT_INTERCEPT_PORT]
+}
+fn default_unknown_pod_wait() -> Duration {
+    DEFAULT_UNKNOWN_POD_WAIT
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// `ip:port`, `CIDR:port` or `*:port` entries.
+    pub match_destination: Vec<String>,
+    pub route: String,
+    /// `tcp` relays the connection as plain bytes (the proxy's route must be `tcp` too).
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    pub trust_domain: String,
+    /// Static pod inventory (bare hosts, tests, the demo). Exactly one of `inventory` and
+    /// `kubernetes` is set.
+    #[serde(default)]
+    pub inventory: Option<PathBuf>,
+    /// Watch this node's pods on the Kubernetes API (in-cluster service account, or
+    /// `$KUBECONFIG`); needs RBAC get/list/watch on pods.
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesSource>,
+    #[serde(default = "default_unknown_pod_wait", deserialize_with = "duration")]
+    pub unknown_pod_wait: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesSource {
+    /// How long start-up waits for the first complete pod list before giving up.
+    #[serde(default = "default_kube_ready_timeout", deserialize_with = "duration")]
+    pub ready_timeout: Duration,
+    /// Identity for processes outside any pod (`None` refuses them).
+    #[serde(default)]
+    pub host: Option<HostIdentity>,
+}
+
+fn default_kube_ready_timeout() -> Duration {
+    DEFAULT_KUBE_READY_TIMEOUT
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaEndpoint {
+    pub address: SocketAddr,
+    pub server_name: String,
+    /// CA bundle for the CA service's own certificate.
+    pub ca: PathBuf,
+    /// The node's certificate (`spiffe://<td>/node/<name>`) and key.
+    pub node_cert: PathBuf,
+    pub node_key: PathBuf,
+}
+
+fn default_node_admin() -> SocketAddr {
+    DEFAULT_NODE_ADMIN.parse().expect("constant address parses")
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyEndpoint {
+    /// `host:port` of the proxy service.
+    pub address: String,
+    /// Name the proxy's certificate must carry (a DNS SAN).
+    pub server_name: String,
+    /// CA bundle that signs the proxy's certificate (the workload CA).
+    pub ca: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataPlaneConfig {
+    /// io_uring runtimes (one thread each); 0 means one per CPU.
+    pub threads: usize,
+    /// Longest time a byte may wait to be coalesced with later ones; 0 sends at once.
+    #[serde(deserialize_with = "duration")]
+    pub max_flush_delay: Duration,
+    /// Bytes buffered per connection and direction before reading from the sender stops.
+    pub buffer_budget: usize,
+    #[serde(deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    /// How long a client may take to send its startup packet.
+    #[serde(deserialize_with = "duration")]
+    pub startup_timeout: Duration,
+    /// Pre-handshaked tunnels to the proxy kept ready per workload identity and data-plane
+    /// thread, refilled as sessions take them (0 turns the warm pool off). A new session
+    /// then skips the TCP and mTLS handshake with the proxy.
+    pub warm_tunnels: usize,
+    /// A warm tunnel unused this long is closed (an identity that stops connecting keeps
+    /// nothing open). Must stay below the proxy's `tunnel_idle_timeout`.
+    #[serde(deserialize_with = "duration")]
+    pub warm_tunnel_idle: Duration,
+}
+
+impl Default for DataPlaneConfig {
+    fn default() -> Self {
+        Self {
+            threads: 0,
+            max_flush_delay: Duration::ZERO,
+            buffer_budget: DEFAULT_BUFFER_BUDGET,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            startup_timeout: DEFAULT_STARTUP_TIMEOUT,
+            warm_tunnels: DEFAULT_WARM_TUNNELS,
+            warm_tunnel_idle: DEFAULT_WARM_TUNNEL_IDLE,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub listen: SocketAddr,
+    /// Database route: a `databases[].name` of the proxy's policy.
+    pub route: String,
+    /// `tcp` relays the connection as plain bytes (the proxy's route must be `tcp` too).
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// The workload certificate this listener presents to the proxy.
+    pub identity: IdentityFiles,
+    /// Pod metadata for the audit log (explicit mode has no kernel to ask).
+    #[serde(default)]
+    pub pod: PodMeta,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl NodeConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let mut cfg: Self = load_yaml(path)?;
+        let base = base_dir(path);
+        resolve(&base, &mut cfg.proxy.ca);
+        for l in &mut cfg.listeners {
+            resolve(&base, &mut l.identity.cert);
+            resolve(&base, &mut l.identity.key);
+        }
+        if let Some(i) = &mut cfg.interception {
+            if let Some(p) = &mut i.identity.inventory {
+                resolve(&base, p);
+            }
+            resolve(&base, &mut i.ca.ca);
+            resolve(&base, &mut i.ca.node_cert);
+            resolve(&base, &mut i.ca.node_key);
+        }
+        let check = cfg.validate();
+        invalid_at(path, check).map(|()| cfg)
+    }
+
+    /// Cross-field rules, with the setting named in the message.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.listeners.is_empty() && self.interception.is_none() {
+            return Err(
+                "listeners: give at least one listener (explicit mode) or an interception section (transparent mode)".into(),
+            );
+        }
+        if let Some(i) = &self.interception {
+            if i.routes.is_empty() {
+                return Err("interception.routes: at least one route is required".into());
+            }
+            if i.identity.inventory.is_some() == i.identity.kubernetes.is_some() {
+                return Err(
+                    "interception.identity: set exactly one of inventory and kubernetes".into(),
+                );
+            }
+            for (n, r) in i.routes.iter().enumerate() {
+                for d in &r.match_destination {
+                    parse_destination(d)
+                        .map_err(|e| format!("interception.routes[{n}].match_destination: {e}"))?;
+                }
+            }
+            for d in &i.destinations {
+                parse_destination(d).map_err(|e| format!("interception.destinations: {e}"))?;
+            }
+        }
+        let dp = &self.data_plane;
+        if dp.buffer_budget < TLS_RECORD_PAYLOAD {
+            return Err(format!(
+                "data_plane.buffer_budget: {} is below one TLS record ({TLS_RECORD_PAYLOAD} bytes)",
+                dp.buffer_budget
+            ));
+        }
+        if dp.warm_tunnels > MAX_WARM_TUNNELS {
+            return Err(format!(
+                "data_plane.warm_tunnels: {} is above {MAX_WARM_TUNNELS} per identity and thread",
+                dp.warm_tunnels
+            ));
+        }
+        if dp.warm_tunnels > 0 && dp.warm_tunnel_idle.is_zero() {
+            return Err(
+                "data_plane.warm_tunnel_idle: must be more than 0 (or set warm_tunnels: 0)".into(),
+            );
+        }
+        if dp.max_flush_delay > MAX_FLUSH_DELAY {
+            return Err(format!(
+                "data_plane.max_flush_delay: {:?} is above {MAX_FLUSH_DELAY:?}; that would hold queries back",
+                dp.max_flush_delay
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for l in &self.listeners {
+            // Port 0 asks the kernel for a free port each time, so it never collides.
+            if l.listen.port() != 0 && !seen.insert(l.listen) {
+                return Err(format!("listeners: address {} is listed twice", l.listen));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validate_names_the_setting() {
+        let text = "proxy: {address: a, server_name: b, ca: c}\nlisteners:\n  - {listen: '127.0.0.1:1', route: r, identity: {cert: c, key: k}}\ndata_plane: {buffer_budget: 100}\n";
+        let cfg = parse_yaml::<NodeConfig>(Path::new("n.yaml"), text).unwrap();
+        assert!(
+            cfg.validate()
+                .unwrap_err()
+                .starts_with("data_plane.buffer_budget")
+        );
+    }
+
+    #[test]
+    fn interception_needs_exactly_one_pod_source() {
+        let base = "proxy: {address: a, server_name: b, ca: c}\ninterception:\n  routes: [{match_destination: ['10.0.0.1:5432'], route: main}]\n  ca: {address: '127.0.0.1:1', server_name: ca, ca: c, node_cert: n, node_key: k}\n";
+        for (identity, ok) in [
+            ("{trust_domain: td, inventory: inv.yaml}", true),
+            ("{trust_domain: td, kubernetes: {ready_timeout: 5s}}", true),
+            ("{trust_domain: td}", false),
+            ("{trust_domain: td, inventory: i, kubernetes: {}}", false),
+        ] {
+            let text = format!("{base}  identity: {identity}\n");
+            let cfg = parse_yaml::<NodeConfig>(Path::new("n.yaml"), &text).unwrap();
+            let r = cfg.validate();
+            assert_eq!(r.is_ok(), ok, "{identity}: {r:?}");
+            if !ok {
+                assert!(
+                    r.unwrap_err()
+                        .contains("exactly one of inventory and kubernetes")
+                );
+            }
+        }
+    }
+}

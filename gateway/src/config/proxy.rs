@@ -1,0 +1,458 @@
+//! The proxy service's file (`gateway proxy --config`): its TLS, the database routes and the
+//! roles of the policy over them.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::*;
+use crate::route::Protocol;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    pub listen: SocketAddr,
+    /// Single-threaded runtimes, one per CPU when 0.
+    #[serde(default)]
+    pub threads: usize,
+    #[serde(default = "default_proxy_admin")]
+    pub admin_listen: SocketAddr,
+    /// Only client certificates with a SPIFFE ID in this trust domain are identities.
+    pub trust_domain: String,
+    pub tls: ProxyTls,
+    pub db_client_ca: CaFiles,
+    #[serde(default = "default_db_client_ttl", deserialize_with = "duration")]
+    pub db_client_cert_ttl: Duration,
+    #[serde(default)]
+    pub audit: AuditConfig,
+    #[serde(default = "default_drain_grace", deserialize_with = "duration")]
+    pub drain_grace: Duration,
+    #[serde(default = "default_startup_timeout", deserialize_with = "duration")]
+    pub startup_timeout: Duration,
+    /// How long a handshaked tunnel may wait for its preamble: nodes keep warm tunnels
+    /// (`data_plane.warm_tunnels`) that send it only when an application connects.
+    #[serde(default = "default_tunnel_idle_timeout", deserialize_with = "duration")]
+    pub tunnel_idle_timeout: Duration,
+    #[serde(default = "default_connect_timeout", deserialize_with = "duration")]
+    pub upstream_connect_timeout: Duration,
+    #[serde(default)]
+    pub roles: Vec<RoleConfig>,
+    pub databases: Vec<DatabaseConfig>,
+}
+
+fn default_proxy_admin() -> SocketAddr {
+    DEFAULT_PROXY_ADMIN
+        .parse()
+        .expect("constant address parses")
+}
+fn default_db_client_ttl() -> Duration {
+    DEFAULT_DB_CLIENT_CERT_TTL
+}
+fn default_drain_grace() -> Duration {
+    DEFAULT_DRAIN_GRACE
+}
+fn default_startup_timeout() -> Duration {
+    DEFAULT_STARTUP_TIMEOUT
+}
+fn default_connect_timeout() -> Duration {
+    DEFAULT_CONNECT_TIMEOUT
+}
+fn default_tunnel_idle_timeout() -> Duration {
+    DEFAULT_TUNNEL_IDLE_TIMEOUT
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The workload CA: client certificates must chain to it.
+    pub client_ca: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// A file (appended to) or `-` for standard output.
+    pub path: String,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            path: DEFAULT_AUDIT_PATH.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Effect {
+    #[default]
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleConfig {
+    pub name: String,
+    #[serde(default)]
+    pub effect: Effect,
+    #[serde(rename = "match")]
+    pub matcher: MatchConfig,
+    /// Which database routes the role covers.
+    pub databases: DatabaseSelector,
+    /// Database names (templates allowed; `*` = any). Unused by deny roles.
+    #[serde(default)]
+    pub db_names: Vec<String>,
+    /// Database users (templates allowed). Unused by deny roles.
+    #[serde(default)]
+    pub db_users: Vec<String>,
+    /// Log in as the first `db_users` entry whatever user the client asked for.
+    #[serde(default)]
+    pub force_db_user: bool,
+    /// Connect to the first `db_names` entry whatever database the client asked for.
+    #[serde(default)]
+    pub force_db_name: bool,
+}
+
+/// All given fields must match; an empty matcher is refused at load (it would match all).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchConfig {
+    pub namespace: Option<String>,
+    pub service_account: Option<String>,
+    /// Glob over the whole SPIFFE ID (`*` matches any run of characters).
+    pub spiffe_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSelector {
+    #[serde(default)]
+    pub names: Vec<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// `postgres` (default) or `tcp` (plain L4 relay to `upstream.address`).
+    #[serde(default)]
+    pub protocol: Protocol,
+    pub upstream: UpstreamConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// `host:port` of the PostgreSQL server (or of the TCP service of a `tcp` route).
+    pub address: String,
+    /// Required for `postgres` routes; not allowed on `tcp` routes.
+    #[serde(default)]
+    pub auth: Option<UpstreamAuth>,
+    #[serde(default)]
+    pub tls: UpstreamTlsMode,
+    /// CA bundle for the server certificate (required for `postgres` routes: there is no
+    /// system store to trust; not allowed on `tcp` routes).
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// Name to verify in the server certificate (default: the host part of `address`).
+    pub server_name: Option<String>,
+    /// Reuse logged-in server sessions across client sessions (off when absent).
+    #[serde(default)]
+    pub reuse: Option<ReuseConfig>,
+}
+
+/// Server-session reuse: when a client session ends cleanly (Terminate or EOF while the
+/// server is idle outside a transaction), the proxy resets the server session with
+/// `DISCARD ALL` and keeps it for the next client session with the same database user,
+/// database name and startup parameters, instead of logging in again.
+///
+/// Why: a PostgreSQL login costs a process fork, backend start-up and, for the
+/// certificate login, a TLS handshake on a freshly forked backend (OpenSSL's first
+/// handshake in a process): about 4.5 ms and most of a connection's CPU on the bench
+/// machine, where the proxy's own work is under 1 ms. Off by default: kept sessions count
+/// against the server's `max_connections`, and what `DISCARD ALL` does not reset (the
+/// unnamed prepared statement, `pg_stat` counters, the backend pid) carries over, as with
+/// PgBouncer's session pooling.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReuseConfig {
+    /// Idle server sessions kept per (database user, database name, startup parameters)
+    /// on each proxy thread.
+    #[serde(default = "default_reuse_max_idle")]
+    pub max_idle: usize,
+    /// An idle kept session is closed after this long without a client.
+    #[serde(default = "default_reuse_idle_timeout", deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    /// A server session is not reused once it is this old (it logs in again with a fresh
+    /// certificate, and role changes on the server take effect).
+    #[serde(default = "default_reuse_max_lifetime", deserialize_with = "duration")]
+    pub max_lifetime: Duration,
+}
+
+fn default_reuse_max_idle() -> usize {
+    DEFAULT_REUSE_MAX_IDLE
+}
+fn default_reuse_idle_timeout() -> Duration {
+    DEFAULT_REUSE_IDLE_TIMEOUT
+}
+fn default_reuse_max_lifetime() -> Duration {
+    DEFAULT_REUSE_MAX_LIFETIME
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamAuth {
+    /// A short-lived client certificate with CN = database user (`hostssl … cert`).
+    Cert,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamTlsMode {
+    /// Chain and host name verified, like libpq's `sslmode=verify-full`.
+    #[default]
+    VerifyFull,
+}
+
+impl UpstreamConfig {
+    pub fn server_name(&self) -> &str {
+        self.server_name.as_deref().unwrap_or_else(|| {
+            self.address
+                .rsplit_once(':')
+                .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
+                .unwrap_or(&self.address)
+        })
+    }
+}
+
+impl ProxyConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let mut cfg: Self = load_yaml(path)?;
+        let base = base_dir(path);
+        resolve(&base, &mut cfg.tls.cert);
+        resolve(&base, &mut cfg.tls.key);
+        resolve(&base, &mut cfg.tls.client_ca);
+        resolve(&base, &mut cfg.db_client_ca.cert);
+        resolve(&base, &mut cfg.db_client_ca.key);
+        for d in &mut cfg.databases {
+            if let Some(ca) = &mut d.upstream.ca {
+                resolve(&base, ca);
+            }
+        }
+        if cfg.audit.path != DEFAULT_AUDIT_PATH {
+            let mut p = PathBuf::from(&cfg.audit.path);
+            resolve(&base, &mut p);
+            cfg.audit.path = p.to_string_lossy().into_owned();
+        }
+        let check = cfg.validate();
+        invalid_at(path, check).map(|()| cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        let mut names = std::collections::HashSet::new();
+        for (i, d) in self.databases.iter().enumerate() {
+            if !names.insert(d.name.as_str()) {
+                return Err(format!("databases: name {:?} is used twice", d.name));
+            }
+            let u = &d.upstream;
+            match d.protocol {
+                Protocol::Postgres if u.auth.is_none() => {
+                    return Err(format!(
+                        "databases[{i}] ({}): upstream.auth is required (auth: cert)",
+                        d.name
+                    ));
+                }
+                Protocol::Postgres if u.ca.is_none() => {
+                    return Err(format!(
+                        "databases[{i}] ({}): upstream.ca is required (the CA bundle of the server's certificate)",
+                        d.name
+                    ));
+                }
+                Protocol::Tcp
+                    if u.auth.is_some()
+                        || u.ca.is_some()
+                        || u.server_name.is_some()
+                        || u.reuse.is_some() =>
+                {
+                    return Err(format!(
+                        "databases[{i}] ({}): a tcp route relays plain bytes; upstream.auth, upstream.ca, upstream.server_name and upstream.reuse do not apply",
+                        d.name
+                    ));
+                }
+                _ => {}
+            }
+            if let Some(r) = &u.reuse {
+                if r.max_idle == 0 || r.max_idle > MAX_REUSE_IDLE {
+                    return Err(format!(
+                        "databases[{i}] ({}): upstream.reuse.max_idle must be 1 to {MAX_REUSE_IDLE} (leave reuse out to turn it off)",
+                        d.name
+                    ));
+                }
+                if r.idle_timeout.is_zero() || r.max_lifetime.is_zero() {
+                    return Err(format!(
+                        "databases[{i}] ({}): upstream.reuse.idle_timeout and max_lifetime must be more than 0",
+                        d.name
+                    ));
+                }
+            }
+        }
+        for (i, r) in self.roles.iter().enumerate() {
+            let m = &r.matcher;
+            if m.namespace.is_none() && m.service_account.is_none() && m.spiffe_id.is_none() {
+                return Err(format!(
+                    "roles[{i}] ({}): match must name a namespace, service_account or spiffe_id",
+                    r.name
+                ));
+            }
+            for n in &r.databases.names {
+                if !names.contains(n.as_str()) {
+                    return Err(format!(
+                        "roles[{i}] ({}): databases.names: no database named {n:?}",
+                        r.name
+                    ));
+                }
+            }
+            // Users and database names only mean something on PostgreSQL routes.
+            let covers_postgres = self
+                .databases
+                .iter()
+                .filter(|d| d.protocol.is_postgres())
+                .any(|d| r.databases.covers(d));
+            if r.effect == Effect::Allow
+                && covers_postgres
+                && (r.db_users.is_empty() || r.db_names.is_empty())
+            {
+                return Err(format!(
+                    "roles[{i}] ({}): an allow role that covers a postgres route needs db_users and db_names",
+                    r.name
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_protocols_are_checked_per_kind() {
+        let base = "listen: '127.0.0.1:0'\ntrust_domain: td\ntls: {cert: c, key: k, client_ca: ca}\ndb_client_ca: {cert: c, key: k}\n";
+        let check = |databases: &str, roles: &str| {
+            let text = format!("{base}databases:\n{databases}roles:\n{roles}");
+            parse_yaml::<ProxyConfig>(Path::new("p.yaml"), &text)
+                .unwrap()
+                .validate()
+        };
+        let pg = "  - {name: main, upstream: {address: 'db:5432', auth: cert, ca: ca}}\n";
+        let tcp = "  - {name: echo, protocol: tcp, upstream: {address: 'echo:7'}}\n";
+        let tcp_role = "  - {name: r, match: {namespace: a}, databases: {names: [echo]}}\n";
+        let pg_role = "  - {name: r, match: {namespace: a}, databases: {names: [main]}}\n";
+        // A role over tcp routes only needs no users or database names.
+        assert_eq!(check(&format!("{pg}{tcp}"), tcp_role), Ok(()));
+        // One over a postgres route still does.
+        let e = check(&format!("{pg}{tcp}"), pg_role).unwrap_err();
+        assert!(e.contains("needs db_users and db_names"), "{e}");
+        let e = check(
+            "  - {name: echo, protocol: tcp, upstream: {address: 'echo:7', auth: cert}}\n",
+            tcp_role,
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with("databases[0] (echo): a tcp route relays plain bytes"),
+            "{e}"
+        );
+        let e = check(
+            "  - {name: main, upstream: {address: 'db:5432', auth: cert}}\n",
+            "  []\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("upstream.ca is required"), "{e}");
+        let e = check(
+            "  - {name: main, upstream: {address: 'db:5432', ca: c}}\n",
+            "  []\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("upstream.auth is required"), "{e}");
+        let typo =
+            format!("{base}databases:\n  - {{name: x, protocol: udp, upstream: {{address: a}}}}\n");
+        let e = parse_yaml::<ProxyConfig>(Path::new("p.yaml"), &typo)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("p.yaml:6:") && e.contains("unknown variant `udp`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn upstream_reuse_has_defaults_and_bounds() {
+        let base = "listen: '127.0.0.1:0'\ntrust_domain: td\ntls: {cert: c, key: k, client_ca: ca}\ndb_client_ca: {cert: c, key: k}\nroles: []\n";
+        let parse = |db: &str| {
+            parse_yaml::<ProxyConfig>(Path::new("p.yaml"), &format!("{base}databases:\n{db}"))
+        };
+        let cfg = parse(
+            "  - {name: main, upstream: {address: 'db:5432', auth: cert, ca: ca, reuse: {}}}\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.validate(), Ok(()));
+        let r = cfg.databases[0].upstream.reuse.as_ref().unwrap();
+        assert_eq!(
+            (r.max_idle, r.idle_timeout, r.max_lifetime),
+            (4, Duration::from_secs(60), Duration::from_secs(600))
+        );
+        // Absent means off.
+        let off = parse("  - {name: main, upstream: {address: 'db:5432', auth: cert, ca: ca}}\n")
+            .unwrap();
+        assert!(off.databases[0].upstream.reuse.is_none());
+        let e = parse("  - {name: main, upstream: {address: 'db:5432', auth: cert, ca: ca, reuse: {max_idle: 0}}}\n")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(
+            e.contains("upstream.reuse.max_idle must be 1 to 1024"),
+            "{e}"
+        );
+        let e = parse("  - {name: echo, protocol: tcp, upstream: {address: 'e:7', reuse: {}}}\n")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(e.contains("upstream.reuse do not apply"), "{e}");
+        let e = parse("  - {name: main, upstream: {address: 'db:5432', auth: cert, ca: ca, reuse: {idle: 3}}}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `idle`"), "{e}");
+    }
+
+    #[test]
+    fn upstream_server_name_defaults_to_host() {
+        let u = UpstreamConfig {
+            address: "db.example.com:5432".into(),
+            auth: Some(UpstreamAuth::Cert),
+            tls: UpstreamTlsMode::VerifyFull,
+            ca: Some(PathBuf::from("ca")),
+            server_name: None,
+            reuse: None,
+        };
+        assert_eq!(u.server_name(), "db.example.com");
+    }
+}
