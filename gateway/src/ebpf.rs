@@ -548,6 +548,6 @@ pub fn cgroup_id(dir: &Path) -> Result<u64, EbpfError> {
         .context(|| format!("stat cgroup {}", dir.display()))
 }
 
-// TRANSITION(issue 17): old path, removed after the merge (it finds the cgroup v2 mount,
-// which is identity's business; then this module imports nothing of ours)
-pub use crate::identity::cgroup::current_cgroup;
+// TRANSITION(issue 17): old paths, removed after the merge (finding the cgroup v2 mount
+// is identity's business; then this module imports nothing of ours)
+pub use crate::identity::cgroup::{cgroup2_mount as cgroup2_root, current_cgroup};
