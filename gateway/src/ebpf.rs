@@ -11,8 +11,9 @@
 //! - `ebpf/maps.rs`: `#[repr(C)]` mirrors of the maps' keys and values;
 //! - `ebpf/pins.rs`: the pin directory and the raw `bpf(2)` calls for pinned links.
 //!
-//! Ground floor: imports nothing of ours. Its defaults (pin directory, intercepted port) are
-//! the ones `config` uses.
+//! Ground floor: imports nothing of ours (the TRANSITION re-exports at the end, kept for
+//! callers until the issue-17 merge, are the exception). Its defaults (pin directory,
+//! intercepted port) are the ones `config` uses.
 
 pub mod intercept;
 pub mod maps;
