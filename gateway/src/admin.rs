@@ -193,7 +193,7 @@ pub async fn shutdown_signal() {
 /// upstream's), so 10 000 connections need 20 000 plus headroom.
 const WANTED_OPEN_FILES: u64 = 1 << 20;
 
-/// Raises the soft open-files limit to the hard one, and both to [`WANTED_OPEN_FILES`]
+/// Raises the soft open-files limit to the hard one, and both to `WANTED_OPEN_FILES`
 /// where allowed (root with CAP_SYS_RESOURCE, as the DaemonSet runs); the soft default of
 /// 1024 would cap a node at about 500 connections. Never lowers a limit.
 pub fn raise_open_files_limit() {

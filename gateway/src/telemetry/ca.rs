@@ -25,3 +25,28 @@ pub fn describe() {
         metrics::counter!(name).increment(0);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use metrics_exporter_prometheus::PrometheusBuilder;
+
+    use super::*;
+
+    #[test]
+    fn every_ca_metric_has_help_and_a_zero_series() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, describe);
+        let scrape = handle.render();
+        for name in [CERTIFICATES_ISSUED, REFUSALS] {
+            assert!(
+                scrape.contains(&format!("# HELP {name} ")),
+                "{name} has no HELP:\n{scrape}"
+            );
+            assert!(
+                scrape.lines().any(|l| l == format!("{name} 0")),
+                "{name} is not at zero:\n{scrape}"
+            );
+        }
+    }
+}

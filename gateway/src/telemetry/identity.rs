@@ -16,3 +16,28 @@ pub fn describe() {
     );
     metrics::counter!(KUBE_WATCH_ERRORS).increment(0);
 }
+
+#[cfg(test)]
+mod tests {
+    use metrics_exporter_prometheus::PrometheusBuilder;
+
+    use super::*;
+
+    #[test]
+    fn the_watch_error_counter_has_help_and_a_zero_series() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, describe);
+        let scrape = handle.render();
+        assert!(
+            scrape.contains(&format!("# HELP {KUBE_WATCH_ERRORS} ")),
+            "{scrape}"
+        );
+        assert!(
+            scrape
+                .lines()
+                .any(|l| l == format!("{KUBE_WATCH_ERRORS} 0")),
+            "{scrape}"
+        );
+    }
+}
