@@ -39,6 +39,26 @@ pub const AUDIT_WRITE_ERRORS_TOTAL: &str = "gateway_proxy_audit_write_errors_tot
 /// Database-client certificates the proxy issued itself for upstream logins.
 pub const DB_CLIENT_CERTS_ISSUED_TOTAL: &str = "gateway_proxy_db_client_certs_issued_total";
 
+/// Every name above, for checks against a scrape.
+pub const NAMES: [&str; 16] = [
+    CONNECTIONS_TOTAL,
+    ACCEPT_ERRORS_TOTAL,
+    TLS_HANDSHAKE_FAILURES_TOTAL,
+    TLS_HANDSHAKE_SECONDS,
+    IDLE_TUNNELS_CLOSED_TOTAL,
+    ACTIVE_SESSIONS,
+    WAITING_TUNNELS,
+    SESSIONS_TOTAL,
+    ERRORS_TOTAL,
+    UPSTREAM_LOGIN_SECONDS,
+    CANCEL_REQUESTS_TOTAL,
+    BYTES_TOTAL,
+    UPSTREAM_REUSE_TOTAL,
+    UPSTREAM_KEPT_SESSIONS,
+    AUDIT_WRITE_ERRORS_TOTAL,
+    DB_CLIENT_CERTS_ISSUED_TOTAL,
+];
+
 /// `result` of [`SESSIONS_TOTAL`].
 pub const SESSION_RESULTS: [&str; 3] = ["success", "denied", "error"];
 /// `reason` of [`TLS_HANDSHAKE_FAILURES_TOTAL`].
@@ -175,6 +195,55 @@ pub fn describe() {
     ] {
         for &value in values {
             counter!(name, label => value).increment(0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use metrics_exporter_prometheus::PrometheusBuilder;
+
+    use super::*;
+
+    #[test]
+    fn a_scrape_after_describe_has_help_and_a_zero_for_every_series() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, describe);
+        let text = handle.render();
+        let histograms = [TLS_HANDSHAKE_SECONDS, UPSTREAM_LOGIN_SECONDS];
+        for name in NAMES {
+            assert!(name.starts_with("gateway_proxy_"), "{name}");
+            if histograms.contains(&name) {
+                // A histogram has no series before its first value.
+                continue;
+            }
+            assert!(text.contains(&format!("# HELP {name} ")), "no HELP for {name}:\n{text}");
+        }
+        for name in [
+            CONNECTIONS_TOTAL,
+            ACCEPT_ERRORS_TOTAL,
+            IDLE_TUNNELS_CLOSED_TOTAL,
+            ACTIVE_SESSIONS,
+            WAITING_TUNNELS,
+            UPSTREAM_KEPT_SESSIONS,
+            AUDIT_WRITE_ERRORS_TOTAL,
+            DB_CLIENT_CERTS_ISSUED_TOTAL,
+        ] {
+            assert!(text.contains(&format!("\n{name} 0\n")), "{name} not at zero:\n{text}");
+        }
+        for (name, label, values) in [
+            (SESSIONS_TOTAL, "result", &SESSION_RESULTS[..]),
+            (TLS_HANDSHAKE_FAILURES_TOTAL, "reason", &HANDSHAKE_FAILURE_REASONS[..]),
+            (ERRORS_TOTAL, "sqlstate", &ERROR_SQLSTATES[..]),
+            (CANCEL_REQUESTS_TOTAL, "result", &CANCEL_RESULTS[..]),
+            (BYTES_TOTAL, "direction", &DIRECTIONS[..]),
+            (UPSTREAM_REUSE_TOTAL, "result", &REUSE_RESULTS[..]),
+        ] {
+            for v in values {
+                let series = format!("{name}{{{label}=\"{v}\"}} 0\n");
+                assert!(text.contains(&series), "no {series}in:\n{text}");
+            }
         }
     }
 }
