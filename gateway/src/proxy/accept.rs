@@ -102,8 +102,15 @@ pub(super) async fn handle(
         if let Some(error) = e.to_client(&shared.cfg.trust_domain) {
             let o = &mut *opened;
             let answer = Answer::for_protocol(protocol);
-            refuse::refuse(&shared.audit, &mut o.client, &o.info, error.into(), answer, o.started)
-                .await;
+            refuse::refuse(
+                &shared.audit,
+                &mut o.client,
+                &o.info,
+                error.into(),
+                answer,
+                o.started,
+            )
+            .await;
         }
         return;
     }
@@ -217,8 +224,15 @@ async fn open(
         Ok(Err(e)) => {
             if let Some(error) = e.to_client(trust_domain) {
                 let answer = Answer::ErrorResponse;
-                refuse::refuse(&shared.audit, &mut client, &info, error.into(), answer, started)
-                    .await;
+                refuse::refuse(
+                    &shared.audit,
+                    &mut client,
+                    &info,
+                    error.into(),
+                    answer,
+                    started,
+                )
+                .await;
             }
             return None;
         }
@@ -401,7 +415,9 @@ mod tests {
             shared.acceptor.accept(accepted),
             testing::node_tls(&connector, dialled)
         );
-        let e = server.err().expect("the proxy refuses the handshake");
+        let Err(e) = server else {
+            panic!("the proxy must refuse the handshake");
+        };
         assert_eq!(handshake_failure_reason(&e), "unknown_issuer");
     }
 
@@ -525,7 +541,10 @@ mod tests {
             ),
         ] {
             let got = session(&shared, &connector, &preamble(route, Protocol::Tcp)).await;
-            assert!(got.is_empty(), "a tcp client gets no ErrorResponse: {got:?}");
+            assert!(
+                got.is_empty(),
+                "a tcp client gets no ErrorResponse: {got:?}"
+            );
             let events = testing::audit_events(&testing::audit_path(&pki));
             let last = &events[events.len() - 2..];
             for e in last {

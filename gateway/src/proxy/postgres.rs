@@ -79,11 +79,12 @@ impl PostgresError {
                     "A startup packet is 8 to {} bytes long.",
                     pg::MAX_STARTUP_PACKET_LENGTH
                 )),
-            PostgresError::IncompleteStartup => ErrorResponse::fatal(
-                sqlstate::PROTOCOL_VIOLATION,
-                "incomplete startup packet",
-            )
-            .with_hint("The client closed the connection in the middle of its startup packet."),
+            PostgresError::IncompleteStartup => {
+                ErrorResponse::fatal(sqlstate::PROTOCOL_VIOLATION, "incomplete startup packet")
+                    .with_hint(
+                        "The client closed the connection in the middle of its startup packet.",
+                    )
+            }
             PostgresError::TooManyEncryptionRequests => {
                 ErrorResponse::fatal(sqlstate::PROTOCOL_VIOLATION, "too many encryption requests")
                     .with_hint("Send SSLRequest or GSSENCRequest at most once each.")
@@ -424,7 +425,10 @@ async fn read_startup(
         let packet = read_startup_packet(client).await?;
         match pg::parse_startup_packet(&packet) {
             Ok(StartupRequest::Ssl) | Ok(StartupRequest::GssEnc) => {
-                client.write_all(b"N").await.map_err(|_| PostgresError::Gone)?;
+                client
+                    .write_all(b"N")
+                    .await
+                    .map_err(|_| PostgresError::Gone)?;
                 client.flush().await.map_err(|_| PostgresError::Gone)?;
             }
             Ok(StartupRequest::Cancel { pid, secret }) => {
@@ -452,7 +456,6 @@ async fn read_startup_packet<R: AsyncRead + Unpin>(r: &mut R) -> Result<Vec<u8>,
     Ok(packet)
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -468,8 +471,11 @@ mod tests {
         assert!(!denied);
         assert_eq!(
             e,
-            ErrorResponse::fatal("08P01", "db-gateway: timeout waiting for the startup packet")
-                .with_hint("The client must send its startup message within 10s.")
+            ErrorResponse::fatal(
+                "08P01",
+                "db-gateway: timeout waiting for the startup packet"
+            )
+            .with_hint("The client must send its startup message within 10s.")
         );
 
         let old = pg::parse_startup_packet(&[0, 0, 0, 8, 0, 2, 0, 0]).unwrap_err();
@@ -487,8 +493,9 @@ mod tests {
         let (e, _) = refusal(PostgresError::BadStartup(garbage));
         assert_eq!(
             e,
-            ErrorResponse::fatal("08P01", message)
-                .with_hint("The client sent a malformed startup packet; is it a PostgreSQL client?")
+            ErrorResponse::fatal("08P01", message).with_hint(
+                "The client sent a malformed startup packet; is it a PostgreSQL client?"
+            )
         );
 
         let (e, _) = refusal(PostgresError::IncompleteStartup);
@@ -555,7 +562,13 @@ mod tests {
         let (e, _) = refusal(e);
         assert_eq!(
             e.hint.as_deref(),
-            Some(format!("A startup packet is 8 to {} bytes long.", pg::MAX_STARTUP_PACKET_LENGTH).as_str())
+            Some(
+                format!(
+                    "A startup packet is 8 to {} bytes long.",
+                    pg::MAX_STARTUP_PACKET_LENGTH
+                )
+                .as_str()
+            )
         );
 
         let e = read_startup_packet(&mut &[0u8, 0][..]).await.unwrap_err();

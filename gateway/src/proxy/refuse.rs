@@ -191,7 +191,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_tcp_client_sees_only_the_close_but_the_audit_has_the_reason() {
-        let error = ErrorResponse::fatal(sqlstate::UNABLE_TO_ESTABLISH_CONNECTION, "cannot reach x");
+        let error =
+            ErrorResponse::fatal(sqlstate::UNABLE_TO_ESTABLISH_CONNECTION, "cannot reach x");
         let (got, events) = refused(error.into(), Answer::Close, Protocol::Tcp).await;
         assert!(got.is_empty(), "{got:?}");
         assert_pair(&events, "error", "08001", "cannot reach x");

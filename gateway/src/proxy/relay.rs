@@ -164,8 +164,7 @@ where
     W: AsyncWrite + Unpin,
 {
     // Registered once per connection: a lookup per message showed up in profiles.
-    let bytes_metric =
-        metrics::counter!(BYTES_TOTAL, "direction" => "client_to_server");
+    let bytes_metric = metrics::counter!(BYTES_TOTAL, "direction" => "client_to_server");
     let mut scanner = MessageScanner::default();
     let mut framed = keep;
     let mut terminate: &[u8] = &[];
@@ -246,8 +245,7 @@ where
             .store(scanner.ready_status() == Some(b'I'), Relaxed);
     }
     // Registered once per connection: a lookup per message showed up in profiles.
-    let bytes_metric =
-        metrics::counter!(BYTES_TOTAL, "direction" => "server_to_client");
+    let bytes_metric = metrics::counter!(BYTES_TOTAL, "direction" => "server_to_client");
     loop {
         if draining && counters.idle.load(Relaxed) {
             let e = ErrorResponse::fatal(

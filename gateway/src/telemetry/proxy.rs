@@ -218,7 +218,10 @@ mod tests {
                 // A histogram has no series before its first value.
                 continue;
             }
-            assert!(text.contains(&format!("# HELP {name} ")), "no HELP for {name}:\n{text}");
+            assert!(
+                text.contains(&format!("# HELP {name} ")),
+                "no HELP for {name}:\n{text}"
+            );
         }
         for name in [
             CONNECTIONS_TOTAL,
@@ -230,11 +233,18 @@ mod tests {
             AUDIT_WRITE_ERRORS_TOTAL,
             DB_CLIENT_CERTS_ISSUED_TOTAL,
         ] {
-            assert!(text.contains(&format!("\n{name} 0\n")), "{name} not at zero:\n{text}");
+            assert!(
+                text.contains(&format!("\n{name} 0\n")),
+                "{name} not at zero:\n{text}"
+            );
         }
         for (name, label, values) in [
             (SESSIONS_TOTAL, "result", &SESSION_RESULTS[..]),
-            (TLS_HANDSHAKE_FAILURES_TOTAL, "reason", &HANDSHAKE_FAILURE_REASONS[..]),
+            (
+                TLS_HANDSHAKE_FAILURES_TOTAL,
+                "reason",
+                &HANDSHAKE_FAILURE_REASONS[..],
+            ),
             (ERRORS_TOTAL, "sqlstate", &ERROR_SQLSTATES[..]),
             (CANCEL_REQUESTS_TOTAL, "result", &CANCEL_RESULTS[..]),
             (BYTES_TOTAL, "direction", &DIRECTIONS[..]),
