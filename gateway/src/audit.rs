@@ -146,7 +146,7 @@ impl AuditLog {
         line.push(b'\n');
         let mut sink = self.sink.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(err) = sink.write_all(&line).and_then(|()| sink.flush()) {
-            metrics::counter!("gateway_proxy_audit_write_errors_total").increment(1);
+            metrics::counter!(crate::telemetry::proxy::AUDIT_WRITE_ERRORS_TOTAL).increment(1);
             tracing::error!(%err, "failed to write audit event");
         }
     }

@@ -7,12 +7,29 @@
 //! buffer pools get their buffers back on the thread that lent them, and no session waits
 //! for a work-stealing hand-off. (Measured on the 2-core bench machine: neutral for
 //! latency and throughput against the multi-threaded runtime; see `bench/RESULTS.md`.)
+//!
+//! This file holds the wiring only (settings loaded, listeners, threads, drain). One tunnel
+//! walks the children in this order, each importing only the ones after it:
+//! - `accept`: TLS handshake, identity from the client certificate, preamble, and the one
+//!   check of the node's protocol against the route's, which picks
+//! - `postgres` (startup, policy, login or a kept server session, greeting, relay) or
+//!   `tcp` (policy, connect, plain relay);
+//! - below them: `refuse` (a refused session's answer and audit pair), `relay` (the byte
+//!   relay), `cancel` (cancel keys and requests), `reuse` (kept server sessions), and
+//!   `opened` (the tunnel state `accept` hands on).
+//!
+//! Metric names and their HELP text are in [`crate::telemetry::proxy`].
 
+mod accept;
 mod cancel;
+mod opened;
+mod postgres;
+mod refuse;
 mod relay;
 mod reuse;
-mod session;
 mod tcp;
+#[cfg(test)]
+mod testing;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,6 +46,7 @@ use crate::audit::AuditLog;
 use crate::config::ProxyConfig;
 use crate::pki::{self, CertificateAuthority};
 use crate::policy::Policy;
+use crate::telemetry::proxy::ACCEPT_ERRORS_TOTAL;
 use crate::upstream::Upstreams;
 
 pub use cancel::CancelRegistry;
@@ -98,6 +116,7 @@ pub fn prepare(cfg: ProxyConfig, local_addr: SocketAddr) -> anyhow::Result<Share
 /// `gateway proxy`: runs until SIGTERM/SIGINT and a finished drain.
 pub fn run(cfg: ProxyConfig) -> anyhow::Result<()> {
     let metrics = admin::install_metrics()?;
+    crate::telemetry::proxy::describe();
     let readiness = Readiness::default();
     let not_ready = readiness.block("proxy listener");
     let admin_addr = admin::spawn(cfg.admin_listen, metrics, readiness)?;
@@ -196,14 +215,14 @@ async fn serve(
                     let shared = shared.clone();
                     let drain = drain.clone();
                     tokio::spawn(async move {
-                        session::handle(shared, tcp, peer, drain).await;
+                        accept::handle(shared, tcp, peer, drain).await;
                         drop(guard);
                     });
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
                     tracing::warn!(%e, "accept failed");
-                    metrics::counter!("gateway_proxy_accept_errors_total").increment(1);
+                    metrics::counter!(ACCEPT_ERRORS_TOTAL).increment(1);
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },

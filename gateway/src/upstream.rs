@@ -185,7 +185,7 @@ impl Upstreams {
             })?;
         let cfg = Arc::new(cfg);
         configs.insert(key, (now + self.ttl / 2, cfg.clone()));
-        metrics::counter!("gateway_proxy_db_client_certs_issued_total").increment(1);
+        metrics::counter!(crate::telemetry::proxy::DB_CLIENT_CERTS_ISSUED_TOTAL).increment(1);
         Ok(cfg)
     }
 

@@ -1,12 +1,14 @@
 //! Cancel routing. Clients get a proxy-issued `BackendKeyData`, never the server's: the
 //! key names a session here, and the real (pid, secret) never leaves the proxy. A cancel
-//! is honoured only from the identity that owns the session.
+//! is honoured only from the identity that owns the session, and forwarded by [`serve`].
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use crate::pki::SpiffeId;
+use crate::telemetry::proxy::CANCEL_REQUESTS_TOTAL;
 
 #[derive(Debug, Clone)]
 pub struct CancelTarget {
@@ -71,6 +73,27 @@ impl CancelRegistry {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// Serves a client's `CancelRequest`: forwarded to the server when the key is live and
+/// `identity` owns it, dropped silently otherwise.
+pub(super) async fn serve(registry: &CancelRegistry, identity: &SpiffeId, pid: i32, secret: i32) {
+    let result = match registry.lookup((pid, secret), identity) {
+        Some(t) => {
+            match crate::upstream::cancel(t.upstream, t.pid, t.secret, Duration::from_secs(5)).await
+            {
+                Ok(()) => "forwarded",
+                Err(e) => {
+                    tracing::warn!(%e, upstream = %t.upstream, "cancel request failed");
+                    "upstream_error"
+                }
+            }
+        }
+        // Unknown keys are dropped silently, as PostgreSQL does, so keys cannot be probed.
+        None => "unknown_key",
+    };
+    metrics::counter!(CANCEL_REQUESTS_TOTAL, "result" => result).increment(1);
+    tracing::info!(%identity, result, "cancel request");
 }
 
 #[cfg(test)]

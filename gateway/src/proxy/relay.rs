@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
 
 use crate::pg::{ErrorResponse, MessageScanner, sqlstate};
+use crate::telemetry::proxy::BYTES_TOTAL;
 use crate::tunnel::is_normal_close;
 
 /// Four TLS records of plaintext: a bulk transfer (COPY) moves several of the server's
@@ -163,8 +164,7 @@ where
     W: AsyncWrite + Unpin,
 {
     // Registered once per connection: a lookup per message showed up in profiles.
-    let bytes_metric =
-        metrics::counter!("gateway_proxy_bytes_total", "direction" => "client_to_server");
+    let bytes_metric = metrics::counter!(BYTES_TOTAL, "direction" => "client_to_server");
     let mut scanner = MessageScanner::default();
     let mut framed = keep;
     let mut terminate: &[u8] = &[];
@@ -245,8 +245,7 @@ where
             .store(scanner.ready_status() == Some(b'I'), Relaxed);
     }
     // Registered once per connection: a lookup per message showed up in profiles.
-    let bytes_metric =
-        metrics::counter!("gateway_proxy_bytes_total", "direction" => "server_to_client");
+    let bytes_metric = metrics::counter!(BYTES_TOTAL, "direction" => "server_to_client");
     loop {
         if draining && counters.idle.load(Relaxed) {
             let e = ErrorResponse::fatal(

@@ -23,6 +23,7 @@ use tokio::sync::watch;
 
 use crate::config::ReuseConfig;
 use crate::pg;
+use crate::telemetry::proxy::{UPSTREAM_KEPT_SESSIONS, UPSTREAM_REUSE_TOTAL};
 use crate::upstream::{Login, ServerStream, is_forwarded_param};
 
 /// What a kept session can serve: route, database user, database name and the startup
@@ -77,7 +78,7 @@ thread_local! {
 }
 
 fn count(result: &'static str) {
-    metrics::counter!("gateway_proxy_upstream_reuse_total", "result" => result).increment(1);
+    metrics::counter!(UPSTREAM_REUSE_TOTAL, "result" => result).increment(1);
 }
 
 /// A kept session for `key`, newest first, with when it logged in; `None` means log in.
@@ -93,7 +94,7 @@ pub fn take(key: &Key) -> Option<(Login, Instant)> {
             }
             kept
         })?;
-        metrics::gauge!("gateway_proxy_upstream_kept_sessions").decrement(1.0);
+        metrics::gauge!(UPSTREAM_KEPT_SESSIONS).decrement(1.0);
         if let Some(why) = kept.expired(now) {
             count(why);
             close(kept.login);
@@ -157,7 +158,7 @@ pub async fn keep(key: Key, cfg: &ReuseConfig, mut login: Login, born: Instant, 
             close(kept.login);
         }
         None => {
-            metrics::gauge!("gateway_proxy_upstream_kept_sessions").increment(1.0);
+            metrics::gauge!(UPSTREAM_KEPT_SESSIONS).increment(1.0);
         }
     }
 }
@@ -193,7 +194,7 @@ pub async fn sweep(mut drain: watch::Receiver<bool>) {
             out
         });
         for (kept, why) in closing {
-            metrics::gauge!("gateway_proxy_upstream_kept_sessions").decrement(1.0);
+            metrics::gauge!(UPSTREAM_KEPT_SESSIONS).decrement(1.0);
             count(why);
             close(kept.login);
         }

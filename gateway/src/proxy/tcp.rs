@@ -1,24 +1,57 @@
 //! Sessions on `tcp` routes: plain L4 after the same identity, policy and audit as
-//! PostgreSQL sessions. The client is not a PostgreSQL client, so a refusal is a closed
-//! connection; the reason goes to the audit log (with the SQLSTATE a PostgreSQL session
-//! would have got, so both kinds read alike) and to the proxy's log.
+//! PostgreSQL sessions ([`accept`](super::accept) already checked that the route is a tcp
+//! one). The client is not a PostgreSQL client, so a refusal is a closed connection; the
+//! reason goes to the audit log (see [`refuse`](super::refuse)) and to the proxy's log.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tokio_rustls::server::TlsStream;
 
 use super::Shared;
+use super::opened::Opened;
+use super::refuse::{self, Answer, Refusal};
 use super::relay::{Counters, copy_plain};
-use super::session::{Opened, error_counter};
-use crate::audit::{Outcome, SessionInfo};
-use crate::config::Protocol;
-use crate::pg::sqlstate;
+use crate::audit::Outcome;
+use crate::pg::{ErrorResponse, sqlstate};
+use crate::telemetry::proxy::{BYTES_TOTAL, SESSIONS_TOTAL};
 
-pub async fn handle(shared: &Arc<Shared>, opened: Box<Opened>, _drain: watch::Receiver<bool>) {
+/// Why a tcp session did not start.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum TcpError<'a> {
+    /// The policy said no.
+    #[error("{}", .0.message)]
+    Denied(ErrorResponse),
+    #[error("cannot reach {address}: {source}")]
+    Unreachable {
+        address: &'a str,
+        source: std::io::Error,
+    },
+    #[error("timeout connecting to {address} after {after:?}")]
+    ConnectTimeout { address: &'a str, after: Duration },
+}
+
+impl TcpError<'_> {
+    /// What the audit log records (the client only sees its connection close).
+    pub(super) fn into_refusal(self) -> Refusal {
+        match self {
+            TcpError::Denied(error) => Refusal {
+                error,
+                denied: true,
+            },
+            e @ (TcpError::Unreachable { .. } | TcpError::ConnectTimeout { .. }) => {
+                ErrorResponse::fatal(sqlstate::UNABLE_TO_ESTABLISH_CONNECTION, e.to_string()).into()
+            }
+        }
+    }
+}
+
+pub(super) async fn handle(
+    shared: &Arc<Shared>,
+    opened: Box<Opened>,
+    _drain: watch::Receiver<bool>,
+) {
     let Opened {
         mut client,
         identity,
@@ -29,71 +62,41 @@ pub async fn handle(shared: &Arc<Shared>, opened: Box<Opened>, _drain: watch::Re
     } = *opened;
     let identity = &identity;
     let route = info.database_route.clone().unwrap_or_default();
-    let refuse = |code: &str, message: String, denied: bool| Outcome {
-        error_code: Some(code.to_owned()),
-        error_message: Some(message),
-        denied,
-    };
-    let decided = match shared.policy.database(&route).map(|d| d.protocol) {
-        Some(Protocol::Tcp) => shared
-            .policy
-            .decide_tcp(identity, &route)
-            .map_err(|e| refuse(&e.sqlstate, e.message, true)),
-        Some(Protocol::Postgres) => Err(refuse(
-            sqlstate::CONNECTION_EXCEPTION,
-            format!("route \"{route}\" is a postgres route, but the node sent a tcp connection"),
-            false,
-        )),
-        None => Err(refuse(
-            sqlstate::INVALID_CATALOG_NAME,
-            format!("route \"{route}\" is not configured on the proxy"),
-            false,
-        )),
-    };
-    let (db, role) = match decided {
+    let (db, role) = match shared.policy.decide_tcp(identity, &route) {
         Ok(d) => d,
-        Err(outcome) => {
-            tracing::info!(session = %info.session_id, %identity, %route, reason = ?outcome.error_message, "tcp session refused");
-            return refused(shared, &mut client, &info, outcome, started).await;
+        Err(error) => {
+            tracing::info!(session = %info.session_id, %identity, %route, reason = %error.message, "tcp session refused");
+            let refusal = TcpError::Denied(error).into_refusal();
+            let answer = Answer::Close;
+            return refuse::refuse(&shared.audit, &mut client, &info, refusal, answer, started)
+                .await;
         }
     };
     info.role = Some(role);
 
-    let address = &db.upstream.address;
-    let connect = tokio::time::timeout(
-        shared.cfg.upstream_connect_timeout,
-        TcpStream::connect(address.as_str()),
-    )
-    .await;
+    let address = db.upstream.address.as_str();
+    let after = shared.cfg.upstream_connect_timeout;
+    let connect = tokio::time::timeout(after, TcpStream::connect(address)).await;
     let upstream = match connect {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            let o = refuse(
-                sqlstate::UNABLE_TO_ESTABLISH_CONNECTION,
-                format!("cannot reach {address}: {e}"),
-                false,
-            );
-            tracing::warn!(session = %info.session_id, %route, %address, %e, "tcp upstream unreachable");
-            return refused(shared, &mut client, &info, o, started).await;
-        }
-        Err(_) => {
-            let o = refuse(
-                sqlstate::UNABLE_TO_ESTABLISH_CONNECTION,
-                format!(
-                    "timeout connecting to {address} after {:?}",
-                    shared.cfg.upstream_connect_timeout
-                ),
-                false,
-            );
-            tracing::warn!(session = %info.session_id, %route, %address, "tcp upstream connect timeout");
-            return refused(shared, &mut client, &info, o, started).await;
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(source)) => Err(TcpError::Unreachable { address, source }),
+        Err(_) => Err(TcpError::ConnectTimeout { address, after }),
+    };
+    let upstream = match upstream {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(session = %info.session_id, %route, %address, %e, "tcp upstream connect failed");
+            let refusal = e.into_refusal();
+            let answer = Answer::Close;
+            return refuse::refuse(&shared.audit, &mut client, &info, refusal, answer, started)
+                .await;
         }
     };
     let _ = upstream.set_nodelay(true);
     info.upstream_addr = upstream.peer_addr().ok().map(|a| a.to_string());
     let outcome = Outcome::default();
     shared.audit.session_start(&info, &outcome);
-    metrics::counter!("gateway_proxy_sessions_total", "result" => "success").increment(1);
+    metrics::counter!(SESSIONS_TOTAL, "result" => "success").increment(1);
     tracing::info!(session = %info.session_id, %identity, %route, "tcp session started");
 
     // Both directions to their ends (either side may half-close first); an error on one
@@ -107,13 +110,13 @@ pub async fn handle(shared: &Arc<Shared>, opened: Box<Opened>, _drain: watch::Re
             client_r,
             up_w,
             &counters.client_to_server,
-            metrics::counter!("gateway_proxy_bytes_total", "direction" => "client_to_server"),
+            metrics::counter!(BYTES_TOTAL, "direction" => "client_to_server"),
         ),
         copy_plain(
             up_r,
             client_w,
             &counters.server_to_client,
-            metrics::counter!("gateway_proxy_bytes_total", "direction" => "server_to_client"),
+            metrics::counter!(BYTES_TOTAL, "direction" => "server_to_client"),
         ),
     );
     if let Err(e) = &result {
@@ -129,21 +132,41 @@ pub async fn handle(shared: &Arc<Shared>, opened: Box<Opened>, _drain: watch::Re
     tracing::info!(session = %info.session_id, "tcp session ended");
 }
 
-async fn refused(
-    shared: &Shared,
-    client: &mut TlsStream<TcpStream>,
-    info: &SessionInfo,
-    outcome: Outcome,
-    started: Instant,
-) {
-    if let Some(code) = &outcome.error_code {
-        error_counter(code);
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_policy_refusal_keeps_its_error_and_is_denied() {
+        let error = ErrorResponse::fatal("28000", "db-gateway: no").with_hint("ask");
+        let r = TcpError::Denied(error.clone()).into_refusal();
+        assert!(r.denied);
+        assert_eq!(r.error, error);
     }
-    metrics::counter!("gateway_proxy_sessions_total", "result" => if outcome.denied { "denied" } else { "error" }).increment(1);
-    shared.audit.session_start(info, &outcome);
-    // close_notify + FIN: the node closes the application's connection.
-    let _ = client.shutdown().await;
-    shared
-        .audit
-        .session_end(info, &outcome, 0, 0, started.elapsed());
+
+    #[tokio::test]
+    async fn connect_failures_are_audited_as_unable_to_establish_connection() {
+        // A real refused connect (nothing listens on port 1).
+        let source = TcpStream::connect("127.0.0.1:1").await.unwrap_err();
+        let text = source.to_string();
+        let r = TcpError::Unreachable {
+            address: "127.0.0.1:1",
+            source,
+        }
+        .into_refusal();
+        assert!(!r.denied);
+        assert_eq!(
+            r.error,
+            ErrorResponse::fatal("08001", format!("cannot reach 127.0.0.1:1: {text}"))
+        );
+        let r = TcpError::ConnectTimeout {
+            address: "db:5432",
+            after: Duration::from_secs(3),
+        }
+        .into_refusal();
+        assert_eq!(
+            r.error,
+            ErrorResponse::fatal("08001", "timeout connecting to db:5432 after 3s")
+        );
+    }
 }

@@ -1,6 +1,259 @@
 //! The metrics of the proxy: names, HELP text, and zero values registered at start so that a
 //! scrape shows every series before it first moves.
+//!
+//! Label values are listed here too (`*_RESULTS`, `*_REASONS`, …) so that each labelled
+//! series can be registered at zero; the code that records a value uses the same words.
+
+use crate::pg::sqlstate;
+
+/// Connections whose TLS handshake with a node succeeded.
+pub const CONNECTIONS_TOTAL: &str = "gateway_proxy_connections_total";
+/// `accept(2)` failures on the proxy listener (EMFILE and friends).
+pub const ACCEPT_ERRORS_TOTAL: &str = "gateway_proxy_accept_errors_total";
+/// Refused TLS handshakes, by `reason`.
+pub const TLS_HANDSHAKE_FAILURES_TOTAL: &str = "gateway_proxy_tls_handshake_failures_total";
+/// Time of a successful TLS handshake with a node.
+pub const TLS_HANDSHAKE_SECONDS: &str = "gateway_proxy_tls_handshake_seconds";
+/// Warm tunnels closed because no preamble came within `tunnel_idle_timeout`.
+pub const IDLE_TUNNELS_CLOSED_TOTAL: &str = "gateway_proxy_idle_tunnels_closed_total";
+/// Tunnels that sent a preamble, until they end.
+pub const ACTIVE_SESSIONS: &str = "gateway_proxy_active_sessions";
+/// Warm tunnels waiting for a preamble.
+pub const WAITING_TUNNELS: &str = "gateway_proxy_waiting_tunnels";
+/// Sessions by `result` (`success`, `denied`, `error`).
+pub const SESSIONS_TOTAL: &str = "gateway_proxy_sessions_total";
+/// Refused sessions by the `sqlstate` the client (or the audit log) got.
+pub const ERRORS_TOTAL: &str = "gateway_proxy_errors_total";
+/// Time to log in to the database server (not counted for a reused server session).
+pub const UPSTREAM_LOGIN_SECONDS: &str = "gateway_proxy_upstream_login_seconds";
+/// Cancel requests by `result`.
+pub const CANCEL_REQUESTS_TOTAL: &str = "gateway_proxy_cancel_requests_total";
+/// Relayed bytes by `direction`.
+pub const BYTES_TOTAL: &str = "gateway_proxy_bytes_total";
+/// Kept server sessions (`upstream.reuse`): taken, refused or closed, by `result`.
+pub const UPSTREAM_REUSE_TOTAL: &str = "gateway_proxy_upstream_reuse_total";
+/// Server sessions kept for reuse right now.
+pub const UPSTREAM_KEPT_SESSIONS: &str = "gateway_proxy_upstream_kept_sessions";
+/// Audit events that could not be written.
+pub const AUDIT_WRITE_ERRORS_TOTAL: &str = "gateway_proxy_audit_write_errors_total";
+/// Database-client certificates the proxy issued itself for upstream logins.
+pub const DB_CLIENT_CERTS_ISSUED_TOTAL: &str = "gateway_proxy_db_client_certs_issued_total";
+
+/// Every name above, for checks against a scrape.
+pub const NAMES: [&str; 16] = [
+    CONNECTIONS_TOTAL,
+    ACCEPT_ERRORS_TOTAL,
+    TLS_HANDSHAKE_FAILURES_TOTAL,
+    TLS_HANDSHAKE_SECONDS,
+    IDLE_TUNNELS_CLOSED_TOTAL,
+    ACTIVE_SESSIONS,
+    WAITING_TUNNELS,
+    SESSIONS_TOTAL,
+    ERRORS_TOTAL,
+    UPSTREAM_LOGIN_SECONDS,
+    CANCEL_REQUESTS_TOTAL,
+    BYTES_TOTAL,
+    UPSTREAM_REUSE_TOTAL,
+    UPSTREAM_KEPT_SESSIONS,
+    AUDIT_WRITE_ERRORS_TOTAL,
+    DB_CLIENT_CERTS_ISSUED_TOTAL,
+];
+
+/// `result` of [`SESSIONS_TOTAL`].
+pub const SESSION_RESULTS: [&str; 3] = ["success", "denied", "error"];
+/// `reason` of [`TLS_HANDSHAKE_FAILURES_TOTAL`].
+pub const HANDSHAKE_FAILURE_REASONS: [&str; 7] = [
+    "eof",
+    "no_client_certificate",
+    "certificate_expired",
+    "unknown_issuer",
+    "handshake_error",
+    "timeout",
+    "no_identity",
+];
+/// `sqlstate` of [`ERRORS_TOTAL`] the proxy itself raises (a server's refused login
+/// passes on the server's own code, which then appears when first seen).
+pub const ERROR_SQLSTATES: [&str; 7] = [
+    sqlstate::PROTOCOL_VIOLATION,
+    sqlstate::FEATURE_NOT_SUPPORTED,
+    sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+    sqlstate::INVALID_CATALOG_NAME,
+    sqlstate::UNABLE_TO_ESTABLISH_CONNECTION,
+    sqlstate::CONNECTION_FAILURE,
+    sqlstate::CONNECTION_EXCEPTION,
+];
+/// `result` of [`CANCEL_REQUESTS_TOTAL`].
+pub const CANCEL_RESULTS: [&str; 3] = ["forwarded", "upstream_error", "unknown_key"];
+/// `direction` of [`BYTES_TOTAL`].
+pub const DIRECTIONS: [&str; 2] = ["client_to_server", "server_to_client"];
+/// `result` of [`UPSTREAM_REUSE_TOTAL`].
+pub const REUSE_RESULTS: [&str; 7] = [
+    "reused",
+    "server_closed",
+    "max_lifetime",
+    "idle_timeout",
+    "reset_failed",
+    "full",
+    "drain",
+];
 
 /// Describes every metric of the proxy and registers its series at zero. Call once, after
 /// the recorder is installed.
-pub fn describe() {}
+pub fn describe() {
+    use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge};
+
+    describe_counter!(
+        CONNECTIONS_TOTAL,
+        "Tunnels from nodes whose TLS handshake succeeded."
+    );
+    describe_counter!(
+        ACCEPT_ERRORS_TOTAL,
+        "Failed accepts on the proxy listener (e.g. out of file descriptors)."
+    );
+    describe_counter!(
+        TLS_HANDSHAKE_FAILURES_TOTAL,
+        "Refused or failed TLS handshakes with nodes, by reason."
+    );
+    describe_histogram!(
+        TLS_HANDSHAKE_SECONDS,
+        "Duration of successful TLS handshakes with nodes."
+    );
+    describe_counter!(
+        IDLE_TUNNELS_CLOSED_TOTAL,
+        "Warm tunnels closed because no preamble arrived within tunnel_idle_timeout."
+    );
+    describe_gauge!(
+        ACTIVE_SESSIONS,
+        "Tunnels that sent a preamble and have not ended."
+    );
+    describe_gauge!(
+        WAITING_TUNNELS,
+        "Warm tunnels from nodes waiting for an application connection."
+    );
+    describe_counter!(
+        SESSIONS_TOTAL,
+        "Sessions by result: success, denied (policy) or error."
+    );
+    describe_counter!(
+        ERRORS_TOTAL,
+        "Refused sessions by the SQLSTATE reported to the client and the audit log."
+    );
+    describe_histogram!(
+        UPSTREAM_LOGIN_SECONDS,
+        "Duration of certificate logins to database servers."
+    );
+    describe_counter!(
+        CANCEL_REQUESTS_TOTAL,
+        "Cancel requests by result: forwarded, upstream_error or unknown_key."
+    );
+    describe_counter!(
+        BYTES_TOTAL,
+        "Bytes relayed between clients and servers, by direction."
+    );
+    describe_counter!(
+        UPSTREAM_REUSE_TOTAL,
+        "Kept server sessions reused, refused or closed, by result."
+    );
+    describe_gauge!(
+        UPSTREAM_KEPT_SESSIONS,
+        "Server sessions kept open for reuse (upstream.reuse)."
+    );
+    describe_counter!(
+        AUDIT_WRITE_ERRORS_TOTAL,
+        "Audit events that could not be written."
+    );
+    describe_counter!(
+        DB_CLIENT_CERTS_ISSUED_TOTAL,
+        "Database-client certificates issued by the proxy for upstream logins."
+    );
+
+    // Zero values, so that each series is scraped before it first moves. `increment(0)`
+    // rather than a `set`: a value recorded meanwhile is kept.
+    for name in [
+        CONNECTIONS_TOTAL,
+        ACCEPT_ERRORS_TOTAL,
+        IDLE_TUNNELS_CLOSED_TOTAL,
+        AUDIT_WRITE_ERRORS_TOTAL,
+        DB_CLIENT_CERTS_ISSUED_TOTAL,
+    ] {
+        counter!(name).increment(0);
+    }
+    for name in [ACTIVE_SESSIONS, WAITING_TUNNELS, UPSTREAM_KEPT_SESSIONS] {
+        gauge!(name).increment(0.0);
+    }
+    for (name, label, values) in [
+        (SESSIONS_TOTAL, "result", &SESSION_RESULTS[..]),
+        (
+            TLS_HANDSHAKE_FAILURES_TOTAL,
+            "reason",
+            &HANDSHAKE_FAILURE_REASONS[..],
+        ),
+        (ERRORS_TOTAL, "sqlstate", &ERROR_SQLSTATES[..]),
+        (CANCEL_REQUESTS_TOTAL, "result", &CANCEL_RESULTS[..]),
+        (BYTES_TOTAL, "direction", &DIRECTIONS[..]),
+        (UPSTREAM_REUSE_TOTAL, "result", &REUSE_RESULTS[..]),
+    ] {
+        for &value in values {
+            counter!(name, label => value).increment(0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use metrics_exporter_prometheus::PrometheusBuilder;
+
+    use super::*;
+
+    #[test]
+    fn a_scrape_after_describe_has_help_and_a_zero_for_every_series() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, describe);
+        let text = handle.render();
+        let histograms = [TLS_HANDSHAKE_SECONDS, UPSTREAM_LOGIN_SECONDS];
+        for name in NAMES {
+            assert!(name.starts_with("gateway_proxy_"), "{name}");
+            if histograms.contains(&name) {
+                // A histogram has no series before its first value.
+                continue;
+            }
+            assert!(
+                text.contains(&format!("# HELP {name} ")),
+                "no HELP for {name}:\n{text}"
+            );
+        }
+        for name in [
+            CONNECTIONS_TOTAL,
+            ACCEPT_ERRORS_TOTAL,
+            IDLE_TUNNELS_CLOSED_TOTAL,
+            ACTIVE_SESSIONS,
+            WAITING_TUNNELS,
+            UPSTREAM_KEPT_SESSIONS,
+            AUDIT_WRITE_ERRORS_TOTAL,
+            DB_CLIENT_CERTS_ISSUED_TOTAL,
+        ] {
+            assert!(
+                text.contains(&format!("\n{name} 0\n")),
+                "{name} not at zero:\n{text}"
+            );
+        }
+        for (name, label, values) in [
+            (SESSIONS_TOTAL, "result", &SESSION_RESULTS[..]),
+            (
+                TLS_HANDSHAKE_FAILURES_TOTAL,
+                "reason",
+                &HANDSHAKE_FAILURE_REASONS[..],
+            ),
+            (ERRORS_TOTAL, "sqlstate", &ERROR_SQLSTATES[..]),
+            (CANCEL_REQUESTS_TOTAL, "result", &CANCEL_RESULTS[..]),
+            (BYTES_TOTAL, "direction", &DIRECTIONS[..]),
+            (UPSTREAM_REUSE_TOTAL, "result", &REUSE_RESULTS[..]),
+        ] {
+            for v in values {
+                let series = format!("{name}{{{label}=\"{v}\"}} 0\n");
+                assert!(text.contains(&series), "no {series}in:\n{text}");
+            }
+        }
+    }
+}
