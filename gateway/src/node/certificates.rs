@@ -5,7 +5,11 @@
 //! control runtime (tokio): it makes the key and CSR, asks the CA over HTTPS, checks that
 //! the CA issued the identity the node resolved, fills the cache and answers the waiting
 //! connection through a oneshot. So no CA call, key generation or blocking lock ever runs
-//! on an io_uring thread. Open sessions keep the configuration they started with.
+//! on an io_uring thread.
+//!
+//! The fetcher then keeps each identity it fetched renewed at half-life in the background
+//! (retrying with backoff until the certificate expires), so connections keep finding the
+//! cache fresh. Open sessions keep the configuration they started with.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -19,6 +23,11 @@ use crate::ca::CaClient;
 use crate::identity::Workload;
 use crate::pki::SpiffeId;
 use crate::telemetry::node as telemetry;
+
+/// First wait after a failed background renewal; doubles up to [`MAX_RETRY`].
+const FIRST_RETRY: Duration = Duration::from_secs(5);
+/// Longest wait between background renewal attempts (DESIGN.md: backoff at most 150 s).
+const MAX_RETRY: Duration = Duration::from_secs(150);
 
 /// Why no certificate: the text after `no workload certificate for <id>: ` in the client's
 /// error.
@@ -54,12 +63,24 @@ pub struct Certificates {
     requests: mpsc::UnboundedSender<Request>,
 }
 
-/// The control runtime's side: fetches what connections ask for.
+/// The control runtime's side: fetches what connections ask for, and renews it.
 pub struct Fetcher {
-    cache: Cache,
     requests: mpsc::UnboundedReceiver<Request>,
-    ca: Arc<CaClient>,
-    proxy_ca: Arc<[CertificateDer<'static>]>,
+    control: Arc<Control>,
+}
+
+/// What the fetcher's tasks share (on the control runtime only).
+struct Control {
+    cache: Cache,
+    ca: CaClient,
+    proxy_ca: Vec<CertificateDer<'static>>,
+}
+
+/// A certificate just fetched and cached.
+struct Fetched {
+    config: Arc<ClientConfig>,
+    renew_at: SystemTime,
+    expiry: SystemTime,
 }
 
 impl Certificates {
@@ -68,10 +89,12 @@ impl Certificates {
         let cache = Cache::default();
         let (tx, rx) = mpsc::unbounded_channel();
         let fetcher = Fetcher {
-            cache: cache.clone(),
             requests: rx,
-            ca: Arc::new(ca),
-            proxy_ca: proxy_ca.into(),
+            control: Arc::new(Control {
+                cache: cache.clone(),
+                ca,
+                proxy_ca,
+            }),
         };
         (
             Self {
@@ -111,66 +134,140 @@ fn cached(cache: &Cache, id: &SpiffeId, now: SystemTime) -> Option<Arc<ClientCon
 impl Fetcher {
     /// Serves requests until every [`Certificates`] handle is gone. Must run on a tokio
     /// runtime (the CA client is hyper over tokio); each request is fetched in a task of its
-    /// own, so a slow CA answer for one pod does not hold up another.
+    /// own, so a slow CA answer for one pod does not hold up another, and that task then
+    /// keeps the identity renewed.
     pub async fn run(mut self) {
         while let Some(req) = self.requests.recv().await {
-            let (cache, ca, proxy_ca) =
-                (self.cache.clone(), self.ca.clone(), self.proxy_ca.clone());
+            let control = self.control.clone();
             tokio::spawn(async move {
-                let r = fetch(
-                    &cache,
-                    &ca,
-                    &proxy_ca,
-                    &req.spiffe_id,
-                    req.pod_uid.as_deref(),
-                )
-                .await;
-                if let Err(e) = &r {
-                    metrics::counter!(telemetry::CERTIFICATE_FAILURES_TOTAL).increment(1);
-                    tracing::info!(spiffe_id = %req.spiffe_id, %e, "no workload certificate");
+                let Request {
+                    spiffe_id,
+                    pod_uid,
+                    reply,
+                } = req;
+                // Another connection's request may have filled it while this one waited in
+                // the queue.
+                if let Some(c) = cached(&control.cache, &spiffe_id, SystemTime::now()) {
+                    let _ = reply.send(Ok(c));
+                    return;
                 }
-                // The connection may have given up meanwhile; the cache keeps a success.
-                let _ = req.reply.send(r);
+                match control.fetch(&spiffe_id, pod_uid.as_deref()).await {
+                    Ok(f) => {
+                        // The connection may have given up meanwhile; the cache keeps it.
+                        let _ = reply.send(Ok(f.config.clone()));
+                        control
+                            .keep_renewed(&spiffe_id, pod_uid.as_deref(), f)
+                            .await;
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
             });
         }
     }
 }
 
-async fn fetch(
-    cache: &Cache,
-    ca: &CaClient,
-    proxy_ca: &[CertificateDer<'static>],
-    id: &SpiffeId,
-    pod_uid: Option<&str>,
-) -> Result<Arc<ClientConfig>, CertificateError> {
-    let now = SystemTime::now();
-    // Another connection's request may have filled it while this one waited in the queue.
-    if let Some(c) = cached(cache, id, now) {
-        return Ok(c);
+impl Control {
+    /// Asks the CA for `id`'s certificate and caches it.
+    async fn fetch(
+        &self,
+        id: &SpiffeId,
+        pod_uid: Option<&str>,
+    ) -> Result<Fetched, CertificateError> {
+        let r = self.try_fetch(id, pod_uid).await;
+        if let Err(e) = &r {
+            metrics::counter!(telemetry::CERTIFICATE_FAILURES_TOTAL).increment(1);
+            tracing::info!(spiffe_id = %id, %e, "no workload certificate");
+        }
+        r
     }
-    let issued = ca.workload_certificate(pod_uid).await?;
-    if issued.spiffe_id != *id {
-        return Err(CertificateError::WrongIdentity(issued.spiffe_id));
-    }
-    let not_after = x509_parser::parse_x509_certificate(&issued.chain[0])
-        .map(|(_, c)| c.validity().not_after.timestamp())
-        .unwrap_or(0);
-    let expiry = SystemTime::UNIX_EPOCH + Duration::from_secs(not_after.max(0) as u64);
-    let renew_at = now + expiry.duration_since(now).unwrap_or_default() / 2;
-    let config = Arc::new(crate::tunnel::client_config(
-        issued.chain,
-        issued.key,
-        proxy_ca,
-    )?);
-    metrics::counter!(telemetry::CERTIFICATES_FETCHED_TOTAL).increment(1);
-    cache.write().unwrap_or_else(|e| e.into_inner()).insert(
-        id.clone(),
-        Entry {
+
+    async fn try_fetch(
+        &self,
+        id: &SpiffeId,
+        pod_uid: Option<&str>,
+    ) -> Result<Fetched, CertificateError> {
+        let now = SystemTime::now();
+        let issued = self.ca.workload_certificate(pod_uid).await?;
+        if issued.spiffe_id != *id {
+            return Err(CertificateError::WrongIdentity(issued.spiffe_id));
+        }
+        let not_after = x509_parser::parse_x509_certificate(&issued.chain[0])
+            .map(|(_, c)| c.validity().not_after.timestamp())
+            .unwrap_or(0);
+        let expiry = SystemTime::UNIX_EPOCH + Duration::from_secs(not_after.max(0) as u64);
+        let renew_at = now + expiry.duration_since(now).unwrap_or_default() / 2;
+        let config = Arc::new(crate::tunnel::client_config(
+            issued.chain,
+            issued.key,
+            &self.proxy_ca,
+        )?);
+        metrics::counter!(telemetry::CERTIFICATES_FETCHED_TOTAL).increment(1);
+        self.cache
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                id.clone(),
+                Entry {
+                    renew_at,
+                    config: config.clone(),
+                },
+            );
+        Ok(Fetched {
+            config,
             renew_at,
-            config: config.clone(),
-        },
-    );
-    Ok(config)
+            expiry,
+        })
+    }
+
+    /// Renews `id` at half-life for as long as `f` (then each renewal) is the cached entry;
+    /// another fetch that replaced it keeps its own renewal. A renewal that keeps failing
+    /// until the certificate expires drops the entry (the next connection asks again).
+    async fn keep_renewed(&self, id: &SpiffeId, pod_uid: Option<&str>, mut f: Fetched) {
+        loop {
+            tokio::time::sleep(until(f.renew_at)).await;
+            let mut retry = FIRST_RETRY;
+            loop {
+                if !self.is_cached(id, &f.config) {
+                    return;
+                }
+                match self.fetch(id, pod_uid).await {
+                    Ok(next) => {
+                        f = next;
+                        break;
+                    }
+                    Err(_) if SystemTime::now() + retry < f.expiry => {
+                        tokio::time::sleep(retry).await;
+                        retry = (retry * 2).min(MAX_RETRY);
+                    }
+                    Err(_) => {
+                        tokio::time::sleep(until(f.expiry)).await;
+                        let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
+                        if cache
+                            .get(id)
+                            .is_some_and(|e| Arc::ptr_eq(&e.config, &f.config))
+                        {
+                            cache.remove(id);
+                        }
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_cached(&self, id: &SpiffeId, config: &Arc<ClientConfig>) -> bool {
+        let cache = self.cache.read().unwrap_or_else(|e| e.into_inner());
+        cache
+            .get(id)
+            .is_some_and(|e| Arc::ptr_eq(&e.config, config))
+    }
+}
+
+/// How long until `t` (zero once it passed).
+fn until(t: SystemTime) -> Duration {
+    t.duration_since(SystemTime::now()).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -187,6 +284,7 @@ mod tests {
 
     const TD: &str = "td";
     const NODE: &str = "node-1";
+    const HOUR: Duration = Duration::from_secs(3600);
 
     /// One pod on this node, `team-a/api`; counts the CA's lookups (one per issued
     /// certificate request).
@@ -218,7 +316,7 @@ mod tests {
 
     /// A real CA service on loopback and a fetcher, both on a control thread of their own
     /// (as in the node); returns the data plane's handle and the CA's lookup count.
-    fn start(name: &str) -> (Certificates, Arc<AtomicUsize>) {
+    fn start(name: &str, ttl: Duration) -> (Certificates, Arc<AtomicUsize>) {
         let dir = std::env::temp_dir().join(format!("dbgw-certs-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         pki::init_ca(&dir, TD).unwrap();
@@ -228,11 +326,10 @@ mod tests {
         )
         .unwrap();
         let roots = pem_certs(ca.cert_pem());
-        let ttl = Duration::from_secs(600);
         let (server_pem, server_key) = ca
-            .issue(&LeafSpec::server(vec!["gateway-ca".into()], vec![]), ttl)
+            .issue(&LeafSpec::server(vec!["gateway-ca".into()], vec![]), HOUR)
             .unwrap();
-        let (node_pem, node_key) = ca.issue(&LeafSpec::node(TD, NODE), ttl).unwrap();
+        let (node_pem, node_key) = ca.issue(&LeafSpec::node(TD, NODE), HOUR).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         let server_tls =
             crate::tunnel::server_config(pem_certs(&server_pem), pem_key(&server_key), &roots)
@@ -286,7 +383,7 @@ mod tests {
 
     #[test]
     fn hits_the_cache_and_fetches_again_past_renew_at() {
-        let (certs, lookups) = start("renew");
+        let (certs, lookups) = start("renew", Duration::from_secs(600));
         // The data plane's side runs on an io_uring thread, as in the node.
         tokio_uring::start(async {
             let w = workload(api(), "uid-1");
@@ -322,8 +419,28 @@ mod tests {
     }
 
     #[test]
+    fn renews_in_the_background_at_half_life() {
+        // 4 s certificates: renewed after about 2 s with no connection asking.
+        let (certs, lookups) = start("background", Duration::from_secs(4));
+        let first = tokio_uring::start(certs.config_for(&workload(api(), "uid-1"))).unwrap();
+        assert_eq!(lookups.load(Ordering::SeqCst), 1);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while lookups.load(Ordering::SeqCst) < 2 {
+            assert!(std::time::Instant::now() < deadline, "no renewal");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // The renewed certificate replaces the first in the cache (give the insert a moment).
+        std::thread::sleep(Duration::from_millis(200));
+        let now = cached(&certs.cache, &api(), SystemTime::now()).expect("a fresh entry");
+        assert!(
+            !Arc::ptr_eq(&first, &now),
+            "the cache holds the renewed certificate"
+        );
+    }
+
+    #[test]
     fn refuses_a_certificate_for_another_identity_and_caches_no_failure() {
-        let (certs, lookups) = start("mismatch");
+        let (certs, lookups) = start("mismatch", HOUR);
         tokio_uring::start(async {
             // The node resolved the pod to team-b/db, the CA knows it as team-a/api.
             let w = workload(SpiffeId::new(TD, "team-b", "db"), "uid-1");

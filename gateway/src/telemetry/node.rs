@@ -26,6 +26,22 @@ pub const CERTIFICATE_FAILURES_TOTAL: &str = "gateway_node_certificate_failures_
 /// Workload certificates fetched from the CA.
 pub const CERTIFICATES_FETCHED_TOTAL: &str = "gateway_node_certificates_fetched_total";
 
+/// Every metric name above.
+pub const ALL: &[&str] = &[
+    CONNECTIONS_TOTAL,
+    ACCEPT_ERRORS_TOTAL,
+    ACTIVE_CONNECTIONS,
+    ERRORS_TOTAL,
+    TUNNEL_HANDSHAKE_SECONDS,
+    TUNNEL_HANDSHAKES_TOTAL,
+    BYTES_TOTAL,
+    WARM_TUNNELS,
+    WARM_TUNNELS_TOTAL,
+    IDENTITY_FAILURES_TOTAL,
+    CERTIFICATE_FAILURES_TOTAL,
+    CERTIFICATES_FETCHED_TOTAL,
+];
+
 /// Label values of [`ERRORS_TOTAL`]'s `kind`.
 pub const ERROR_KINDS: &[&str] = &[
     "bad_startup",
@@ -103,6 +119,53 @@ pub fn describe() {
     ] {
         for &value in values {
             counter!(name, label => value).increment(0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_scrape_shows_every_series_at_zero_with_help() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        metrics::with_local_recorder(&recorder, describe);
+        let text = recorder.handle().render();
+        for name in ALL {
+            // A histogram has no series before its first value.
+            if *name == TUNNEL_HANDSHAKE_SECONDS {
+                continue;
+            }
+            assert!(
+                text.contains(&format!("# HELP {name} ")),
+                "no HELP for {name}:\n{text}"
+            );
+        }
+        for name in [
+            CONNECTIONS_TOTAL,
+            ACCEPT_ERRORS_TOTAL,
+            ACTIVE_CONNECTIONS,
+            WARM_TUNNELS,
+            IDENTITY_FAILURES_TOTAL,
+            CERTIFICATE_FAILURES_TOTAL,
+            CERTIFICATES_FETCHED_TOTAL,
+        ] {
+            assert!(
+                text.contains(&format!("\n{name} 0\n")),
+                "{name} not at zero:\n{text}"
+            );
+        }
+        for (name, label, values) in [
+            (ERRORS_TOTAL, "kind", ERROR_KINDS),
+            (TUNNEL_HANDSHAKES_TOTAL, "kind", HANDSHAKE_KINDS),
+            (BYTES_TOTAL, "direction", DIRECTIONS),
+            (WARM_TUNNELS_TOTAL, "result", WARM_RESULTS),
+        ] {
+            for value in values {
+                let series = format!("{name}{{{label}=\"{value}\"}} 0");
+                assert!(text.contains(&series), "no {series}:\n{text}");
+            }
         }
     }
 }
