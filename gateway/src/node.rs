@@ -69,27 +69,7 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     })?;
     let proxy_ca = pki::load_certs(&cfg.proxy.ca).context("proxy.ca")?;
 
-    let mut listeners = Vec::new();
-    for (i, l) in cfg.listeners.iter().enumerate() {
-        let chain = pki::load_certs(&l.identity.cert)
-            .with_context(|| format!("listeners[{i}].identity.cert"))?;
-        let key = pki::load_key(&l.identity.key)
-            .with_context(|| format!("listeners[{i}].identity.key"))?;
-        let id = pki::spiffe_id_of(&chain[0])
-            .with_context(|| format!("listeners[{i}].identity.cert"))?;
-        let tls = crate::tunnel::client_config(chain, key, &proxy_ca)
-            .with_context(|| format!("listeners[{i}]"))?;
-        tracing::info!(listen = %l.listen, route = %l.route, identity = %id, "listener");
-        listeners.push(Arc::new(Listener {
-            listen: l.listen,
-            route: l.route.clone(),
-            protocol: l.protocol,
-            pod: l.pod.clone(),
-            tls: Arc::new(tls),
-            identity_cert: l.identity.cert.clone(),
-        }));
-    }
-
+    let listeners = explicit_listeners(&cfg, &proxy_ca)?;
     // The control runtime exists before any data-plane thread can ask it for a certificate;
     // its tasks run once the main thread blocks on it below.
     let control = tokio::runtime::Builder::new_current_thread()
@@ -120,24 +100,7 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             .unwrap_or(1),
         n => n,
     };
-    // Bind every socket here so that a bad address fails start-up, not a thread; a port of
-    // 0 is fixed by the first socket so all threads share it.
-    let mut sockets: Vec<Vec<std::net::TcpListener>> = (0..threads).map(|_| Vec::new()).collect();
-    for (listen, endpoint) in &mut endpoints {
-        let mut addr = *listen;
-        for per_thread in sockets.iter_mut() {
-            let s = crate::net::reuseport_listener(addr, 1024)
-                .with_context(|| format!("failed to listen on {addr}"))?;
-            addr = s.local_addr()?;
-            per_thread.push(s);
-        }
-        if addr != *listen {
-            *listen = addr;
-            if let Endpoint::Explicit(l) = endpoint {
-                *l = Arc::new(l.clone_with_listen(addr));
-            }
-        }
-    }
+    let sockets = bind(&mut endpoints, threads)?;
     let plane = Arc::new(Plane {
         node_name: cfg.node_name.clone(),
         proxy_addr,
@@ -152,6 +115,95 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         dp: cfg.data_plane.clone(),
     });
 
+    start_data_plane(sockets, &endpoints, &plane)?;
+    if let Some(i) = &mut interception {
+        i.set_serving(true)?;
+    }
+    // Machine-readable start-up lines (the demo and the tests bind port 0 and read them).
+    println!("ADMIN {admin_addr}");
+    for (listen, endpoint) in &endpoints {
+        match endpoint {
+            Endpoint::Explicit(l) => println!("LISTENING {listen} route={}", l.route),
+            Endpoint::Transparent(_) => println!("INTERCEPTING {listen}"),
+        }
+    }
+    tracing::info!(threads, admin = %admin_addr, proxy = %plane.proxy_addr, "node agent ready");
+    drop(not_ready);
+
+    // The control runtime: certificate requests from the data plane are served while the
+    // main thread waits for the signal.
+    control.block_on(admin::shutdown_signal());
+    tracing::info!("shutdown signal: node agent exiting");
+    if let Some(i) = &mut interception {
+        // Pins stay (interception survives restarts); until an agent serves again the
+        // configured fail mode applies instead of connects to a closed listener.
+        i.set_serving(false)?;
+    }
+    Ok(())
+}
+
+/// The explicit listeners, each with its workload certificate loaded.
+fn explicit_listeners(
+    cfg: &NodeConfig,
+    proxy_ca: &[rustls_pki_types::CertificateDer<'static>],
+) -> anyhow::Result<Vec<Arc<Listener>>> {
+    let mut listeners = Vec::new();
+    for (i, l) in cfg.listeners.iter().enumerate() {
+        let chain = pki::load_certs(&l.identity.cert)
+            .with_context(|| format!("listeners[{i}].identity.cert"))?;
+        let key = pki::load_key(&l.identity.key)
+            .with_context(|| format!("listeners[{i}].identity.key"))?;
+        let id = pki::spiffe_id_of(&chain[0])
+            .with_context(|| format!("listeners[{i}].identity.cert"))?;
+        let tls = crate::tunnel::client_config(chain, key, proxy_ca)
+            .with_context(|| format!("listeners[{i}]"))?;
+        tracing::info!(listen = %l.listen, route = %l.route, identity = %id, "listener");
+        listeners.push(Arc::new(Listener {
+            listen: l.listen,
+            route: l.route.clone(),
+            protocol: l.protocol,
+            pod: l.pod.clone(),
+            tls: Arc::new(tls),
+            identity_cert: l.identity.cert.clone(),
+        }));
+    }
+    Ok(listeners)
+}
+
+/// Binds every socket here so that a bad address fails start-up, not a thread: one per
+/// endpoint and thread. A port of 0 is fixed by the first socket so all threads share it,
+/// and the endpoint learns it.
+fn bind(
+    endpoints: &mut [(SocketAddr, Endpoint)],
+    threads: usize,
+) -> anyhow::Result<Vec<Vec<std::net::TcpListener>>> {
+    let mut sockets: Vec<Vec<std::net::TcpListener>> = (0..threads).map(|_| Vec::new()).collect();
+    for (listen, endpoint) in endpoints.iter_mut() {
+        let mut addr = *listen;
+        for per_thread in sockets.iter_mut() {
+            let s = crate::net::reuseport_listener(addr, 1024)
+                .with_context(|| format!("failed to listen on {addr}"))?;
+            addr = s.local_addr()?;
+            per_thread.push(s);
+        }
+        if addr != *listen {
+            *listen = addr;
+            if let Endpoint::Explicit(l) = endpoint {
+                *l = Arc::new(l.clone_with_listen(addr));
+            }
+        }
+    }
+    Ok(sockets)
+}
+
+/// Starts one io_uring thread per socket set, each accepting on its own sockets, and
+/// waits until all of them are up.
+fn start_data_plane(
+    sockets: Vec<Vec<std::net::TcpListener>>,
+    endpoints: &[(SocketAddr, Endpoint)],
+    plane: &Arc<Plane>,
+) -> anyhow::Result<()> {
+    let threads = sockets.len();
     let (bound_tx, bound_rx) = mpsc::channel::<anyhow::Result<()>>();
     for (t, socks) in sockets.into_iter().enumerate() {
         let plane = plane.clone();
@@ -182,29 +234,6 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         bound_rx
             .recv()
             .context("a data-plane thread died at start-up")??;
-    }
-    if let Some(i) = &mut interception {
-        i.set_serving(true)?;
-    }
-    // Machine-readable start-up lines (the demo and the tests bind port 0 and read them).
-    println!("ADMIN {admin_addr}");
-    for (listen, endpoint) in &endpoints {
-        match endpoint {
-            Endpoint::Explicit(l) => println!("LISTENING {listen} route={}", l.route),
-            Endpoint::Transparent(_) => println!("INTERCEPTING {listen}"),
-        }
-    }
-    tracing::info!(threads, admin = %admin_addr, proxy = %plane.proxy_addr, "node agent ready");
-    drop(not_ready);
-
-    // The control runtime: certificate requests from the data plane are served while the
-    // main thread waits for the signal.
-    control.block_on(admin::shutdown_signal());
-    tracing::info!("shutdown signal: node agent exiting");
-    if let Some(i) = &mut interception {
-        // Pins stay (interception survives restarts); until an agent serves again the
-        // configured fail mode applies instead of connects to a closed listener.
-        i.set_serving(false)?;
     }
     Ok(())
 }

@@ -140,10 +140,13 @@ async fn life(
 /// Hop 1: the route, and so the protocol to speak (and to refuse in).
 enum Routed<'a> {
     Explicit(&'a Arc<Listener>),
-    Transparent(&'a Transparent, Decided),
+    /// Boxed: like the refusal, kept out of the task of every explicit connection (the
+    /// certificate lookup after it needs no box, so a transparent connection allocates
+    /// as before).
+    Transparent(&'a Transparent, Box<Decided>),
     /// The kernel's facts refused it; told to the client after negotiating in `Protocol`
     /// (`postgres` while the route is not known), so it gets its encryption answer first.
-    Refused(NodeError, Protocol),
+    Refused(Box<NodeError>, Protocol),
 }
 
 impl Routed<'_> {
@@ -162,8 +165,8 @@ async fn route(endpoint: &Endpoint, peer: SocketAddr) -> Routed<'_> {
         // Boxed: resolving may wait for the pod directory; its future is done before the
         // relay starts and would otherwise stay part of this connection's task.
         Endpoint::Transparent(t) => match Box::pin(t.decide(peer)).await {
-            Ok(d) => Routed::Transparent(t, d),
-            Err((e, p)) => Routed::Refused(e, p),
+            Ok(d) => Routed::Transparent(t, Box::new(d)),
+            Err((e, p)) => Routed::Refused(Box::new(e), p),
         },
     }
 }
@@ -180,7 +183,7 @@ async fn negotiate(app: &TcpStream, plane: &Plane) -> Result<Option<Vec<u8>>, No
 enum Target<'a> {
     Explicit(&'a Listener),
     Transparent {
-        decided: Decided,
+        decided: Box<Decided>,
         tls: Arc<ClientConfig>,
     },
 }
@@ -225,7 +228,7 @@ async fn target(routed: Routed<'_>, peer: SocketAddr) -> Result<Target<'_>, Node
         Routed::Explicit(l) => Ok(Target::Explicit(l)),
         Routed::Refused(e, _) => {
             tracing::info!(%peer, reason = %e, "transparent connection refused");
-            Err(e)
+            Err(*e)
         }
         Routed::Transparent(t, decided) => match t.certs.config_for(&decided.workload).await {
             Ok(tls) => Ok(Target::Transparent { decided, tls }),
@@ -488,6 +491,19 @@ mod tests {
         let mut out = Vec::new();
         s.read_to_end(&mut out).unwrap();
         out
+    }
+
+    fn future_size<F>(_f: impl Fn(TcpStream, SocketAddr, Endpoint, Arc<Plane>) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every open connection keeps its task (this future) for its whole life: 10 000 idle
+    /// connections hold 10 000 of them. Before the split (rustc 1.95) an explicit
+    /// connection's was 1736 bytes and a transparent one's 2480.
+    #[test]
+    fn a_connection_task_is_no_larger_than_before_the_split() {
+        let size = future_size(serve);
+        assert!(size <= 1736, "a connection's future grew to {size} bytes");
     }
 
     #[test]
