@@ -12,11 +12,14 @@
 //! 5. **preamble**: route, node, client and pod facts, then the client's first bytes;
 //! 6. **relay** both ways until either side ends (`relay`).
 //!
-//! Every hop before the relay ends in a [`NodeError`]; [`refuse`] is the one place that
-//! counts it and tells the client (an `ErrorResponse`, or a close on a `tcp` route).
+//! A hop that fails before the client received anything from the proxy ends the connection
+//! with a [`NodeError`]; [`refuse`] is the one place that counts it and tells the client (an
+//! `ErrorResponse`, or a close on a `tcp` route).
 //!
-//! No lock and no queue between accept and relay on the explicit path: each data-plane
-//! thread accepts on its own socket and serves the connection on that thread.
+//! Each data-plane thread accepts on its own socket and serves the connection on that
+//! thread: no queue and, on the explicit path, no lock of the node's between accept and
+//! relay. A transparent connection reads shared state through read locks only (resolver,
+//! certificate cache); a certificate miss waits for the control runtime.
 
 use std::cell::Cell;
 use std::net::SocketAddr;
