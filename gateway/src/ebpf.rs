@@ -160,7 +160,32 @@ pub struct Interception {
     config: Array<MapData, Config>,
     ports: HashMap<MapData, PortKey, u32>,
     cidrs: LpmTrie<MapData, CidrKeyData, u32>,
+    by_addr: OrigDsts,
+}
+
+/// The original-destination records alone, for the agent's data plane: a lookup takes
+/// `&self` (the map lives in the kernel), so every data-plane thread shares one without a
+/// lock, while [`Interception`] stays with the control side that changes the config.
+pub struct OrigDsts {
     by_addr: HashMap<MapData, SockKey, OrigDstValue>,
+}
+
+impl OrigDsts {
+    fn open(pin_dir: &Path) -> Result<Self, EbpfError> {
+        Ok(Self {
+            by_addr: HashMap::try_from(open_map(pin_dir, maps::MAP_BY_ADDR)?)
+                .context(|| format!("use map {}", maps::MAP_BY_ADDR))?,
+        })
+    }
+
+    /// See [`Interception::lookup`].
+    pub fn lookup(&self, peer: SocketAddr) -> Result<Option<OrigDst>, EbpfError> {
+        match self.by_addr.get(&SockKey::new(peer), 0) {
+            Ok(v) => Ok(Some(v.into())),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context(|| format!("look up {peer} in {}", maps::MAP_BY_ADDR)),
+        }
+    }
 }
 
 impl std::fmt::Debug for Interception {
@@ -232,8 +257,7 @@ impl Interception {
                 .context(|| format!("use map {}", maps::MAP_PORTS))?,
             cidrs: LpmTrie::try_from(open_map(pin_dir, maps::MAP_CIDRS)?)
                 .context(|| format!("use map {}", maps::MAP_CIDRS))?,
-            by_addr: HashMap::try_from(open_map(pin_dir, maps::MAP_BY_ADDR)?)
-                .context(|| format!("use map {}", maps::MAP_BY_ADDR))?,
+            by_addr: OrigDsts::open(pin_dir)?,
             cfg,
             serving: false,
         })
@@ -259,11 +283,13 @@ impl Interception {
     /// the agent sees it (the accepted peer address). Look up right after `accept()`: the
     /// entry is removed when the client's socket closes.
     pub fn lookup(&self, peer: SocketAddr) -> Result<Option<OrigDst>, EbpfError> {
-        match self.by_addr.get(&SockKey::new(peer), 0) {
-            Ok(v) => Ok(Some(v.into())),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(e).context(|| format!("look up {peer} in {}", maps::MAP_BY_ADDR)),
-        }
+        self.by_addr.lookup(peer)
+    }
+
+    /// A second handle on the original-destination records (reopened from the pins), for
+    /// threads that only look up.
+    pub fn orig_dsts(&self) -> Result<OrigDsts, EbpfError> {
+        OrigDsts::open(&self.pin_dir)
     }
 
     fn write_config(&mut self) -> Result<(), EbpfError> {

@@ -16,6 +16,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod buffer_pool;
 pub mod ca;
 pub mod config;
 pub mod ebpf;

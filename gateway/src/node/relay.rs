@@ -14,8 +14,9 @@ use std::time::Duration;
 
 use tokio_uring::net::TcpStream;
 
-use super::pool::{self, AdaptiveBuf};
 use super::tls::TlsConn;
+use crate::buffer_pool::{self, AdaptiveBuf};
+use crate::telemetry::node as telemetry;
 use crate::tunnel::is_normal_close;
 
 /// The read an idle connection keeps posted: a PostgreSQL query or an echo fits, and
@@ -55,7 +56,7 @@ pub async fn app_to_proxy(
     let mut bufs = AdaptiveBuf::new(SMALL_READ, budget.up_read);
     let mut total = 0u64;
     // Registered once per connection: a lookup per message showed up in profiles.
-    let bytes_metric = metrics::counter!("gateway_node_bytes_total", "direction" => "app_to_proxy");
+    let bytes_metric = metrics::counter!(telemetry::BYTES_TOTAL, "direction" => "app_to_proxy");
     loop {
         let (res, mut buf) = app.read(bufs.take()).await;
         let n = match res {
@@ -113,7 +114,7 @@ pub async fn proxy_to_app(
     let mut ciphers = AdaptiveBuf::new(SMALL_READ, budget.down_read);
     let mut total = 0u64;
     // Registered once per connection: a lookup per message showed up in profiles.
-    let bytes_metric = metrics::counter!("gateway_node_bytes_total", "direction" => "proxy_to_app");
+    let bytes_metric = metrics::counter!(telemetry::BYTES_TOTAL, "direction" => "proxy_to_app");
     loop {
         // No plaintext buffer while waiting: `recv` takes one from the pool once
         // ciphertext has arrived, and it goes back after the write.
@@ -128,7 +129,7 @@ pub async fn proxy_to_app(
         if !plain.is_empty() {
             let len = plain.len();
             let (res, p) = app.write_all(plain).await;
-            pool::give(p);
+            buffer_pool::give(p);
             if let Err(e) = res {
                 return if is_normal_close(&e) {
                     Ok(total)

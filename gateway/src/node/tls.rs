@@ -139,7 +139,7 @@ impl TlsConn {
             return (Ok((false, 0)), buf);
         }
         if plain.capacity() == 0 {
-            *plain = super::pool::take(n);
+            *plain = crate::buffer_pool::take(n);
         }
         let r = self.ingest(&buf[..n], plain);
         if r.is_err() {

@@ -1,32 +1,50 @@
 //! Transparent mode: connections that the kernel programs redirected to the agent address.
-//! Per connection the agent asks the kernel where the application meant to go and from
-//! which cgroup, resolves that cgroup to a workload, picks the database route by original
-//! destination, and uses that workload's certificate for the tunnel.
+//! Per connection ([`Transparent::decide`]) the agent asks the kernel where the application
+//! meant to go and from which cgroup, resolves that cgroup to a workload and picks the
+//! database route by original destination; the connection then takes that workload's
+//! certificate from the cache (`certificates`). The lookups take no process-wide lock: the
+//! kernel map is read through `&self`, the resolver and the certificate cache through read
+//! locks.
 //!
 //! Identity comes only from the kernel's record (the cgroup of the connecting socket);
 //! nothing the application sends can change it.
+//!
+//! Set-up ([`setup`], once at start-up): loads or adopts the kernel programs, makes the
+//! agent address local (`interface`), starts the pod watch and builds the resolver, the
+//! routes and the certificate cache.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use rustls::ClientConfig;
+use anyhow::Context;
+use rustls_pki_types::{CertificateDer, ServerName};
 
-use crate::ca::CaClient;
-use crate::config::{Destination, Protocol, parse_destination};
-use crate::ebpf::{Interception, OrigDst};
+use super::certificates::{Certificates, Fetcher};
+use super::error::NodeError;
+use super::interface::ensure_local_address;
+use crate::config::{Destination, InterceptionConfig, NodeConfig, Protocol, parse_destination};
+use crate::ebpf::{self, Interception, OrigDst, OrigDsts};
 use crate::identity::{IdentityError, Resolver, Workload};
-use crate::pg::{ErrorResponse, sqlstate};
-use crate::pki::SpiffeId;
+use crate::pki;
+use crate::telemetry::node as telemetry;
 
 /// Everything transparent connections share (one per node, used by every data thread).
 pub struct Transparent {
-    pub interception: Mutex<Interception>,
+    pub orig_dsts: OrigDsts,
     pub resolver: Resolver,
     pub routes: Vec<Route>,
-    pub certs: WorkloadCerts,
+    pub certs: Certificates,
     pub unknown_pod_wait: Duration,
+}
+
+/// What [`setup`] makes: the data plane's part, and the control side's.
+pub struct Setup {
+    pub transparent: Transparent,
+    /// Kept by `run` to switch serving on and off.
+    pub interception: Interception,
+    /// To run on the control runtime.
+    pub fetcher: Fetcher,
 }
 
 /// One `interception.routes` destination pattern.
@@ -61,49 +79,23 @@ impl Transparent {
 
     /// Where the connection from `peer` was going, and whose it is. A refusal comes with
     /// the protocol to refuse in (`postgres` while the route is not known).
-    pub async fn decide(
-        &self,
-        node: &str,
-        peer: SocketAddr,
-    ) -> Result<Decided, (ErrorResponse, Protocol)> {
+    pub async fn decide(&self, peer: SocketAddr) -> Result<Decided, (NodeError, Protocol)> {
         let unknown = |e| (e, Protocol::Postgres);
         let orig = self
-            .interception
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .orig_dsts
             .lookup(peer)
-            .map_err(|e| {
-                ErrorResponse::fatal(
-                    sqlstate::CONNECTION_FAILURE,
-                    format!("db-gateway node {node}: interception lookup failed: {e}"),
-                )
-            })
+            .map_err(NodeError::Lookup)
             .map_err(unknown)?
-            .ok_or_else(|| {
-                ErrorResponse::fatal(
-                    sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
-                    format!("db-gateway node {node}: connection from {peer} was not intercepted"),
-                )
-                .with_hint("Connect to the database's own address; the agent address only serves intercepted connections.")
-            })
+            .ok_or(NodeError::NotIntercepted(peer))
             .map_err(unknown)?;
         let route = self
             .routes
             .iter()
             .find(|r| r.destination.matches(orig.dst))
-            .ok_or_else(|| {
-                ErrorResponse::fatal(
-                    sqlstate::UNABLE_TO_ESTABLISH_CONNECTION,
-                    format!(
-                        "db-gateway node {node}: no database route for destination {}",
-                        orig.dst
-                    ),
-                )
-                .with_hint("Add the address to interception.routes in the node configuration.")
-            })
+            .ok_or(NodeError::NoRoute(orig.dst))
             .map_err(unknown)?;
         let workload = self
-            .resolve(node, orig.cgroup_id)
+            .resolve(orig.cgroup_id)
             .await
             .map_err(|e| (e, route.protocol))?;
         Ok(Decided {
@@ -115,7 +107,7 @@ impl Transparent {
     }
 
     /// Resolves, waiting up to `unknown_pod_wait` for a pod the directory has not seen yet.
-    async fn resolve(&self, node: &str, cgroup_id: u64) -> Result<Workload, ErrorResponse> {
+    async fn resolve(&self, cgroup_id: u64) -> Result<Workload, NodeError> {
         let deadline = Instant::now() + self.unknown_pod_wait;
         loop {
             match self.resolver.resolve(cgroup_id) {
@@ -124,80 +116,146 @@ impl Transparent {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 Err(e) => {
-                    metrics::counter!("gateway_node_identity_failures_total").increment(1);
-                    return Err(ErrorResponse::fatal(
-                        sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
-                        format!("db-gateway node {node}: cannot identify the workload: {e}"),
-                    )
-                    .with_hint("The node agent identifies workloads by the cgroup of the connecting process; see its log."));
+                    metrics::counter!(telemetry::IDENTITY_FAILURES_TOTAL).increment(1);
+                    return Err(NodeError::Unidentified(e));
                 }
             }
         }
     }
 }
 
-/// Workload certificates by identity, fetched from the CA on first use and renewed at
-/// half their life; open sessions keep the configuration they started with.
-pub struct WorkloadCerts {
-    pub ca: CaClient,
-    pub proxy_ca: Vec<rustls_pki_types::CertificateDer<'static>>,
-    cache: Mutex<HashMap<SpiffeId, (SystemTime, Arc<ClientConfig>)>>,
+/// Loads (or adopts) the kernel programs and builds the resolver, the routes and the
+/// certificate cache. The interception is not serving yet (see `Interception::set_serving`).
+pub fn setup(
+    cfg: &NodeConfig,
+    i: &InterceptionConfig,
+    proxy_ca: &[CertificateDer<'static>],
+) -> anyhow::Result<Setup> {
+    let SocketAddr::V4(agent_v4) = i.agent_address else {
+        anyhow::bail!(
+            "interception.agent_address must be IPv4 (got {})",
+            i.agent_address
+        );
+    };
+    let agent_v6 = match i.agent_address_v6 {
+        None => None,
+        Some(SocketAddr::V6(a)) => Some(a),
+        Some(other) => anyhow::bail!("interception.agent_address_v6 must be IPv6 (got {other})"),
+    };
+    let mut ports = i.ports.clone();
+    let mut cidrs = Vec::new();
+    for d in &i.destinations {
+        let d =
+            parse_destination(d).map_err(|e| anyhow::anyhow!("interception.destinations: {e}"))?;
+        match d.net {
+            None => ports.push(d.port),
+            Some((ip, prefix)) => cidrs.push((ip, prefix, d.port)),
+        }
+    }
+    let cgroup2 = crate::identity::cgroup::cgroup2_mount()?;
+    let attach_to = i.cgroup.clone().unwrap_or_else(|| cgroup2.clone());
+    let own_cgroup = ebpf::current_cgroup()?;
+    let icfg = ebpf::InterceptConfig {
+        agent_v4,
+        agent_v6,
+        ports,
+        cidrs,
+        agent_cgroup_id: ebpf::cgroup_id(&own_cgroup)?,
+        agent_mark: 0,
+        fail_open: i.fail_open,
+    };
+    ensure_local_address(&i.agent_interface, i.agent_address.ip())?;
+    if let Some(v6) = i.agent_address_v6 {
+        ensure_local_address(&i.agent_interface, v6.ip())?;
+    }
+    if let Some(parent) = i.pin_dir.parent() {
+        ebpf::ensure_bpffs(parent)?;
+    }
+    let interception = Interception::install_or_adopt(&attach_to, &i.pin_dir, &icfg)
+        .with_context(|| format!("interception on cgroup {}", attach_to.display()))?;
+    tracing::info!(cgroup = %attach_to.display(), pins = %i.pin_dir.display(), adopted = interception.adopted(), "interception attached");
+    let orig_dsts = interception
+        .orig_dsts()
+        .with_context(|| format!("interception on cgroup {}", attach_to.display()))?;
+
+    let cgroups = crate::identity::cgroup::CgroupPaths::new(cgroup2);
+    let resolver = match (&i.identity.inventory, &i.identity.kubernetes) {
+        (Some(path), _) => Resolver::with_inventory(
+            cgroups,
+            crate::identity::inventory::Inventory::load(path)?,
+            &i.identity.trust_domain,
+            &cfg.node_name,
+        )?,
+        (None, Some(k)) => {
+            let host = k
+                .host
+                .as_ref()
+                .map(|h| crate::identity::inventory::HostIdentity {
+                    namespace: h.namespace.clone(),
+                    service_account: h.service_account.clone(),
+                });
+            let pods = kube_pods(&cfg.node_name, host.clone(), k.ready_timeout)?;
+            Resolver::new(
+                cgroups,
+                Box::new(pods),
+                &i.identity.trust_domain,
+                &cfg.node_name,
+                host,
+            )?
+        }
+        (None, None) => anyhow::bail!("interception.identity: no pod source configured"),
+    };
+    let ca_roots = pki::load_certs(&i.ca.ca).context("interception.ca.ca")?;
+    let node_tls = crate::tunnel::client_config(
+        pki::load_certs(&i.ca.node_cert).context("interception.ca.node_cert")?,
+        pki::load_key(&i.ca.node_key).context("interception.ca.node_key")?,
+        &ca_roots,
+    )?;
+    let ca = crate::ca::CaClient {
+        addr: i.ca.address,
+        server_name: ServerName::try_from(i.ca.server_name.clone())
+            .with_context(|| format!("interception.ca.server_name {:?}", i.ca.server_name))?,
+        tls: Arc::new(node_tls),
+    };
+    let (certs, fetcher) = Certificates::new(ca, proxy_ca.to_vec());
+    Ok(Setup {
+        transparent: Transparent {
+            orig_dsts,
+            resolver,
+            routes: Transparent::routes_from(&i.routes)
+                .map_err(|e| anyhow::anyhow!("interception.routes: {e}"))?,
+            certs,
+            unknown_pod_wait: i.identity.unknown_pod_wait,
+        },
+        interception,
+        fetcher,
+    })
 }
 
-impl WorkloadCerts {
-    pub fn new(ca: CaClient, proxy_ca: Vec<rustls_pki_types::CertificateDer<'static>>) -> Self {
-        Self {
-            ca,
-            proxy_ca,
-            cache: Mutex::new(HashMap::new()),
-        }
-    }
-
-    pub async fn config_for(
-        &self,
-        node: &str,
-        w: &Workload,
-    ) -> Result<Arc<ClientConfig>, ErrorResponse> {
-        let now = SystemTime::now();
-        if let Some((renew_at, cfg)) = self
-            .cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&w.spiffe_id)
-            && now < *renew_at
-        {
-            return Ok(cfg.clone());
-        }
-        let fail = |why: String| {
-            metrics::counter!("gateway_node_certificate_failures_total").increment(1);
-            ErrorResponse::fatal(
-                sqlstate::UNABLE_TO_ESTABLISH_CONNECTION,
-                format!("db-gateway node {node}: no workload certificate for {}: {why}", w.spiffe_id),
-            )
-            .with_hint("The node agent could not get a certificate from the gateway CA; see the agent and CA logs.")
-        };
-        let issued = self
-            .ca
-            .workload_certificate(w.pod.uid.as_deref())
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        if issued.spiffe_id != w.spiffe_id {
-            // The CA and this node disagree about the pod: trust neither.
-            return Err(fail(format!("the CA issued {} instead", issued.spiffe_id)));
-        }
-        let not_after = x509_parser::parse_x509_certificate(&issued.chain[0])
-            .map(|(_, c)| c.validity().not_after.timestamp())
-            .unwrap_or(0);
-        let expiry = SystemTime::UNIX_EPOCH + Duration::from_secs(not_after.max(0) as u64);
-        let renew_at = now + expiry.duration_since(now).unwrap_or_default() / 2;
-        let cfg = crate::tunnel::client_config(issued.chain, issued.key, &self.proxy_ca)
-            .map(Arc::new)
-            .map_err(|e| fail(e.to_string()))?;
-        metrics::counter!("gateway_node_certificates_fetched_total").increment(1);
-        self.cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(w.spiffe_id.clone(), (renew_at, cfg.clone()));
-        Ok(cfg)
-    }
+/// Starts the pod watch on a runtime thread of its own (the data plane never waits for
+/// it) and waits for the first complete list.
+fn kube_pods(
+    node: &str,
+    host: Option<crate::identity::inventory::HostIdentity>,
+    ready_timeout: Duration,
+) -> anyhow::Result<Arc<crate::identity::kube::KubePods>> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("kube-watch")
+        .enable_all()
+        .build()?;
+    let client = rt
+        .block_on(kube::Client::try_default())
+        .context("Kubernetes client (in-cluster service account or $KUBECONFIG)")?;
+    let pods = crate::identity::kube::KubePods::spawn_with_host(client, node, host, rt.handle());
+    // The runtime lives on its own thread as long as the process: the watch keeps the pod
+    // map current.
+    std::thread::Builder::new()
+        .name("kube-watch".into())
+        .spawn(move || rt.block_on(std::future::pending::<()>()))?;
+    anyhow::ensure!(
+        pods.wait_ready(ready_timeout),
+        "no complete pod list from the Kubernetes API within {ready_timeout:?}"
+    );
+    Ok(pods)
 }

@@ -1,6 +1,171 @@
 //! The metrics of the node: names, HELP text, and zero values registered at start so that a
 //! scrape shows every series before it first moves.
 
+/// Connections accepted, explicit and transparent.
+pub const CONNECTIONS_TOTAL: &str = "gateway_node_connections_total";
+/// `accept()` failures (the accept loop backs off 50 ms after each).
+pub const ACCEPT_ERRORS_TOTAL: &str = "gateway_node_accept_errors_total";
+/// Connections accepted and not yet ended.
+pub const ACTIVE_CONNECTIONS: &str = "gateway_node_active_connections";
+/// Connections ended by an error, by `kind` (one of [`ERROR_KINDS`]).
+pub const ERRORS_TOTAL: &str = "gateway_node_errors_total";
+/// Seconds from a connection's start to a tunnel dialled for it being ready.
+pub const TUNNEL_HANDSHAKE_SECONDS: &str = "gateway_node_tunnel_handshake_seconds";
+/// Tunnel handshakes finished, by `kind` (one of [`HANDSHAKE_KINDS`]).
+pub const TUNNEL_HANDSHAKES_TOTAL: &str = "gateway_node_tunnel_handshakes_total";
+/// Plaintext bytes relayed, by `direction` (one of [`DIRECTIONS`]).
+pub const BYTES_TOTAL: &str = "gateway_node_bytes_total";
+/// Warm tunnels ready for a connection, all identities and threads together.
+pub const WARM_TUNNELS: &str = "gateway_node_warm_tunnels";
+/// What became of warm tunnels, by `result` (one of [`WARM_RESULTS`]).
+pub const WARM_TUNNELS_TOTAL: &str = "gateway_node_warm_tunnels_total";
+/// Transparent connections whose cgroup did not resolve to a workload.
+pub const IDENTITY_FAILURES_TOTAL: &str = "gateway_node_identity_failures_total";
+/// Workload certificate requests to the CA that failed or were refused.
+pub const CERTIFICATE_FAILURES_TOTAL: &str = "gateway_node_certificate_failures_total";
+/// Workload certificates fetched from the CA.
+pub const CERTIFICATES_FETCHED_TOTAL: &str = "gateway_node_certificates_fetched_total";
+
+/// Every metric name above.
+pub const ALL: &[&str] = &[
+    CONNECTIONS_TOTAL,
+    ACCEPT_ERRORS_TOTAL,
+    ACTIVE_CONNECTIONS,
+    ERRORS_TOTAL,
+    TUNNEL_HANDSHAKE_SECONDS,
+    TUNNEL_HANDSHAKES_TOTAL,
+    BYTES_TOTAL,
+    WARM_TUNNELS,
+    WARM_TUNNELS_TOTAL,
+    IDENTITY_FAILURES_TOTAL,
+    CERTIFICATE_FAILURES_TOTAL,
+    CERTIFICATES_FETCHED_TOTAL,
+];
+
+/// Label values of [`ERRORS_TOTAL`]'s `kind`.
+pub const ERROR_KINDS: &[&str] = &[
+    "bad_startup",
+    "startup_timeout",
+    "identity",
+    "certificate",
+    "proxy_unreachable",
+    "proxy_timeout",
+    "tunnel_tls",
+    "relay",
+];
+/// Label values of [`TUNNEL_HANDSHAKES_TOTAL`]'s `kind`.
+pub const HANDSHAKE_KINDS: &[&str] = &["full", "resumed"];
+/// Label values of [`BYTES_TOTAL`]'s `direction`.
+pub const DIRECTIONS: &[&str] = &["app_to_proxy", "proxy_to_app"];
+/// Label values of [`WARM_TUNNELS_TOTAL`]'s `result`.
+pub const WARM_RESULTS: &[&str] = &["hit", "stale", "expired", "dial_failed"];
+
 /// Describes every metric of the node and registers its series at zero. Call once, after
 /// the recorder is installed.
-pub fn describe() {}
+pub fn describe() {
+    use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge};
+
+    describe_counter!(CONNECTIONS_TOTAL, "Connections accepted by the node agent.");
+    describe_counter!(ACCEPT_ERRORS_TOTAL, "Failed accept() calls.");
+    describe_gauge!(ACTIVE_CONNECTIONS, "Application connections open now.");
+    describe_counter!(
+        ERRORS_TOTAL,
+        "Connections ended by an error, by kind (the client got an ErrorResponse or a close)."
+    );
+    describe_histogram!(
+        TUNNEL_HANDSHAKE_SECONDS,
+        "Time from accept to a freshly dialled tunnel to the proxy being ready."
+    );
+    describe_counter!(
+        TUNNEL_HANDSHAKES_TOTAL,
+        "TLS handshakes with the proxy, by kind (full or resumed)."
+    );
+    describe_counter!(BYTES_TOTAL, "Plaintext bytes relayed, by direction.");
+    describe_gauge!(WARM_TUNNELS, "Handshaked tunnels waiting for a connection.");
+    describe_counter!(
+        WARM_TUNNELS_TOTAL,
+        "Warm tunnels by result (hit, stale, expired, dial_failed)."
+    );
+    describe_counter!(
+        IDENTITY_FAILURES_TOTAL,
+        "Transparent connections whose workload could not be identified."
+    );
+    describe_counter!(
+        CERTIFICATE_FAILURES_TOTAL,
+        "Failed workload certificate requests to the CA."
+    );
+    describe_counter!(
+        CERTIFICATES_FETCHED_TOTAL,
+        "Workload certificates fetched from the CA."
+    );
+
+    for name in [
+        CONNECTIONS_TOTAL,
+        ACCEPT_ERRORS_TOTAL,
+        IDENTITY_FAILURES_TOTAL,
+        CERTIFICATE_FAILURES_TOTAL,
+        CERTIFICATES_FETCHED_TOTAL,
+    ] {
+        counter!(name).increment(0);
+    }
+    for name in [ACTIVE_CONNECTIONS, WARM_TUNNELS] {
+        gauge!(name).increment(0.0);
+    }
+    for (name, label, values) in [
+        (ERRORS_TOTAL, "kind", ERROR_KINDS),
+        (TUNNEL_HANDSHAKES_TOTAL, "kind", HANDSHAKE_KINDS),
+        (BYTES_TOTAL, "direction", DIRECTIONS),
+        (WARM_TUNNELS_TOTAL, "result", WARM_RESULTS),
+    ] {
+        for &value in values {
+            counter!(name, label => value).increment(0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_scrape_shows_every_series_at_zero_with_help() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        metrics::with_local_recorder(&recorder, describe);
+        let text = recorder.handle().render();
+        for name in ALL {
+            // A histogram has no series before its first value.
+            if *name == TUNNEL_HANDSHAKE_SECONDS {
+                continue;
+            }
+            assert!(
+                text.contains(&format!("# HELP {name} ")),
+                "no HELP for {name}:\n{text}"
+            );
+        }
+        for name in [
+            CONNECTIONS_TOTAL,
+            ACCEPT_ERRORS_TOTAL,
+            ACTIVE_CONNECTIONS,
+            WARM_TUNNELS,
+            IDENTITY_FAILURES_TOTAL,
+            CERTIFICATE_FAILURES_TOTAL,
+            CERTIFICATES_FETCHED_TOTAL,
+        ] {
+            assert!(
+                text.contains(&format!("\n{name} 0\n")),
+                "{name} not at zero:\n{text}"
+            );
+        }
+        for (name, label, values) in [
+            (ERRORS_TOTAL, "kind", ERROR_KINDS),
+            (TUNNEL_HANDSHAKES_TOTAL, "kind", HANDSHAKE_KINDS),
+            (BYTES_TOTAL, "direction", DIRECTIONS),
+            (WARM_TUNNELS_TOTAL, "result", WARM_RESULTS),
+        ] {
+            for value in values {
+                let series = format!("{name}{{{label}=\"{value}\"}} 0");
+                assert!(text.contains(&series), "no {series}:\n{text}");
+            }
+        }
+    }
+}

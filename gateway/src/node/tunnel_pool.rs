@@ -1,4 +1,4 @@
-//! The warm pool: mTLS tunnels to the proxy, handshaked ahead of need, per workload
+//! The warm tunnel pool: mTLS tunnels to the proxy, handshaked ahead of need, per workload
 //! identity and data-plane thread. A new application connection takes one and only sends
 //! its preamble, so its set-up skips the TCP and TLS handshakes with the proxy.
 //!
@@ -23,6 +23,7 @@ use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 
 use super::tls::TlsConn;
+use crate::telemetry::node as telemetry;
 
 /// Where and how to dial, and how many to keep.
 #[derive(Clone)]
@@ -49,7 +50,7 @@ fn key(tls: &Arc<ClientConfig>) -> usize {
 }
 
 fn count(result: &'static str) {
-    metrics::counter!("gateway_node_warm_tunnels_total", "result" => result).increment(1);
+    metrics::counter!(telemetry::WARM_TUNNELS_TOTAL, "result" => result).increment(1);
 }
 
 /// A ready tunnel for this identity, if one is kept and still good (shared: both relay
@@ -63,7 +64,7 @@ pub fn take(tls: &Arc<ClientConfig>, idle: Duration) -> Option<Rc<TlsConn>> {
                 .filter(|pool| Arc::ptr_eq(&pool.tls, tls))
                 .and_then(|pool| pool.ready.pop())
         })?;
-        metrics::gauge!("gateway_node_warm_tunnels").decrement(1.0);
+        metrics::gauge!(telemetry::WARM_TUNNELS).decrement(1.0);
         if now.duration_since(since) >= idle {
             count("expired");
             close(conn);
@@ -132,7 +133,7 @@ fn dial_one(tls: &Arc<ClientConfig>, d: &Arc<Dialer>) {
                 return Some(conn);
             }
             pool.ready.push((conn, Instant::now()));
-            metrics::gauge!("gateway_node_warm_tunnels").increment(1.0);
+            metrics::gauge!(telemetry::WARM_TUNNELS).increment(1.0);
             None
         });
         if let Some(c) = extra {
@@ -164,7 +165,7 @@ pub async fn sweep(idle: Duration) {
             out
         });
         for c in expired {
-            metrics::gauge!("gateway_node_warm_tunnels").decrement(1.0);
+            metrics::gauge!(telemetry::WARM_TUNNELS).decrement(1.0);
             count("expired");
             close(c);
         }
@@ -175,7 +176,7 @@ pub async fn sweep(idle: Duration) {
 /// their signatures and certificate checks.
 pub fn handshake_done(c: &TlsConn) {
     let kind = if c.resumed() { "resumed" } else { "full" };
-    metrics::counter!("gateway_node_tunnel_handshakes_total", "kind" => kind).increment(1);
+    metrics::counter!(telemetry::TUNNEL_HANDSHAKES_TOTAL, "kind" => kind).increment(1);
 }
 
 /// close_notify and FIN, so the proxy ends its side at once instead of at its timeout.

@@ -1,8 +1,9 @@
 //! Per-thread reuse of the relays' large buffers. Each data-plane thread runs its own
-//! io_uring runtime, so a thread-local list needs no lock.
+//! io_uring runtime, so a thread-local list needs no lock. Ground floor: imports nothing of
+//! ours.
 //!
 //! A connection holds a large buffer only while it moves bulk data; an idle connection
-//! keeps a small read posted (see `relay`), so 10 000 idle connections cost kilobytes
+//! keeps a small read posted (see `node::relay`), so 10 000 idle connections cost kilobytes
 //! each, not the 64 KiB their budgets allow.
 
 use std::cell::RefCell;

@@ -1,0 +1,497 @@
+//! Workload certificates for transparent connections, by identity. The data plane only
+//! reads the cache ([`Certificates::config_for`]): a hit is a read lock and an `Arc` clone.
+//! On a miss, or an entry past its renew-at time (half the certificate's life), the
+//! connection sends a request over a channel to the [`Fetcher`], which runs on the node's
+//! control runtime (tokio): it makes the key and CSR, asks the CA over HTTPS, checks that
+//! the CA issued the identity the node resolved, fills the cache and answers the waiting
+//! connection through a oneshot. So no CA call, key generation or blocking lock ever runs
+//! on an io_uring thread.
+//!
+//! The fetcher then keeps each identity it fetched renewed at half-life in the background
+//! (retrying with backoff until the certificate expires), so connections keep finding the
+//! cache fresh. Open sessions keep the configuration they started with.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use rustls::ClientConfig;
+use rustls_pki_types::CertificateDer;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::ca::CaClient;
+use crate::identity::Workload;
+use crate::pki::SpiffeId;
+use crate::telemetry::node as telemetry;
+
+/// First wait after a failed background renewal; doubles up to [`MAX_RETRY`].
+const FIRST_RETRY: Duration = Duration::from_secs(5);
+/// Longest wait between background renewal attempts (DESIGN.md: backoff at most 150 s).
+const MAX_RETRY: Duration = Duration::from_secs(150);
+
+/// Why no certificate: the text after `no workload certificate for <id>: ` in the client's
+/// error.
+#[derive(Debug, thiserror::Error)]
+pub enum CertificateError {
+    #[error("{0}")]
+    Ca(#[from] crate::ca::ClientError),
+    /// The CA and this node disagree about the pod: trust neither.
+    #[error("the CA issued {0} instead")]
+    WrongIdentity(SpiffeId),
+    #[error("{0}")]
+    Config(#[from] crate::tunnel::TunnelError),
+    #[error("the node agent's certificate task is not running")]
+    ControlGone,
+}
+
+struct Entry {
+    renew_at: SystemTime,
+    config: Arc<ClientConfig>,
+}
+
+type Cache = Arc<RwLock<HashMap<SpiffeId, Entry>>>;
+
+struct Request {
+    spiffe_id: SpiffeId,
+    pod_uid: Option<String>,
+    reply: oneshot::Sender<Result<Arc<ClientConfig>, CertificateError>>,
+}
+
+/// The data plane's side: the cache and the way to ask for a fetch.
+pub struct Certificates {
+    cache: Cache,
+    requests: mpsc::UnboundedSender<Request>,
+}
+
+/// The control runtime's side: fetches what connections ask for, and renews it.
+pub struct Fetcher {
+    requests: mpsc::UnboundedReceiver<Request>,
+    control: Arc<Control>,
+}
+
+/// What the fetcher's tasks share (on the control runtime only).
+struct Control {
+    cache: Cache,
+    ca: CaClient,
+    proxy_ca: Vec<CertificateDer<'static>>,
+}
+
+/// A certificate just fetched and cached.
+struct Fetched {
+    config: Arc<ClientConfig>,
+    renew_at: SystemTime,
+    expiry: SystemTime,
+}
+
+impl Certificates {
+    /// The cache, and the fetcher to run on the control runtime ([`Fetcher::run`]).
+    pub fn new(ca: CaClient, proxy_ca: Vec<CertificateDer<'static>>) -> (Self, Fetcher) {
+        let cache = Cache::default();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let fetcher = Fetcher {
+            requests: rx,
+            control: Arc::new(Control {
+                cache: cache.clone(),
+                ca,
+                proxy_ca,
+            }),
+        };
+        (
+            Self {
+                cache,
+                requests: tx,
+            },
+            fetcher,
+        )
+    }
+
+    /// The client configuration of workload `w`: from the cache, or fetched on the control
+    /// runtime while this connection waits.
+    pub async fn config_for(&self, w: &Workload) -> Result<Arc<ClientConfig>, CertificateError> {
+        if let Some(c) = cached(&self.cache, &w.spiffe_id, SystemTime::now()) {
+            return Ok(c);
+        }
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .send(Request {
+                spiffe_id: w.spiffe_id.clone(),
+                pod_uid: w.pod.uid.clone(),
+                reply,
+            })
+            .map_err(|_| CertificateError::ControlGone)?;
+        answer.await.map_err(|_| CertificateError::ControlGone)?
+    }
+}
+
+fn cached(cache: &Cache, id: &SpiffeId, now: SystemTime) -> Option<Arc<ClientConfig>> {
+    let cache = cache.read().unwrap_or_else(|e| e.into_inner());
+    cache
+        .get(id)
+        .filter(|e| now < e.renew_at)
+        .map(|e| e.config.clone())
+}
+
+impl Fetcher {
+    /// Serves requests until every [`Certificates`] handle is gone. Must run on a tokio
+    /// runtime (the CA client is hyper over tokio); each request is fetched in a task of its
+    /// own, so a slow CA answer for one pod does not hold up another, and that task then
+    /// keeps the identity renewed.
+    pub async fn run(mut self) {
+        while let Some(req) = self.requests.recv().await {
+            let control = self.control.clone();
+            tokio::spawn(async move {
+                let Request {
+                    spiffe_id,
+                    pod_uid,
+                    reply,
+                } = req;
+                // Another connection's request may have filled it while this one waited in
+                // the queue.
+                if let Some(c) = cached(&control.cache, &spiffe_id, SystemTime::now()) {
+                    let _ = reply.send(Ok(c));
+                    return;
+                }
+                match control.fetch(&spiffe_id, pod_uid.as_deref()).await {
+                    Ok(f) => {
+                        // The connection may have given up meanwhile; the cache keeps it.
+                        let _ = reply.send(Ok(f.config.clone()));
+                        control
+                            .keep_renewed(&spiffe_id, pod_uid.as_deref(), f)
+                            .await;
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            });
+        }
+    }
+}
+
+impl Control {
+    /// Asks the CA for `id`'s certificate and caches it.
+    async fn fetch(
+        &self,
+        id: &SpiffeId,
+        pod_uid: Option<&str>,
+    ) -> Result<Fetched, CertificateError> {
+        let r = self.try_fetch(id, pod_uid).await;
+        if let Err(e) = &r {
+            metrics::counter!(telemetry::CERTIFICATE_FAILURES_TOTAL).increment(1);
+            tracing::info!(spiffe_id = %id, %e, "no workload certificate");
+        }
+        r
+    }
+
+    async fn try_fetch(
+        &self,
+        id: &SpiffeId,
+        pod_uid: Option<&str>,
+    ) -> Result<Fetched, CertificateError> {
+        let now = SystemTime::now();
+        let issued = self.ca.workload_certificate(pod_uid).await?;
+        if issued.spiffe_id != *id {
+            return Err(CertificateError::WrongIdentity(issued.spiffe_id));
+        }
+        let not_after = x509_parser::parse_x509_certificate(&issued.chain[0])
+            .map(|(_, c)| c.validity().not_after.timestamp())
+            .unwrap_or(0);
+        let expiry = SystemTime::UNIX_EPOCH + Duration::from_secs(not_after.max(0) as u64);
+        let renew_at = now + expiry.duration_since(now).unwrap_or_default() / 2;
+        let config = Arc::new(crate::tunnel::client_config(
+            issued.chain,
+            issued.key,
+            &self.proxy_ca,
+        )?);
+        metrics::counter!(telemetry::CERTIFICATES_FETCHED_TOTAL).increment(1);
+        self.cache
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                id.clone(),
+                Entry {
+                    renew_at,
+                    config: config.clone(),
+                },
+            );
+        Ok(Fetched {
+            config,
+            renew_at,
+            expiry,
+        })
+    }
+
+    /// Renews `id` at half-life for as long as `f` (then each renewal) is the cached entry;
+    /// another fetch that replaced it keeps its own renewal. A renewal that keeps failing
+    /// until the certificate expires drops the entry (the next connection asks again).
+    async fn keep_renewed(&self, id: &SpiffeId, pod_uid: Option<&str>, mut f: Fetched) {
+        loop {
+            tokio::time::sleep(until(f.renew_at)).await;
+            let mut retry = FIRST_RETRY;
+            loop {
+                if !self.is_cached(id, &f.config) {
+                    return;
+                }
+                match self.fetch(id, pod_uid).await {
+                    Ok(next) => {
+                        f = next;
+                        break;
+                    }
+                    Err(_) if SystemTime::now() + retry < f.expiry => {
+                        tokio::time::sleep(retry).await;
+                        retry = (retry * 2).min(MAX_RETRY);
+                    }
+                    Err(_) => {
+                        tokio::time::sleep(until(f.expiry)).await;
+                        let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
+                        if cache
+                            .get(id)
+                            .is_some_and(|e| Arc::ptr_eq(&e.config, &f.config))
+                        {
+                            cache.remove(id);
+                        }
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_cached(&self, id: &SpiffeId, config: &Arc<ClientConfig>) -> bool {
+        let cache = self.cache.read().unwrap_or_else(|e| e.into_inner());
+        cache
+            .get(id)
+            .is_some_and(|e| Arc::ptr_eq(&e.config, config))
+    }
+}
+
+/// How long until `t` (zero once it passed).
+fn until(t: SystemTime) -> Duration {
+    t.duration_since(SystemTime::now()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use rustls_pki_types::ServerName;
+    use rustls_pki_types::pem::PemObject;
+
+    use crate::ca::{CaService, PodDirectory, PodRecord};
+    use crate::pki::{self, CertificateAuthority, LeafSpec};
+    use crate::tunnel::PodMeta;
+
+    const TD: &str = "td";
+    const NODE: &str = "node-1";
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    /// One pod on this node, `team-a/api`; counts the CA's lookups (one per issued
+    /// certificate request).
+    struct Pods(Arc<AtomicUsize>);
+
+    impl PodDirectory for Pods {
+        fn pod(&self, uid: &str) -> Option<PodRecord> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            (uid == "uid-1").then(|| PodRecord {
+                namespace: "team-a".into(),
+                service_account: "api".into(),
+                node: NODE.into(),
+            })
+        }
+        fn host_identity(&self) -> Option<(String, String)> {
+            None
+        }
+    }
+
+    fn pem_certs(pem: &str) -> Vec<CertificateDer<'static>> {
+        CertificateDer::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    fn pem_key(pem: &str) -> rustls_pki_types::PrivateKeyDer<'static> {
+        rustls_pki_types::PrivateKeyDer::from_pem_slice(pem.as_bytes()).unwrap()
+    }
+
+    /// A real CA service on loopback and a fetcher, both on a control thread of their own
+    /// (as in the node); returns the data plane's handle and the CA's lookup count.
+    fn start(name: &str, ttl: Duration) -> (Certificates, Arc<AtomicUsize>) {
+        let dir = std::env::temp_dir().join(format!("dbgw-certs-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        pki::init_ca(&dir, TD).unwrap();
+        let ca = CertificateAuthority::load(
+            &dir.join(pki::WORKLOAD_CA_CERT),
+            &dir.join(pki::WORKLOAD_CA_KEY),
+        )
+        .unwrap();
+        let roots = pem_certs(ca.cert_pem());
+        let (server_pem, server_key) = ca
+            .issue(&LeafSpec::server(vec!["gateway-ca".into()], vec![]), HOUR)
+            .unwrap();
+        let (node_pem, node_key) = ca.issue(&LeafSpec::node(TD, NODE), HOUR).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let server_tls =
+            crate::tunnel::server_config(pem_certs(&server_pem), pem_key(&server_key), &roots)
+                .unwrap();
+        let node_tls =
+            crate::tunnel::client_config(pem_certs(&node_pem), pem_key(&node_key), &roots).unwrap();
+        let lookups = Arc::new(AtomicUsize::new(0));
+        let svc = Arc::new(CaService {
+            ca,
+            trust_domain: TD.into(),
+            ttl,
+            pods: Box::new(Pods(lookups.clone())),
+        });
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = CaClient {
+            addr,
+            server_name: ServerName::try_from("gateway-ca").unwrap(),
+            tls: Arc::new(node_tls),
+        };
+        let (certs, fetcher) = Certificates::new(client, roots);
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                tokio::spawn(crate::ca::serve(svc, listener, Arc::new(server_tls)));
+                fetcher.run().await;
+            });
+        });
+        (certs, lookups)
+    }
+
+    fn workload(id: SpiffeId, uid: &str) -> Workload {
+        Workload {
+            spiffe_id: id,
+            pod: PodMeta {
+                uid: Some(uid.into()),
+                ..PodMeta::default()
+            },
+            labels: Default::default(),
+        }
+    }
+
+    fn api() -> SpiffeId {
+        SpiffeId::new(TD, "team-a", "api")
+    }
+
+    #[test]
+    fn hits_the_cache_and_fetches_again_past_renew_at() {
+        let (certs, lookups) = start("renew", Duration::from_secs(600));
+        // The data plane's side runs on an io_uring thread, as in the node.
+        tokio_uring::start(async {
+            let w = workload(api(), "uid-1");
+            let first = certs.config_for(&w).await.unwrap();
+            assert_eq!(lookups.load(Ordering::SeqCst), 1);
+            let again = certs.config_for(&w).await.unwrap();
+            assert!(Arc::ptr_eq(&first, &again), "a hit is the cached config");
+            assert_eq!(lookups.load(Ordering::SeqCst), 1, "a hit asks no CA");
+            {
+                let cache = certs.cache.read().unwrap();
+                let e = &cache[&api()];
+                let left = e.renew_at.duration_since(SystemTime::now()).unwrap();
+                // 600 s certificates renew at about half-life.
+                assert!(
+                    left > Duration::from_secs(280) && left <= Duration::from_secs(300),
+                    "{left:?}"
+                );
+            }
+            // Past renew-at: the next connection waits for a fresh certificate.
+            certs
+                .cache
+                .write()
+                .unwrap()
+                .get_mut(&api())
+                .unwrap()
+                .renew_at = SystemTime::now() - Duration::from_secs(1);
+            let renewed = certs.config_for(&w).await.unwrap();
+            assert_eq!(lookups.load(Ordering::SeqCst), 2);
+            assert!(!Arc::ptr_eq(&first, &renewed), "a new certificate");
+            let cached = certs.config_for(&w).await.unwrap();
+            assert!(Arc::ptr_eq(&renewed, &cached));
+        });
+    }
+
+    #[test]
+    fn renews_in_the_background_at_half_life() {
+        // 4 s certificates: renewed after about 2 s with no connection asking.
+        let (certs, lookups) = start("background", Duration::from_secs(4));
+        let first = tokio_uring::start(certs.config_for(&workload(api(), "uid-1"))).unwrap();
+        assert_eq!(lookups.load(Ordering::SeqCst), 1);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while lookups.load(Ordering::SeqCst) < 2 {
+            assert!(std::time::Instant::now() < deadline, "no renewal");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // The renewed certificate replaces the first in the cache (give the insert a moment).
+        std::thread::sleep(Duration::from_millis(200));
+        let now = cached(&certs.cache, &api(), SystemTime::now()).expect("a fresh entry");
+        assert!(
+            !Arc::ptr_eq(&first, &now),
+            "the cache holds the renewed certificate"
+        );
+    }
+
+    #[test]
+    fn refuses_a_certificate_for_another_identity_and_caches_no_failure() {
+        let (certs, lookups) = start("mismatch", HOUR);
+        tokio_uring::start(async {
+            // The node resolved the pod to team-b/db, the CA knows it as team-a/api.
+            let w = workload(SpiffeId::new(TD, "team-b", "db"), "uid-1");
+            let e = certs.config_for(&w).await.unwrap_err();
+            assert!(
+                matches!(&e, CertificateError::WrongIdentity(id) if *id == api()),
+                "{e:?}"
+            );
+            assert_eq!(
+                e.to_string(),
+                "the CA issued spiffe://td/ns/team-a/sa/api instead"
+            );
+            assert!(certs.cache.read().unwrap().is_empty());
+            // A pod the CA does not know: its refusal comes back as the reason.
+            let e = certs
+                .config_for(&workload(api(), "uid-9"))
+                .await
+                .unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                "CA refused: pod uid-9 is not known to the CA"
+            );
+            // Nothing cached: the next attempt asks the CA again.
+            certs.config_for(&w).await.unwrap_err();
+            assert_eq!(lookups.load(Ordering::SeqCst), 3);
+        });
+    }
+
+    #[test]
+    fn without_the_control_task_a_connection_is_refused_not_stuck() {
+        let (certs, fetcher) = Certificates::new(
+            CaClient {
+                addr: "127.0.0.1:9".parse().unwrap(),
+                server_name: ServerName::try_from("gateway-ca").unwrap(),
+                tls: Arc::new(
+                    rustls::ClientConfig::builder_with_provider(crate::tunnel::crypto_provider())
+                        .with_safe_default_protocol_versions()
+                        .unwrap()
+                        .with_root_certificates(rustls::RootCertStore::empty())
+                        .with_no_client_auth(),
+                ),
+            },
+            Vec::new(),
+        );
+        drop(fetcher);
+        tokio_uring::start(async {
+            let e = certs
+                .config_for(&workload(api(), "uid-1"))
+                .await
+                .unwrap_err();
+            assert!(matches!(e, CertificateError::ControlGone), "{e:?}");
+        });
+    }
+}
