@@ -136,8 +136,8 @@ fn refuse_mismatch<'a>(
 type Refusing<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
 /// The refusal for `e`, if anybody is there to get one. Not async, and taking `e` by
-/// value: an error kept in scope across the answer's `await` would stay in the tunnel's
-/// future (and so in every session's task) for good.
+/// value: an error kept in scope across the answer's `await` would enlarge the future
+/// of every tunnel, refused or not.
 fn refusal<'a>(
     shared: &'a Shared,
     client: &'a mut Client,
