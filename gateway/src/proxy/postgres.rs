@@ -138,24 +138,27 @@ pub(super) async fn start(shared: &Arc<Shared>, opened: Box<Opened>) -> Option<B
     } = *opened;
     let timeout = shared.cfg.startup_timeout;
     let remaining = timeout.saturating_sub(started.elapsed());
-    let startup = tokio::time::timeout(
-        remaining,
-        Box::pin(read_startup(&mut client, &identity, shared)),
-    )
-    .await;
-    let startup = match startup {
-        Ok(Ok(Some(x))) => x,
-        // A cancel request: served, no session.
-        Ok(Ok(None)) => return None,
-        // Not even a startup message: still one start/end pair so the attempt is seen.
-        Ok(Err(e)) => {
-            refuse(shared, &mut client, &info, e, started).await;
-            return None;
-        }
-        Err(_) => {
-            let e = PostgresError::StartupTimeout(timeout);
-            refuse(shared, &mut client, &info, e, started).await;
-            return None;
+    // In a block, and the refusal made before it is awaited: what the read returned
+    // (errors included) is then not kept in this future across the awaits below.
+    let startup = {
+        let read = Box::pin(read_startup(&mut client, &identity, shared));
+        let read = match tokio::time::timeout(remaining, read).await {
+            Ok(Ok(Some(x))) => Ok(x),
+            // A cancel request: served, no session.
+            Ok(Ok(None)) => return None,
+            // Not even a startup message: still one start/end pair so the attempt is seen.
+            Ok(Err(e)) => Err(refuse(shared, &mut client, &info, e, started)),
+            Err(_) => {
+                let e = PostgresError::StartupTimeout(timeout);
+                Err(refuse(shared, &mut client, &info, e, started))
+            }
+        };
+        match read {
+            Ok(x) => x,
+            Err(refusing) => {
+                refusing.await;
+                return None;
+            }
         }
     };
     info.requested_user = startup.param("user").map(str::to_owned);

@@ -3,17 +3,19 @@
 //! one). The client is not a PostgreSQL client, so a refusal is a closed connection; the
 //! reason goes to the audit log (see [`refuse`](super::refuse)) and to the proxy's log.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::Shared;
-use super::opened::Opened;
+use super::opened::{Client, Opened};
 use super::refuse::{self, Answer, Refusal};
 use super::relay::{Counters, copy_plain};
-use crate::audit::Outcome;
+use crate::audit::{Outcome, SessionInfo};
 use crate::pg::{ErrorResponse, sqlstate};
 use crate::telemetry::proxy::{BYTES_TOTAL, SESSIONS_TOTAL};
 
@@ -47,6 +49,27 @@ impl TcpError<'_> {
     }
 }
 
+/// Logs `e` and returns its refusal to await. Not async, and taking `e` by value: an
+/// error kept in scope across the refusal's `await` would stay in the session's future.
+fn refused<'a>(
+    shared: &'a Shared,
+    client: &'a mut Client,
+    info: &'a SessionInfo,
+    e: TcpError<'_>,
+    started: Instant,
+) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+    let session = &info.session_id;
+    let route = info.database_route.as_deref().unwrap_or_default();
+    match &e {
+        TcpError::Denied(_) => {
+            tracing::info!(%session, identity = %info.identity, %route, reason = %e, "tcp session refused")
+        }
+        _ => tracing::warn!(%session, %route, %e, "tcp upstream connect failed"),
+    }
+    let refusal = e.into_refusal();
+    refuse::refuse(&shared.audit, client, info, refusal, Answer::Close, started)
+}
+
 pub(super) async fn handle(
     shared: &Arc<Shared>,
     opened: Box<Opened>,
@@ -62,14 +85,19 @@ pub(super) async fn handle(
     } = *opened;
     let identity = &identity;
     let route = info.database_route.clone().unwrap_or_default();
-    let (db, role) = match shared.policy.decide_tcp(identity, &route) {
-        Ok(d) => d,
-        Err(error) => {
-            tracing::info!(session = %info.session_id, %identity, %route, reason = %error.message, "tcp session refused");
-            let refusal = TcpError::Denied(error).into_refusal();
-            let answer = Answer::Close;
-            return refuse::refuse(&shared.audit, &mut client, &info, refusal, answer, started)
-                .await;
+    // The refusal made before it is awaited, in a block: the policy's error is then not
+    // kept in this future for the session's life.
+    let (db, role) = {
+        let decided = match shared.policy.decide_tcp(identity, &route) {
+            Ok(d) => Ok(d),
+            Err(error) => {
+                let e = TcpError::Denied(error);
+                Err(refused(shared, &mut client, &info, e, started))
+            }
+        };
+        match decided {
+            Ok(d) => d,
+            Err(refusing) => return refusing.await,
         }
     };
     info.role = Some(role);
@@ -78,18 +106,14 @@ pub(super) async fn handle(
     let after = shared.cfg.upstream_connect_timeout;
     let connect = tokio::time::timeout(after, TcpStream::connect(address)).await;
     let upstream = match connect {
-        Ok(Ok(s)) => Ok(s),
-        Ok(Err(source)) => Err(TcpError::Unreachable { address, source }),
-        Err(_) => Err(TcpError::ConnectTimeout { address, after }),
-    };
-    let upstream = match upstream {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(session = %info.session_id, %route, %address, %e, "tcp upstream connect failed");
-            let refusal = e.into_refusal();
-            let answer = Answer::Close;
-            return refuse::refuse(&shared.audit, &mut client, &info, refusal, answer, started)
-                .await;
+        Ok(Ok(s)) => s,
+        Ok(Err(source)) => {
+            let e = TcpError::Unreachable { address, source };
+            return refused(shared, &mut client, &info, e, started).await;
+        }
+        Err(_) => {
+            let e = TcpError::ConnectTimeout { address, after };
+            return refused(shared, &mut client, &info, e, started).await;
         }
     };
     let _ = upstream.set_nodelay(true);
