@@ -278,7 +278,8 @@ mod tests {
     use rustls_pki_types::ServerName;
     use rustls_pki_types::pem::PemObject;
 
-    use crate::ca::{CaService, PodDirectory, PodRecord};
+    use crate::ca::service::{CaService, serve};
+    use crate::pod::{HostIdentity, Pod, PodDirectory};
     use crate::pki::{self, CertificateAuthority, LeafSpec};
     use crate::tunnel::PodMeta;
 
@@ -291,15 +292,20 @@ mod tests {
     struct Pods(Arc<AtomicUsize>);
 
     impl PodDirectory for Pods {
-        fn pod(&self, uid: &str) -> Option<PodRecord> {
+        fn pod(&self, uid: &str) -> Option<Pod> {
             self.0.fetch_add(1, Ordering::SeqCst);
-            (uid == "uid-1").then(|| PodRecord {
+            (uid == "uid-1").then(|| Pod {
+                uid: uid.into(),
                 namespace: "team-a".into(),
                 service_account: "api".into(),
+                name: "api-0".into(),
                 node: NODE.into(),
+                labels: Default::default(),
+                host_network: false,
+                containers: None,
             })
         }
-        fn host_identity(&self) -> Option<(String, String)> {
+        fn host(&self) -> Option<&HostIdentity> {
             None
         }
     }
@@ -359,7 +365,7 @@ mod tests {
                 .unwrap();
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                tokio::spawn(crate::ca::serve(svc, listener, Arc::new(server_tls)));
+                tokio::spawn(serve(svc, listener, Arc::new(server_tls)));
                 fetcher.run().await;
             });
         });
