@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use gateway::pki::{self, CertificateAuthority, LeafSpec, SpiffeId};
-use gateway::up::{PgRoute, PodSpec, Stack, StackSpec, TcpRoute, TransparentSpec, Workload};
+use gateway::harness::{PgRoute, PodSpec, Stack, StackSpec, TcpRoute, TransparentSpec, Workload};
 
 use crate::peers::{self, Peer};
 
@@ -92,8 +92,7 @@ impl Env {
         scale: u32,
         threads: u16,
     ) -> Result<Self> {
-        // SAFETY: geteuid has no preconditions.
-        let root = unsafe { libc::geteuid() } == 0;
+        let root = gateway::harness::is_root();
         let echo = crate::echo::start()?;
         let spec = |transparent| spec(gateway_bin, transparent, echo, threads);
         let mut transparent_skipped = None;
@@ -264,7 +263,7 @@ pub(crate) fn issue_pair(ca: &CertificateAuthority) -> Result<peers::Pair> {
         &LeafSpec::server(vec!["localhost".into()], vec!["127.0.0.1".parse()?]),
         day,
     )?;
-    let id = SpiffeId::new(gateway::up::DEMO_TRUST_DOMAIN, NAMESPACE, SERVICE_ACCOUNT);
+    let id = SpiffeId::new(gateway::harness::DEMO_TRUST_DOMAIN, NAMESPACE, SERVICE_ACCOUNT);
     let client = ca.issue(&LeafSpec::workload(&id), day)?;
     Ok(peers::Pair { server, client })
 }

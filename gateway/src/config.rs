@@ -114,6 +114,11 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     })
 }
 
+/// Writes a duration the way [`duration`] reads it (`1m 30s`), for configs built in code.
+fn duration_text<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_duration(*d))
+}
+
 /// Attaches the file name to a cross-field validation failure.
 fn invalid_at(path: &Path, check: Result<(), String>) -> Result<(), ConfigError> {
     check.map_err(|message| ConfigError::Invalid {
@@ -149,7 +154,7 @@ fn default_node_name() -> String {
 // ----------------------------------------------------------------------------------------
 // Node agent
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
     /// Name recorded in the preamble and audit log (default: `$NODE_NAME`, else hostname).
@@ -174,7 +179,7 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/db-gateway";
 /// How long a connection from a pod the resolver does not know yet waits for it.
 pub const DEFAULT_UNKNOWN_POD_WAIT: Duration = Duration::from_secs(2);
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InterceptionConfig {
     /// cgroup v2 directory the programs attach to (default: the cgroup v2 root, found in
@@ -231,7 +236,7 @@ fn default_unknown_pod_wait() -> Duration {
     DEFAULT_UNKNOWN_POD_WAIT
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     /// `ip:port`, `CIDR:port` or `*:port` entries.
@@ -242,7 +247,7 @@ pub struct RouteConfig {
     pub protocol: Protocol,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityConfig {
     pub trust_domain: String,
@@ -254,22 +259,22 @@ pub struct IdentityConfig {
     /// `$KUBECONFIG`); needs RBAC get/list/watch on pods.
     #[serde(default)]
     pub kubernetes: Option<KubernetesSource>,
-    #[serde(default = "default_unknown_pod_wait", deserialize_with = "duration")]
+    #[serde(default = "default_unknown_pod_wait", deserialize_with = "duration", serialize_with = "duration_text")]
     pub unknown_pod_wait: Duration,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KubernetesSource {
     /// How long start-up waits for the first complete pod list before giving up.
-    #[serde(default = "default_kube_ready_timeout", deserialize_with = "duration")]
+    #[serde(default = "default_kube_ready_timeout", deserialize_with = "duration", serialize_with = "duration_text")]
     pub ready_timeout: Duration,
     /// Identity for processes outside any pod (`None` refuses them).
     #[serde(default)]
     pub host: Option<HostIdentityConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HostIdentityConfig {
     pub namespace: String,
@@ -280,7 +285,7 @@ fn default_kube_ready_timeout() -> Duration {
     Duration::from_secs(30)
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CaEndpoint {
     pub address: SocketAddr,
@@ -302,7 +307,7 @@ fn default_proxy_admin() -> SocketAddr {
         .expect("constant address parses")
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProxyEndpoint {
     /// `host:port` of the proxy service.
@@ -313,20 +318,20 @@ pub struct ProxyEndpoint {
     pub ca: PathBuf,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataPlaneConfig {
     /// io_uring runtimes (one thread each); 0 means one per CPU.
     pub threads: usize,
     /// Longest time a byte may wait to be coalesced with later ones; 0 sends at once.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "duration_text")]
     pub max_flush_delay: Duration,
     /// Bytes buffered per connection and direction before reading from the sender stops.
     pub buffer_budget: usize,
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "duration_text")]
     pub connect_timeout: Duration,
     /// How long a client may take to send its startup packet.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "duration_text")]
     pub startup_timeout: Duration,
     /// Pre-handshaked tunnels to the proxy kept ready per workload identity and data-plane
     /// thread, refilled as sessions take them (0 turns the warm pool off). A new session
@@ -334,7 +339,7 @@ pub struct DataPlaneConfig {
     pub warm_tunnels: usize,
     /// A warm tunnel unused this long is closed (an identity that stops connecting keeps
     /// nothing open). Must stay below the proxy's `tunnel_idle_timeout`.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "duration_text")]
     pub warm_tunnel_idle: Duration,
 }
 
@@ -359,7 +364,7 @@ impl Default for DataPlaneConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     pub listen: SocketAddr,
@@ -375,7 +380,7 @@ pub struct ListenerConfig {
     pub pod: PodMeta,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityFiles {
     pub cert: PathBuf,
@@ -538,7 +543,7 @@ pub fn parse_destination(s: &str) -> Result<Destination, String> {
 // ----------------------------------------------------------------------------------------
 // Proxy service
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProxyConfig {
     pub listen: SocketAddr,
@@ -551,19 +556,19 @@ pub struct ProxyConfig {
     pub trust_domain: String,
     pub tls: ProxyTls,
     pub db_client_ca: CaFiles,
-    #[serde(default = "default_db_client_ttl", deserialize_with = "duration")]
+    #[serde(default = "default_db_client_ttl", deserialize_with = "duration", serialize_with = "duration_text")]
     pub db_client_cert_ttl: Duration,
     #[serde(default)]
     pub audit: AuditConfig,
-    #[serde(default = "default_drain_grace", deserialize_with = "duration")]
+    #[serde(default = "default_drain_grace", deserialize_with = "duration", serialize_with = "duration_text")]
     pub drain_grace: Duration,
-    #[serde(default = "default_startup_timeout", deserialize_with = "duration")]
+    #[serde(default = "default_startup_timeout", deserialize_with = "duration", serialize_with = "duration_text")]
     pub startup_timeout: Duration,
     /// How long a handshaked tunnel may wait for its preamble: nodes keep warm tunnels
     /// (`data_plane.warm_tunnels`) that send it only when an application connects.
-    #[serde(default = "default_tunnel_idle_timeout", deserialize_with = "duration")]
+    #[serde(default = "default_tunnel_idle_timeout", deserialize_with = "duration", serialize_with = "duration_text")]
     pub tunnel_idle_timeout: Duration,
-    #[serde(default = "default_connect_timeout", deserialize_with = "duration")]
+    #[serde(default = "default_connect_timeout", deserialize_with = "duration", serialize_with = "duration_text")]
     pub upstream_connect_timeout: Duration,
     #[serde(default)]
     pub roles: Vec<RoleConfig>,
@@ -586,7 +591,7 @@ fn default_tunnel_idle_timeout() -> Duration {
     DEFAULT_TUNNEL_IDLE_TIMEOUT
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProxyTls {
     pub cert: PathBuf,
@@ -595,14 +600,14 @@ pub struct ProxyTls {
     pub client_ca: PathBuf,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CaFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
     /// A file (appended to) or `-` for standard output.
@@ -615,7 +620,7 @@ impl Default for AuditConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum Effect {
     #[default]
@@ -623,7 +628,7 @@ pub enum Effect {
     Deny,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoleConfig {
     pub name: String,
@@ -648,7 +653,7 @@ pub struct RoleConfig {
 }
 
 /// All given fields must match; an empty matcher is refused at load (it would match all).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MatchConfig {
     pub namespace: Option<String>,
@@ -657,7 +662,7 @@ pub struct MatchConfig {
     pub spiffe_id: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseSelector {
     #[serde(default)]
@@ -676,7 +681,7 @@ impl DatabaseSelector {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseConfig {
     pub name: String,
@@ -688,7 +693,7 @@ pub struct DatabaseConfig {
     pub upstream: UpstreamConfig,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// `host:port` of the PostgreSQL server (or of the TCP service of a `tcp` route).
@@ -721,7 +726,7 @@ pub struct UpstreamConfig {
 /// against the server's `max_connections`, and what `DISCARD ALL` does not reset (the
 /// unnamed prepared statement, `pg_stat` counters, the backend pid) carries over, as with
 /// PgBouncer's session pooling.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReuseConfig {
     /// Idle server sessions kept per (database user, database name, startup parameters)
@@ -729,11 +734,11 @@ pub struct ReuseConfig {
     #[serde(default = "default_reuse_max_idle")]
     pub max_idle: usize,
     /// An idle kept session is closed after this long without a client.
-    #[serde(default = "default_reuse_idle_timeout", deserialize_with = "duration")]
+    #[serde(default = "default_reuse_idle_timeout", deserialize_with = "duration", serialize_with = "duration_text")]
     pub idle_timeout: Duration,
     /// A server session is not reused once it is this old (it logs in again with a fresh
     /// certificate, and role changes on the server take effect).
-    #[serde(default = "default_reuse_max_lifetime", deserialize_with = "duration")]
+    #[serde(default = "default_reuse_max_lifetime", deserialize_with = "duration", serialize_with = "duration_text")]
     pub max_lifetime: Duration,
 }
 
@@ -749,14 +754,14 @@ fn default_reuse_max_lifetime() -> Duration {
     Duration::from_secs(10 * 60)
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum UpstreamAuth {
     /// A short-lived client certificate with CN = database user (`hostssl … cert`).
     Cert,
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum UpstreamTlsMode {
     /// Chain and host name verified, like libpq's `sslmode=verify-full`.

@@ -1,17 +1,19 @@
 //! db-gateway: passwordless PostgreSQL access for Kubernetes workloads.
 //!
 //! Ground floor (imports nothing of ours above it): `pg`, `pki`, `config`, `admin`, `ebpf`,
-//! `localdb`, `identity` (which takes `PodMeta` from `tunnel`). Shared by both wings:
+//! `identity` (which takes `PodMeta` from `tunnel`). Shared by both wings:
 //! `tunnel`, `net`. Serving the proxy: `policy`, `upstream`, `audit`. The CA service: `ca`. The
-//! wings `node` and `proxy` never import each other.
+//! wings `node` and `proxy` never import each other. With the cargo feature `harness` (on by
+//! default): `harness`, the test and demo harness (`gateway up`), which uses them all.
 
 pub mod admin;
 pub mod audit;
 pub mod ca;
 pub mod config;
 pub mod ebpf;
+#[cfg(feature = "harness")]
+pub mod harness;
 pub mod identity;
-pub mod localdb;
 pub mod net;
 pub mod node;
 pub mod pg;
@@ -20,5 +22,11 @@ pub mod policy;
 pub mod proxy;
 pub mod telemetry;
 pub mod tunnel;
-pub mod up;
 pub mod upstream;
+
+// TRANSITION(issue 17): old path, removed after the merge
+#[cfg(feature = "harness")]
+pub use harness as up;
+// TRANSITION(issue 17): old path, removed after the merge
+#[cfg(feature = "harness")]
+pub use harness::localdb;

@@ -151,7 +151,7 @@ fn start_up(args: &[&str]) -> (std::process::Child, String, String, Option<Strin
         .map_while(Result::ok)
         .find_map(|l| l.strip_prefix("READY ").map(str::to_owned))
         .expect("READY line");
-    let pod = if args.contains(&"--explicit") || unsafe { libc::geteuid() } != 0 {
+    let pod = if args.contains(&"--explicit") || !gateway::harness::is_root() {
         None
     } else {
         let l = stdout.next().expect("POD line").unwrap();
@@ -204,13 +204,7 @@ fn gateway_up_explicit_prints_ready_serves_and_cleans_up() {
 
 #[test]
 fn gateway_up_transparent_pod_reaches_the_original_address_and_cleans_up() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert_ne!(
-            std::env::var("CI").as_deref(),
-            Ok("true"),
-            "CI=true: needs root"
-        );
+    if !gateway::harness::root_or_skip("the transparent `gateway up` test") {
         return;
     }
     let (child, dir, ready, pod) = start_up(&[]);

@@ -11,7 +11,7 @@ use common::*;
 async fn drain_ends_idle_sessions_at_transaction_boundaries() {
     let mut spec = spec();
     spec.proxy_extra_yaml = "drain_grace: 20s\n".into();
-    let mut s = gateway::up::Stack::start(spec).unwrap();
+    let mut s = gateway::harness::Stack::start(spec).unwrap();
     let url = s.conn_string(TEAM_A_API, "api", "app");
 
     let (idle, idle_conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)

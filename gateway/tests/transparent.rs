@@ -10,7 +10,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use common::*;
-use gateway::up::{PodSpec, Stack, TransparentSpec};
+use gateway::harness::{PodSpec, Stack, TransparentSpec};
 
 const API: usize = 0; // team-a/api
 const REPORTER: usize = 1; // team-a/reporter
@@ -20,16 +20,7 @@ const DENIED: usize = 4; // intruder/x
 const UNLISTED: usize = 5; // a pod the inventory does not know
 
 fn privileged() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI=true: the transparent end-to-end tests need root (CAP_BPF, CAP_NET_ADMIN)"
-        );
-        eprintln!("skipping: needs root");
-    }
-    root
+    gateway::harness::root_or_skip("the transparent end-to-end tests (CAP_BPF, CAP_NET_ADMIN)")
 }
 
 fn transparent_stack() -> Stack {
@@ -325,7 +316,7 @@ async fn ca_refuses_a_node_asking_for_a_pod_on_another_node() {
     let client_for = |node: &str| {
         let (c, key) = ca
             .issue(
-                &gateway::pki::LeafSpec::node(gateway::up::DEMO_TRUST_DOMAIN, node),
+                &gateway::pki::LeafSpec::node(gateway::harness::DEMO_TRUST_DOMAIN, node),
                 Duration::from_secs(600),
             )
             .unwrap();
@@ -334,14 +325,14 @@ async fn ca_refuses_a_node_asking_for_a_pod_on_another_node() {
         let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
         gateway::ca::CaClient {
             addr: s.ca_addr,
-            server_name: rustls_pki_types::ServerName::try_from(gateway::up::CA_SERVER_NAME)
+            server_name: rustls_pki_types::ServerName::try_from(gateway::harness::CA_SERVER_NAME)
                 .unwrap(),
             tls: std::sync::Arc::new(gateway::tunnel::client_config(chain, key, &roots).unwrap()),
         }
     };
     let uid = k.pods[API].uid.clone();
     // The pod's own node gets its identity...
-    let ok = client_for(gateway::up::NODE_NAME)
+    let ok = client_for(gateway::harness::NODE_NAME)
         .workload_certificate(Some(&uid))
         .await
         .unwrap();

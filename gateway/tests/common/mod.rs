@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use gateway::pg::{self, ErrorResponse};
-use gateway::up::{Stack, StackSpec, Workload};
+use gateway::harness::{Stack, StackSpec, Workload};
 
 /// Workload indexes in [`spec`].
 pub const TEAM_A_API: usize = 0;
@@ -38,7 +38,7 @@ pub fn gateway_bin() -> PathBuf {
 /// team-a/api chooses among allowed users; team-b/worker is forced; intruder has no role;
 /// the last listener routes to a database whose server is down.
 pub fn spec() -> StackSpec {
-    let closed_port = gateway::up::free_port().expect("free port");
+    let closed_port = gateway::harness::free_port().expect("free port");
     StackSpec {
         gateway_bin: gateway_bin(),
         workloads: vec![
