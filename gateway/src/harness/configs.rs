@@ -297,7 +297,7 @@ mod tests {
         assert_eq!(proxy.drain_grace, Duration::from_secs(20));
         assert_eq!(proxy.threads, 1);
         assert_eq!(proxy.tunnel_idle_timeout, DEFAULT_TUNNEL_IDLE_TIMEOUT);
-        assert_eq!(proxy.audit.path, "audit.jsonl");
+        assert_eq!(proxy.audit.path, dir.join("audit.jsonl").to_str().unwrap());
         assert_eq!(proxy.tls.client_ca, dir.join("ca").join(pki::WORKLOAD_CA_CERT));
         assert_eq!(proxy.roles.len(), 1);
         assert_eq!(proxy.roles[0].db_users, ["{{ .service_account }}"]);

@@ -479,7 +479,7 @@ fn libpq_quote(value: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::net::{SocketAddr, TcpStream};
+    use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 
     use super::*;
 
