@@ -7,7 +7,6 @@ use std::path::Path;
 use std::process::Stdio;
 
 use anyhow::{Context, Result, bail, ensure};
-use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::client::{self, Percentiles};
