@@ -12,8 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use gateway::pki::{self, CertificateAuthority};
 use gateway::harness::{free_port, is_root, stop_children};
+use gateway::pki::{self, CertificateAuthority};
 
 /// How often a pair is started on fresh ports after a bind failure.
 const PORT_ATTEMPTS: u32 = 5;
@@ -151,19 +151,11 @@ pub fn stunnel_pair(dir: &Path, certs: &Certs, targets: &[SocketAddr]) -> Result
                 certs.ca.display()
             )?;
         }
-        let server_cfg = dir.join("stunnel-server.conf");
-        let client_cfg = dir.join("stunnel-client.conf");
-        std::fs::write(&server_cfg, server)?;
-        std::fs::write(&client_cfg, client)?;
-        let cmd = |cfg: &Path| {
+        write_pair(dir, "stunnel", "conf", [server, client], |cfg| {
             let mut c = Command::new(&bin);
             c.arg(cfg);
             c
-        };
-        Ok([
-            (cmd(&server_cfg), dir.join("stunnel-server.log")),
-            (cmd(&client_cfg), dir.join("stunnel-client.log")),
-        ])
+        })
     })
 }
 
@@ -212,20 +204,30 @@ fn haproxy_pair_on(
                 certs.ca.display()
             )?;
         }
-        let server_cfg = dir.join("haproxy-server.cfg");
-        let client_cfg = dir.join("haproxy-client.cfg");
-        std::fs::write(&server_cfg, server)?;
-        std::fs::write(&client_cfg, client)?;
-        let cmd = |cfg: &Path| {
+        write_pair(dir, "haproxy", "cfg", [server, client], |cfg| {
             let mut c = Command::new(&bin);
             c.arg("-db").arg("-f").arg(cfg);
             c
-        };
-        Ok([
-            (cmd(&server_cfg), dir.join("haproxy-server.log")),
-            (cmd(&client_cfg), dir.join("haproxy-client.log")),
-        ])
+        })
     })
+}
+
+/// Writes the server's and the client's configuration (`<what>-server.<ext>`,
+/// `<what>-client.<ext>` in `dir`) and returns the command `command` makes for each, with the
+/// log it writes (`<what>-server.log`, `<what>-client.log`).
+fn write_pair(
+    dir: &Path,
+    what: &str,
+    ext: &str,
+    [server, client]: [String; 2],
+    command: impl Fn(&Path) -> Command,
+) -> Result<[(Command, PathBuf); 2]> {
+    let side = |side: &str, text: String| -> Result<(Command, PathBuf)> {
+        let cfg = dir.join(format!("{what}-{side}.{ext}"));
+        std::fs::write(&cfg, text)?;
+        Ok((command(&cfg), dir.join(format!("{what}-{side}.log"))))
+    };
+    Ok([side("server", server)?, side("client", client)?])
 }
 
 /// Starts a pair on fresh ports from `ports`: `make(fronts, backs)` (`n` of each) writes
@@ -346,7 +348,6 @@ fn listens(pid: u32, addr: SocketAddr) -> bool {
 mod tests {
     use super::*;
     use std::net::TcpListener;
-
 
     #[test]
     fn a_missing_program_is_named_with_its_package() {

@@ -248,7 +248,10 @@ mod tests {
             assert_eq!(e["client_addr"], "10.0.0.1:4000");
             assert_eq!(e["node_addr"], "10.0.0.2:5000");
             assert!(e["upstream_addr"].is_null(), "{e}");
-            assert!(e.get("upstream_reused").is_none(), "written only when true: {e}");
+            assert!(
+                e.get("upstream_reused").is_none(),
+                "written only when true: {e}"
+            );
             let time = e["time"].as_str().unwrap();
             time::OffsetDateTime::parse(time, &time::format_description::well_known::Rfc3339)
                 .unwrap_or_else(|err| panic!("{time}: {err}"));

@@ -259,7 +259,11 @@ pub struct IdentityConfig {
     /// `$KUBECONFIG`); needs RBAC get/list/watch on pods.
     #[serde(default)]
     pub kubernetes: Option<KubernetesSource>,
-    #[serde(default = "default_unknown_pod_wait", deserialize_with = "duration", serialize_with = "duration_text")]
+    #[serde(
+        default = "default_unknown_pod_wait",
+        deserialize_with = "duration",
+        serialize_with = "duration_text"
+    )]
     pub unknown_pod_wait: Duration,
 }
 
@@ -267,7 +271,11 @@ pub struct IdentityConfig {
 #[serde(deny_unknown_fields)]
 pub struct KubernetesSource {
     /// How long start-up waits for the first complete pod list before giving up.
-    #[serde(default = "default_kube_ready_timeout", deserialize_with = "duration", serialize_with = "duration_text")]
+    #[serde(
+        default = "default_kube_ready_timeout",
+        deserialize_with = "duration",
+        serialize_with = "duration_text"
+    )]
     pub ready_timeout: Duration,
     /// Identity for processes outside any pod (`None` refuses them).
     #[serde(default)]
@@ -556,19 +564,39 @@ pub struct ProxyConfig {
     pub trust_domain: String,
     pub tls: ProxyTls,
     pub db_client_ca: CaFiles,
-    #[serde(default = "default_db_client_ttl", deserialize_with = "duration", serialize_with = "duration_text")]
+    #[serde(
+        default = "default_db_client_ttl",
+        deserialize_with = "duration",
+        serialize_with = "duration_text"
+    )]
     pub db_client_cert_ttl: Duration,
     #[serde(default)]
     pub audit: AuditConfig,
-    #[serde(default = "default_drain_grace", deserialize_with = "duration", serialize_with = "duration_text")]
+    #[serde(
+        default = "default_drain_grace",
+        deserialize_with = "duration",
+        serialize_with = "duration_text"
+    )]
     pub drain_grace: Duration,
-    #[serde(default = "default_startup_timeout", deserialize_with = "duration", serialize_with = "duration_text")]
+    #[serde(
+        default = "default_startup_timeout",
+        deserialize_with = "duration",
+        serialize_with = "duration_text"
+    )]
     pub startup_timeout: Duration,
     /// How long a handshaked tunnel may wait for its preamble: nodes keep warm tunnels
     /// (`data_plane.warm_tunnels`) that send it only when an application connects.
-    #[serde(default = "default_tunnel_idle_timeout", deserialize_with = "duration", serialize_with = "duration_text")]
+    #[serde(
+        default = "default_tunnel_idle_timeout",
+        deserialize_with = "duration",
+        serialize_with = "duration_text"
+    )]
     pub tunnel_idle_timeout: Duration,
-    #[serde(default = "default_connect_timeout", deserialize_with = "duration", serialize_with = "duration_text")]
+    #[serde(
+        default = "default_connect_timeout",
+        deserialize_with = "duration",
+        serialize_with = "duration_text"
+    )]
     pub upstream_connect_timeout: Duration,
     #[serde(default)]
     pub roles: Vec<RoleConfig>,
@@ -734,11 +762,19 @@ pub struct ReuseConfig {
     #[serde(default = "default_reuse_max_idle")]
     pub max_idle: usize,
     /// An idle kept session is closed after this long without a client.
-    #[serde(default = "default_reuse_idle_timeout", deserialize_with = "duration", serialize_with = "duration_text")]
+    #[serde(
+        default = "default_reuse_idle_timeout",
+        deserialize_with = "duration",
+        serialize_with = "duration_text"
+    )]
     pub idle_timeout: Duration,
     /// A server session is not reused once it is this old (it logs in again with a fresh
     /// certificate, and role changes on the server take effect).
-    #[serde(default = "default_reuse_max_lifetime", deserialize_with = "duration", serialize_with = "duration_text")]
+    #[serde(
+        default = "default_reuse_max_lifetime",
+        deserialize_with = "duration",
+        serialize_with = "duration_text"
+    )]
     pub max_lifetime: Duration,
 }
 

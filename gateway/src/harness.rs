@@ -32,8 +32,8 @@ use anyhow::{Context, Result};
 pub use demo::run;
 pub use kernel::Kernel;
 pub use spec::{
-    AGENT_PORT, CA_SERVER_NAME, DEMO_TRUST_DOMAIN, NODE_NAME, PROXY_SERVER_NAME, PgRoute,
-    PodSpec, ROUTE, StackSpec, TcpRoute, TransparentSpec, Workload,
+    AGENT_PORT, CA_SERVER_NAME, DEMO_TRUST_DOMAIN, NODE_NAME, PROXY_SERVER_NAME, PgRoute, PodSpec,
+    ROUTE, StackSpec, TcpRoute, TransparentSpec, Workload,
 };
 pub use stack::Stack;
 

@@ -395,8 +395,7 @@ mod tests {
             let pg = localdb::start(LocalPostgresOptions {
                 server_cert_pem: cert,
                 server_key_pem: key,
-                client_ca_pem: std::fs::read_to_string(dir.join(pki::DB_CLIENT_CA_CERT))
-                    .unwrap(),
+                client_ca_pem: std::fs::read_to_string(dir.join(pki::DB_CLIENT_CA_CERT)).unwrap(),
                 extra_hba,
             })
             .unwrap();
@@ -509,9 +508,13 @@ mod tests {
         assert_eq!(param("session_authorization"), Some("alice"), "{params:?}");
 
         assert_eq!(query_one(&mut login, "SELECT current_user").await, "alice");
-        assert_eq!(query_one(&mut login, "SELECT current_database()").await, "app");
+        assert_eq!(
+            query_one(&mut login, "SELECT current_database()").await,
+            "app"
+        );
         // The session is TLS with the certificate the proxy issued (CN = database user).
-        let ssl = "SELECT ssl::text || ' ' || client_dn FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+        let ssl =
+            "SELECT ssl::text || ' ' || client_dn FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
         assert_eq!(query_one(&mut login, ssl).await, "true /CN=alice");
         let pid = query_one(&mut login, "SELECT pg_backend_pid()").await;
         let (key_pid, _) = login.backend_key.expect("BackendKeyData");
@@ -525,24 +528,28 @@ mod tests {
         assert!(!Arc::ptr_eq(&first, &other));
     }
 
+    /// The error of a login that must fail.
+    async fn refused(
+        upstreams: &Upstreams,
+        route: &DatabaseConfig,
+        user: &str,
+        database: &str,
+    ) -> UpstreamError {
+        match upstreams.login(route, user, database, &[], TIMEOUT).await {
+            Ok(_) => panic!("{user}@{database} at {} logged in", route.upstream.address),
+            Err(e) => e,
+        }
+    }
+
     #[tokio::test]
     async fn refusals_map_to_the_client_error_naming_route_and_user() {
         let db = Db::start(vec!["hostssl all pwuser 127.0.0.1/32 password".into()]);
         db.pg.psql("CREATE ROLE pwuser LOGIN PASSWORD 'x'").unwrap();
         let route = db.main_route();
         let upstreams = db.upstreams(&route);
-        let login = |user: &'static str, database: &'static str| {
-            let (upstreams, route) = (&upstreams, &route);
-            async move {
-                match upstreams.login(route, user, database, &[], TIMEOUT).await {
-                    Ok(_) => panic!("{user}@{database} logged in"),
-                    Err(e) => e,
-                }
-            }
-        };
 
         // Unknown role: the server's own error, with our prefix and a hint naming the role.
-        let e = login("nobody", "app").await;
+        let e = refused(&upstreams, &route, "nobody", "app").await;
         assert!(matches!(e, UpstreamError::Rejected(_)), "{e:?}");
         let c = e.to_client("main", "nobody");
         assert_eq!(c.severity, Severity::Fatal);
@@ -557,30 +564,31 @@ mod tests {
         assert!(c.hint.unwrap().contains("role \"nobody\""));
 
         // Unknown database: the server's SQLSTATE is kept.
-        let e = login("alice", "nosuchdb").await;
+        let e = refused(&upstreams, &route, "alice", "nosuchdb").await;
         let c = e.to_client("main", "alice");
         assert_eq!(c.sqlstate, sqlstate::INVALID_CATALOG_NAME, "{c:?}");
-        assert!(c.message.contains("\"nosuchdb\" does not exist"), "{}", c.message);
+        assert!(
+            c.message.contains("\"nosuchdb\" does not exist"),
+            "{}",
+            c.message
+        );
 
         // A password method: the gateway never answers it.
-        let e = login("pwuser", "app").await;
+        let e = refused(&upstreams, &route, "pwuser", "app").await;
         assert!(matches!(e, UpstreamError::UnsupportedAuth(3)), "{e:?}");
         let c = e.to_client("main", "pwuser");
         assert_eq!(c.sqlstate, sqlstate::INVALID_AUTHORIZATION_SPECIFICATION);
         assert!(
-            c.message.contains("refused certificate login as \"pwuser\""),
+            c.message
+                .contains("refused certificate login as \"pwuser\""),
             "{}",
             c.message
         );
 
         // A server certificate for another name: verify-full refuses it.
         let wrong_name = db.route(loopback(db.pg.port).to_string(), "db.example");
-        let e = db
-            .upstreams(&wrong_name)
-            .login(&wrong_name, "alice", "app", &[], TIMEOUT)
-            .await
-            .err()
-            .expect("a certificate for localhost is not one for db.example");
+        // (A certificate for localhost is not one for db.example.)
+        let e = refused(&db.upstreams(&wrong_name), &wrong_name, "alice", "app").await;
         assert!(matches!(e, UpstreamError::Tls { .. }), "{e:?}");
         let c = e.to_client("main", "alice");
         assert_eq!(c.sqlstate, sqlstate::CONNECTION_FAILURE);
@@ -588,16 +596,15 @@ mod tests {
 
         // Nothing listening.
         let closed = db.route(loopback(free_port().unwrap()).to_string(), "localhost");
-        let e = db
-            .upstreams(&closed)
-            .login(&closed, "alice", "app", &[], TIMEOUT)
-            .await
-            .err()
-            .expect("nothing listens on a free port");
+        let e = refused(&db.upstreams(&closed), &closed, "alice", "app").await;
         assert!(matches!(e, UpstreamError::Unreachable { .. }), "{e:?}");
         let c = e.to_client("main", "alice");
         assert_eq!(c.sqlstate, sqlstate::UNABLE_TO_ESTABLISH_CONNECTION);
-        assert!(c.message.contains("database \"main\" is unreachable"), "{}", c.message);
+        assert!(
+            c.message.contains("database \"main\" is unreachable"),
+            "{}",
+            c.message
+        );
     }
 
     #[test]
@@ -621,7 +628,10 @@ mod tests {
         let e = Upstreams::new(client_ca(&dir), ttl, std::slice::from_ref(&route))
             .err()
             .expect("no CA");
-        assert!(matches!(&e, UpstreamError::Config { db, .. } if db == "main"), "{e:?}");
+        assert!(
+            matches!(&e, UpstreamError::Config { db, .. } if db == "main"),
+            "{e:?}"
+        );
         let c = e.to_client("main", "alice");
         assert_eq!(c.sqlstate, sqlstate::UNABLE_TO_ESTABLISH_CONNECTION);
         // A `tcp` route needs none.

@@ -164,16 +164,11 @@ fn stop_up(mut child: std::process::Child, dir: &str) {
     // SAFETY: kill(2) on our child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "gateway up did not stop"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = common::wait_exit(
+        &mut child,
+        t0 + Duration::from_secs(20),
+        "gateway up did not stop",
+    );
     assert!(status.success(), "{status}");
     assert!(!std::path::Path::new(dir).exists(), "{dir} left behind");
 }

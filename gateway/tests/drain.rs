@@ -69,16 +69,11 @@ async fn drain_ends_idle_sessions_at_transaction_boundaries() {
     assert_eq!(sqlstate(&e), "08001");
 
     // With no sessions left the proxy exits well before the grace period.
-    let status = loop {
-        if let Some(st) = proxy.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(15),
-            "proxy still running"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = wait_exit(
+        &mut proxy,
+        t0 + Duration::from_secs(15),
+        "proxy still running",
+    );
     assert!(status.success(), "{status}");
     let committed = s.pg.psql_db("app", "select count(*) from t").unwrap();
     assert_eq!(committed.trim(), "2");

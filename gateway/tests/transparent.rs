@@ -73,15 +73,6 @@ fn psql_in(s: &Stack, pod: usize, conninfo: &str, sql: &str) -> Output {
         .unwrap()
 }
 
-fn out(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).trim().to_owned()
-}
-
 /// Runs this test binary inside a pod as a tokio-postgres client (see `pod_client`).
 fn tokio_postgres_in(s: &Stack, pod: usize, conninfo: &str) -> Output {
     s.kernel.as_ref().unwrap().pods[pod]
@@ -129,7 +120,7 @@ fn pods_get_their_policy_users_through_interception() {
         (WORKER, "postgres", "worker"), // forced by policy
         (HOSTNET, "whatever", "worker"),
     ] {
-        let got = out(&psql_in(
+        let got = stdout(&psql_in(
             &s,
             pod,
             &conn(&s, port, user),
@@ -152,7 +143,7 @@ fn pods_get_their_policy_users_through_interception() {
         db6.ip()
     );
     assert_eq!(
-        out(&psql_in(&s, API, &c6, "select current_user")),
+        stdout(&psql_in(&s, API, &c6, "select current_user")),
         "api",
         "IPv6"
     );
@@ -216,7 +207,7 @@ fn pods_get_their_policy_users_through_interception() {
         ])
         .output()
         .unwrap();
-    assert_eq!(out(&o), k.db_addr.to_string());
+    assert_eq!(stdout(&o), k.db_addr.to_string());
 
     // Audit names pod, namespace, container and node.
     std::thread::sleep(Duration::from_millis(300));
@@ -246,7 +237,7 @@ fn interception_survives_sigkill_and_uninstall_removes_everything() {
     }
     let mut s = transparent_stack();
     let c = conn(&s, 5432, "api");
-    assert_eq!(out(&psql_in(&s, API, &c, "select current_user")), "api");
+    assert_eq!(stdout(&psql_in(&s, API, &c, "select current_user")), "api");
     s.kill_node();
     let pin_dir = s.kernel.as_ref().unwrap().pin_dir.clone();
     assert!(
@@ -255,7 +246,7 @@ fn interception_survives_sigkill_and_uninstall_removes_everything() {
     );
     s.start_node().expect("restart adopts the pins");
     assert!(s.log("node").contains("adopted=true"), "{}", s.log("node"));
-    assert_eq!(out(&psql_in(&s, API, &c, "select current_user")), "api");
+    assert_eq!(stdout(&psql_in(&s, API, &c, "select current_user")), "api");
 
     s.kill_node();
     let ifname = s.kernel.as_ref().unwrap().agent_interface.clone();

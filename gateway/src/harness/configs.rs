@@ -22,9 +22,9 @@ use super::{StackSpec, loopback};
 use crate::config::{
     AuditConfig, CaEndpoint, CaFiles, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DB_CLIENT_CERT_TTL,
     DEFAULT_DRAIN_GRACE, DEFAULT_STARTUP_TIMEOUT, DEFAULT_TUNNEL_IDLE_TIMEOUT, DataPlaneConfig,
-    DatabaseConfig, IdentityConfig, IdentityFiles, InterceptionConfig, ListenerConfig,
-    NodeConfig, Protocol, ProxyConfig, ProxyEndpoint, ProxyTls, ReuseConfig, RoleConfig,
-    RouteConfig, UpstreamAuth, UpstreamConfig, UpstreamTlsMode,
+    DatabaseConfig, IdentityConfig, IdentityFiles, InterceptionConfig, ListenerConfig, NodeConfig,
+    Protocol, ProxyConfig, ProxyEndpoint, ProxyTls, ReuseConfig, RoleConfig, RouteConfig,
+    UpstreamAuth, UpstreamConfig, UpstreamTlsMode,
 };
 use crate::pki;
 use crate::tunnel::PodMeta;
@@ -129,7 +129,11 @@ pub fn node_config(
         threads: NODE_THREADS,
         ..DataPlaneConfig::default()
     };
-    let data_plane = overlay(&data_plane, "node_data_plane_yaml", &spec.node_data_plane_yaml)?;
+    let data_plane = overlay(
+        &data_plane,
+        "node_data_plane_yaml",
+        &spec.node_data_plane_yaml,
+    )?;
     let listeners = spec
         .workloads
         .iter()
@@ -298,7 +302,10 @@ mod tests {
         assert_eq!(proxy.threads, 1);
         assert_eq!(proxy.tunnel_idle_timeout, DEFAULT_TUNNEL_IDLE_TIMEOUT);
         assert_eq!(proxy.audit.path, dir.join("audit.jsonl").to_str().unwrap());
-        assert_eq!(proxy.tls.client_ca, dir.join("ca").join(pki::WORKLOAD_CA_CERT));
+        assert_eq!(
+            proxy.tls.client_ca,
+            dir.join("ca").join(pki::WORKLOAD_CA_CERT)
+        );
         assert_eq!(proxy.roles.len(), 1);
         assert_eq!(proxy.roles[0].db_users, ["{{ .service_account }}"]);
         let names: Vec<&str> = proxy.databases.iter().map(|d| d.name.as_str()).collect();
@@ -317,7 +324,10 @@ mod tests {
         assert_eq!(node.node_name, NODE_NAME);
         assert_eq!(node.proxy.address, "127.0.0.1:4444");
         assert_eq!(node.data_plane.threads, NODE_THREADS);
-        assert_eq!(node.data_plane.warm_tunnel_idle, Duration::from_millis(1500));
+        assert_eq!(
+            node.data_plane.warm_tunnel_idle,
+            Duration::from_millis(1500)
+        );
         assert!(node.interception.is_none());
         assert_eq!(node.listeners.len(), 2);
         assert_eq!(node.listeners[1].route, "echo");
@@ -343,7 +353,10 @@ mod tests {
         let mut spec = spec();
         spec.proxy_extra_yaml = "drain_grase: 20s\n".into();
         let e = format!("{:#}", proxy_config(&spec, 1).unwrap_err());
-        assert!(e.contains("proxy_extra_yaml") && e.contains("drain_grase"), "{e}");
+        assert!(
+            e.contains("proxy_extra_yaml") && e.contains("drain_grase"),
+            "{e}"
+        );
         let mut spec = self::spec();
         spec.roles_yaml = "  - name: x\n    matcher: {}\n".into();
         let e = format!("{:#}", proxy_config(&spec, 1).unwrap_err());

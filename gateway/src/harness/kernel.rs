@@ -40,7 +40,11 @@ pub struct Kernel {
 impl Kernel {
     /// Pods, cgroups and address bridges unique to this stack, the inventory listing the
     /// pods, and the CA service's and node's certificates, all written to `dir`.
-    pub fn create(dir: &Path, t: &TransparentSpec, workload_ca: &CertificateAuthority) -> Result<Self> {
+    pub fn create(
+        dir: &Path,
+        t: &TransparentSpec,
+        workload_ca: &CertificateAuthority,
+    ) -> Result<Self> {
         let idx = pods::unique_index();
         let (a, b) = ((idx / 250 % 250) as u8, (idx % 250 + 1) as u8);
         let db_ip = std::net::Ipv4Addr::new(10, 200, a, b);

@@ -55,7 +55,6 @@ const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// How much of the server log goes into an error message.
 const LOG_TAIL_BYTES: u64 = 4096;
 
-
 /// TLS material and extra authentication rules for a [`LocalPostgres`].
 #[derive(Clone)]
 pub struct LocalPostgresOptions {
@@ -151,9 +150,8 @@ impl LocalPostgres {
 
     /// Like [`Self::psql`], in database `db`.
     pub fn psql_db(&self, db: &str, sql: &str) -> Result<String> {
-        let output = self
-            .client_command("psql")
-            .arg("-h")
+        let mut psql = self.client_command("psql");
+        psql.arg("-h")
             .arg(&self.socket_dir)
             .arg("-p")
             .arg(self.port.to_string())
@@ -167,17 +165,9 @@ impl LocalPostgres {
                 "-XAtq",
                 "-c",
             ])
-            .arg(sql)
-            .stdin(Stdio::null())
-            .output()
-            .context("failed to run psql")?;
-        ensure!(
-            output.status.success(),
-            "psql failed ({}) running {sql:?}: {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim_end()
-        );
-        String::from_utf8(output.stdout).context("psql printed non-UTF-8 output")
+            .arg(sql);
+        let stdout = run_ok(&mut psql, "psql").with_context(|| format!("running {sql:?}"))?;
+        String::from_utf8(stdout).context("psql printed non-UTF-8 output")
     }
 
     /// A libpq `key=value` connection string for the superuser over the unix socket (no
@@ -209,29 +199,18 @@ impl LocalPostgres {
         self.write_private_file(&key_file, &opts.server_key_pem)?;
         self.write_private_file(&ca_file, &opts.client_ca_pem)?;
 
-        let output = self
-            .server_command("initdb")
-            .arg("-D")
-            .arg(&self.data_dir)
-            .args([
-                "-A",
-                "trust",
-                "-U",
-                SUPERUSER,
-                "--no-sync",
-                "-E",
-                "UTF8",
-                "--locale=C",
-            ])
-            .stdin(Stdio::null())
-            .output()
-            .context("failed to run initdb")?;
-        ensure!(
-            output.status.success(),
-            "initdb failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim_end()
-        );
+        let mut initdb = self.server_command("initdb");
+        initdb.arg("-D").arg(&self.data_dir).args([
+            "-A",
+            "trust",
+            "-U",
+            SUPERUSER,
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        ]);
+        run_ok(&mut initdb, "initdb")?;
 
         // Appended settings override initdb's defaults (the last occurrence wins). The port is
         // not here: it is a command-line flag so a retry can change it.
@@ -458,6 +437,22 @@ impl Drop for LocalPostgres {
             tracing::warn!("failed to remove {}: {e}", self.root_dir.display());
         }
     }
+}
+
+/// Runs `cmd` with stdin closed and returns its stdout; fails with its stderr unless it
+/// exits with 0.
+fn run_ok(cmd: &mut Command, what: &str) -> Result<Vec<u8>> {
+    let output = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("failed to run {what}"))?;
+    ensure!(
+        output.status.success(),
+        "{what} failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr).trim_end()
+    );
+    Ok(output.stdout)
 }
 
 /// A `postgresql.conf` string literal.

@@ -50,7 +50,6 @@ pub struct Stack {
     spec: StackSpec,
 }
 
-
 impl Stack {
     pub fn start(spec: StackSpec) -> Result<Self> {
         let dir = temp_dir("db-gateway-up")?;
