@@ -10,107 +10,26 @@
 //! - [`stack`]: starts and stops the processes ([`Stack`]).
 //! - [`kernel`] and [`pods`]: the transparent mode's pods, cgroups and addresses (root).
 //! - [`demo`]: `gateway up`.
-//!
-//! The small helpers below (ports, temporary directories, privilege checks, child processes)
-//! are the one copy the integration tests and the bench use too.
+//! - [`machine`]: free ports, temporary directories, root-or-skip, stopping children: the
+//!   one copy the integration tests and the bench use too (re-exported here).
 
 pub mod configs;
 pub mod demo;
 pub mod kernel;
 pub mod localdb;
+pub mod machine;
 pub mod pods;
 pub mod spec;
 pub mod stack;
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::path::PathBuf;
-use std::process::Child;
-use std::time::{Duration, Instant};
-
-use anyhow::{Context, Result};
-
 pub use demo::run;
 pub use kernel::Kernel;
+pub use machine::{
+    can_run_privileged, free_port, in_ci, is_root, loopback, root_or_skip, stop_child,
+    stop_children, temp_dir,
+};
 pub use spec::{
     AGENT_PORT, CA_SERVER_NAME, DEMO_TRUST_DOMAIN, NODE_NAME, PROXY_SERVER_NAME, PgRoute, PodSpec,
     ROUTE, StackSpec, TcpRoute, TransparentSpec, Workload,
 };
 pub use stack::Stack;
-
-/// A free TCP port on loopback. Another process may take it before we bind it again;
-/// start-up then fails with a bind error naming the address, and callers retry.
-pub fn free_port() -> Result<u16> {
-    let listener =
-        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("failed to find a free port")?;
-    Ok(listener
-        .local_addr()
-        .context("failed to read the probe's address")?
-        .port())
-}
-
-/// `127.0.0.1:<port>`.
-pub fn loopback(port: u16) -> SocketAddr {
-    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
-}
-
-/// A new directory `<tmp>/<prefix>-<pid>-<random>`: the pid keeps concurrent test binaries
-/// apart, the random part keeps apart runs whose pids repeat.
-pub fn temp_dir(prefix: &str) -> Result<PathBuf> {
-    let nonce: u64 = rand::random();
-    let dir = std::env::temp_dir().join(format!("{prefix}-{}-{nonce:016x}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
-    Ok(dir)
-}
-
-/// Whether this process runs as root (what interception, namespaces and cgroups need).
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// Whether `CI=true`: there a privileged test that cannot run fails instead of skipping.
-pub fn in_ci() -> bool {
-    std::env::var("CI").as_deref() == Ok("true")
-}
-
-/// Root-or-skip for privileged tests: `true` when `missing` is `None`; otherwise prints why
-/// `what` skips and returns `false`, or panics under `CI=true`, where skipping would hide
-/// that the test never ran.
-pub fn can_run_privileged(what: &str, missing: Option<String>) -> bool {
-    let Some(why) = missing else {
-        return true;
-    };
-    assert!(!in_ci(), "CI=true: {what} must run but cannot: {why}");
-    eprintln!("skipping {what}: {why}");
-    false
-}
-
-/// [`can_run_privileged`] with root as the only requirement.
-pub fn root_or_skip(what: &str) -> bool {
-    can_run_privileged(what, (!is_root()).then(|| "needs root".to_owned()))
-}
-
-/// SIGTERM, up to `grace` for the child to exit, then SIGKILL; always reaps it.
-pub fn stop_child(child: &mut Child, grace: Duration) {
-    stop_children(std::slice::from_mut(child), grace);
-}
-
-/// SIGTERM to every child at once, up to `grace` (in all) for them to exit, then SIGKILL to
-/// those still running; always reaps them.
-pub fn stop_children(children: &mut [Child], grace: Duration) {
-    for c in children.iter() {
-        // SAFETY: kill(2) on our own unreaped child's pid.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-    }
-    let deadline = Instant::now() + grace;
-    for c in children.iter_mut() {
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = c.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-}

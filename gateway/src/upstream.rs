@@ -358,7 +358,7 @@ mod tests {
     use super::*;
     use crate::config::{Protocol, UpstreamAuth, UpstreamConfig, UpstreamTlsMode};
     use crate::harness::localdb::{self, LocalPostgres, LocalPostgresOptions};
-    use crate::harness::{free_port, loopback, temp_dir};
+    use crate::harness::machine::{free_port, loopback, temp_dir};
     use crate::pg::Severity;
     use crate::pki;
 

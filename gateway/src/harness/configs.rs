@@ -17,8 +17,11 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::kernel::Kernel;
-use super::spec::{CA_SERVER_NAME, DEMO_TRUST_DOMAIN, NODE_NAME, PROXY_SERVER_NAME, ROUTE};
-use super::{StackSpec, loopback};
+use super::machine::loopback;
+use super::spec::{
+    CA_SERVER_NAME, DEMO_TRUST_DOMAIN, INVENTORY, NODE_CERT, NODE_KEY, NODE_NAME,
+    PROXY_SERVER_NAME, ROUTE, StackSpec,
+};
 use crate::config::{
     AuditConfig, CaEndpoint, CaFiles, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DB_CLIENT_CERT_TTL,
     DEFAULT_DRAIN_GRACE, DEFAULT_STARTUP_TIMEOUT, DEFAULT_TUNNEL_IDLE_TIMEOUT, DataPlaneConfig,
@@ -33,10 +36,6 @@ use crate::tunnel::PodMeta;
 const NODE_THREADS: usize = 2;
 /// How long the transparent node waits for a pod its inventory does not list.
 const UNKNOWN_POD_WAIT: Duration = Duration::from_secs(1);
-/// Where the node's certificate and key for the CA service are (see `Stack::start_kernel`).
-pub const NODE_CERT: &str = "node.crt";
-pub const NODE_KEY: &str = "node.key";
-pub const INVENTORY: &str = "inventory.yaml";
 
 /// A path below the stack's CA directory (`ca/`).
 fn in_ca_dir(file: &str) -> PathBuf {
@@ -247,8 +246,8 @@ fn overlay<T: Serialize + DeserializeOwned>(base: &T, what: &str, yaml: &str) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::harness::machine::temp_dir;
     use crate::harness::spec::{PgRoute, TcpRoute, Workload};
-    use crate::harness::temp_dir;
 
     const ROLES: &str = r#"  - name: team-a
     match: { namespace: team-a }

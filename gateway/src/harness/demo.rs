@@ -2,8 +2,9 @@
 
 use anyhow::Result;
 
+use super::machine::is_root;
 use super::spec::{PodSpec, StackSpec, TransparentSpec, Workload};
-use super::{Stack, is_root};
+use super::stack::Stack;
 
 /// Shell-quotes one word for the `POD` line.
 fn shell_quote(w: &str) -> String {

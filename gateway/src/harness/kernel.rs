@@ -11,9 +11,11 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use super::configs::{INVENTORY, NODE_CERT, NODE_KEY};
 use super::pods;
-use super::spec::{AGENT_PORT, CA_SERVER_NAME, DEMO_TRUST_DOMAIN, NODE_NAME, TransparentSpec};
+use super::spec::{
+    AGENT_PORT, CA_SERVER_NAME, DEMO_TRUST_DOMAIN, INVENTORY, NODE_CERT, NODE_KEY, NODE_NAME,
+    TransparentSpec,
+};
 use crate::ebpf::DEFAULT_PORT;
 use crate::pki::{self, CertificateAuthority, LeafSpec};
 

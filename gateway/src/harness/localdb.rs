@@ -32,13 +32,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 
+pub use self::host::BIN_DIR_ENV;
 use self::host::{ServiceUser, chown, create_root_dir, find_bin_dir, service_user};
-use super::free_port;
+use super::machine::free_port;
 
 mod host;
 
-/// Overrides the directory holding `initdb`, `postgres`, `pg_isready` and `psql`.
-pub const BIN_DIR_ENV: &str = "GATEWAY_PG_BIN_DIR";
 /// The superuser created by `initdb -U`, used over the trusted unix socket.
 const SUPERUSER: &str = "postgres";
 /// Every address the server listens on; the TCP side only takes certificate logins.

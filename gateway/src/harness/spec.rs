@@ -1,5 +1,5 @@
 //! What a [`Stack`](super::Stack) is made of: its workloads, routes, pods and the pieces of
-//! policy and settings a test adds. Plain data; [`super::config`] turns it into the node's
+//! policy and settings a test adds. Plain data; [`super::configs`] turns it into the node's
 //! and proxy's configuration.
 //!
 //! The `*_yaml` fields are fragments in the configuration files' own syntax, so a test
@@ -127,6 +127,12 @@ pub struct TransparentSpec {
     /// Also give the database, the agent and every namespaced pod an IPv6 address.
     pub ipv6: bool,
 }
+
+/// In the stack directory (transparent mode): the CA service's pod inventory, and the node's
+/// certificate and key for the CA service.
+pub const INVENTORY: &str = "inventory.yaml";
+pub const NODE_CERT: &str = "node.crt";
+pub const NODE_KEY: &str = "node.key";
 
 pub const CA_SERVER_NAME: &str = "ca.db-gateway.local";
 pub const NODE_NAME: &str = "demo-node";

@@ -17,8 +17,8 @@ use anyhow::{Context, Result, bail};
 use super::configs::{self, write_yaml};
 use super::kernel::Kernel;
 use super::localdb::{self, LocalPostgres, LocalPostgresOptions};
+use super::machine::{loopback, stop_child, temp_dir};
 use super::spec::{DEMO_TRUST_DOMAIN, PROXY_SERVER_NAME, StackSpec};
-use super::{loopback, stop_child, temp_dir};
 use crate::pki::{self, CertificateAuthority, LeafSpec, SpiffeId};
 
 /// How long a gateway process may take to report its addresses.

@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result, bail, ensure};
 
-use super::BIN_DIR_ENV;
-
+/// Overrides the directory holding `initdb`, `postgres`, `pg_isready` and `psql`.
+pub const BIN_DIR_ENV: &str = "GATEWAY_PG_BIN_DIR";
 /// Where Debian's `postgresql-15` package puts the server binaries.
 const DEFAULT_BIN_DIR: &str = "/usr/lib/postgresql/15/bin";
 /// The Debian package to install when the binaries are missing (`cargo xtask setup` does).
@@ -69,7 +69,7 @@ pub(super) fn find_bin_dir() -> Result<PathBuf> {
 
 /// `None` when we are not root; else the `postgres` user, since PostgreSQL refuses root.
 pub(super) fn service_user() -> Result<Option<ServiceUser>> {
-    if !crate::harness::is_root() {
+    if !crate::harness::machine::is_root() {
         return Ok(None);
     }
     let user = lookup_user(SERVICE_USER)?.with_context(|| {
