@@ -8,8 +8,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use gateway::harness::{PgRoute, PodSpec, Stack, StackSpec, TcpRoute, TransparentSpec, Workload};
 use gateway::pki::{self, CertificateAuthority, LeafSpec, SpiffeId};
-use gateway::up::{PgRoute, PodSpec, Stack, StackSpec, TcpRoute, TransparentSpec, Workload};
 
 use crate::peers::{self, Peer};
 
@@ -92,8 +92,7 @@ impl Env {
         scale: u32,
         threads: u16,
     ) -> Result<Self> {
-        // SAFETY: geteuid has no preconditions.
-        let root = unsafe { libc::geteuid() } == 0;
+        let root = gateway::harness::is_root();
         let echo = crate::echo::start()?;
         let spec = |transparent| spec(gateway_bin, transparent, echo, threads);
         let mut transparent_skipped = None;
@@ -144,7 +143,7 @@ impl Env {
             scenarios: None,
         }];
         let l = stack.listeners[0];
-        paths.push(DataPath {
+        let gateway = DataPath {
             name: "gateway".into(),
             host: l.ip().to_string(),
             port: l.port(),
@@ -154,7 +153,8 @@ impl Env {
             description: "client → node explicit listener → mTLS 1.3 → proxy → TLS → PostgreSQL"
                 .into(),
             scenarios: None,
-        });
+        };
+        paths.push(gateway.clone());
         // The same hops with `upstream.reuse` on: only where a new session's server login
         // is what is measured (long sessions are the `gateway` path's figures).
         let l = stack.listeners[REUSE_LISTENER];
@@ -162,13 +162,11 @@ impl Env {
             name: "gateway-reuse".into(),
             host: l.ip().to_string(),
             port: l.port(),
-            tcp_addr: stack.listeners[1].to_string(),
-            pod: None,
-            tunnel_pids: gw_pids.clone(),
             description: format!(
                 "as `gateway`, with the proxy's upstream.reuse {REUSE} (server sessions reset with DISCARD ALL and kept for the next client)"
             ),
             scenarios: Some(REUSE_SCENARIOS),
+            ..gateway
         });
         if let Some(k) = &stack.kernel {
             paths.push(DataPath {
@@ -264,7 +262,11 @@ pub(crate) fn issue_pair(ca: &CertificateAuthority) -> Result<peers::Pair> {
         &LeafSpec::server(vec!["localhost".into()], vec!["127.0.0.1".parse()?]),
         day,
     )?;
-    let id = SpiffeId::new(gateway::up::DEMO_TRUST_DOMAIN, NAMESPACE, SERVICE_ACCOUNT);
+    let id = SpiffeId::new(
+        gateway::harness::DEMO_TRUST_DOMAIN,
+        NAMESPACE,
+        SERVICE_ACCOUNT,
+    );
     let client = ca.issue(&LeafSpec::workload(&id), day)?;
     Ok(peers::Pair { server, client })
 }

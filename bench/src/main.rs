@@ -14,6 +14,7 @@ mod echo;
 mod env;
 mod peers;
 mod pgbench;
+mod plan;
 mod report;
 mod scenario;
 

@@ -12,8 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use gateway::harness::{free_port, is_root, stop_children};
 use gateway::pki::{self, CertificateAuthority};
-use gateway::up::free_port;
 
 /// How often a pair is started on fresh ports after a bind failure.
 const PORT_ATTEMPTS: u32 = 5;
@@ -83,21 +83,7 @@ impl Peer {
 
 impl Drop for Peer {
     fn drop(&mut self) {
-        for c in &mut self.children {
-            // SAFETY: kill(2) on our own child's pid.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        }
-        let deadline = Instant::now() + Duration::from_secs(3);
-        for c in &mut self.children {
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        stop_children(&mut self.children, Duration::from_secs(3));
     }
 }
 
@@ -107,8 +93,7 @@ pub fn require(program: &str, package: &str) -> Result<PathBuf> {
     if let Some(p) = find(program) {
         return Ok(p);
     }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
+    if is_root() {
         eprintln!("bench: {program} missing, installing the Debian package {package}");
         let ok = Command::new("apt-get")
             .args(["install", "-y", "--no-install-recommends", package])
@@ -166,19 +151,11 @@ pub fn stunnel_pair(dir: &Path, certs: &Certs, targets: &[SocketAddr]) -> Result
                 certs.ca.display()
             )?;
         }
-        let server_cfg = dir.join("stunnel-server.conf");
-        let client_cfg = dir.join("stunnel-client.conf");
-        std::fs::write(&server_cfg, server)?;
-        std::fs::write(&client_cfg, client)?;
-        let cmd = |cfg: &Path| {
+        write_pair(dir, "stunnel", "conf", [server, client], |cfg| {
             let mut c = Command::new(&bin);
             c.arg(cfg);
             c
-        };
-        Ok([
-            (cmd(&server_cfg), dir.join("stunnel-server.log")),
-            (cmd(&client_cfg), dir.join("stunnel-client.log")),
-        ])
+        })
     })
 }
 
@@ -227,20 +204,30 @@ fn haproxy_pair_on(
                 certs.ca.display()
             )?;
         }
-        let server_cfg = dir.join("haproxy-server.cfg");
-        let client_cfg = dir.join("haproxy-client.cfg");
-        std::fs::write(&server_cfg, server)?;
-        std::fs::write(&client_cfg, client)?;
-        let cmd = |cfg: &Path| {
+        write_pair(dir, "haproxy", "cfg", [server, client], |cfg| {
             let mut c = Command::new(&bin);
             c.arg("-db").arg("-f").arg(cfg);
             c
-        };
-        Ok([
-            (cmd(&server_cfg), dir.join("haproxy-server.log")),
-            (cmd(&client_cfg), dir.join("haproxy-client.log")),
-        ])
+        })
     })
+}
+
+/// Writes the server's and the client's configuration (`<what>-server.<ext>`,
+/// `<what>-client.<ext>` in `dir`) and returns the command `command` makes for each, with the
+/// log it writes (`<what>-server.log`, `<what>-client.log`).
+fn write_pair(
+    dir: &Path,
+    what: &str,
+    ext: &str,
+    [server, client]: [String; 2],
+    command: impl Fn(&Path) -> Command,
+) -> Result<[(Command, PathBuf); 2]> {
+    let side = |side: &str, text: String| -> Result<(Command, PathBuf)> {
+        let cfg = dir.join(format!("{what}-{side}.{ext}"));
+        std::fs::write(&cfg, text)?;
+        Ok((command(&cfg), dir.join(format!("{what}-{side}.log"))))
+    };
+    Ok([side("server", server)?, side("client", client)?])
 }
 
 /// Starts a pair on fresh ports from `ports`: `make(fronts, backs)` (`n` of each) writes
@@ -362,10 +349,6 @@ mod tests {
     use super::*;
     use std::net::TcpListener;
 
-    fn ci() -> bool {
-        std::env::var("CI").is_ok_and(|v| v == "true")
-    }
-
     #[test]
     fn a_missing_program_is_named_with_its_package() {
         let e = require("dbgw-no-such-program", "dbgw-no-such-package")
@@ -394,14 +377,14 @@ mod tests {
     /// listener), stop the server end it already started, and come up on fresh ports.
     #[test]
     fn haproxy_pair_retries_a_port_clash_on_fresh_ports() {
-        if require("haproxy", "haproxy").is_err() && !ci() {
+        if require("haproxy", "haproxy").is_err() && !gateway::harness::in_ci() {
             eprintln!("skipped: haproxy is not installed (cargo xtask setup installs it)");
             return;
         }
         let dir = std::env::temp_dir().join(format!("dbgw-bench-peers-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let ca_dir = dir.join("ca");
-        pki::init_ca(&ca_dir, gateway::up::DEMO_TRUST_DOMAIN).unwrap();
+        pki::init_ca(&ca_dir, gateway::harness::DEMO_TRUST_DOMAIN).unwrap();
         let ca = CertificateAuthority::load(
             &ca_dir.join(pki::WORKLOAD_CA_CERT),
             &ca_dir.join(pki::WORKLOAD_CA_KEY),

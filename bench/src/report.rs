@@ -15,7 +15,7 @@ use anyhow::{Result, ensure};
 use serde::Serialize;
 
 use crate::env::Env;
-use crate::scenario::{Measurement, Plan, SCENARIOS};
+use crate::plan::{Measurement, Plan, SCENARIOS};
 
 #[derive(Debug, Serialize)]
 pub struct Machine {

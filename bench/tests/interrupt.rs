@@ -11,10 +11,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
+use gateway::harness::is_root;
 
 /// Every process below `root` in the process tree, with its start time (so that a pid
 /// reused later is not taken for the same process).

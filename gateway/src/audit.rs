@@ -151,3 +151,207 @@ impl AuditLog {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use metrics_exporter_prometheus::PrometheusBuilder;
+
+    use super::*;
+    use crate::config::Protocol;
+    use crate::tunnel::PodMeta;
+
+    struct TempFile(PathBuf);
+
+    impl TempFile {
+        fn new(name: &str) -> Self {
+            let nonce: u64 = rand::random();
+            Self(std::env::temp_dir().join(format!("db-gateway-audit-{name}-{nonce:016x}.jsonl")))
+        }
+        fn path(&self) -> &str {
+            self.0.to_str().unwrap()
+        }
+        fn events(&self) -> Vec<serde_json::Value> {
+            std::fs::read_to_string(&self.0)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+                .collect()
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn session() -> SessionInfo {
+        SessionInfo {
+            session_id: "s-1".into(),
+            identity: "spiffe://td/ns/team-a/sa/api".into(),
+            node: Some("node-1".into()),
+            pod: Some(PodMeta {
+                namespace: Some("team-a".into()),
+                name: Some("api-0".into()),
+                ..PodMeta::default()
+            }),
+            database_route: Some("main".into()),
+            protocol: Protocol::Postgres,
+            requested_user: Some("api".into()),
+            requested_database: Some("app".into()),
+            db_user: Some("api".into()),
+            db_name: Some("app".into()),
+            role: Some("team-a".into()),
+            client_addr: Some("10.0.0.1:4000".into()),
+            node_addr: "10.0.0.2:5000".into(),
+            upstream_addr: None,
+            upstream_reused: false,
+        }
+    }
+
+    #[test]
+    fn writes_one_json_line_per_event_with_the_session_fields() {
+        let file = TempFile::new("fields");
+        let log = AuditLog::open(file.path()).unwrap();
+        log.session_start(&session(), &Outcome::default());
+        let end = Outcome {
+            error_code: Some("57P01".into()),
+            error_message: Some("shutting down".into()),
+            denied: false,
+        };
+        log.session_end(&session(), &end, 10, 2000, Duration::from_millis(1500));
+
+        let mode = std::fs::metadata(&file.0).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o640);
+        let events = file.events();
+        assert_eq!(events.len(), 2);
+        let (start, end) = (&events[0], &events[1]);
+        assert_eq!(start["event"], "db.session.start");
+        assert_eq!(end["event"], "db.session.end");
+        for e in &events {
+            // The session's fields, flattened into the event.
+            assert_eq!(e["session_id"], "s-1");
+            assert_eq!(e["identity"], "spiffe://td/ns/team-a/sa/api");
+            assert_eq!(e["node"], "node-1");
+            assert_eq!(e["pod"]["namespace"], "team-a");
+            assert_eq!(e["pod"]["name"], "api-0");
+            assert!(e["pod"].get("uid").is_none(), "{e}");
+            assert_eq!(e["database_route"], "main");
+            assert_eq!(e["protocol"], "postgres");
+            assert_eq!(e["requested_user"], "api");
+            assert_eq!(e["db_name"], "app");
+            assert_eq!(e["role"], "team-a");
+            assert_eq!(e["client_addr"], "10.0.0.1:4000");
+            assert_eq!(e["node_addr"], "10.0.0.2:5000");
+            assert!(e["upstream_addr"].is_null(), "{e}");
+            assert!(
+                e.get("upstream_reused").is_none(),
+                "written only when true: {e}"
+            );
+            let time = e["time"].as_str().unwrap();
+            time::OffsetDateTime::parse(time, &time::format_description::well_known::Rfc3339)
+                .unwrap_or_else(|err| panic!("{time}: {err}"));
+        }
+        assert_eq!(start["result"], "success");
+        for absent in [
+            "error_code",
+            "error_message",
+            "bytes_client_to_server",
+            "bytes_server_to_client",
+            "duration_ms",
+        ] {
+            assert!(start.get(absent).is_none(), "{absent} in {start}");
+        }
+        assert_eq!(end["result"], "error");
+        assert_eq!(end["error_code"], "57P01");
+        assert_eq!(end["error_message"], "shutting down");
+        assert_eq!(end["bytes_client_to_server"], 10);
+        assert_eq!(end["bytes_server_to_client"], 2000);
+        assert_eq!(end["duration_ms"], 1500.0);
+    }
+
+    #[test]
+    fn results_say_denied_before_error_and_reuse_is_written_when_true() {
+        let file = TempFile::new("results");
+        let log = AuditLog::open(file.path()).unwrap();
+        let denied = Outcome {
+            error_code: Some("28000".into()),
+            error_message: Some("no role allows it".into()),
+            denied: true,
+        };
+        log.session_start(&session(), &denied);
+        let reused = SessionInfo {
+            upstream_reused: true,
+            upstream_addr: Some("127.0.0.1:5432".into()),
+            ..session()
+        };
+        log.session_start(&reused, &Outcome::default());
+        let events = file.events();
+        assert_eq!(events[0]["result"], "denied");
+        assert_eq!(events[0]["error_code"], "28000");
+        assert_eq!(events[1]["result"], "success");
+        assert_eq!(events[1]["upstream_reused"], true);
+        assert_eq!(events[1]["upstream_addr"], "127.0.0.1:5432");
+    }
+
+    #[test]
+    fn appends_to_an_existing_file_and_lines_never_interleave() {
+        let file = TempFile::new("append");
+        std::fs::write(&file.0, "{\"earlier\":true}\n").unwrap();
+        let log = AuditLog::open(file.path()).unwrap();
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let log = &log;
+                s.spawn(move || {
+                    for i in 0..50 {
+                        let info = SessionInfo {
+                            session_id: format!("{t}-{i}"),
+                            ..session()
+                        };
+                        log.session_start(&info, &Outcome::default());
+                    }
+                });
+            }
+        });
+        let events = file.events();
+        assert_eq!(events.len(), 1 + 4 * 50);
+        assert_eq!(events[0]["earlier"], true);
+        let mut ids: Vec<&str> = events[1..]
+            .iter()
+            .map(|e| e["session_id"].as_str().unwrap())
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), 200);
+    }
+
+    #[test]
+    fn a_failed_write_is_counted_and_does_not_panic() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        // /dev/full: every write fails with ENOSPC, as on a full disk.
+        let log = AuditLog::open("/dev/full").unwrap();
+        metrics::with_local_recorder(&recorder, || {
+            log.session_start(&session(), &Outcome::default());
+            log.session_end(&session(), &Outcome::default(), 0, 0, Duration::ZERO);
+        });
+        let text = handle.render();
+        let count = text
+            .lines()
+            .find_map(|l| l.strip_prefix("gateway_proxy_audit_write_errors_total "))
+            .unwrap_or_else(|| panic!("no write error counter in:\n{text}"));
+        assert_eq!(count.trim(), "2");
+    }
+
+    #[test]
+    fn an_unwritable_path_fails_to_open() {
+        let err = AuditLog::open("/nonexistent-dir/audit.jsonl")
+            .err()
+            .expect("no such directory");
+        assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
+    }
+}

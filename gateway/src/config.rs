@@ -141,6 +141,11 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     })
 }
 
+/// Writes a duration the way [`duration`] reads it (`1m 30s`), for configs built in code.
+fn duration_text<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_duration(*d))
+}
+
 /// Attaches the file name to a cross-field validation failure.
 fn invalid_at(path: &Path, check: Result<(), String>) -> Result<(), ConfigError> {
     check.map_err(|message| ConfigError::Invalid {

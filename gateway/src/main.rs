@@ -1,6 +1,6 @@
-//! The `gateway` binary: `node`, `proxy`, `ca`, `up`. Every flag also reads a
-//! `GATEWAY_*` environment variable, so the same image is configured from a Kubernetes
-//! manifest or a shell alike.
+//! The `gateway` binary: `node`, `proxy`, `ca`, and `up` (with the cargo feature `harness`).
+//! Every flag also reads a `GATEWAY_*` environment variable, so the same image is configured
+//! from a Kubernetes manifest or a shell alike.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -61,6 +61,7 @@ enum Command {
         command: CaCommand,
     },
     /// Run everything locally: PostgreSQL, CA, proxy, node agent. Prints `READY <conn>`.
+    #[cfg(feature = "harness")]
     Up {
         /// Keep the temporary directory on exit (for inspection).
         #[arg(long, env = "GATEWAY_UP_KEEP")]
@@ -322,6 +323,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 write_pair(&out, &cert, &key)
             }
         },
-        Command::Up { keep, explicit } => gateway::up::run(keep, explicit),
+        #[cfg(feature = "harness")]
+        Command::Up { keep, explicit } => gateway::harness::run(keep, explicit),
     }
 }

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
+use gateway::harness::{DEMO_TRUST_DOMAIN, PROXY_SERVER_NAME, Stack};
 use gateway::pg;
 use gateway::pki::{self, CertificateAuthority, LeafSpec, SpiffeId};
 use gateway::tunnel::{PodMeta, Preamble};
-use gateway::up::{DEMO_TRUST_DOMAIN, PROXY_SERVER_NAME, Stack};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -151,7 +151,7 @@ fn start_up(args: &[&str]) -> (std::process::Child, String, String, Option<Strin
         .map_while(Result::ok)
         .find_map(|l| l.strip_prefix("READY ").map(str::to_owned))
         .expect("READY line");
-    let pod = if args.contains(&"--explicit") || unsafe { libc::geteuid() } != 0 {
+    let pod = if args.contains(&"--explicit") || !gateway::harness::is_root() {
         None
     } else {
         let l = stdout.next().expect("POD line").unwrap();
@@ -164,16 +164,11 @@ fn stop_up(mut child: std::process::Child, dir: &str) {
     // SAFETY: kill(2) on our child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "gateway up did not stop"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = common::wait_exit(
+        &mut child,
+        t0 + Duration::from_secs(20),
+        "gateway up did not stop",
+    );
     assert!(status.success(), "{status}");
     assert!(!std::path::Path::new(dir).exists(), "{dir} left behind");
 }
@@ -204,13 +199,7 @@ fn gateway_up_explicit_prints_ready_serves_and_cleans_up() {
 
 #[test]
 fn gateway_up_transparent_pod_reaches_the_original_address_and_cleans_up() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert_ne!(
-            std::env::var("CI").as_deref(),
-            Ok("true"),
-            "CI=true: needs root"
-        );
+    if !gateway::harness::root_or_skip("the transparent `gateway up` test") {
         return;
     }
     let (child, dir, ready, pod) = start_up(&[]);

@@ -16,15 +16,6 @@ fn psql(conn: &str, sql: &str) -> Output {
         .expect("psql runs (package postgresql-client-15)")
 }
 
-fn stdout(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "psql failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).trim().to_owned()
-}
-
 #[test]
 fn psql_with_disable_prefer_and_wrong_or_empty_password() {
     let s = stack();

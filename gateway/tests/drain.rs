@@ -11,7 +11,7 @@ use common::*;
 async fn drain_ends_idle_sessions_at_transaction_boundaries() {
     let mut spec = spec();
     spec.proxy_extra_yaml = "drain_grace: 20s\n".into();
-    let mut s = gateway::up::Stack::start(spec).unwrap();
+    let mut s = gateway::harness::Stack::start(spec).unwrap();
     let url = s.conn_string(TEAM_A_API, "api", "app");
 
     let (idle, idle_conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
@@ -69,16 +69,11 @@ async fn drain_ends_idle_sessions_at_transaction_boundaries() {
     assert_eq!(sqlstate(&e), "08001");
 
     // With no sessions left the proxy exits well before the grace period.
-    let status = loop {
-        if let Some(st) = proxy.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(15),
-            "proxy still running"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = wait_exit(
+        &mut proxy,
+        t0 + Duration::from_secs(15),
+        "proxy still running",
+    );
     assert!(status.success(), "{status}");
     let committed = s.pg.psql_db("app", "select count(*) from t").unwrap();
     assert_eq!(committed.trim(), "2");

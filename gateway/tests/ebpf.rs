@@ -22,6 +22,7 @@ use std::{
 };
 
 use gateway::ebpf::{self, InterceptConfig, Interception};
+use gateway::harness::pods::{CgroupTree, Netns};
 
 const AGENT: &str = "169.254.77.1:15432";
 const AGENT6: &str = "[fd00:dbf::1]:15432";
@@ -33,11 +34,15 @@ const WAIT: Duration = Duration::from_secs(10);
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-/// Everything the test made, removed on drop (also when the test fails half-way).
+/// Everything the test made, removed on drop (also when the test fails half-way): the pins
+/// by `Drop`, then the cgroups (processes left inside are killed) and the namespace by the
+/// harness's guards.
 struct Env {
     netns: String,
     cgroup: PathBuf,
     pin_dir: PathBuf,
+    _cgroups: CgroupTree,
+    _netns: Netns,
 }
 
 impl Env {
@@ -57,22 +62,6 @@ impl Drop for Env {
         if let Err(e) = ebpf::uninstall(&self.pin_dir) {
             eprintln!("cleanup: uninstall {}: {e}", self.pin_dir.display());
         }
-        for dir in [self.pod(), self.agent(), self.cgroup.clone()] {
-            // A child that just exited may still be leaving its cgroup: retry briefly.
-            for _ in 0..50 {
-                match std::fs::remove_dir(&dir) {
-                    Err(e) if e.kind() == ErrorKind::NotFound => break,
-                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
-                    Ok(()) => break,
-                }
-            }
-            if dir.exists() {
-                eprintln!("cleanup: could not remove {}", dir.display());
-            }
-        }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.netns])
-            .status();
     }
 }
 
@@ -93,8 +82,7 @@ fn ip(args: &[&str]) {
 
 /// Why this test cannot run here, if it cannot.
 fn missing_privileges() -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !gateway::harness::is_root() {
         return Some("not root".into());
     }
     if let Err(e) = ebpf::cgroup2_root() {
@@ -110,23 +98,23 @@ fn missing_privileges() -> Option<String> {
 }
 
 fn setup() -> Option<(Env, Addrs)> {
-    if let Some(why) = missing_privileges() {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("the eBPF test must run in CI but cannot: {why}");
-        }
-        eprintln!("skipping the eBPF test: {why} (needs root, cgroup v2, bpffs, iproute2)");
+    if !gateway::harness::can_run_privileged(
+        "the eBPF test (needs root, cgroup v2, bpffs, iproute2)",
+        missing_privileges(),
+    ) {
         return None;
     }
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let pid = std::process::id();
     let tag = format!("dbgw-test-{pid}-{n}");
+    let cgroups = CgroupTree::create(&ebpf::cgroup2_root().unwrap(), &tag).expect("test cgroup");
     let env = Env {
         netns: tag.clone(),
-        cgroup: ebpf::cgroup2_root().unwrap().join(&tag),
+        cgroup: cgroups.root.clone(),
         pin_dir: Path::new(ebpf::BPFFS_ROOT).join(&tag),
+        _netns: Netns::create(&tag).expect("test namespace"),
+        _cgroups: cgroups,
     };
-    ip(&["netns", "add", &env.netns]);
-    std::fs::create_dir(&env.cgroup).expect("create test cgroup");
     std::fs::create_dir(env.pod()).expect("create pod cgroup");
     std::fs::create_dir(env.agent()).expect("create agent cgroup");
 

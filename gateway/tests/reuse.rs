@@ -9,7 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use gateway::up::{Stack, Workload};
+use gateway::harness::{Stack, Workload};
 
 const API: usize = 0;
 const WORKER: usize = 1;

@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
-use gateway::up::{Stack, TcpRoute, Workload};
+use gateway::harness::{Stack, TcpRoute, Workload};
 
 const TCP_API: usize = 4;
 const TCP_INTRUDER: usize = 5;

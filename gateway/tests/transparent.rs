@@ -10,7 +10,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use common::*;
-use gateway::up::{PodSpec, Stack, TransparentSpec};
+use gateway::harness::{PodSpec, Stack, TransparentSpec};
 
 const API: usize = 0; // team-a/api
 const REPORTER: usize = 1; // team-a/reporter
@@ -20,16 +20,7 @@ const DENIED: usize = 4; // intruder/x
 const UNLISTED: usize = 5; // a pod the inventory does not know
 
 fn privileged() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI=true: the transparent end-to-end tests need root (CAP_BPF, CAP_NET_ADMIN)"
-        );
-        eprintln!("skipping: needs root");
-    }
-    root
+    gateway::harness::root_or_skip("the transparent end-to-end tests (CAP_BPF, CAP_NET_ADMIN)")
 }
 
 fn transparent_stack() -> Stack {
@@ -82,15 +73,6 @@ fn psql_in(s: &Stack, pod: usize, conninfo: &str, sql: &str) -> Output {
         .unwrap()
 }
 
-fn out(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).trim().to_owned()
-}
-
 /// Runs this test binary inside a pod as a tokio-postgres client (see `pod_client`).
 fn tokio_postgres_in(s: &Stack, pod: usize, conninfo: &str) -> Output {
     s.kernel.as_ref().unwrap().pods[pod]
@@ -138,7 +120,7 @@ fn pods_get_their_policy_users_through_interception() {
         (WORKER, "postgres", "worker"), // forced by policy
         (HOSTNET, "whatever", "worker"),
     ] {
-        let got = out(&psql_in(
+        let got = stdout(&psql_in(
             &s,
             pod,
             &conn(&s, port, user),
@@ -161,7 +143,7 @@ fn pods_get_their_policy_users_through_interception() {
         db6.ip()
     );
     assert_eq!(
-        out(&psql_in(&s, API, &c6, "select current_user")),
+        stdout(&psql_in(&s, API, &c6, "select current_user")),
         "api",
         "IPv6"
     );
@@ -225,7 +207,7 @@ fn pods_get_their_policy_users_through_interception() {
         ])
         .output()
         .unwrap();
-    assert_eq!(out(&o), k.db_addr.to_string());
+    assert_eq!(stdout(&o), k.db_addr.to_string());
 
     // Audit names pod, namespace, container and node.
     std::thread::sleep(Duration::from_millis(300));
@@ -255,7 +237,7 @@ fn interception_survives_sigkill_and_uninstall_removes_everything() {
     }
     let mut s = transparent_stack();
     let c = conn(&s, 5432, "api");
-    assert_eq!(out(&psql_in(&s, API, &c, "select current_user")), "api");
+    assert_eq!(stdout(&psql_in(&s, API, &c, "select current_user")), "api");
     s.kill_node();
     let pin_dir = s.kernel.as_ref().unwrap().pin_dir.clone();
     assert!(
@@ -264,7 +246,7 @@ fn interception_survives_sigkill_and_uninstall_removes_everything() {
     );
     s.start_node().expect("restart adopts the pins");
     assert!(s.log("node").contains("adopted=true"), "{}", s.log("node"));
-    assert_eq!(out(&psql_in(&s, API, &c, "select current_user")), "api");
+    assert_eq!(stdout(&psql_in(&s, API, &c, "select current_user")), "api");
 
     s.kill_node();
     let ifname = s.kernel.as_ref().unwrap().agent_interface.clone();
@@ -325,7 +307,7 @@ async fn ca_refuses_a_node_asking_for_a_pod_on_another_node() {
     let client_for = |node: &str| {
         let (c, key) = ca
             .issue(
-                &gateway::pki::LeafSpec::node(gateway::up::DEMO_TRUST_DOMAIN, node),
+                &gateway::pki::LeafSpec::node(gateway::harness::DEMO_TRUST_DOMAIN, node),
                 Duration::from_secs(600),
             )
             .unwrap();
@@ -334,14 +316,14 @@ async fn ca_refuses_a_node_asking_for_a_pod_on_another_node() {
         let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
         gateway::ca::CaClient {
             addr: s.ca_addr,
-            server_name: rustls_pki_types::ServerName::try_from(gateway::up::CA_SERVER_NAME)
+            server_name: rustls_pki_types::ServerName::try_from(gateway::harness::CA_SERVER_NAME)
                 .unwrap(),
             tls: std::sync::Arc::new(gateway::tunnel::client_config(chain, key, &roots).unwrap()),
         }
     };
     let uid = k.pods[API].uid.clone();
     // The pod's own node gets its identity...
-    let ok = client_for(gateway::up::NODE_NAME)
+    let ok = client_for(gateway::harness::NODE_NAME)
         .workload_certificate(Some(&uid))
         .await
         .unwrap();

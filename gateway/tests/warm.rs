@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use gateway::up::Stack;
+use gateway::harness::Stack;
 
 fn warm(s: &Stack, result: &str) -> f64 {
     result_count(s.node_admin, "gateway_node_warm_tunnels_total", result)

@@ -5,14 +5,14 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::*;
 use crate::pod::{HostIdentity, PodMeta};
 use crate::route::{Protocol, parse_destination};
 use crate::tunnel::TLS_RECORD_PAYLOAD;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
     /// Name recorded in the preamble and audit log (default: `$NODE_NAME`, else hostname).
@@ -31,7 +31,7 @@ pub struct NodeConfig {
     pub interception: Option<InterceptionConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InterceptionConfig {
     /// cgroup v2 directory the programs attach to (default: the cgroup v2 root, found in
@@ -86,7 +86,7 @@ fn default_unknown_pod_wait() -> Duration {
     DEFAULT_UNKNOWN_POD_WAIT
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     /// `ip:port`, `CIDR:port` or `*:port` entries.
@@ -97,7 +97,7 @@ pub struct RouteConfig {
     pub protocol: Protocol,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityConfig {
     pub trust_domain: String,
@@ -109,15 +109,23 @@ pub struct IdentityConfig {
     /// `$KUBECONFIG`); needs RBAC get/list/watch on pods.
     #[serde(default)]
     pub kubernetes: Option<KubernetesSource>,
-    #[serde(default = "default_unknown_pod_wait", deserialize_with = "duration")]
+    #[serde(
+        default = "default_unknown_pod_wait",
+        deserialize_with = "duration",
+        serialize_with = "duration_text"
+    )]
     pub unknown_pod_wait: Duration,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KubernetesSource {
     /// How long start-up waits for the first complete pod list before giving up.
-    #[serde(default = "default_kube_ready_timeout", deserialize_with = "duration")]
+    #[serde(
+        default = "default_kube_ready_timeout",
+        deserialize_with = "duration",
+        serialize_with = "duration_text"
+    )]
     pub ready_timeout: Duration,
     /// Identity for processes outside any pod (`None` refuses them).
     #[serde(default)]
@@ -128,7 +136,7 @@ fn default_kube_ready_timeout() -> Duration {
     DEFAULT_KUBE_READY_TIMEOUT
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CaEndpoint {
     pub address: SocketAddr,
@@ -144,7 +152,7 @@ fn default_node_admin() -> SocketAddr {
     DEFAULT_NODE_ADMIN.parse().expect("constant address parses")
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProxyEndpoint {
     /// `host:port` of the proxy service.
@@ -155,20 +163,20 @@ pub struct ProxyEndpoint {
     pub ca: PathBuf,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataPlaneConfig {
     /// io_uring runtimes (one thread each); 0 means one per CPU.
     pub threads: usize,
     /// Longest time a byte may wait to be coalesced with later ones; 0 sends at once.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "duration_text")]
     pub max_flush_delay: Duration,
     /// Bytes buffered per connection and direction before reading from the sender stops.
     pub buffer_budget: usize,
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "duration_text")]
     pub connect_timeout: Duration,
     /// How long a client may take to send its startup packet.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "duration_text")]
     pub startup_timeout: Duration,
     /// Pre-handshaked tunnels to the proxy kept ready per workload identity and data-plane
     /// thread, refilled as sessions take them (0 turns the warm pool off). A new session
@@ -176,7 +184,7 @@ pub struct DataPlaneConfig {
     pub warm_tunnels: usize,
     /// A warm tunnel unused this long is closed (an identity that stops connecting keeps
     /// nothing open). Must stay below the proxy's `tunnel_idle_timeout`.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "duration_text")]
     pub warm_tunnel_idle: Duration,
 }
 
@@ -194,7 +202,7 @@ impl Default for DataPlaneConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     pub listen: SocketAddr,
@@ -210,7 +218,7 @@ pub struct ListenerConfig {
     pub pod: PodMeta,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityFiles {
     pub cert: PathBuf,

@@ -6,12 +6,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::*;
 use crate::route::Protocol;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProxyConfig {
     pub listen: SocketAddr,
@@ -24,19 +24,39 @@ pub struct ProxyConfig {
     pub trust_domain: String,
     pub tls: ProxyTls,
     pub db_client_ca: CaFiles,
-    #[serde(default = "default_db_client_ttl", deserialize_with = "duration")]
+    #[serde(
+        default = "default_db_client_ttl",
+        deserialize_with = "duration",
+        serialize_with = "duration_text"
+    )]
     pub db_client_cert_ttl: Duration,
     #[serde(default)]
     pub audit: AuditConfig,
-    #[serde(default = "default_drain_grace", deserialize_with = "duration")]
+    #[serde(
+        default = "default_drain_grace",
+        deserialize_with = "duration",
+        serialize_with = "duration_text"
+    )]
     pub drain_grace: Duration,
-    #[serde(default = "default_startup_timeout", deserialize_with = "duration")]
+    #[serde(
+        default = "default_startup_timeout",
+        deserialize_with = "duration",
+        serialize_with = "duration_text"
+    )]
     pub startup_timeout: Duration,
     /// How long a handshaked tunnel may wait for its preamble: nodes keep warm tunnels
     /// (`data_plane.warm_tunnels`) that send it only when an application connects.
-    #[serde(default = "default_tunnel_idle_timeout", deserialize_with = "duration")]
+    #[serde(
+        default = "default_tunnel_idle_timeout",
+        deserialize_with = "duration",
+        serialize_with = "duration_text"
+    )]
     pub tunnel_idle_timeout: Duration,
-    #[serde(default = "default_connect_timeout", deserialize_with = "duration")]
+    #[serde(
+        default = "default_connect_timeout",
+        deserialize_with = "duration",
+        serialize_with = "duration_text"
+    )]
     pub upstream_connect_timeout: Duration,
     #[serde(default)]
     pub roles: Vec<RoleConfig>,
@@ -64,7 +84,7 @@ fn default_tunnel_idle_timeout() -> Duration {
     DEFAULT_TUNNEL_IDLE_TIMEOUT
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProxyTls {
     pub cert: PathBuf,
@@ -73,14 +93,14 @@ pub struct ProxyTls {
     pub client_ca: PathBuf,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CaFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
     /// A file (appended to) or `-` for standard output.
@@ -95,7 +115,7 @@ impl Default for AuditConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum Effect {
     #[default]
@@ -103,7 +123,7 @@ pub enum Effect {
     Deny,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoleConfig {
     pub name: String,
@@ -128,7 +148,7 @@ pub struct RoleConfig {
 }
 
 /// All given fields must match; an empty matcher is refused at load (it would match all).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MatchConfig {
     pub namespace: Option<String>,
@@ -137,7 +157,7 @@ pub struct MatchConfig {
     pub spiffe_id: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseSelector {
     #[serde(default)]
@@ -146,7 +166,7 @@ pub struct DatabaseSelector {
     pub labels: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseConfig {
     pub name: String,
@@ -158,7 +178,7 @@ pub struct DatabaseConfig {
     pub upstream: UpstreamConfig,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// `host:port` of the PostgreSQL server (or of the TCP service of a `tcp` route).
@@ -191,7 +211,7 @@ pub struct UpstreamConfig {
 /// against the server's `max_connections`, and what `DISCARD ALL` does not reset (the
 /// unnamed prepared statement, `pg_stat` counters, the backend pid) carries over, as with
 /// PgBouncer's session pooling.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReuseConfig {
     /// Idle server sessions kept per (database user, database name, startup parameters)
@@ -199,11 +219,19 @@ pub struct ReuseConfig {
     #[serde(default = "default_reuse_max_idle")]
     pub max_idle: usize,
     /// An idle kept session is closed after this long without a client.
-    #[serde(default = "default_reuse_idle_timeout", deserialize_with = "duration")]
+    #[serde(
+        default = "default_reuse_idle_timeout",
+        deserialize_with = "duration",
+        serialize_with = "duration_text"
+    )]
     pub idle_timeout: Duration,
     /// A server session is not reused once it is this old (it logs in again with a fresh
     /// certificate, and role changes on the server take effect).
-    #[serde(default = "default_reuse_max_lifetime", deserialize_with = "duration")]
+    #[serde(
+        default = "default_reuse_max_lifetime",
+        deserialize_with = "duration",
+        serialize_with = "duration_text"
+    )]
     pub max_lifetime: Duration,
 }
 
@@ -217,14 +245,14 @@ fn default_reuse_max_lifetime() -> Duration {
     DEFAULT_REUSE_MAX_LIFETIME
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum UpstreamAuth {
     /// A short-lived client certificate with CN = database user (`hostssl … cert`).
     Cert,
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum UpstreamTlsMode {
     /// Chain and host name verified, like libpq's `sslmode=verify-full`.

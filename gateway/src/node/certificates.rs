@@ -279,8 +279,8 @@ mod tests {
     use rustls_pki_types::pem::PemObject;
 
     use crate::ca::service::{CaService, serve};
-    use crate::pod::{HostIdentity, Pod, PodDirectory};
     use crate::pki::{self, CertificateAuthority, LeafSpec};
+    use crate::pod::{HostIdentity, Pod, PodDirectory};
     use crate::tunnel::PodMeta;
 
     const TD: &str = "td";

@@ -6,10 +6,11 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::process::{Child, ExitStatus, Output};
+use std::time::{Duration, Instant};
 
+use gateway::harness::{Stack, StackSpec, Workload};
 use gateway::pg::{self, ErrorResponse};
-use gateway::up::{Stack, StackSpec, Workload};
 
 /// Workload indexes in [`spec`].
 pub const TEAM_A_API: usize = 0;
@@ -38,7 +39,7 @@ pub fn gateway_bin() -> PathBuf {
 /// team-a/api chooses among allowed users; team-b/worker is forced; intruder has no role;
 /// the last listener routes to a database whose server is down.
 pub fn spec() -> StackSpec {
-    let closed_port = gateway::up::free_port().expect("free port");
+    let closed_port = gateway::harness::free_port().expect("free port");
     StackSpec {
         gateway_bin: gateway_bin(),
         workloads: vec![
@@ -166,6 +167,28 @@ pub fn metric_with(text: &str, name: &str, label: &str) -> Option<f64> {
 /// A counter's sample with `result="<result>"` (0 when absent).
 pub fn result_count(admin: SocketAddr, name: &str, result: &str) -> f64 {
     metric_with(&scrape(admin), name, &format!("result=\"{result}\"")).unwrap_or(0.0)
+}
+
+/// Waits for `child` to exit, polling every 50 ms; fails the test with `failure` at `deadline`.
+pub fn wait_exit(child: &mut Child, deadline: Instant, failure: &str) -> ExitStatus {
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "{failure}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A command's trimmed standard output, failing the test with its stderr unless it succeeded.
+pub fn stdout(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "failed ({}): {}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).trim().to_owned()
 }
 
 /// Polls `f` every 50 ms until it holds; fails the test after 10 s, naming `what`.

@@ -19,36 +19,29 @@
 //! with SIGKILL, `Drop` does not run and the server and its directory are left behind. Ctrl-C
 //! in a terminal reaches the server too (same process group), which then shuts down on its own.
 
-use std::ffi::{CString, OsStr};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 
-/// Where Debian's `postgresql-15` package puts the server binaries.
-const DEFAULT_BIN_DIR: &str = "/usr/lib/postgresql/15/bin";
-/// Overrides the directory holding `initdb`, `postgres`, `pg_isready` and `psql`.
-pub const BIN_DIR_ENV: &str = "GATEWAY_PG_BIN_DIR";
-/// The Debian package to install when the binaries are missing (`cargo xtask setup` does).
-const DEBIAN_PACKAGE: &str = "postgresql-15";
-/// The system user that owns the cluster when we run as root; also the bootstrap superuser.
-const SERVICE_USER: &str = "postgres";
+pub use self::host::BIN_DIR_ENV;
+use self::host::{ServiceUser, chown, create_root_dir, find_bin_dir, service_user};
+use super::machine::free_port;
+
+mod host;
+
 /// The superuser created by `initdb -U`, used over the trusted unix socket.
 const SUPERUSER: &str = "postgres";
 /// Every address the server listens on; the TCP side only takes certificate logins.
 const LISTEN_HOST: &str = "127.0.0.1";
-/// Prefix of our temporary directories, so a stray one is easy to recognize in `/tmp`.
-const DIR_PREFIX: &str = "db-gateway-pg";
 /// Another process may grab the port between our probe and the server's bind; retry this often.
 const PORT_ATTEMPTS: u32 = 5;
 /// How long the server may take to accept connections (crash recovery never happens here,
@@ -60,13 +53,6 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// How much of the server log goes into an error message.
 const LOG_TAIL_BYTES: u64 = 4096;
-/// `sun_path` holds 108 bytes on Linux including the NUL; PostgreSQL refuses longer socket paths.
-const MAX_SOCKET_PATH: usize = 107;
-/// The longest socket file name PostgreSQL creates in the socket dir (`.s.PGSQL.65535.lock`).
-const SOCKET_NAME_MAX: &str = ".s.PGSQL.65535.lock";
-
-/// Makes directory names unique between servers started by one process.
-static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
 /// TLS material and extra authentication rules for a [`LocalPostgres`].
 #[derive(Clone)]
@@ -118,13 +104,6 @@ pub struct LocalPostgres {
     postmaster: Option<Child>,
 }
 
-/// The uid and gid the server runs as when we are root.
-#[derive(Debug, Clone, Copy)]
-struct ServiceUser {
-    uid: u32,
-    gid: u32,
-}
-
 /// Why a postmaster did not come up, split so that a lost port race can be retried.
 enum LaunchError {
     PortTaken,
@@ -170,9 +149,8 @@ impl LocalPostgres {
 
     /// Like [`Self::psql`], in database `db`.
     pub fn psql_db(&self, db: &str, sql: &str) -> Result<String> {
-        let output = self
-            .client_command("psql")
-            .arg("-h")
+        let mut psql = self.client_command("psql");
+        psql.arg("-h")
             .arg(&self.socket_dir)
             .arg("-p")
             .arg(self.port.to_string())
@@ -186,17 +164,9 @@ impl LocalPostgres {
                 "-XAtq",
                 "-c",
             ])
-            .arg(sql)
-            .stdin(Stdio::null())
-            .output()
-            .context("failed to run psql")?;
-        ensure!(
-            output.status.success(),
-            "psql failed ({}) running {sql:?}: {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim_end()
-        );
-        String::from_utf8(output.stdout).context("psql printed non-UTF-8 output")
+            .arg(sql);
+        let stdout = run_ok(&mut psql, "psql").with_context(|| format!("running {sql:?}"))?;
+        String::from_utf8(stdout).context("psql printed non-UTF-8 output")
     }
 
     /// A libpq `key=value` connection string for the superuser over the unix socket (no
@@ -228,29 +198,18 @@ impl LocalPostgres {
         self.write_private_file(&key_file, &opts.server_key_pem)?;
         self.write_private_file(&ca_file, &opts.client_ca_pem)?;
 
-        let output = self
-            .server_command("initdb")
-            .arg("-D")
-            .arg(&self.data_dir)
-            .args([
-                "-A",
-                "trust",
-                "-U",
-                SUPERUSER,
-                "--no-sync",
-                "-E",
-                "UTF8",
-                "--locale=C",
-            ])
-            .stdin(Stdio::null())
-            .output()
-            .context("failed to run initdb")?;
-        ensure!(
-            output.status.success(),
-            "initdb failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim_end()
-        );
+        let mut initdb = self.server_command("initdb");
+        initdb.arg("-D").arg(&self.data_dir).args([
+            "-A",
+            "trust",
+            "-U",
+            SUPERUSER,
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        ]);
+        run_ok(&mut initdb, "initdb")?;
 
         // Appended settings override initdb's defaults (the last occurrence wins). The port is
         // not here: it is a command-line flag so a retry can change it.
@@ -479,144 +438,20 @@ impl Drop for LocalPostgres {
     }
 }
 
-/// `$GATEWAY_PG_BIN_DIR`, else Debian's PostgreSQL 15 directory, else `pg_config --bindir`.
-fn find_bin_dir() -> Result<PathBuf> {
-    let has_initdb = |dir: &Path| dir.join("initdb").is_file();
-    if let Some(dir) = std::env::var_os(BIN_DIR_ENV) {
-        let dir = PathBuf::from(dir);
-        ensure!(
-            has_initdb(&dir),
-            "{BIN_DIR_ENV}={} has no initdb; point it at PostgreSQL's bin directory",
-            dir.display()
-        );
-        return Ok(dir);
-    }
-    let default = PathBuf::from(DEFAULT_BIN_DIR);
-    if has_initdb(&default) {
-        return Ok(default);
-    }
-    if let Ok(output) = Command::new("pg_config").arg("--bindir").output()
-        && output.status.success()
-    {
-        let dir = PathBuf::from(OsStr::from_bytes(output.stdout.trim_ascii()));
-        if has_initdb(&dir) {
-            return Ok(dir);
-        }
-    }
-    bail!(
-        "PostgreSQL server binaries not found (no initdb in {DEFAULT_BIN_DIR} or in \
-         `pg_config --bindir`); install the Debian package {DEBIAN_PACKAGE} \
-         (`cargo xtask setup` does) or set {BIN_DIR_ENV}"
-    )
-}
-
-/// `None` when we are not root; else the `postgres` user, since PostgreSQL refuses root.
-fn service_user() -> Result<Option<ServiceUser>> {
-    // SAFETY: geteuid cannot fail and touches no memory of ours.
-    if unsafe { libc::geteuid() } != 0 {
-        return Ok(None);
-    }
-    let user = lookup_user(SERVICE_USER)?.with_context(|| {
-        format!(
-            "running as root, but there is no {SERVICE_USER:?} user to run PostgreSQL as \
-             (it refuses root); install {DEBIAN_PACKAGE}, which creates it"
-        )
-    })?;
-    Ok(Some(user))
-}
-
-/// Looks a user up with the reentrant `getpwnam_r`: tests start servers on several threads.
-fn lookup_user(name: &str) -> Result<Option<ServiceUser>> {
-    let c_name = CString::new(name).context("user name contains NUL")?;
-    let mut buf: Vec<libc::c_char> = vec![0; 1024];
-    loop {
-        // SAFETY: passwd is plain old data; getpwnam_r fills it in.
-        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut found: *mut libc::passwd = std::ptr::null_mut();
-        // SAFETY: every pointer is valid for the call and `buf.len()` is the buffer's size;
-        // the strings in `pwd` point into `buf`, which we do not read.
-        let rc = unsafe {
-            libc::getpwnam_r(
-                c_name.as_ptr(),
-                &mut pwd,
-                buf.as_mut_ptr(),
-                buf.len(),
-                &mut found,
-            )
-        };
-        if rc == libc::ERANGE && buf.len() < 1 << 20 {
-            buf.resize(buf.len() * 2, 0);
-            continue;
-        }
-        if rc != 0 {
-            return Err(io::Error::from_raw_os_error(rc))
-                .with_context(|| format!("failed to look up user {name:?}"));
-        }
-        if found.is_null() {
-            return Ok(None);
-        }
-        return Ok(Some(ServiceUser {
-            uid: pwd.pw_uid,
-            gid: pwd.pw_gid,
-        }));
-    }
-}
-
-fn chown(path: &Path, user: ServiceUser) -> Result<()> {
-    std::os::unix::fs::chown(path, Some(user.uid), Some(user.gid)).with_context(|| {
-        format!(
-            "failed to chown {} to {}:{}",
-            path.display(),
-            user.uid,
-            user.gid
-        )
-    })
-}
-
-/// Creates `<tmp>/db-gateway-pg-<pid>-<counter>-<random>` with mode 0700: the pid and counter
-/// keep servers of concurrent tests apart, the random part keeps apart runs whose pids repeat.
-fn create_root_dir(run_as: Option<ServiceUser>) -> Result<PathBuf> {
-    let name = format!(
-        "{DIR_PREFIX}-{}-{}-{:08x}",
-        std::process::id(),
-        NEXT_ID.fetch_add(1, Ordering::Relaxed),
-        rand::random::<u32>()
+/// Runs `cmd` with stdin closed and returns its stdout; fails with its stderr unless it
+/// exits with 0.
+fn run_ok(cmd: &mut Command, what: &str) -> Result<Vec<u8>> {
+    let output = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("failed to run {what}"))?;
+    ensure!(
+        output.status.success(),
+        "{what} failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr).trim_end()
     );
-    let mut base = std::env::temp_dir();
-    // A long $TMPDIR would push the unix socket path past the kernel's limit.
-    let socket_len = |base: &Path| {
-        base.join(&name)
-            .join("sock")
-            .join(SOCKET_NAME_MAX)
-            .as_os_str()
-            .len()
-    };
-    if socket_len(&base) > MAX_SOCKET_PATH {
-        base = PathBuf::from("/tmp");
-    }
-    let dir = base.join(name);
-    fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&dir)
-        .with_context(|| format!("failed to create {}", dir.display()))?;
-    if let Some(user) = run_as
-        && let Err(e) = chown(&dir, user)
-    {
-        let _ = fs::remove_dir(&dir);
-        return Err(e);
-    }
-    Ok(dir)
-}
-
-/// Asks the kernel for a free loopback port. The port is released before postgres binds it,
-/// so another process can take it in between; [`LocalPostgres::launch`] retries then.
-fn free_port() -> Result<u16> {
-    let listener =
-        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("failed to find a free port")?;
-    Ok(listener
-        .local_addr()
-        .context("failed to read the probe's address")?
-        .port())
+    Ok(output.stdout)
 }
 
 /// A `postgresql.conf` string literal.
@@ -638,7 +473,7 @@ fn libpq_quote(value: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::net::{SocketAddr, TcpStream};
+    use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 
     use super::*;
 

@@ -49,6 +49,14 @@ impl Drop for Link {
 /// A network namespace deleted on drop.
 pub struct Netns(pub String);
 
+impl Netns {
+    /// `ip netns add <name>`, deleted again when the guard drops.
+    pub fn create(name: &str) -> Result<Self> {
+        run("ip", &["netns", "add", name])?;
+        Ok(Self(name.to_owned()))
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = run("ip", &["netns", "del", &self.0]);
@@ -154,8 +162,7 @@ impl Pod {
                 _veth: None,
             });
         }
-        run("ip", &["netns", "add", ns])?;
-        let netns = Netns(ns.to_owned());
+        let netns = Netns::create(ns)?;
         run(
             "ip",
             &[

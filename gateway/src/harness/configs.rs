@@ -1,0 +1,364 @@
+//! The node's and the proxy's configuration for a [`Stack`](super::Stack), built as the
+//! [`crate::config`] structs the processes load and written with `serde_norway`: a renamed
+//! or retyped field breaks the build here instead of a test run. Relative paths are
+//! relative to the stack directory, where the files are written (the loaders resolve them
+//! against the file's directory).
+//!
+//! A test's YAML fragments ([`StackSpec`]'s `*_yaml` fields) are parsed into the same structs
+//! (top-level settings are laid over the harness's own, key by key), so an unknown field
+//! fails at [`Stack::start`](super::Stack::start), naming the fragment.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::kernel::Kernel;
+use super::machine::loopback;
+use super::spec::{
+    CA_SERVER_NAME, DEMO_TRUST_DOMAIN, INVENTORY, NODE_CERT, NODE_KEY, NODE_NAME,
+    PROXY_SERVER_NAME, ROUTE, StackSpec,
+};
+use crate::config::{
+    AuditConfig, CaEndpoint, CaFiles, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DB_CLIENT_CERT_TTL,
+    DEFAULT_DRAIN_GRACE, DEFAULT_STARTUP_TIMEOUT, DEFAULT_TUNNEL_IDLE_TIMEOUT, DataPlaneConfig,
+    DatabaseConfig, IdentityConfig, IdentityFiles, InterceptionConfig, ListenerConfig, NodeConfig,
+    Protocol, ProxyConfig, ProxyEndpoint, ProxyTls, ReuseConfig, RoleConfig, RouteConfig,
+    UpstreamAuth, UpstreamConfig, UpstreamTlsMode,
+};
+use crate::pki;
+use crate::tunnel::PodMeta;
+
+/// Data-plane threads of the node unless a test's `node_data_plane_yaml` sets `threads`.
+const NODE_THREADS: usize = 2;
+/// How long the transparent node waits for a pod its inventory does not list.
+const UNKNOWN_POD_WAIT: Duration = Duration::from_secs(1);
+
+/// A path below the stack's CA directory (`ca/`).
+fn in_ca_dir(file: &str) -> PathBuf {
+    Path::new("ca").join(file)
+}
+
+/// The proxy of a stack whose PostgreSQL listens on `pg_port`.
+pub fn proxy_config(spec: &StackSpec, pg_port: u16) -> Result<ProxyConfig> {
+    let roles: Vec<RoleConfig> = fragment("roles_yaml", &spec.roles_yaml)?;
+    let mut databases = Vec::new();
+    let main = (ROUTE, spec.upstream_reuse.as_deref());
+    let extra = spec
+        .pg_routes
+        .iter()
+        .map(|r| (r.name.as_str(), r.reuse.as_deref()));
+    for (name, reuse) in std::iter::once(main).chain(extra) {
+        databases.push(DatabaseConfig {
+            name: name.into(),
+            labels: [("env".to_owned(), "demo".to_owned())].into(),
+            protocol: Protocol::Postgres,
+            upstream: UpstreamConfig {
+                address: loopback(pg_port).to_string(),
+                auth: Some(UpstreamAuth::Cert),
+                tls: UpstreamTlsMode::VerifyFull,
+                ca: Some(in_ca_dir(pki::WORKLOAD_CA_CERT)),
+                server_name: Some("localhost".into()),
+                reuse: reuse
+                    .map(|r| fragment::<ReuseConfig>("upstream reuse", r))
+                    .transpose()?,
+            },
+        });
+    }
+    databases.extend(fragment::<Vec<DatabaseConfig>>(
+        "extra_databases_yaml",
+        &spec.extra_databases_yaml,
+    )?);
+    for r in &spec.tcp_routes {
+        databases.push(DatabaseConfig {
+            name: r.name.clone(),
+            labels: Default::default(),
+            protocol: Protocol::Tcp,
+            upstream: UpstreamConfig {
+                address: r.upstream.to_string(),
+                auth: None,
+                tls: UpstreamTlsMode::VerifyFull,
+                ca: None,
+                server_name: None,
+                reuse: None,
+            },
+        });
+    }
+    let base = ProxyConfig {
+        // Port 0 everywhere: the kernel picks, the process reports (no port races).
+        listen: loopback(0),
+        threads: 0,
+        admin_listen: loopback(0),
+        trust_domain: DEMO_TRUST_DOMAIN.into(),
+        tls: ProxyTls {
+            cert: "proxy.crt".into(),
+            key: "proxy.key".into(),
+            client_ca: in_ca_dir(pki::WORKLOAD_CA_CERT),
+        },
+        db_client_ca: CaFiles {
+            cert: in_ca_dir(pki::DB_CLIENT_CA_CERT),
+            key: in_ca_dir(pki::DB_CLIENT_CA_KEY),
+        },
+        db_client_cert_ttl: DEFAULT_DB_CLIENT_CERT_TTL,
+        audit: AuditConfig {
+            path: "audit.jsonl".into(),
+        },
+        drain_grace: DEFAULT_DRAIN_GRACE,
+        startup_timeout: DEFAULT_STARTUP_TIMEOUT,
+        tunnel_idle_timeout: DEFAULT_TUNNEL_IDLE_TIMEOUT,
+        upstream_connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        roles,
+        databases,
+    };
+    overlay(&base, "proxy_extra_yaml", &spec.proxy_extra_yaml)
+}
+
+/// The node of a stack whose proxy listens on `proxy_addr`; with `kernel` (transparent
+/// mode) it intercepts the kernel's database address and asks the CA at `ca_addr`.
+pub fn node_config(
+    spec: &StackSpec,
+    proxy_addr: SocketAddr,
+    kernel: Option<&Kernel>,
+    ca_addr: SocketAddr,
+) -> Result<NodeConfig> {
+    let data_plane = DataPlaneConfig {
+        threads: NODE_THREADS,
+        ..DataPlaneConfig::default()
+    };
+    let data_plane = overlay(
+        &data_plane,
+        "node_data_plane_yaml",
+        &spec.node_data_plane_yaml,
+    )?;
+    let listeners = spec
+        .workloads
+        .iter()
+        .enumerate()
+        .map(|(i, w)| ListenerConfig {
+            listen: loopback(0),
+            route: w.route.clone(),
+            protocol: w.protocol,
+            identity: IdentityFiles {
+                cert: format!("workload-{i}.crt").into(),
+                key: format!("workload-{i}.key").into(),
+            },
+            pod: PodMeta {
+                namespace: Some(w.namespace.clone()),
+                name: Some(format!("{}-{i}", w.service_account)),
+                service_account: Some(w.service_account.clone()),
+                ..PodMeta::default()
+            },
+        })
+        .collect();
+    Ok(NodeConfig {
+        node_name: NODE_NAME.into(),
+        admin_listen: loopback(0),
+        proxy: ProxyEndpoint {
+            address: proxy_addr.to_string(),
+            server_name: PROXY_SERVER_NAME.into(),
+            ca: in_ca_dir(pki::WORKLOAD_CA_CERT),
+        },
+        data_plane,
+        listeners,
+        interception: kernel.map(|k| interception(spec, k, ca_addr)),
+    })
+}
+
+fn interception(spec: &StackSpec, k: &Kernel, ca_addr: SocketAddr) -> InterceptionConfig {
+    // The IPv6 database address is intercepted only when the agent has an IPv6 address.
+    let v6 = k.db_addr_v6.zip(k.agent_addr_v6);
+    let mut main = vec![k.db_addr.to_string()];
+    main.extend(v6.map(|(db6, _)| db6.to_string()));
+    let mut routes = vec![RouteConfig {
+        match_destination: main,
+        route: ROUTE.into(),
+        protocol: Protocol::Postgres,
+    }];
+    let mut destinations = Vec::new();
+    for r in &spec.tcp_routes {
+        let dst = SocketAddr::new(k.db_addr.ip(), r.intercept_port);
+        routes.push(RouteConfig {
+            match_destination: vec![dst.to_string()],
+            route: r.name.clone(),
+            protocol: Protocol::Tcp,
+        });
+        destinations.push(format!("{}/32:{}", k.db_addr.ip(), r.intercept_port));
+    }
+    InterceptionConfig {
+        cgroup: Some(k.tree.root.clone()),
+        pin_dir: k.pin_dir.clone(),
+        agent_address: k.agent_addr,
+        agent_address_v6: v6.map(|(_, agent6)| agent6),
+        agent_interface: k.agent_interface.clone(),
+        ports: vec![crate::ebpf::DEFAULT_PORT],
+        destinations,
+        fail_open: false,
+        routes,
+        identity: IdentityConfig {
+            trust_domain: DEMO_TRUST_DOMAIN.into(),
+            inventory: Some(INVENTORY.into()),
+            kubernetes: None,
+            unknown_pod_wait: UNKNOWN_POD_WAIT,
+        },
+        ca: CaEndpoint {
+            address: ca_addr,
+            server_name: CA_SERVER_NAME.into(),
+            ca: in_ca_dir(pki::WORKLOAD_CA_CERT),
+            node_cert: NODE_CERT.into(),
+            node_key: NODE_KEY.into(),
+        },
+    }
+}
+
+/// Writes `config` as YAML to `path`.
+pub fn write_yaml<T: Serialize>(path: &Path, config: &T) -> Result<()> {
+    let text = serde_norway::to_string(config).context("failed to serialize a config")?;
+    std::fs::write(path, text).with_context(|| format!("failed to write {}", path.display()))
+}
+
+/// A test's fragment `yaml` (named `what` in errors) as `T`; empty means an empty list.
+fn fragment<T: DeserializeOwned>(what: &str, yaml: &str) -> Result<T> {
+    let yaml = if yaml.trim().is_empty() { "[]" } else { yaml };
+    serde_norway::from_str(yaml).with_context(|| format!("invalid {what}: {yaml}"))
+}
+
+/// `base` with the top-level keys of the mapping `yaml` (named `what` in errors) laid over
+/// it; the result is checked against `T` (unknown fields, types, durations).
+fn overlay<T: Serialize + DeserializeOwned>(base: &T, what: &str, yaml: &str) -> Result<T> {
+    let mut value = serde_norway::to_value(base).context("failed to serialize a config")?;
+    if !yaml.trim().is_empty() {
+        let extra: serde_norway::Value =
+            serde_norway::from_str(yaml).with_context(|| format!("invalid {what}: {yaml}"))?;
+        let (Some(into), serde_norway::Value::Mapping(extra)) = (value.as_mapping_mut(), extra)
+        else {
+            bail!("{what} is not a mapping: {yaml}");
+        };
+        for (k, v) in extra {
+            into.insert(k, v);
+        }
+    }
+    serde_norway::from_value(value).with_context(|| format!("invalid {what}: {yaml}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::harness::machine::temp_dir;
+    use crate::harness::spec::{PgRoute, TcpRoute, Workload};
+
+    const ROLES: &str = r#"  - name: team-a
+    match: { namespace: team-a }
+    databases: { names: [main] }
+    db_users: ["{{ .service_account }}"]
+    db_names: [app]
+"#;
+
+    fn spec() -> StackSpec {
+        StackSpec {
+            gateway_bin: "gateway".into(),
+            workloads: vec![
+                Workload::new("team-a", "api"),
+                Workload::tcp("team-a", "api", "echo"),
+            ],
+            roles_yaml: ROLES.into(),
+            proxy_extra_yaml: "drain_grace: 20s\nthreads: 1\n".into(),
+            node_data_plane_yaml: "  warm_tunnel_idle: 1500ms\n".into(),
+            extra_databases_yaml: "  - name: down\n    upstream: { address: \"127.0.0.1:1\", auth: cert, ca: ca/x.crt }\n".into(),
+            upstream_reuse: Some("{ max_idle: 2, idle_timeout: 3s }".into()),
+            pg_routes: vec![PgRoute {
+                name: "main-reuse".into(),
+                reuse: None,
+            }],
+            tcp_routes: vec![TcpRoute {
+                name: "echo".into(),
+                upstream: "127.0.0.1:7".parse().unwrap(),
+                intercept_port: 7000,
+            }],
+            setup_sql: Vec::new(),
+            transparent: None,
+            extra_hba: Vec::new(),
+        }
+    }
+
+    /// What the harness writes is what the processes load, with the test's fragments in.
+    #[test]
+    fn written_configs_load_with_the_fragments_laid_over_the_defaults() {
+        let dir = temp_dir("db-gateway-harness-test").unwrap();
+        let spec = spec();
+        write_yaml(&dir.join("proxy.yaml"), &proxy_config(&spec, 5555).unwrap()).unwrap();
+        let proxy_addr: SocketAddr = "127.0.0.1:4444".parse().unwrap();
+        let node = node_config(&spec, proxy_addr, None, loopback(0)).unwrap();
+        write_yaml(&dir.join("node.yaml"), &node).unwrap();
+        let proxy = ProxyConfig::load(&dir.join("proxy.yaml"));
+        let node = NodeConfig::load(&dir.join("node.yaml"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (proxy, node) = (proxy.unwrap(), node.unwrap());
+
+        assert_eq!(proxy.drain_grace, Duration::from_secs(20));
+        assert_eq!(proxy.threads, 1);
+        assert_eq!(proxy.tunnel_idle_timeout, DEFAULT_TUNNEL_IDLE_TIMEOUT);
+        assert_eq!(proxy.audit.path, dir.join("audit.jsonl").to_str().unwrap());
+        assert_eq!(
+            proxy.tls.client_ca,
+            dir.join("ca").join(pki::WORKLOAD_CA_CERT)
+        );
+        assert_eq!(proxy.roles.len(), 1);
+        assert_eq!(proxy.roles[0].db_users, ["{{ .service_account }}"]);
+        let names: Vec<&str> = proxy.databases.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["main", "main-reuse", "down", "echo"]);
+        let main = &proxy.databases[0];
+        assert_eq!(main.upstream.address, "127.0.0.1:5555");
+        assert_eq!(main.upstream.server_name(), "localhost");
+        assert_eq!(main.labels.get("env").map(String::as_str), Some("demo"));
+        let reuse = main.upstream.reuse.as_ref().unwrap();
+        assert_eq!(reuse.max_idle, 2);
+        assert_eq!(reuse.idle_timeout, Duration::from_secs(3));
+        assert!(proxy.databases[1].upstream.reuse.is_none());
+        assert_eq!(proxy.databases[3].protocol, Protocol::Tcp);
+        assert_eq!(proxy.databases[3].upstream.address, "127.0.0.1:7");
+
+        assert_eq!(node.node_name, NODE_NAME);
+        assert_eq!(node.proxy.address, "127.0.0.1:4444");
+        assert_eq!(node.data_plane.threads, NODE_THREADS);
+        assert_eq!(
+            node.data_plane.warm_tunnel_idle,
+            Duration::from_millis(1500)
+        );
+        assert!(node.interception.is_none());
+        assert_eq!(node.listeners.len(), 2);
+        assert_eq!(node.listeners[1].route, "echo");
+        assert_eq!(node.listeners[1].protocol, Protocol::Tcp);
+        assert_eq!(node.listeners[1].identity.cert, dir.join("workload-1.crt"));
+        assert_eq!(node.listeners[0].pod.name.as_deref(), Some("api-0"));
+    }
+
+    #[test]
+    fn a_threads_fragment_replaces_the_node_default() {
+        let mut spec = spec();
+        spec.node_data_plane_yaml = "  threads: 1\n".into();
+        let node = node_config(&spec, loopback(1), None, loopback(0)).unwrap();
+        assert_eq!(node.data_plane.threads, 1);
+        assert_eq!(
+            node.data_plane.warm_tunnel_idle,
+            DataPlaneConfig::default().warm_tunnel_idle
+        );
+    }
+
+    #[test]
+    fn a_fragment_with_an_unknown_field_fails_naming_the_fragment() {
+        let mut spec = spec();
+        spec.proxy_extra_yaml = "drain_grase: 20s\n".into();
+        let e = format!("{:#}", proxy_config(&spec, 1).unwrap_err());
+        assert!(
+            e.contains("proxy_extra_yaml") && e.contains("drain_grase"),
+            "{e}"
+        );
+        let mut spec = self::spec();
+        spec.roles_yaml = "  - name: x\n    matcher: {}\n".into();
+        let e = format!("{:#}", proxy_config(&spec, 1).unwrap_err());
+        assert!(e.contains("roles_yaml"), "{e}");
+    }
+}

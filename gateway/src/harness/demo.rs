@@ -1,0 +1,105 @@
+//! `gateway up`: one demo workload on a whole local [`Stack`], until Ctrl-C.
+
+use anyhow::Result;
+
+use super::machine::is_root;
+use super::spec::{PodSpec, StackSpec, TransparentSpec, Workload};
+use super::stack::Stack;
+
+/// Shell-quotes one word for the `POD` line.
+fn shell_quote(w: &str) -> String {
+    if !w.is_empty()
+        && w.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:".contains(&b))
+    {
+        w.to_owned()
+    } else {
+        format!("'{}'", w.replace('\'', "'\\''"))
+    }
+}
+
+/// `gateway up`: one demo workload, `demo/app`, allowed as database user `app` on
+/// database `app`. As root the workload is a pod (network namespace + kubelet-shaped
+/// cgroup) intercepted by eBPF; otherwise, or with `explicit`, an explicit-mode listener.
+pub fn run(keep: bool, explicit: bool) -> Result<()> {
+    let transparent = !explicit && is_root();
+    let spec = StackSpec {
+        gateway_bin: std::env::current_exe()?,
+        workloads: if transparent { Vec::new() } else { vec![Workload::new("demo", "app")] },
+        roles_yaml: "  - name: demo-apps\n    match: { namespace: demo }\n    databases: { labels: { env: demo } }\n    db_users: [\"{{ .service_account }}\"]\n    db_names: [\"{{ .service_account }}\"]\n    force_db_user: true\n    force_db_name: true\n".into(),
+        proxy_extra_yaml: String::new(),
+        node_data_plane_yaml: String::new(),
+        extra_databases_yaml: String::new(),
+        tcp_routes: Vec::new(),
+        transparent: transparent.then(|| TransparentSpec {
+            pods: vec![PodSpec::new("demo", "app-0", "app")],
+            host_identity: None,
+            ipv6: false,
+        }),
+        setup_sql: vec![
+            "CREATE ROLE app LOGIN".into(),
+            "CREATE DATABASE app OWNER app".into(),
+        ],
+        extra_hba: Vec::new(),
+        upstream_reuse: None,
+        pg_routes: Vec::new(),
+    };
+    let mut stack = Stack::start(spec)?;
+    stack.keep_dir = keep;
+    eprintln!("db-gateway demo in {}", stack.dir.display());
+    eprintln!(
+        "  PostgreSQL 15 on 127.0.0.1:{} (certificate logins only)",
+        stack.pg.port
+    );
+    eprintln!(
+        "  proxy on {} (admin http://{}/metrics)",
+        stack.proxy_addr, stack.proxy_admin
+    );
+    eprintln!("  node agent admin http://{}/metrics", stack.node_admin);
+    eprintln!("  audit log {}", stack.audit_path.display());
+    let (ready, pod) = match &stack.kernel {
+        Some(k) => {
+            let conn = format!(
+                "host={} port={} user=app dbname=app sslmode=disable",
+                k.db_addr.ip(),
+                k.db_addr.port()
+            );
+            let prefix: Vec<String> = k.pods[0]
+                .command_prefix()
+                .iter()
+                .map(|w| shell_quote(w))
+                .collect();
+            eprintln!(
+                "  pod demo/app-0 (uid {}) in its own network namespace; {} is intercepted by eBPF",
+                k.pods[0].uid, k.db_addr
+            );
+            (conn, Some(prefix.join(" ")))
+        }
+        None => (stack.conn_string(0, "app", "app"), None),
+    };
+    match &pod {
+        Some(p) => eprintln!(
+            "Try: {p} psql \"{ready}\" -c 'select current_user'   (Ctrl-C stops and cleans up)"
+        ),
+        None => eprintln!(
+            "Try: psql \"{ready}\" -c 'select current_user'   (Ctrl-C stops and cleans up)"
+        ),
+    }
+    println!("READY {ready}");
+    if let Some(p) = &pod {
+        println!("POD {p}");
+    }
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(crate::admin::shutdown_signal());
+    eprintln!("stopping and cleaning up");
+    if keep {
+        eprintln!("keeping {}", stack.dir.display());
+    }
+    drop(stack);
+    Ok(())
+}

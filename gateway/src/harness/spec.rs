@@ -1,0 +1,140 @@
+//! What a [`Stack`](super::Stack) is made of: its workloads, routes, pods and the pieces of
+//! policy and settings a test adds. Plain data; [`super::configs`] turns it into the node's
+//! and proxy's configuration.
+//!
+//! The `*_yaml` fields are fragments in the configuration files' own syntax, so a test
+//! reads like the file it configures; they are parsed into the [`crate::config`] structs
+//! when the stack starts (an unknown field fails there, naming the fragment).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use crate::config::Protocol;
+
+pub const DEMO_TRUST_DOMAIN: &str = "demo.db-gateway.local";
+/// The name in the proxy's certificate that nodes verify.
+pub const PROXY_SERVER_NAME: &str = "proxy.db-gateway.local";
+/// The database route every demo and test listener uses.
+pub const ROUTE: &str = "main";
+
+/// One workload: an explicit-mode node listener presenting this identity.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    pub namespace: String,
+    pub service_account: String,
+    /// Route the listener sends to (default [`ROUTE`]).
+    pub route: String,
+    /// The listener's protocol (a `tcp` listener needs a [`TcpRoute`] of that name).
+    pub protocol: Protocol,
+}
+
+impl Workload {
+    pub fn new(namespace: &str, service_account: &str) -> Self {
+        Self {
+            namespace: namespace.into(),
+            service_account: service_account.into(),
+            route: ROUTE.into(),
+            protocol: Protocol::Postgres,
+        }
+    }
+
+    /// A listener of the same identity on `tcp` route `route`.
+    pub fn tcp(namespace: &str, service_account: &str, route: &str) -> Self {
+        Self {
+            route: route.into(),
+            protocol: Protocol::Tcp,
+            ..Self::new(namespace, service_account)
+        }
+    }
+}
+
+/// A `tcp` route of the proxy (plain L4 to `upstream`).
+#[derive(Debug, Clone)]
+pub struct TcpRoute {
+    pub name: String,
+    pub upstream: SocketAddr,
+    /// Transparent mode: pods reach it by dialling the database's address on this port.
+    pub intercept_port: u16,
+}
+
+/// A `postgres` route of the proxy to the stack's own server.
+#[derive(Debug, Clone)]
+pub struct PgRoute {
+    pub name: String,
+    /// `upstream.reuse`, as a YAML flow mapping; `None` for off.
+    pub reuse: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StackSpec {
+    /// The `gateway` binary to run for the proxy and the node.
+    pub gateway_bin: PathBuf,
+    pub workloads: Vec<Workload>,
+    /// The `roles:` list of the proxy policy, as YAML (a sequence).
+    pub roles_yaml: String,
+    /// Extra top-level proxy settings (YAML lines), e.g. `drain_grace: 5s`.
+    pub proxy_extra_yaml: String,
+    /// Extra `data_plane:` settings of the node (YAML mapping lines, indented by 2; a
+    /// `threads:` line here replaces the default of 2).
+    pub node_data_plane_yaml: String,
+    /// More entries of the proxy's `databases:` list (YAML sequence items, indented by 2).
+    pub extra_databases_yaml: String,
+    /// `upstream.reuse` of the main route (a YAML flow mapping such as `{ max_idle: 8 }`);
+    /// `None` leaves reuse off, as it is by default.
+    pub upstream_reuse: Option<String>,
+    /// More `postgres` routes to the stack's own server (e.g. the same database with
+    /// `upstream.reuse` on, next to the main route without it).
+    pub pg_routes: Vec<PgRoute>,
+    /// `tcp` routes on the proxy (and, in transparent mode, intercepted on their port).
+    pub tcp_routes: Vec<TcpRoute>,
+    /// SQL run as superuser once the database is up (roles, databases, grants).
+    pub setup_sql: Vec<String>,
+    /// Transparent mode: pods in namespaces and cgroups, intercepted by eBPF (root only).
+    pub transparent: Option<TransparentSpec>,
+    /// `pg_hba.conf` lines placed before the certificate-only rules (the benchmark's
+    /// `direct` path and TLS peers log in over plain TCP with `hostnossl … trust`).
+    pub extra_hba: Vec<String>,
+}
+
+/// One pod of the transparent demo or tests.
+#[derive(Debug, Clone)]
+pub struct PodSpec {
+    pub namespace: String,
+    pub name: String,
+    pub service_account: String,
+    pub host_network: bool,
+    /// Left out of the inventory: a pod the resolver has not heard of (yet).
+    pub unlisted: bool,
+}
+
+impl PodSpec {
+    pub fn new(namespace: &str, name: &str, service_account: &str) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+            service_account: service_account.into(),
+            host_network: false,
+            unlisted: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TransparentSpec {
+    pub pods: Vec<PodSpec>,
+    /// The inventory's identity for processes outside any pod (`None` refuses them).
+    pub host_identity: Option<(String, String)>,
+    /// Also give the database, the agent and every namespaced pod an IPv6 address.
+    pub ipv6: bool,
+}
+
+/// In the stack directory (transparent mode): the CA service's pod inventory, and the node's
+/// certificate and key for the CA service.
+pub const INVENTORY: &str = "inventory.yaml";
+pub const NODE_CERT: &str = "node.crt";
+pub const NODE_KEY: &str = "node.key";
+
+pub const CA_SERVER_NAME: &str = "ca.db-gateway.local";
+pub const NODE_NAME: &str = "demo-node";
+/// Port of the agent address in tests and the demo.
+pub const AGENT_PORT: u16 = 15432;

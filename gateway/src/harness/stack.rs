@@ -1,0 +1,316 @@
+//! A running local deployment, for the tests, the bench and `gateway up`.
+//!
+//! It makes a temporary directory with both CAs, starts a local PostgreSQL configured for
+//! certificate logins only (`hostssl … cert`), then the proxy and the node agent as child
+//! processes of the same binary, with one explicit-mode listener per workload (or, in
+//! transparent mode, pods intercepted by eBPF and the CA service). The demo, the integration
+//! tests and the bench build their environments with the same [`Stack`], so they exercise
+//! the same wiring.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use super::configs::{self, write_yaml};
+use super::kernel::Kernel;
+use super::localdb::{self, LocalPostgres, LocalPostgresOptions};
+use super::machine::{loopback, stop_child, temp_dir};
+use super::spec::{DEMO_TRUST_DOMAIN, PROXY_SERVER_NAME, StackSpec};
+use crate::pki::{self, CertificateAuthority, LeafSpec, SpiffeId};
+
+/// How long a gateway process may take to report its addresses.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a stopped process may take to exit on SIGTERM before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// A running local deployment; dropping it stops every process and removes every file.
+pub struct Stack {
+    pub dir: PathBuf,
+    pub ca_dir: PathBuf,
+    pub pg: LocalPostgres,
+    pub proxy: Option<Child>,
+    pub node: Option<Child>,
+    pub proxy_addr: SocketAddr,
+    pub proxy_admin: SocketAddr,
+    pub node_admin: SocketAddr,
+    /// Node listener per workload, in the order of [`StackSpec::workloads`].
+    pub listeners: Vec<SocketAddr>,
+    pub audit_path: PathBuf,
+    pub proxy_config: PathBuf,
+    pub node_config: PathBuf,
+    /// The CA service (transparent mode).
+    pub ca: Option<Child>,
+    pub ca_addr: SocketAddr,
+    pub kernel: Option<Kernel>,
+    /// Keep the directory (logs, configs, audit) when dropped.
+    pub keep_dir: bool,
+    spec: StackSpec,
+}
+
+impl Stack {
+    pub fn start(spec: StackSpec) -> Result<Self> {
+        let dir = temp_dir("db-gateway-up")?;
+        // From here on, a failure must still remove the directory.
+        match Self::start_in(spec, &dir) {
+            Ok(s) => Ok(s),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    fn start_in(spec: StackSpec, dir: &Path) -> Result<Self> {
+        let ca_dir = dir.join("ca");
+        pki::init_ca(&ca_dir, DEMO_TRUST_DOMAIN)?;
+        let workload_ca = CertificateAuthority::load(
+            &ca_dir.join(pki::WORKLOAD_CA_CERT),
+            &ca_dir.join(pki::WORKLOAD_CA_KEY),
+        )?;
+        let day = Duration::from_secs(24 * 3600);
+        // The database's server certificate comes from the workload CA in the demo; in
+        // production it is the database's own (e.g. the RDS CA bundle).
+        let (pg_cert, pg_key) = workload_ca.issue(
+            &LeafSpec::server(vec!["localhost".into()], vec!["127.0.0.1".parse()?]),
+            day,
+        )?;
+        let pg = localdb::start(LocalPostgresOptions {
+            server_cert_pem: pg_cert,
+            server_key_pem: pg_key,
+            client_ca_pem: std::fs::read_to_string(ca_dir.join(pki::DB_CLIENT_CA_CERT))?,
+            extra_hba: spec.extra_hba.clone(),
+        })?;
+        for sql in &spec.setup_sql {
+            pg.psql(sql)
+                .with_context(|| format!("setup SQL failed: {sql}"))?;
+        }
+
+        let (proxy_cert, proxy_key) = workload_ca.issue(
+            &LeafSpec::server(vec![PROXY_SERVER_NAME.into()], vec![]),
+            day,
+        )?;
+        pki::write_public(&dir.join("proxy.crt"), &proxy_cert)?;
+        pki::write_secret(&dir.join("proxy.key"), &proxy_key)?;
+        for (i, w) in spec.workloads.iter().enumerate() {
+            let id = SpiffeId::new(DEMO_TRUST_DOMAIN, &w.namespace, &w.service_account);
+            let (c, k) = workload_ca.issue(&LeafSpec::workload(&id), day)?;
+            pki::write_public(&dir.join(format!("workload-{i}.crt")), &c)?;
+            pki::write_secret(&dir.join(format!("workload-{i}.key")), &k)?;
+        }
+
+        let audit_path = dir.join("audit.jsonl");
+        let proxy_config = dir.join("proxy.yaml");
+        let node_config = dir.join("node.yaml");
+        let mut stack = Stack {
+            dir: dir.to_owned(),
+            ca_dir,
+            pg,
+            proxy: None,
+            node: None,
+            proxy_addr: loopback(0),
+            proxy_admin: loopback(0),
+            node_admin: loopback(0),
+            listeners: Vec::new(),
+            audit_path,
+            proxy_config,
+            node_config,
+            ca: None,
+            ca_addr: loopback(0),
+            kernel: None,
+            keep_dir: std::env::var_os("GATEWAY_KEEP_TEST_DIR").is_some(),
+            spec,
+        };
+        stack.start_proxy()?;
+        if let Some(t) = stack.spec.transparent.clone() {
+            stack.kernel = Some(Kernel::create(&stack.dir, &t, &workload_ca)?);
+            stack.start_ca()?;
+        }
+        stack.start_node()?;
+        Ok(stack)
+    }
+
+    /// (Re)starts the proxy on a fresh port; the node config follows it.
+    pub fn start_proxy(&mut self) -> Result<()> {
+        let config = configs::proxy_config(&self.spec, self.pg.port)?;
+        write_yaml(&self.proxy_config, &config)?;
+        let mut child = self.spawn("proxy", &self.proxy_config)?;
+        let started = wait_for_startup(&self.dir.join("proxy.log"), "proxy", &mut child, 1);
+        self.proxy = Some(child);
+        let (admin, listening) = started?;
+        self.proxy_admin = admin;
+        self.proxy_addr = listening[0];
+        Ok(())
+    }
+
+    pub fn start_node(&mut self) -> Result<()> {
+        let config = configs::node_config(
+            &self.spec,
+            self.proxy_addr,
+            self.kernel.as_ref(),
+            self.ca_addr,
+        )?;
+        write_yaml(&self.node_config, &config)?;
+        let mut child = self.spawn("node", &self.node_config)?;
+        let started = wait_for_startup(
+            &self.dir.join("node.log"),
+            "node",
+            &mut child,
+            self.spec.workloads.len(),
+        );
+        self.node = Some(child);
+        let (admin, listening) = started?;
+        self.node_admin = admin;
+        self.listeners = listening;
+        Ok(())
+    }
+
+    fn spawn(&self, what: &str, config: &Path) -> Result<Child> {
+        self.spawn_args(what, &[what, "--config", &config.to_string_lossy()])
+    }
+
+    /// Starts `gateway <args>` with its output in `<log>.log` in the stack directory.
+    pub fn spawn_args(&self, log: &str, args: &[&str]) -> Result<Child> {
+        let what = log;
+        let log = std::fs::File::create(self.dir.join(format!("{log}.log")))?;
+        Command::new(&self.spec.gateway_bin)
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("failed to start {} {what}", self.spec.gateway_bin.display()))
+    }
+
+    /// (Re)starts the CA service that signs workload certificates for the node.
+    pub fn start_ca(&mut self) -> Result<()> {
+        let d = |f: &str| self.dir.join(f).to_string_lossy().into_owned();
+        let args = [
+            "ca".to_owned(),
+            "serve".to_owned(),
+            "--dir".to_owned(),
+            d("ca"),
+            "--listen".to_owned(),
+            "127.0.0.1:0".to_owned(),
+            "--admin-listen".to_owned(),
+            "127.0.0.1:0".to_owned(),
+            "--tls-cert".to_owned(),
+            d("ca-server.crt"),
+            "--tls-key".to_owned(),
+            d("ca-server.key"),
+            "--inventory".to_owned(),
+            d("inventory.yaml"),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut child = self.spawn_args("ca", &args)?;
+        let started = wait_for_startup(&self.dir.join("ca.log"), "ca", &mut child, 1);
+        self.ca = Some(child);
+        self.ca_addr = started?.1[0];
+        Ok(())
+    }
+
+    /// SIGKILLs the node agent (no clean-up of any kind) and waits for it.
+    pub fn kill_node(&mut self) {
+        if let Some(mut c) = self.node.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// A libpq connection string for workload `i` (plain TCP to the node's listener:
+    /// the tunnel from the node onwards is the encryption).
+    pub fn conn_string(&self, i: usize, user: &str, dbname: &str) -> String {
+        let a = self.listeners[i];
+        format!(
+            "host={} port={} user={user} dbname={dbname} sslmode=disable",
+            a.ip(),
+            a.port()
+        )
+    }
+
+    /// Sends SIGTERM to the proxy (drain) and returns its process for the caller to wait.
+    pub fn terminate_proxy(&mut self) -> Option<Child> {
+        let child = self.proxy.take()?;
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        Some(child)
+    }
+
+    pub fn log(&self, what: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{what}.log"))).unwrap_or_default()
+    }
+
+    pub fn audit_events(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.audit_path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        for c in [self.node.as_mut(), self.proxy.as_mut(), self.ca.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            stop_child(c, STOP_GRACE);
+        }
+        if let Some(k) = &self.kernel
+            && k.pin_dir.exists()
+            && let Err(e) = crate::ebpf::uninstall(&k.pin_dir)
+        {
+            eprintln!("failed to remove {}: {e}", k.pin_dir.display());
+        }
+        if !self.keep_dir {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Waits for the `ADMIN <addr>` line and `listeners` `LISTENING <addr>` lines a gateway
+/// process prints once it serves; fails with the log's tail if it exits first.
+fn wait_for_startup(
+    log: &Path,
+    what: &str,
+    child: &mut Child,
+    listeners: usize,
+) -> Result<(SocketAddr, Vec<SocketAddr>)> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let admin = text
+            .lines()
+            .find_map(|l| l.strip_prefix("ADMIN "))
+            .and_then(|a| a.trim().parse().ok());
+        let listening: Vec<SocketAddr> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("LISTENING "))
+            .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+            .collect();
+        if let Some(admin) = admin
+            && listening.len() >= listeners
+        {
+            return Ok((admin, listening));
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let tail: Vec<&str> = text.lines().rev().take(15).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            bail!(
+                "gateway {what} exited during start-up ({status}); its log ends:\n{}",
+                tail.join("\n")
+            );
+        }
+        if Instant::now() > deadline {
+            bail!("gateway {what} did not report its addresses within {READY_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
