@@ -20,10 +20,10 @@ pub struct SessionInfo {
     pub session_id: String,
     pub identity: String,
     pub node: Option<String>,
-    pub pod: Option<crate::tunnel::PodMeta>,
+    pub pod: Option<crate::pod::PodMeta>,
     pub database_route: Option<String>,
     /// `postgres` or `tcp` (the route's protocol as the node announced it).
-    pub protocol: crate::config::Protocol,
+    pub protocol: crate::route::Protocol,
     /// What the client asked for in its startup packet.
     pub requested_user: Option<String>,
     pub requested_database: Option<String>,
@@ -161,8 +161,8 @@ mod tests {
     use metrics_exporter_prometheus::PrometheusBuilder;
 
     use super::*;
-    use crate::config::Protocol;
-    use crate::tunnel::PodMeta;
+    use crate::pod::PodMeta;
+    use crate::route::Protocol;
 
     struct TempFile(PathBuf);
 

@@ -31,9 +31,6 @@ use tokio::net::TcpListener;
 use self::service::{CaService, serve};
 use crate::pki::{self, CertificateAuthority};
 
-// TRANSITION(issue 17): old path, removed after the merge (the node uses `ca::client::CaClient`)
-pub use client::{CaClient, ClientError, IssuedCertificate};
-
 /// What `gateway ca serve` needs.
 pub struct ServeOptions {
     pub dir: std::path::PathBuf,

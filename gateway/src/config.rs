@@ -28,11 +28,6 @@ pub use proxy::{
     ProxyTls, ReuseConfig, RoleConfig, UpstreamAuth, UpstreamConfig, UpstreamTlsMode,
 };
 
-// TRANSITION(issue 17): old path, removed after the merge
-pub use crate::pod::HostIdentity as HostIdentityConfig;
-// TRANSITION(issue 17): old path, removed after the merge
-pub use crate::route::{Destination, Protocol, parse_destination};
-
 // ----------------------------------------------------------------------------------------
 // Defaults and bounds of the node agent (`gateway node`)
 

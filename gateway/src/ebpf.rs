@@ -11,8 +11,7 @@
 //! - `ebpf/maps.rs`: `#[repr(C)]` mirrors of the maps' keys and values;
 //! - `ebpf/pins.rs`: the pin directory and the raw `bpf(2)` calls for pinned links.
 //!
-//! Ground floor: imports nothing of ours (the TRANSITION re-exports at the end, kept for
-//! callers until the issue-17 merge, are the exception). Its defaults (pin directory,
+//! Ground floor: imports nothing of ours. Its defaults (pin directory,
 //! intercepted port) are the ones `config` uses.
 
 pub mod intercept;
@@ -574,7 +573,3 @@ pub fn cgroup_id(dir: &Path) -> Result<u64, EbpfError> {
         .map(|m| m.ino())
         .context(|| format!("stat cgroup {}", dir.display()))
 }
-
-// TRANSITION(issue 17): old paths, removed after the merge (finding the cgroup v2 mount
-// is identity's business; then this module imports nothing of ours)
-pub use crate::identity::cgroup::{cgroup2_mount as cgroup2_root, current_cgroup};

@@ -23,13 +23,9 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use crate::config::ConfigError;
 use crate::pki::{PkiError, SpiffeId};
-use crate::pod::{HostIdentity, Pod, PodDirectory, PodMeta};
+use crate::pod::{PodDirectory, PodMeta};
 
 use cgroup::{CgroupPaths, PodContainer, parse_pod_container};
-use inventory::Inventory;
-
-// TRANSITION(issue 17): old path, removed after the merge
-pub use crate::pod::PodDirectory as PodSource;
 
 /// Parsed paths kept per cgroup id; past this the cache starts over (a node runs a few
 /// hundred containers, so this is only a bound against churn).
@@ -138,38 +134,6 @@ impl Resolver {
             node_name: node_name.to_owned(),
             parsed: RwLock::new(HashMap::new()),
         })
-    }
-
-    // TRANSITION(issue 17): old constructor, removed after the merge (use `from_directory`;
-    // the directory carries the host identity now)
-    pub fn new(
-        cgroups: CgroupPaths,
-        pods: Box<dyn PodDirectory>,
-        trust_domain: &str,
-        node_name: &str,
-        host: Option<HostIdentity>,
-    ) -> Result<Self, IdentityError> {
-        struct WithHost(Box<dyn PodDirectory>, Option<HostIdentity>);
-        impl PodDirectory for WithHost {
-            fn pod(&self, uid: &str) -> Option<Pod> {
-                self.0.pod(uid)
-            }
-            fn host(&self) -> Option<&HostIdentity> {
-                self.1.as_ref()
-            }
-        }
-        let pods = Box::new(WithHost(pods, host));
-        Self::from_directory(cgroups, pods, trust_domain, node_name)
-    }
-
-    // TRANSITION(issue 17): old constructor, removed after the merge (use `from_directory`)
-    pub fn with_inventory(
-        cgroups: CgroupPaths,
-        inventory: Inventory,
-        trust_domain: &str,
-        node_name: &str,
-    ) -> Result<Self, IdentityError> {
-        Self::from_directory(cgroups, Box::new(inventory), trust_domain, node_name)
     }
 
     /// The workload whose process runs in cgroup `cgroup_id`, or why there is none.
@@ -302,8 +266,10 @@ mod tests {
     use std::sync::Mutex;
 
     use super::cgroup::id_of;
+    use super::inventory::Inventory;
     use super::testing::TempDir;
     use super::*;
+    use crate::pod::{HostIdentity, Pod};
 
     const UID: &str = "0f9c1a2b-3c4d-4e5f-8a9b-0c1d2e3f4a5b";
     const UID_: &str = "0f9c1a2b_3c4d_4e5f_8a9b_0c1d2e3f4a5b";

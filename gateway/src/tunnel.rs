@@ -23,8 +23,7 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 
-// TRANSITION(issue 17): old path, removed after the merge (then `use crate::pod::PodMeta`)
-pub use crate::pod::PodMeta;
+use crate::pod::PodMeta;
 use crate::route::Protocol;
 
 pub const PREAMBLE_MAGIC: &[u8; 4] = b"DBGW";

@@ -356,11 +356,12 @@ mod tests {
     use std::path::{Path, PathBuf};
 
     use super::*;
-    use crate::config::{Protocol, UpstreamAuth, UpstreamConfig, UpstreamTlsMode};
+    use crate::config::{UpstreamAuth, UpstreamConfig, UpstreamTlsMode};
     use crate::harness::localdb::{self, LocalPostgres, LocalPostgresOptions};
     use crate::harness::machine::{free_port, loopback, temp_dir};
     use crate::pg::Severity;
     use crate::pki;
+    use crate::route::Protocol;
 
     const TIMEOUT: Duration = Duration::from_secs(10);
 

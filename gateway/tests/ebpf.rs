@@ -85,7 +85,7 @@ fn missing_privileges() -> Option<String> {
     if !gateway::harness::is_root() {
         return Some("not root".into());
     }
-    if let Err(e) = ebpf::cgroup2_root() {
+    if let Err(e) = gateway::identity::cgroup::cgroup2_mount() {
         return Some(e.to_string());
     }
     if let Err(e) = ebpf::ensure_bpffs(Path::new(ebpf::BPFFS_ROOT)) {
@@ -107,7 +107,8 @@ fn setup() -> Option<(Env, Addrs)> {
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let pid = std::process::id();
     let tag = format!("dbgw-test-{pid}-{n}");
-    let cgroups = CgroupTree::create(&ebpf::cgroup2_root().unwrap(), &tag).expect("test cgroup");
+    let cgroups = CgroupTree::create(&gateway::identity::cgroup::cgroup2_mount().unwrap(), &tag)
+        .expect("test cgroup");
     let env = Env {
         netns: tag.clone(),
         cgroup: cgroups.root.clone(),

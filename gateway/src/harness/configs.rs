@@ -26,11 +26,12 @@ use crate::config::{
     AuditConfig, CaEndpoint, CaFiles, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DB_CLIENT_CERT_TTL,
     DEFAULT_DRAIN_GRACE, DEFAULT_STARTUP_TIMEOUT, DEFAULT_TUNNEL_IDLE_TIMEOUT, DataPlaneConfig,
     DatabaseConfig, IdentityConfig, IdentityFiles, InterceptionConfig, ListenerConfig, NodeConfig,
-    Protocol, ProxyConfig, ProxyEndpoint, ProxyTls, ReuseConfig, RoleConfig, RouteConfig,
-    UpstreamAuth, UpstreamConfig, UpstreamTlsMode,
+    ProxyConfig, ProxyEndpoint, ProxyTls, ReuseConfig, RoleConfig, RouteConfig, UpstreamAuth,
+    UpstreamConfig, UpstreamTlsMode,
 };
 use crate::pki;
-use crate::tunnel::PodMeta;
+use crate::pod::PodMeta;
+use crate::route::Protocol;
 
 /// Data-plane threads of the node unless a test's `node_data_plane_yaml` sets `threads`.
 const NODE_THREADS: usize = 2;

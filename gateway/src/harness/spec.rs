@@ -9,7 +9,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use crate::config::Protocol;
+use crate::route::Protocol;
 
 pub const DEMO_TRUST_DOMAIN: &str = "demo.db-gateway.local";
 /// The name in the proxy's certificate that nodes verify.

@@ -24,8 +24,7 @@ use super::IdentityError;
 use crate::config::{ConfigError, load_yaml, parse_yaml};
 use crate::pod::{Pod, PodDirectory};
 
-// TRANSITION(issue 17): old paths, removed after the merge (then `use crate::pod::HostIdentity`)
-pub use crate::pod::{HostIdentity, Pod as PodInfo};
+use crate::pod::HostIdentity;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

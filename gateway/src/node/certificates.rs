@@ -19,7 +19,7 @@ use rustls::ClientConfig;
 use rustls_pki_types::CertificateDer;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::ca::CaClient;
+use crate::ca::client::{CaClient, ClientError};
 use crate::identity::Workload;
 use crate::pki::SpiffeId;
 use crate::telemetry::node as telemetry;
@@ -34,7 +34,7 @@ const MAX_RETRY: Duration = Duration::from_secs(150);
 #[derive(Debug, thiserror::Error)]
 pub enum CertificateError {
     #[error("{0}")]
-    Ca(#[from] crate::ca::ClientError),
+    Ca(#[from] ClientError),
     /// The CA and this node disagree about the pod: trust neither.
     #[error("the CA issued {0} instead")]
     WrongIdentity(SpiffeId),
@@ -280,8 +280,8 @@ mod tests {
 
     use crate::ca::service::{CaService, serve};
     use crate::pki::{self, CertificateAuthority, LeafSpec};
+    use crate::pod::PodMeta;
     use crate::pod::{HostIdentity, Pod, PodDirectory};
-    use crate::tunnel::PodMeta;
 
     const TD: &str = "td";
     const NODE: &str = "node-1";

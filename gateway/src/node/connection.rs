@@ -39,9 +39,11 @@ use super::tls::{ConnectError, TlsConn};
 use super::transparent::{Decided, Transparent};
 use super::tunnel_pool;
 use crate::admin;
-use crate::config::{DataPlaneConfig, Protocol};
+use crate::config::DataPlaneConfig;
+use crate::pod::PodMeta;
+use crate::route::Protocol;
 use crate::telemetry::node as telemetry;
-use crate::tunnel::{PodMeta, Preamble};
+use crate::tunnel::Preamble;
 
 /// What every connection accepted on one explicit listener shares.
 pub struct Listener {

@@ -23,10 +23,12 @@ use rustls_pki_types::{CertificateDer, ServerName};
 use super::certificates::{Certificates, Fetcher};
 use super::error::NodeError;
 use super::interface::ensure_local_address;
-use crate::config::{Destination, InterceptionConfig, NodeConfig, Protocol, parse_destination};
+use crate::config::{InterceptionConfig, NodeConfig};
 use crate::ebpf::{self, Interception, OrigDst, OrigDsts};
 use crate::identity::{IdentityError, Resolver, Workload};
 use crate::pki;
+use crate::pod::{HostIdentity, PodDirectory};
+use crate::route::{Destination, Protocol, parse_destination};
 use crate::telemetry::node as telemetry;
 
 /// Everything transparent connections share (one per node, used by every data thread).
@@ -154,7 +156,7 @@ pub fn setup(
     }
     let cgroup2 = crate::identity::cgroup::cgroup2_mount()?;
     let attach_to = i.cgroup.clone().unwrap_or_else(|| cgroup2.clone());
-    let own_cgroup = ebpf::current_cgroup()?;
+    let own_cgroup = crate::identity::cgroup::current_cgroup()?;
     let icfg = ebpf::InterceptConfig {
         agent_v4,
         agent_v6,
@@ -179,39 +181,20 @@ pub fn setup(
         .with_context(|| format!("interception on cgroup {}", attach_to.display()))?;
 
     let cgroups = crate::identity::cgroup::CgroupPaths::new(cgroup2);
-    let resolver = match (&i.identity.inventory, &i.identity.kubernetes) {
-        (Some(path), _) => Resolver::with_inventory(
-            cgroups,
-            crate::identity::inventory::Inventory::load(path)?,
-            &i.identity.trust_domain,
-            &cfg.node_name,
-        )?,
-        (None, Some(k)) => {
-            let host = k
-                .host
-                .as_ref()
-                .map(|h| crate::identity::inventory::HostIdentity {
-                    namespace: h.namespace.clone(),
-                    service_account: h.service_account.clone(),
-                });
-            let pods = kube_pods(&cfg.node_name, host.clone(), k.ready_timeout)?;
-            Resolver::new(
-                cgroups,
-                Box::new(pods),
-                &i.identity.trust_domain,
-                &cfg.node_name,
-                host,
-            )?
-        }
+    let pods: Box<dyn PodDirectory> = match (&i.identity.inventory, &i.identity.kubernetes) {
+        (Some(path), _) => Box::new(crate::identity::inventory::Inventory::load(path)?),
+        (None, Some(k)) => Box::new(kube_pods(&cfg.node_name, k.host.clone(), k.ready_timeout)?),
         (None, None) => anyhow::bail!("interception.identity: no pod source configured"),
     };
+    let resolver =
+        Resolver::from_directory(cgroups, pods, &i.identity.trust_domain, &cfg.node_name)?;
     let ca_roots = pki::load_certs(&i.ca.ca).context("interception.ca.ca")?;
     let node_tls = crate::tunnel::client_config(
         pki::load_certs(&i.ca.node_cert).context("interception.ca.node_cert")?,
         pki::load_key(&i.ca.node_key).context("interception.ca.node_key")?,
         &ca_roots,
     )?;
-    let ca = crate::ca::CaClient {
+    let ca = crate::ca::client::CaClient {
         addr: i.ca.address,
         server_name: ServerName::try_from(i.ca.server_name.clone())
             .with_context(|| format!("interception.ca.server_name {:?}", i.ca.server_name))?,
@@ -236,7 +219,7 @@ pub fn setup(
 /// it) and waits for the first complete list.
 fn kube_pods(
     node: &str,
-    host: Option<crate::identity::inventory::HostIdentity>,
+    host: Option<HostIdentity>,
     ready_timeout: Duration,
 ) -> anyhow::Result<Arc<crate::identity::kube::KubePods>> {
     let rt = tokio::runtime::Builder::new_multi_thread()

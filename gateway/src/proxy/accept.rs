@@ -18,9 +18,9 @@ use super::refuse::{self, Answer};
 use super::{Shared, postgres, tcp};
 use crate::admin::GaugeHeld;
 use crate::audit::SessionInfo;
-use crate::config::Protocol;
 use crate::pg::{ErrorResponse, sqlstate};
 use crate::pki::{PkiError, SpiffeId, spiffe_id_of};
+use crate::route::Protocol;
 use crate::telemetry::proxy::{
     ACTIVE_SESSIONS, CONNECTIONS_TOTAL, IDLE_TUNNELS_CLOSED_TOTAL, TLS_HANDSHAKE_FAILURES_TOTAL,
     TLS_HANDSHAKE_SECONDS, WAITING_TUNNELS,

@@ -12,8 +12,8 @@ use tokio::io::AsyncWriteExt;
 
 use super::opened::Client;
 use crate::audit::{AuditLog, Outcome, SessionInfo};
-use crate::config::Protocol;
 use crate::pg::ErrorResponse;
+use crate::route::Protocol;
 use crate::telemetry::proxy::{ERRORS_TOTAL, SESSIONS_TOTAL};
 
 /// Why a session could not start, as the client and the audit log see it.

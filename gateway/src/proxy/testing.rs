@@ -15,8 +15,9 @@ use tokio_rustls::TlsConnector;
 use super::Shared;
 use super::opened::Client;
 use crate::audit::SessionInfo;
-use crate::config::{Protocol, ProxyConfig};
+use crate::config::ProxyConfig;
 use crate::pki::{self, CertificateAuthority, LeafSpec, SpiffeId};
+use crate::route::Protocol;
 
 pub(super) const TRUST_DOMAIN: &str = "unit.test";
 pub(super) const PROXY_NAME: &str = "proxy.unit.test";
