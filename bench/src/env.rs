@@ -5,11 +5,10 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use gateway::harness::{PgRoute, PodSpec, Stack, StackSpec, TcpRoute, TransparentSpec, Workload};
-use gateway::pki::{self, CertificateAuthority, LeafSpec, SpiffeId};
+use gateway::pki::{self, CertificateAuthority, SpiffeId};
 
 use crate::peers::{self, Peer};
 
@@ -123,7 +122,18 @@ impl Env {
             &stack.ca_dir.join(pki::WORKLOAD_CA_CERT),
             &stack.ca_dir.join(pki::WORKLOAD_CA_KEY),
         )?;
-        let certs = peers::Certs::write(&work_dir, &ca, &issue_pair(&ca)?)?;
+        let certs = peers::Certs::write(
+            &work_dir,
+            &ca,
+            &peers::Pair::issue(
+                &ca,
+                &SpiffeId::new(
+                    gateway::harness::DEMO_TRUST_DOMAIN,
+                    NAMESPACE,
+                    SERVICE_ACCOUNT,
+                ),
+            )?,
+        )?;
         let stunnel = peers::stunnel_pair(&work_dir, &certs, &[pg, echo])?;
         let haproxy = peers::haproxy_pair(&work_dir, &certs, &[pg, echo], threads)?;
 
@@ -253,22 +263,6 @@ fn spec(gateway_bin: &Path, transparent: bool, echo: SocketAddr, threads: u16) -
             reuse: Some(REUSE.into()),
         }],
     }
-}
-
-/// The peers' server and client certificates (ECDSA P-256, from the workload CA).
-pub(crate) fn issue_pair(ca: &CertificateAuthority) -> Result<peers::Pair> {
-    let day = Duration::from_secs(24 * 3600);
-    let server = ca.issue(
-        &LeafSpec::server(vec!["localhost".into()], vec!["127.0.0.1".parse()?]),
-        day,
-    )?;
-    let id = SpiffeId::new(
-        gateway::harness::DEMO_TRUST_DOMAIN,
-        NAMESPACE,
-        SERVICE_ACCOUNT,
-    );
-    let client = ca.issue(&LeafSpec::workload(&id), day)?;
-    Ok(peers::Pair { server, client })
 }
 
 /// `pgbench -i` as the `bench` role over the trusted unix socket.

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use gateway::harness::{free_port, is_root, stop_children};
-use gateway::pki::{self, CertificateAuthority};
+use gateway::pki::{self, CertificateAuthority, LeafSpec, SpiffeId};
 
 /// How often a pair is started on fresh ports after a bind failure.
 const PORT_ATTEMPTS: u32 = 5;
@@ -24,6 +24,20 @@ const READY_TIMEOUT: Duration = Duration::from_secs(15);
 pub struct Pair {
     pub server: (String, String),
     pub client: (String, String),
+}
+
+impl Pair {
+    /// A server certificate for `localhost`/127.0.0.1 and a client certificate for the
+    /// workload `client` (ECDSA P-256, from the workload CA), valid for a day.
+    pub fn issue(ca: &CertificateAuthority, client: &SpiffeId) -> Result<Self> {
+        let day = Duration::from_secs(24 * 3600);
+        let server = ca.issue(
+            &LeafSpec::server(vec!["localhost".into()], vec!["127.0.0.1".parse()?]),
+            day,
+        )?;
+        let client = ca.issue(&LeafSpec::workload(client), day)?;
+        Ok(Self { server, client })
+    }
 }
 
 /// The certificate files both peers use.
@@ -390,7 +404,16 @@ mod tests {
             &ca_dir.join(pki::WORKLOAD_CA_KEY),
         )
         .unwrap();
-        let certs = Certs::write(&dir, &ca, &crate::env::issue_pair(&ca).unwrap()).unwrap();
+        let certs = Certs::write(
+            &dir,
+            &ca,
+            &Pair::issue(
+                &ca,
+                &SpiffeId::new(gateway::harness::DEMO_TRUST_DOMAIN, "bench", "bench"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
 
         let taken = TcpListener::bind("127.0.0.1:0").unwrap();
         let taken_port = taken.local_addr().unwrap().port();
