@@ -1,6 +1,11 @@
-//! Per-thread reuse of the relays' large buffers. Each data-plane thread runs its own
-//! io_uring runtime, so a thread-local list needs no lock. Ground floor: imports nothing of
-//! ours.
+//! Per-thread reuse of the relays' large buffers, for both wings: the node's io_uring
+//! threads and the proxy's single-threaded runtimes each keep their own list, so it needs no
+//! lock. Ground floor: imports nothing of ours.
+//!
+//! Two ways to take a buffer: [`take`] gives an empty one with room (the node appends what
+//! rustls or a read produced), [`take_filled`] one of initialized bytes to read into (the
+//! proxy hands it to `poll_read`); such a buffer is zeroed once when it is made, never per
+//! use, and only the bytes a read just wrote are ever looked at.
 //!
 //! A connection holds a large buffer only while it moves bulk data; an idle connection
 //! keeps a small read posted (see `node::relay`), so 10 000 idle connections cost kilobytes
@@ -8,7 +13,8 @@
 
 use std::cell::RefCell;
 
-/// Buffers a thread keeps for reuse; more are freed.
+/// Buffers a thread keeps for reuse (more are freed): enough for the reads in flight on a
+/// busy thread (4 MiB of the proxy's 64 KiB chunks), small next to the sessions it serves.
 const KEEP: usize = 64;
 
 thread_local! {
@@ -20,18 +26,38 @@ pub fn take(capacity: usize) -> Vec<u8> {
     POOL.with(|p| {
         let mut p = p.borrow_mut();
         match p.iter().rposition(|b| b.capacity() >= capacity) {
-            Some(i) => p.swap_remove(i),
+            Some(i) => {
+                let mut b = p.swap_remove(i);
+                b.clear();
+                b
+            }
             None => Vec::with_capacity(capacity),
         }
     })
 }
 
-/// Returns a buffer for reuse (emptied; its contents are never read again).
-pub fn give(mut b: Vec<u8>) {
+/// A buffer of `len` initialized bytes to read into. Its contents are stale (a previous
+/// read's): the caller uses only what its own read writes.
+pub fn take_filled(len: usize) -> Vec<u8> {
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        match p.iter().rposition(|b| b.len() >= len) {
+            Some(i) => {
+                let mut b = p.swap_remove(i);
+                b.truncate(len);
+                b
+            }
+            None => vec![0u8; len],
+        }
+    })
+}
+
+/// Returns a buffer for reuse. Its bytes stay initialized for [`take_filled`]; [`take`]
+/// empties it before handing it out.
+pub fn give(b: Vec<u8>) {
     if b.capacity() == 0 {
         return;
     }
-    b.clear();
     POOL.with(|p| {
         let mut p = p.borrow_mut();
         if p.len() < KEEP {
@@ -117,5 +143,28 @@ mod tests {
             ptr,
             "the large buffer is reused from the pool"
         );
+    }
+
+    #[test]
+    fn filled_buffers_are_reused_without_zeroing_and_plain_takes_come_empty() {
+        let mut b = take_filled(4096);
+        assert_eq!(b.len(), 4096);
+        assert!(b.iter().all(|&x| x == 0), "made zeroed");
+        b[..5].copy_from_slice(b"hello");
+        let ptr = b.as_ptr();
+        give(b);
+        // The same buffer comes back with its bytes (only what a read writes is used).
+        let b = take_filled(1024);
+        assert_eq!((b.as_ptr(), b.len()), (ptr, 1024));
+        assert_eq!(&b[..5], b"hello");
+        give(b);
+        // A buffer too short for the request is not taken; a new zeroed one is made.
+        let big = take_filled(8192);
+        assert_ne!(big.as_ptr(), ptr);
+        assert!(big.iter().all(|&x| x == 0));
+        // A plain take empties what it reuses.
+        let b = take(512);
+        assert_eq!((b.as_ptr(), b.len()), (ptr, 0));
+        give(big);
     }
 }

@@ -3,13 +3,12 @@
 //! exactly after a `ReadyForQuery` with status `I` (idle, no transaction open).
 
 //!
-//! Read buffers come from a per-thread pool and are held only while a read has data:
+//! Read buffers come from the per-thread [`buffer_pool`] and are held only while a read has data:
 //! `poll_read` leaves nothing in the buffer when it returns `Pending`, so the buffer goes
 //! back to the pool at once. An idle session holds no relay buffer at all (10 000 idle
 //! connections would otherwise pin 320 MiB here), and a busy one never allocates or zeroes
 //! per message.
 
-use std::cell::RefCell;
 use std::future::poll_fn;
 use std::ops::Deref;
 use std::pin::Pin;
@@ -19,6 +18,7 @@ use std::task::Poll;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
 
+use crate::buffer_pool;
 use crate::pg::{ErrorResponse, MessageScanner, sqlstate};
 use crate::telemetry::proxy::BYTES_TOTAL;
 use crate::tunnel::is_normal_close;
@@ -28,29 +28,6 @@ use crate::tunnel::is_normal_close;
 /// finds less returns what there is at once. A chunk is held only from a read to the end
 /// of its write, never by a waiting session.
 const CHUNK: usize = 64 * 1024;
-/// Buffers a thread keeps for reuse (more are freed): enough for the reads in flight on
-/// a busy worker (4 MiB), small next to the sessions they serve.
-const POOL_KEEP: usize = 64;
-
-thread_local! {
-    static POOL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
-}
-
-fn take_buffer() -> Vec<u8> {
-    // Zeroed once when made, then reused as it is: every byte handed out was just read.
-    POOL.with(|p| p.borrow_mut().pop())
-        .unwrap_or_else(|| vec![0u8; CHUNK])
-}
-
-fn give_buffer(b: Vec<u8>) {
-    POOL.with(|p| {
-        let mut p = p.borrow_mut();
-        if p.len() < POOL_KEEP {
-            p.push(b);
-        }
-    });
-}
-
 /// Bytes of one read, in a pooled buffer that returns to the pool when dropped.
 pub struct Chunk {
     buf: Vec<u8>,
@@ -66,14 +43,14 @@ impl Deref for Chunk {
 
 impl Drop for Chunk {
     fn drop(&mut self) {
-        give_buffer(std::mem::take(&mut self.buf));
+        buffer_pool::give(std::mem::take(&mut self.buf));
     }
 }
 
 /// Reads once into a pooled buffer; an empty chunk is the end of the stream.
 pub async fn read_chunk<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Chunk> {
     poll_fn(|cx| {
-        let mut buf = take_buffer();
+        let mut buf = buffer_pool::take_filled(CHUNK);
         let mut rb = ReadBuf::new(&mut buf);
         match Pin::new(&mut *r).poll_read(cx, &mut rb) {
             Poll::Ready(Ok(())) => {
@@ -81,11 +58,11 @@ pub async fn read_chunk<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Chun
                 Poll::Ready(Ok(Chunk { buf, len }))
             }
             Poll::Ready(Err(e)) => {
-                give_buffer(buf);
+                buffer_pool::give(buf);
                 Poll::Ready(Err(e))
             }
             Poll::Pending => {
-                give_buffer(buf);
+                buffer_pool::give(buf);
                 Poll::Pending
             }
         }
