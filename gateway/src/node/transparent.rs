@@ -28,14 +28,14 @@ use crate::ebpf::{self, Interception, OrigDst, OrigDsts};
 use crate::identity::{IdentityError, Resolver, Workload};
 use crate::pki;
 use crate::pod::{HostIdentity, PodDirectory};
-use crate::route::{Destination, Protocol, parse_destination};
+use crate::route::{DestinationError, Protocol, RouteTable, parse_destination};
 use crate::telemetry::node as telemetry;
 
 /// Everything transparent connections share (one per node, used by every data thread).
 pub struct Transparent {
     pub orig_dsts: OrigDsts,
     pub resolver: Resolver,
-    pub routes: Vec<Route>,
+    pub routes: RouteTable,
     pub certs: Certificates,
     pub unknown_pod_wait: Duration,
 }
@@ -49,13 +49,6 @@ pub struct Setup {
     pub fetcher: Fetcher,
 }
 
-/// One `interception.routes` destination pattern.
-pub struct Route {
-    pub destination: Destination,
-    pub name: String,
-    pub protocol: Protocol,
-}
-
 /// A connection's target, decided from kernel facts.
 pub struct Decided {
     pub orig: OrigDst,
@@ -65,18 +58,18 @@ pub struct Decided {
 }
 
 impl Transparent {
-    pub fn routes_from(config: &[crate::config::RouteConfig]) -> Result<Vec<Route>, String> {
-        let mut out = Vec::new();
+    pub fn routes_from(
+        config: &[crate::config::RouteConfig],
+    ) -> Result<RouteTable, DestinationError> {
+        let mut table = RouteTable::default();
         for r in config {
-            for d in &r.match_destination {
-                out.push(Route {
-                    destination: parse_destination(d)?,
-                    name: r.route.clone(),
-                    protocol: r.protocol,
-                });
-            }
+            table.add(
+                r.match_destination.iter().map(String::as_str),
+                &r.route,
+                r.protocol,
+            )?;
         }
-        Ok(out)
+        Ok(table)
     }
 
     /// Where the connection from `peer` was going, and whose it is. A refusal comes with
@@ -92,8 +85,7 @@ impl Transparent {
             .map_err(unknown)?;
         let route = self
             .routes
-            .iter()
-            .find(|r| r.destination.matches(orig.dst))
+            .lookup(orig.dst)
             .ok_or(NodeError::NoRoute(orig.dst))
             .map_err(unknown)?;
         let workload = self

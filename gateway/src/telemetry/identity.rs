@@ -1,6 +1,7 @@
 //! The metrics of workload identity (`identity`): recorded wherever a pod directory watches
 //! the Kubernetes API, which is the node agent and, with a Kubernetes directory, the CA.
-//! Both call [`describe`] after installing the recorder.
+//! Both have [`describe`] called after installing the recorder (the node through
+//! [`super::node::describe`], the CA in `ca::run`).
 
 /// List or watch calls on the Kubernetes API that failed (`identity::kube`); each is
 /// retried after a backoff.

@@ -61,9 +61,12 @@ pub const DIRECTIONS: &[&str] = &["app_to_proxy", "proxy_to_app"];
 pub const WARM_RESULTS: &[&str] = &["hit", "stale", "expired", "dial_failed"];
 
 /// Describes every metric of the node and registers its series at zero. Call once, after
-/// the recorder is installed.
+/// the recorder is installed. The node's pod directory may be a Kubernetes watch, so this
+/// describes [`super::identity`]'s metrics too.
 pub fn describe() {
     use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge};
+
+    super::identity::describe();
 
     describe_counter!(CONNECTIONS_TOTAL, "Connections accepted by the node agent.");
     describe_counter!(ACCEPT_ERRORS_TOTAL, "Failed accept() calls.");
