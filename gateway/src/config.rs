@@ -17,7 +17,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Deserializer};
 
 pub use node::{
     CaEndpoint, DataPlaneConfig, IdentityConfig, IdentityFiles, InterceptionConfig,
@@ -129,16 +128,24 @@ pub fn parse_yaml<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, Con
     })
 }
 
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    humantime::parse_duration(&s).map_err(|e| {
-        serde::de::Error::custom(format!("invalid duration {s:?}: {e} (e.g. 10s, 5m)"))
-    })
-}
+/// Durations in configuration files are text (`10s`, `5m`, `1m 30s`): fields take
+/// `#[serde(with = "human_duration")]`, which reads them and writes them back the same way
+/// (configs built in code, such as the harness's, are serialized).
+mod human_duration {
+    use std::time::Duration;
 
-/// Writes a duration the way [`duration`] reads it (`1m 30s`), for configs built in code.
-fn duration_text<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(&humantime::format_duration(*d))
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!("invalid duration {s:?}: {e} (e.g. 10s, 5m)"))
+        })
+    }
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*d))
+    }
 }
 
 /// Attaches the file name to a cross-field validation failure.

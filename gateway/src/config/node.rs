@@ -109,11 +109,7 @@ pub struct IdentityConfig {
     /// `$KUBECONFIG`); needs RBAC get/list/watch on pods.
     #[serde(default)]
     pub kubernetes: Option<KubernetesSource>,
-    #[serde(
-        default = "default_unknown_pod_wait",
-        deserialize_with = "duration",
-        serialize_with = "duration_text"
-    )]
+    #[serde(default = "default_unknown_pod_wait", with = "human_duration")]
     pub unknown_pod_wait: Duration,
 }
 
@@ -121,11 +117,7 @@ pub struct IdentityConfig {
 #[serde(deny_unknown_fields)]
 pub struct KubernetesSource {
     /// How long start-up waits for the first complete pod list before giving up.
-    #[serde(
-        default = "default_kube_ready_timeout",
-        deserialize_with = "duration",
-        serialize_with = "duration_text"
-    )]
+    #[serde(default = "default_kube_ready_timeout", with = "human_duration")]
     pub ready_timeout: Duration,
     /// Identity for processes outside any pod (`None` refuses them).
     #[serde(default)]
@@ -169,14 +161,14 @@ pub struct DataPlaneConfig {
     /// io_uring runtimes (one thread each); 0 means one per CPU.
     pub threads: usize,
     /// Longest time a byte may wait to be coalesced with later ones; 0 sends at once.
-    #[serde(deserialize_with = "duration", serialize_with = "duration_text")]
+    #[serde(with = "human_duration")]
     pub max_flush_delay: Duration,
     /// Bytes buffered per connection and direction before reading from the sender stops.
     pub buffer_budget: usize,
-    #[serde(deserialize_with = "duration", serialize_with = "duration_text")]
+    #[serde(with = "human_duration")]
     pub connect_timeout: Duration,
     /// How long a client may take to send its startup packet.
-    #[serde(deserialize_with = "duration", serialize_with = "duration_text")]
+    #[serde(with = "human_duration")]
     pub startup_timeout: Duration,
     /// Pre-handshaked tunnels to the proxy kept ready per workload identity and data-plane
     /// thread, refilled as sessions take them (0 turns the warm pool off). A new session
@@ -184,7 +176,7 @@ pub struct DataPlaneConfig {
     pub warm_tunnels: usize,
     /// A warm tunnel unused this long is closed (an identity that stops connecting keeps
     /// nothing open). Must stay below the proxy's `tunnel_idle_timeout`.
-    #[serde(deserialize_with = "duration", serialize_with = "duration_text")]
+    #[serde(with = "human_duration")]
     pub warm_tunnel_idle: Duration,
 }
 

@@ -24,39 +24,19 @@ pub struct ProxyConfig {
     pub trust_domain: String,
     pub tls: ProxyTls,
     pub db_client_ca: CaFiles,
-    #[serde(
-        default = "default_db_client_ttl",
-        deserialize_with = "duration",
-        serialize_with = "duration_text"
-    )]
+    #[serde(default = "default_db_client_ttl", with = "human_duration")]
     pub db_client_cert_ttl: Duration,
     #[serde(default)]
     pub audit: AuditConfig,
-    #[serde(
-        default = "default_drain_grace",
-        deserialize_with = "duration",
-        serialize_with = "duration_text"
-    )]
+    #[serde(default = "default_drain_grace", with = "human_duration")]
     pub drain_grace: Duration,
-    #[serde(
-        default = "default_startup_timeout",
-        deserialize_with = "duration",
-        serialize_with = "duration_text"
-    )]
+    #[serde(default = "default_startup_timeout", with = "human_duration")]
     pub startup_timeout: Duration,
     /// How long a handshaked tunnel may wait for its preamble: nodes keep warm tunnels
     /// (`data_plane.warm_tunnels`) that send it only when an application connects.
-    #[serde(
-        default = "default_tunnel_idle_timeout",
-        deserialize_with = "duration",
-        serialize_with = "duration_text"
-    )]
+    #[serde(default = "default_tunnel_idle_timeout", with = "human_duration")]
     pub tunnel_idle_timeout: Duration,
-    #[serde(
-        default = "default_connect_timeout",
-        deserialize_with = "duration",
-        serialize_with = "duration_text"
-    )]
+    #[serde(default = "default_connect_timeout", with = "human_duration")]
     pub upstream_connect_timeout: Duration,
     #[serde(default)]
     pub roles: Vec<RoleConfig>,
@@ -219,19 +199,11 @@ pub struct ReuseConfig {
     #[serde(default = "default_reuse_max_idle")]
     pub max_idle: usize,
     /// An idle kept session is closed after this long without a client.
-    #[serde(
-        default = "default_reuse_idle_timeout",
-        deserialize_with = "duration",
-        serialize_with = "duration_text"
-    )]
+    #[serde(default = "default_reuse_idle_timeout", with = "human_duration")]
     pub idle_timeout: Duration,
     /// A server session is not reused once it is this old (it logs in again with a fresh
     /// certificate, and role changes on the server take effect).
-    #[serde(
-        default = "default_reuse_max_lifetime",
-        deserialize_with = "duration",
-        serialize_with = "duration_text"
-    )]
+    #[serde(default = "default_reuse_max_lifetime", with = "human_duration")]
     pub max_lifetime: Duration,
 }
 
