@@ -31,15 +31,26 @@ use tokio::net::TcpListener;
 use self::service::{CaService, serve};
 use crate::pki::{self, CertificateAuthority};
 
-/// What `gateway ca serve` needs.
+/// What `gateway ca serve` needs: its command-line flags, each with a `GATEWAY_*`
+/// environment fallback.
+#[derive(Debug, clap::Args)]
 pub struct ServeOptions {
+    #[arg(long, env = "GATEWAY_CA_DIR")]
     pub dir: std::path::PathBuf,
+    #[arg(long, env = "GATEWAY_LISTEN", default_value = "0.0.0.0:7444")]
     pub listen: SocketAddr,
+    #[arg(long, env = "GATEWAY_ADMIN_LISTEN", default_value = "127.0.0.1:9103")]
     pub admin_listen: SocketAddr,
-    /// The CA service's own server certificate (`gateway ca issue-server`).
+    /// The CA service's server certificate (e.g. from `gateway ca issue-server`).
+    #[arg(long, env = "GATEWAY_TLS_CERT")]
     pub tls_cert: std::path::PathBuf,
+    #[arg(long, env = "GATEWAY_TLS_KEY")]
     pub tls_key: std::path::PathBuf,
+    /// Static pod inventory: which pod runs on which node as whom.
+    #[arg(long, env = "GATEWAY_INVENTORY")]
     pub inventory: std::path::PathBuf,
+    /// Lifetime of workload certificates (renewed by nodes at half-life).
+    #[arg(long, env = "GATEWAY_CERT_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
     pub ttl: Duration,
 }
 

@@ -117,25 +117,7 @@ enum CaCommand {
         ttl: Duration,
     },
     /// Serve workload certificates to node agents, for pods on the asking node only.
-    Serve {
-        #[arg(long, env = "GATEWAY_CA_DIR")]
-        dir: PathBuf,
-        #[arg(long, env = "GATEWAY_LISTEN", default_value = "0.0.0.0:7444")]
-        listen: SocketAddr,
-        #[arg(long, env = "GATEWAY_ADMIN_LISTEN", default_value = "127.0.0.1:9103")]
-        admin_listen: SocketAddr,
-        /// The CA service's server certificate (e.g. from `gateway ca issue-server`).
-        #[arg(long, env = "GATEWAY_TLS_CERT")]
-        tls_cert: PathBuf,
-        #[arg(long, env = "GATEWAY_TLS_KEY")]
-        tls_key: PathBuf,
-        /// Static pod inventory: which pod runs on which node as whom.
-        #[arg(long, env = "GATEWAY_INVENTORY")]
-        inventory: PathBuf,
-        /// Lifetime of workload certificates (renewed by nodes at half-life).
-        #[arg(long, env = "GATEWAY_CERT_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
-        ttl: Duration,
-    },
+    Serve(gateway::ca::ServeOptions),
     /// Issue a server certificate from the workload CA (the proxy's, or a database's).
     IssueServer {
         #[arg(long, env = "GATEWAY_CA_DIR")]
@@ -292,23 +274,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                     workload_ca(&dir)?.issue(&LeafSpec::node(td.trim(), &node_name), ttl)?;
                 write_pair(&out, &cert, &key)
             }
-            CaCommand::Serve {
-                dir,
-                listen,
-                admin_listen,
-                tls_cert,
-                tls_key,
-                inventory,
-                ttl,
-            } => gateway::ca::run(gateway::ca::ServeOptions {
-                dir,
-                listen,
-                admin_listen,
-                tls_cert,
-                tls_key,
-                inventory,
-                ttl,
-            }),
+            CaCommand::Serve(opts) => gateway::ca::run(opts),
             CaCommand::IssueServer {
                 dir,
                 dns,
