@@ -422,31 +422,24 @@ fn attach_and_pin(
     // back to BPF_PROG_ATTACH (and nothing could be pinned anyway), would it mean "exclusive".
     let mode = CgroupAttachMode::Single;
     let at = || format!("attach {name} to {}", cgroup.display());
+    // The two program kinds take the same steps, but aya 0.14 gives them no common trait.
+    macro_rules! load_pin_attach {
+        ($kind:ty, $what:literal) => {{
+            let p: &mut $kind = program
+                .try_into()
+                .context(|| format!("use {name} as {}", $what))?;
+            p.load().context(|| format!("load program {name}"))?;
+            p.pin(pins::program_pin(pin_dir, name))
+                .context(|| format!("pin program {name}"))?;
+            let id = p.attach(cgroup_file, mode).context(at)?;
+            let link = p.take_link(id).context(|| format!("take link of {name}"))?;
+            link.try_into()
+                .context(|| format!("use link of {name} as fd link"))?
+        }};
+    }
     let link: FdLink = match hook.sock_addr {
-        Some(_) => {
-            let p: &mut CgroupSockAddr = program
-                .try_into()
-                .context(|| format!("use {name} as cgroup sock_addr"))?;
-            p.load().context(|| format!("load program {name}"))?;
-            p.pin(pins::program_pin(pin_dir, name))
-                .context(|| format!("pin program {name}"))?;
-            let id = p.attach(cgroup_file, mode).context(at)?;
-            let link = p.take_link(id).context(|| format!("take link of {name}"))?;
-            link.try_into()
-                .context(|| format!("use link of {name} as fd link"))?
-        }
-        None => {
-            let p: &mut SockOps = program
-                .try_into()
-                .context(|| format!("use {name} as sockops"))?;
-            p.load().context(|| format!("load program {name}"))?;
-            p.pin(pins::program_pin(pin_dir, name))
-                .context(|| format!("pin program {name}"))?;
-            let id = p.attach(cgroup_file, mode).context(at)?;
-            let link = p.take_link(id).context(|| format!("take link of {name}"))?;
-            link.try_into()
-                .context(|| format!("use link of {name} as fd link"))?
-        }
+        Some(_) => load_pin_attach!(CgroupSockAddr, "cgroup sock_addr"),
+        None => load_pin_attach!(SockOps, "sockops"),
     };
     let path = pins::link_pin(pin_dir, name);
     link.pin(&path)
