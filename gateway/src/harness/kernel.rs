@@ -3,7 +3,6 @@
 //! addresses on portless bridges, and the inventory and certificates the CA service and
 //! the node use. Names and addresses are unique per stack, so stacks run in parallel.
 
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,7 +16,9 @@ use super::spec::{
     TransparentSpec,
 };
 use crate::ebpf::DEFAULT_PORT;
+use crate::identity::inventory::InventoryFile;
 use crate::pki::{self, CertificateAuthority, LeafSpec};
+use crate::pod::HostIdentity;
 
 /// The kernel side of a transparent stack. Field order is drop order: pods (namespaces,
 /// veths), then the cgroup tree, then the address bridges.
@@ -82,7 +83,13 @@ impl Kernel {
         let tree = pods::CgroupTree::create(&cgroup2, &format!("dbgw-up-{idx}"))?;
         let outside = tree.mkdir("system.slice/outside.service")?;
         let mut made = Vec::new();
-        let mut inventory = String::from("pods:\n");
+        let mut inventory = InventoryFile {
+            host: t.host_identity.as_ref().map(|(ns, sa)| HostIdentity {
+                namespace: ns.clone(),
+                service_account: sa.clone(),
+            }),
+            ..InventoryFile::default()
+        };
         for (k, p) in t.pods.iter().enumerate() {
             let pod = pods::Pod::create(
                 &tree,
@@ -99,21 +106,20 @@ impl Kernel {
                 )?;
             }
             if !p.unlisted {
-                writeln!(
-                    inventory,
-                    "  - {{ uid: {}, namespace: {}, name: {}, service_account: {}, node: {NODE_NAME}, host_network: {} }}",
-                    pod.uid, p.namespace, p.name, p.service_account, p.host_network
-                )?;
+                inventory.pods.push(crate::pod::Pod {
+                    uid: pod.uid.clone(),
+                    namespace: p.namespace.clone(),
+                    name: p.name.clone(),
+                    service_account: p.service_account.clone(),
+                    node: NODE_NAME.into(),
+                    labels: Default::default(),
+                    host_network: p.host_network,
+                    containers: None,
+                });
             }
             made.push(pod);
         }
-        if let Some((ns, sa)) = &t.host_identity {
-            writeln!(
-                inventory,
-                "host: {{ namespace: {ns}, service_account: {sa} }}"
-            )?;
-        }
-        std::fs::write(dir.join(INVENTORY), inventory)?;
+        std::fs::write(dir.join(INVENTORY), serde_norway::to_string(&inventory)?)?;
 
         let day = Duration::from_secs(24 * 3600);
         let (c, k) =

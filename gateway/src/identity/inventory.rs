@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::IdentityError;
 use crate::config::{ConfigError, load_yaml, parse_yaml};
@@ -26,13 +26,15 @@ use crate::pod::{Pod, PodDirectory};
 
 use crate::pod::HostIdentity;
 
-#[derive(Debug, Deserialize)]
+/// The inventory file as written (`pods:` and `host:`); the harness writes one from this
+/// type, so a renamed field breaks at compile time.
+#[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct InventoryFile {
+pub struct InventoryFile {
     #[serde(default)]
-    pods: Vec<Pod>,
+    pub pods: Vec<Pod>,
     #[serde(default)]
-    host: Option<HostIdentity>,
+    pub host: Option<HostIdentity>,
 }
 
 /// Pods by UID, plus the optional host identity.
