@@ -1,6 +1,8 @@
 //! The metrics of the ca: names, HELP text, and zero values registered at start so that a
 //! scrape shows every series before it first moves.
 
+use super::Zeros;
+
 /// Workload certificates signed (`ca::service`).
 pub const CERTIFICATES_ISSUED: &str = "gateway_ca_certificates_issued_total";
 /// Requests refused: not a node, unknown pod, pod on another node, no host identity, bad
@@ -21,32 +23,24 @@ pub fn describe() {
         metrics::Unit::Count,
         "Certificate requests the CA refused (not a node, unknown pod, pod on another node, no host identity, bad request)."
     );
-    for name in [CERTIFICATES_ISSUED, REFUSALS] {
-        metrics::counter!(name).increment(0);
-    }
+    ZEROS.register();
 }
+
+/// The CA's series shown at zero from the start.
+pub const ZEROS: Zeros = Zeros {
+    counters: &[CERTIFICATES_ISSUED, REFUSALS],
+    gauges: &[],
+    labelled: &[],
+};
 
 #[cfg(test)]
 mod tests {
-    use metrics_exporter_prometheus::PrometheusBuilder;
-
     use super::*;
+    use crate::telemetry::testing::{assert_described, scrape_after};
 
     #[test]
     fn every_ca_metric_has_help_and_a_zero_series() {
-        let recorder = PrometheusBuilder::new().build_recorder();
-        let handle = recorder.handle();
-        metrics::with_local_recorder(&recorder, describe);
-        let scrape = handle.render();
-        for name in [CERTIFICATES_ISSUED, REFUSALS] {
-            assert!(
-                scrape.contains(&format!("# HELP {name} ")),
-                "{name} has no HELP:\n{scrape}"
-            );
-            assert!(
-                scrape.lines().any(|l| l == format!("{name} 0")),
-                "{name} is not at zero:\n{scrape}"
-            );
-        }
+        let text = scrape_after(describe);
+        assert_described(&text, &[CERTIFICATES_ISSUED, REFUSALS], &[], &ZEROS);
     }
 }

@@ -3,6 +3,8 @@
 //! Both have [`describe`] called after installing the recorder (the node through
 //! [`super::node::describe`], the CA in `ca::run`).
 
+use super::Zeros;
+
 /// List or watch calls on the Kubernetes API that failed (`identity::kube`); each is
 /// retried after a backoff.
 pub const KUBE_WATCH_ERRORS: &str = "gateway_kube_watch_errors_total";
@@ -15,30 +17,24 @@ pub fn describe() {
         metrics::Unit::Count,
         "Failed list or watch calls for this node's pods on the Kubernetes API (each retried after a backoff)."
     );
-    metrics::counter!(KUBE_WATCH_ERRORS).increment(0);
+    ZEROS.register();
 }
+
+/// Identity's series shown at zero from the start.
+pub const ZEROS: Zeros = Zeros {
+    counters: &[KUBE_WATCH_ERRORS],
+    gauges: &[],
+    labelled: &[],
+};
 
 #[cfg(test)]
 mod tests {
-    use metrics_exporter_prometheus::PrometheusBuilder;
-
     use super::*;
+    use crate::telemetry::testing::{assert_described, scrape_after};
 
     #[test]
     fn the_watch_error_counter_has_help_and_a_zero_series() {
-        let recorder = PrometheusBuilder::new().build_recorder();
-        let handle = recorder.handle();
-        metrics::with_local_recorder(&recorder, describe);
-        let scrape = handle.render();
-        assert!(
-            scrape.contains(&format!("# HELP {KUBE_WATCH_ERRORS} ")),
-            "{scrape}"
-        );
-        assert!(
-            scrape
-                .lines()
-                .any(|l| l == format!("{KUBE_WATCH_ERRORS} 0")),
-            "{scrape}"
-        );
+        let text = scrape_after(describe);
+        assert_described(&text, &[KUBE_WATCH_ERRORS], &[], &ZEROS);
     }
 }

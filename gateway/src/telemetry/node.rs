@@ -1,6 +1,8 @@
 //! The metrics of the node: names, HELP text, and zero values registered at start so that a
 //! scrape shows every series before it first moves.
 
+use super::Zeros;
+
 /// Connections accepted, explicit and transparent.
 pub const CONNECTIONS_TOTAL: &str = "gateway_node_connections_total";
 /// `accept()` failures (the accept loop backs off 50 ms after each).
@@ -64,7 +66,7 @@ pub const WARM_RESULTS: &[&str] = &["hit", "stale", "expired", "dial_failed"];
 /// the recorder is installed. The node's pod directory may be a Kubernetes watch, so this
 /// describes [`super::identity`]'s metrics too.
 pub fn describe() {
-    use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge};
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
 
     super::identity::describe();
 
@@ -77,7 +79,7 @@ pub fn describe() {
     );
     describe_histogram!(
         TUNNEL_HANDSHAKE_SECONDS,
-        "Time from accept to a freshly dialled tunnel to the proxy being ready."
+        "Time to dial a new tunnel to the proxy and finish its TLS handshake (warm tunnels are not counted)."
     );
     describe_counter!(
         TUNNEL_HANDSHAKES_TOTAL,
@@ -102,73 +104,35 @@ pub fn describe() {
         "Workload certificates fetched from the CA."
     );
 
-    for name in [
+    ZEROS.register();
+}
+
+/// The node's series shown at zero from the start.
+pub const ZEROS: Zeros = Zeros {
+    counters: &[
         CONNECTIONS_TOTAL,
         ACCEPT_ERRORS_TOTAL,
         IDENTITY_FAILURES_TOTAL,
         CERTIFICATE_FAILURES_TOTAL,
         CERTIFICATES_FETCHED_TOTAL,
-    ] {
-        counter!(name).increment(0);
-    }
-    for name in [ACTIVE_CONNECTIONS, WARM_TUNNELS] {
-        gauge!(name).increment(0.0);
-    }
-    for (name, label, values) in [
+    ],
+    gauges: &[ACTIVE_CONNECTIONS, WARM_TUNNELS],
+    labelled: &[
         (ERRORS_TOTAL, "kind", ERROR_KINDS),
         (TUNNEL_HANDSHAKES_TOTAL, "kind", HANDSHAKE_KINDS),
         (BYTES_TOTAL, "direction", DIRECTIONS),
         (WARM_TUNNELS_TOTAL, "result", WARM_RESULTS),
-    ] {
-        for &value in values {
-            counter!(name, label => value).increment(0);
-        }
-    }
-}
+    ],
+};
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::testing::{assert_described, scrape_after};
 
     #[test]
     fn a_scrape_shows_every_series_at_zero_with_help() {
-        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
-        metrics::with_local_recorder(&recorder, describe);
-        let text = recorder.handle().render();
-        for name in ALL {
-            // A histogram has no series before its first value.
-            if *name == TUNNEL_HANDSHAKE_SECONDS {
-                continue;
-            }
-            assert!(
-                text.contains(&format!("# HELP {name} ")),
-                "no HELP for {name}:\n{text}"
-            );
-        }
-        for name in [
-            CONNECTIONS_TOTAL,
-            ACCEPT_ERRORS_TOTAL,
-            ACTIVE_CONNECTIONS,
-            WARM_TUNNELS,
-            IDENTITY_FAILURES_TOTAL,
-            CERTIFICATE_FAILURES_TOTAL,
-            CERTIFICATES_FETCHED_TOTAL,
-        ] {
-            assert!(
-                text.contains(&format!("\n{name} 0\n")),
-                "{name} not at zero:\n{text}"
-            );
-        }
-        for (name, label, values) in [
-            (ERRORS_TOTAL, "kind", ERROR_KINDS),
-            (TUNNEL_HANDSHAKES_TOTAL, "kind", HANDSHAKE_KINDS),
-            (BYTES_TOTAL, "direction", DIRECTIONS),
-            (WARM_TUNNELS_TOTAL, "result", WARM_RESULTS),
-        ] {
-            for value in values {
-                let series = format!("{name}{{{label}=\"{value}\"}} 0");
-                assert!(text.contains(&series), "no {series}:\n{text}");
-            }
-        }
+        let text = scrape_after(describe);
+        assert_described(&text, ALL, &[TUNNEL_HANDSHAKE_SECONDS], &ZEROS);
     }
 }

@@ -4,6 +4,8 @@
 //! Label values are listed here too (`*_RESULTS`, `*_REASONS`, …) so that each labelled
 //! series can be registered at zero; the code that records a value uses the same words.
 
+use super::Zeros;
+
 use crate::pg::sqlstate;
 
 /// Connections whose TLS handshake with a node succeeded.
@@ -100,7 +102,7 @@ pub const REUSE_RESULTS: [&str; 7] = [
 /// Describes every metric of the proxy and registers its series at zero. Call once, after
 /// the recorder is installed.
 pub fn describe() {
-    use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge};
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
 
     describe_counter!(
         CONNECTIONS_TOTAL,
@@ -167,93 +169,49 @@ pub fn describe() {
         "Database-client certificates issued by the proxy for upstream logins."
     );
 
-    // Zero values, so that each series is scraped before it first moves. `increment(0)`
-    // rather than a `set`: a value recorded meanwhile is kept.
-    for name in [
+    ZEROS.register();
+}
+
+/// The proxy's series shown at zero from the start.
+pub const ZEROS: Zeros = Zeros {
+    counters: &[
         CONNECTIONS_TOTAL,
         ACCEPT_ERRORS_TOTAL,
         IDLE_TUNNELS_CLOSED_TOTAL,
         AUDIT_WRITE_ERRORS_TOTAL,
         DB_CLIENT_CERTS_ISSUED_TOTAL,
-    ] {
-        counter!(name).increment(0);
-    }
-    for name in [ACTIVE_SESSIONS, WAITING_TUNNELS, UPSTREAM_KEPT_SESSIONS] {
-        gauge!(name).increment(0.0);
-    }
-    for (name, label, values) in [
-        (SESSIONS_TOTAL, "result", &SESSION_RESULTS[..]),
+    ],
+    gauges: &[ACTIVE_SESSIONS, WAITING_TUNNELS, UPSTREAM_KEPT_SESSIONS],
+    labelled: &[
+        (SESSIONS_TOTAL, "result", &SESSION_RESULTS),
         (
             TLS_HANDSHAKE_FAILURES_TOTAL,
             "reason",
-            &HANDSHAKE_FAILURE_REASONS[..],
+            &HANDSHAKE_FAILURE_REASONS,
         ),
-        (ERRORS_TOTAL, "sqlstate", &ERROR_SQLSTATES[..]),
-        (CANCEL_REQUESTS_TOTAL, "result", &CANCEL_RESULTS[..]),
-        (BYTES_TOTAL, "direction", &DIRECTIONS[..]),
-        (UPSTREAM_REUSE_TOTAL, "result", &REUSE_RESULTS[..]),
-    ] {
-        for &value in values {
-            counter!(name, label => value).increment(0);
-        }
-    }
-}
+        (ERRORS_TOTAL, "sqlstate", &ERROR_SQLSTATES),
+        (CANCEL_REQUESTS_TOTAL, "result", &CANCEL_RESULTS),
+        (BYTES_TOTAL, "direction", &DIRECTIONS),
+        (UPSTREAM_REUSE_TOTAL, "result", &REUSE_RESULTS),
+    ],
+};
 
 #[cfg(test)]
 mod tests {
-    use metrics_exporter_prometheus::PrometheusBuilder;
-
     use super::*;
+    use crate::telemetry::testing::{assert_described, scrape_after};
 
     #[test]
     fn a_scrape_after_describe_has_help_and_a_zero_for_every_series() {
-        let recorder = PrometheusBuilder::new().build_recorder();
-        let handle = recorder.handle();
-        metrics::with_local_recorder(&recorder, describe);
-        let text = handle.render();
-        let histograms = [TLS_HANDSHAKE_SECONDS, UPSTREAM_LOGIN_SECONDS];
+        let text = scrape_after(describe);
         for name in NAMES {
             assert!(name.starts_with("gateway_proxy_"), "{name}");
-            if histograms.contains(&name) {
-                // A histogram has no series before its first value.
-                continue;
-            }
-            assert!(
-                text.contains(&format!("# HELP {name} ")),
-                "no HELP for {name}:\n{text}"
-            );
         }
-        for name in [
-            CONNECTIONS_TOTAL,
-            ACCEPT_ERRORS_TOTAL,
-            IDLE_TUNNELS_CLOSED_TOTAL,
-            ACTIVE_SESSIONS,
-            WAITING_TUNNELS,
-            UPSTREAM_KEPT_SESSIONS,
-            AUDIT_WRITE_ERRORS_TOTAL,
-            DB_CLIENT_CERTS_ISSUED_TOTAL,
-        ] {
-            assert!(
-                text.contains(&format!("\n{name} 0\n")),
-                "{name} not at zero:\n{text}"
-            );
-        }
-        for (name, label, values) in [
-            (SESSIONS_TOTAL, "result", &SESSION_RESULTS[..]),
-            (
-                TLS_HANDSHAKE_FAILURES_TOTAL,
-                "reason",
-                &HANDSHAKE_FAILURE_REASONS[..],
-            ),
-            (ERRORS_TOTAL, "sqlstate", &ERROR_SQLSTATES[..]),
-            (CANCEL_REQUESTS_TOTAL, "result", &CANCEL_RESULTS[..]),
-            (BYTES_TOTAL, "direction", &DIRECTIONS[..]),
-            (UPSTREAM_REUSE_TOTAL, "result", &REUSE_RESULTS[..]),
-        ] {
-            for v in values {
-                let series = format!("{name}{{{label}=\"{v}\"}} 0\n");
-                assert!(text.contains(&series), "no {series}in:\n{text}");
-            }
-        }
+        assert_described(
+            &text,
+            &NAMES,
+            &[TLS_HANDSHAKE_SECONDS, UPSTREAM_LOGIN_SECONDS],
+            &ZEROS,
+        );
     }
 }
