@@ -1,10 +1,10 @@
 //! `cargo xtask test`: everything CI runs, in order, stopping at the first failing step; the
 //! last step is `cargo xtask bench --quick`.
 
-use anyhow::Result;
+use anyhow::{Context, Result, ensure};
 use clap::Args;
 
-use crate::{bench, cargo, setup, step};
+use crate::{bench, cargo, setup, step, workspace_root};
 
 #[derive(Args)]
 pub struct Options {}
@@ -28,6 +28,7 @@ pub fn run(_opts: &Options) -> Result<()> {
             "warnings",
         ]),
     )?;
+    no_harness()?;
     step(
         "test",
         cargo().args(["test", "--workspace", "--no-fail-fast"]),
@@ -39,5 +40,49 @@ pub fn run(_opts: &Options) -> Result<()> {
         ..bench::Options::default()
     })?;
     println!("==> all steps passed");
+    Ok(())
+}
+
+/// The release image's build: `gateway` without the cargo feature `harness` must have no
+/// `up` command and none of the harness's code (DESIGN.md: the demo and test harness sit
+/// behind a default feature). Built in the same target directory, so the dependencies are
+/// shared; the default build that `cargo test` makes next is cached separately.
+fn no_harness() -> Result<()> {
+    step(
+        "clippy without harness",
+        cargo().args([
+            "clippy",
+            "-p",
+            "gateway",
+            "--no-default-features",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
+    step(
+        "build without harness",
+        cargo().args(["build", "-p", "gateway", "--no-default-features"]),
+    )?;
+    let bin = workspace_root()?.join("target/debug/gateway");
+    let help = std::process::Command::new(&bin)
+        .arg("--help")
+        .output()
+        .with_context(|| format!("cannot run {}", bin.display()))?;
+    let help = String::from_utf8_lossy(&help.stdout);
+    ensure!(
+        help.contains("proxy") && !help.lines().any(|l| l.trim_start().starts_with("up ")),
+        "gateway without the harness feature still offers `up` (or its help is not what was expected):\n{help}"
+    );
+    // Legacy-mangled symbol paths name the module: `7gateway7harness`.
+    let image = std::fs::read(&bin).with_context(|| format!("cannot read {}", bin.display()))?;
+    let marker = b"7gateway7harness";
+    ensure!(
+        !image.windows(marker.len()).any(|w| w == marker),
+        "{} (built without the harness feature) still contains gateway::harness code",
+        bin.display()
+    );
+    println!("==> without harness: no `up` command, no gateway::harness symbols");
     Ok(())
 }
