@@ -11,6 +11,61 @@ pub mod identity;
 pub mod node;
 pub mod proxy;
 
+/// What a metric is to Prometheus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// One metric: its name, kind and the HELP text `/metrics` shows for it. Each child module
+/// lists its metrics as `METRICS`; the README's metric table is checked against them.
+#[derive(Debug, Clone, Copy)]
+pub struct Metric {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub help: &'static str,
+}
+
+impl Metric {
+    pub const fn counter(name: &'static str, help: &'static str) -> Self {
+        Self {
+            name,
+            kind: Kind::Counter,
+            help,
+        }
+    }
+
+    pub const fn gauge(name: &'static str, help: &'static str) -> Self {
+        Self {
+            name,
+            kind: Kind::Gauge,
+            help,
+        }
+    }
+
+    pub const fn histogram(name: &'static str, help: &'static str) -> Self {
+        Self {
+            name,
+            kind: Kind::Histogram,
+            help,
+        }
+    }
+}
+
+/// Gives each metric its HELP text. Call once per process, after the recorder is
+/// installed.
+pub fn describe_all(list: &[Metric]) {
+    for m in list {
+        match m.kind {
+            Kind::Counter => metrics::describe_counter!(m.name, m.help),
+            Kind::Gauge => metrics::describe_gauge!(m.name, m.help),
+            Kind::Histogram => metrics::describe_histogram!(m.name, m.help),
+        }
+    }
+}
+
 /// The series a process shows at zero from its start, so that a scrape (and an alert on a
 /// rate) has them before they first move. Histograms are not listed: a histogram has no
 /// series before its first value.
@@ -50,7 +105,7 @@ impl Zeros {
 /// telemetry module's test makes on it.
 #[cfg(test)]
 pub(crate) mod testing {
-    use super::Zeros;
+    use super::{Kind, Metric, Zeros};
 
     /// Runs `describe` against a fresh recorder and renders the scrape.
     pub fn scrape_after(describe: fn()) -> String {
@@ -59,12 +114,14 @@ pub(crate) mod testing {
         recorder.handle().render()
     }
 
-    /// Every name has HELP, every name that is not a histogram is registered at zero, and
-    /// every zero series is in the scrape.
-    pub fn assert_described(text: &str, names: &[&str], histograms: &[&str], zeros: &Zeros) {
-        for &name in names.iter().filter(|n| !histograms.contains(n)) {
+    /// Every metric that is not a histogram has HELP and is registered at zero (a
+    /// histogram has no series before its first value), and every zero series is in the
+    /// scrape.
+    pub fn assert_described(text: &str, list: &[Metric], zeros: &Zeros) {
+        for m in list.iter().filter(|m| m.kind != Kind::Histogram) {
+            let name = m.name;
             assert!(
-                text.contains(&format!("# HELP {name} ")),
+                text.contains(&format!("# HELP {name} {}", m.help)),
                 "no HELP for {name}:\n{text}"
             );
             assert!(zeros.lists(name), "{name} is not registered at zero");

@@ -351,22 +351,34 @@ fn every_metric_name_the_telemetry_modules_define_is_in_the_readme_table() {
             defined.extend(names_in_source(&path));
         }
     }
-    // The source reading finds at least what the modules' lists and constants hold.
-    use gateway::telemetry::{ca, identity, node, proxy};
-    let listed = node::ALL.iter().chain(proxy::NAMES.iter()).chain(
-        [
-            ca::CERTIFICATES_ISSUED,
-            ca::REFUSALS,
-            identity::KUBE_WATCH_ERRORS,
-        ]
-        .iter(),
+    // Every name the modules define is in one of their `METRICS` lists (so it gets its
+    // HELP text), and the README gives each its kind.
+    use gateway::telemetry::{Kind, ca, identity, node, proxy};
+    let listed = [
+        node::METRICS,
+        proxy::METRICS,
+        ca::METRICS,
+        identity::METRICS,
+    ]
+    .concat();
+    let listed_names: BTreeSet<String> = listed.iter().map(|m| m.name.to_owned()).collect();
+    assert_eq!(
+        listed_names, defined,
+        "metric names in gateway/src/telemetry that no METRICS list describes (or the reverse)"
     );
-    for name in listed {
-        assert!(
-            defined.contains(*name),
-            "{name} not found in {}",
-            dir.display()
-        );
+    let kinds: BTreeMap<String, String> = readme_table(README)
+        .into_iter()
+        .map(|r| (r.name, r.kind))
+        .collect();
+    for m in &listed {
+        let kind = match m.kind {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        };
+        if let Some(row) = kinds.get(m.name) {
+            assert_eq!(row, kind, "README.md's type for {}", m.name);
+        }
     }
 
     let missing: Vec<_> = defined.difference(&table).collect();

@@ -1,7 +1,7 @@
 //! The metrics of the ca: names, HELP text, and zero values registered at start so that a
 //! scrape shows every series before it first moves.
 
-use super::Zeros;
+use super::{Metric, Zeros};
 
 /// Workload certificates signed (`ca::service`).
 pub const CERTIFICATES_ISSUED: &str = "gateway_ca_certificates_issued_total";
@@ -9,20 +9,23 @@ pub const CERTIFICATES_ISSUED: &str = "gateway_ca_certificates_issued_total";
 /// request (`ca::service`).
 pub const REFUSALS: &str = "gateway_ca_refusals_total";
 
+/// Every metric of the CA, with its kind and HELP text.
+pub const METRICS: &[Metric] = &[
+    Metric::counter(
+        CERTIFICATES_ISSUED,
+        "Workload certificates the CA signed for a node's pods (or its host identity).",
+    ),
+    Metric::counter(
+        REFUSALS,
+        "Certificate requests the CA refused (not a node, unknown pod, pod on another node, no host identity, bad request).",
+    ),
+];
+
 /// Describes every metric of the ca and registers its series at zero. Call once, after
 /// the recorder is installed. The CA's pod directory may be a Kubernetes watch, whose
 /// metrics [`super::identity::describe`] covers; `ca::run` calls both.
 pub fn describe() {
-    metrics::describe_counter!(
-        CERTIFICATES_ISSUED,
-        metrics::Unit::Count,
-        "Workload certificates the CA signed for a node's pods (or its host identity)."
-    );
-    metrics::describe_counter!(
-        REFUSALS,
-        metrics::Unit::Count,
-        "Certificate requests the CA refused (not a node, unknown pod, pod on another node, no host identity, bad request)."
-    );
+    super::describe_all(METRICS);
     ZEROS.register();
 }
 
@@ -41,6 +44,6 @@ mod tests {
     #[test]
     fn every_ca_metric_has_help_and_a_zero_series() {
         let text = scrape_after(describe);
-        assert_described(&text, &[CERTIFICATES_ISSUED, REFUSALS], &[], &ZEROS);
+        assert_described(&text, METRICS, &ZEROS);
     }
 }

@@ -3,20 +3,22 @@
 //! Both have [`describe`] called after installing the recorder (the node through
 //! [`super::node::describe`], the CA in `ca::run`).
 
-use super::Zeros;
+use super::{Metric, Zeros};
 
 /// List or watch calls on the Kubernetes API that failed (`identity::kube`); each is
 /// retried after a backoff.
 pub const KUBE_WATCH_ERRORS: &str = "gateway_kube_watch_errors_total";
 
+/// Every metric of the identity, with its kind and HELP text.
+pub const METRICS: &[Metric] = &[Metric::counter(
+    KUBE_WATCH_ERRORS,
+    "Failed list or watch calls for this node's pods on the Kubernetes API (each retried after a backoff).",
+)];
+
 /// Describes every metric of workload identity and registers its series at zero. Call once
 /// per process, after the recorder is installed.
 pub fn describe() {
-    metrics::describe_counter!(
-        KUBE_WATCH_ERRORS,
-        metrics::Unit::Count,
-        "Failed list or watch calls for this node's pods on the Kubernetes API (each retried after a backoff)."
-    );
+    super::describe_all(METRICS);
     ZEROS.register();
 }
 
@@ -35,6 +37,6 @@ mod tests {
     #[test]
     fn the_watch_error_counter_has_help_and_a_zero_series() {
         let text = scrape_after(describe);
-        assert_described(&text, &[KUBE_WATCH_ERRORS], &[], &ZEROS);
+        assert_described(&text, METRICS, &ZEROS);
     }
 }

@@ -1,7 +1,7 @@
 //! The metrics of the node: names, HELP text, and zero values registered at start so that a
 //! scrape shows every series before it first moves.
 
-use super::Zeros;
+use super::{Metric, Zeros};
 
 /// Connections accepted, explicit and transparent.
 pub const CONNECTIONS_TOTAL: &str = "gateway_node_connections_total";
@@ -28,22 +28,6 @@ pub const CERTIFICATE_FAILURES_TOTAL: &str = "gateway_node_certificate_failures_
 /// Workload certificates fetched from the CA.
 pub const CERTIFICATES_FETCHED_TOTAL: &str = "gateway_node_certificates_fetched_total";
 
-/// Every metric name above.
-pub const ALL: &[&str] = &[
-    CONNECTIONS_TOTAL,
-    ACCEPT_ERRORS_TOTAL,
-    ACTIVE_CONNECTIONS,
-    ERRORS_TOTAL,
-    TUNNEL_HANDSHAKE_SECONDS,
-    TUNNEL_HANDSHAKES_TOTAL,
-    BYTES_TOTAL,
-    WARM_TUNNELS,
-    WARM_TUNNELS_TOTAL,
-    IDENTITY_FAILURES_TOTAL,
-    CERTIFICATE_FAILURES_TOTAL,
-    CERTIFICATES_FETCHED_TOTAL,
-];
-
 /// Label values of [`ERRORS_TOTAL`]'s `kind`.
 pub const ERROR_KINDS: &[&str] = &[
     "bad_startup",
@@ -62,48 +46,50 @@ pub const DIRECTIONS: &[&str] = &["app_to_proxy", "proxy_to_app"];
 /// Label values of [`WARM_TUNNELS_TOTAL`]'s `result`.
 pub const WARM_RESULTS: &[&str] = &["hit", "stale", "expired", "dial_failed"];
 
+/// Every metric of the node, with its kind and HELP text.
+pub const METRICS: &[Metric] = &[
+    Metric::counter(CONNECTIONS_TOTAL, "Connections accepted by the node agent."),
+    Metric::counter(ACCEPT_ERRORS_TOTAL, "Failed accept() calls."),
+    Metric::gauge(ACTIVE_CONNECTIONS, "Application connections open now."),
+    Metric::counter(
+        ERRORS_TOTAL,
+        "Connections ended by an error, by kind (the client got an ErrorResponse or a close).",
+    ),
+    Metric::histogram(
+        TUNNEL_HANDSHAKE_SECONDS,
+        "Time to dial a new tunnel to the proxy and finish its TLS handshake (warm tunnels are not counted).",
+    ),
+    Metric::counter(
+        TUNNEL_HANDSHAKES_TOTAL,
+        "TLS handshakes with the proxy, by kind (full or resumed).",
+    ),
+    Metric::counter(BYTES_TOTAL, "Plaintext bytes relayed, by direction."),
+    Metric::gauge(WARM_TUNNELS, "Handshaked tunnels waiting for a connection."),
+    Metric::counter(
+        WARM_TUNNELS_TOTAL,
+        "Warm tunnels by result (hit, stale, expired, dial_failed).",
+    ),
+    Metric::counter(
+        IDENTITY_FAILURES_TOTAL,
+        "Transparent connections whose workload could not be identified.",
+    ),
+    Metric::counter(
+        CERTIFICATE_FAILURES_TOTAL,
+        "Failed workload certificate requests to the CA.",
+    ),
+    Metric::counter(
+        CERTIFICATES_FETCHED_TOTAL,
+        "Workload certificates fetched from the CA.",
+    ),
+];
+
 /// Describes every metric of the node and registers its series at zero. Call once, after
 /// the recorder is installed. The node's pod directory may be a Kubernetes watch, so this
 /// describes [`super::identity`]'s metrics too.
 pub fn describe() {
-    use metrics::{describe_counter, describe_gauge, describe_histogram};
-
     super::identity::describe();
 
-    describe_counter!(CONNECTIONS_TOTAL, "Connections accepted by the node agent.");
-    describe_counter!(ACCEPT_ERRORS_TOTAL, "Failed accept() calls.");
-    describe_gauge!(ACTIVE_CONNECTIONS, "Application connections open now.");
-    describe_counter!(
-        ERRORS_TOTAL,
-        "Connections ended by an error, by kind (the client got an ErrorResponse or a close)."
-    );
-    describe_histogram!(
-        TUNNEL_HANDSHAKE_SECONDS,
-        "Time to dial a new tunnel to the proxy and finish its TLS handshake (warm tunnels are not counted)."
-    );
-    describe_counter!(
-        TUNNEL_HANDSHAKES_TOTAL,
-        "TLS handshakes with the proxy, by kind (full or resumed)."
-    );
-    describe_counter!(BYTES_TOTAL, "Plaintext bytes relayed, by direction.");
-    describe_gauge!(WARM_TUNNELS, "Handshaked tunnels waiting for a connection.");
-    describe_counter!(
-        WARM_TUNNELS_TOTAL,
-        "Warm tunnels by result (hit, stale, expired, dial_failed)."
-    );
-    describe_counter!(
-        IDENTITY_FAILURES_TOTAL,
-        "Transparent connections whose workload could not be identified."
-    );
-    describe_counter!(
-        CERTIFICATE_FAILURES_TOTAL,
-        "Failed workload certificate requests to the CA."
-    );
-    describe_counter!(
-        CERTIFICATES_FETCHED_TOTAL,
-        "Workload certificates fetched from the CA."
-    );
-
+    super::describe_all(METRICS);
     ZEROS.register();
 }
 
@@ -133,6 +119,6 @@ mod tests {
     #[test]
     fn a_scrape_shows_every_series_at_zero_with_help() {
         let text = scrape_after(describe);
-        assert_described(&text, ALL, &[TUNNEL_HANDSHAKE_SECONDS], &ZEROS);
+        assert_described(&text, METRICS, &ZEROS);
     }
 }

@@ -4,7 +4,7 @@
 //! Label values are listed here too (`*_RESULTS`, `*_REASONS`, …) so that each labelled
 //! series can be registered at zero; the code that records a value uses the same words.
 
-use super::Zeros;
+use super::{Metric, Zeros};
 
 use crate::pg::sqlstate;
 
@@ -40,26 +40,6 @@ pub const UPSTREAM_KEPT_SESSIONS: &str = "gateway_proxy_upstream_kept_sessions";
 pub const AUDIT_WRITE_ERRORS_TOTAL: &str = "gateway_proxy_audit_write_errors_total";
 /// Database-client certificates the proxy issued itself for upstream logins.
 pub const DB_CLIENT_CERTS_ISSUED_TOTAL: &str = "gateway_proxy_db_client_certs_issued_total";
-
-/// Every name above, for checks against a scrape.
-pub const NAMES: [&str; 16] = [
-    CONNECTIONS_TOTAL,
-    ACCEPT_ERRORS_TOTAL,
-    TLS_HANDSHAKE_FAILURES_TOTAL,
-    TLS_HANDSHAKE_SECONDS,
-    IDLE_TUNNELS_CLOSED_TOTAL,
-    ACTIVE_SESSIONS,
-    WAITING_TUNNELS,
-    SESSIONS_TOTAL,
-    ERRORS_TOTAL,
-    UPSTREAM_LOGIN_SECONDS,
-    CANCEL_REQUESTS_TOTAL,
-    BYTES_TOTAL,
-    UPSTREAM_REUSE_TOTAL,
-    UPSTREAM_KEPT_SESSIONS,
-    AUDIT_WRITE_ERRORS_TOTAL,
-    DB_CLIENT_CERTS_ISSUED_TOTAL,
-];
 
 /// `result` of [`SESSIONS_TOTAL`].
 pub const SESSION_RESULTS: [&str; 3] = ["success", "denied", "error"];
@@ -99,76 +79,78 @@ pub const REUSE_RESULTS: [&str; 7] = [
     "drain",
 ];
 
+/// Every metric of the proxy, with its kind and HELP text.
+pub const METRICS: &[Metric] = &[
+    Metric::counter(
+        CONNECTIONS_TOTAL,
+        "Tunnels from nodes whose TLS handshake succeeded.",
+    ),
+    Metric::counter(
+        ACCEPT_ERRORS_TOTAL,
+        "Failed accepts on the proxy listener (e.g. out of file descriptors).",
+    ),
+    Metric::counter(
+        TLS_HANDSHAKE_FAILURES_TOTAL,
+        "Refused or failed TLS handshakes with nodes, by reason.",
+    ),
+    Metric::histogram(
+        TLS_HANDSHAKE_SECONDS,
+        "Duration of successful TLS handshakes with nodes.",
+    ),
+    Metric::counter(
+        IDLE_TUNNELS_CLOSED_TOTAL,
+        "Warm tunnels closed because no preamble arrived within tunnel_idle_timeout.",
+    ),
+    Metric::gauge(
+        ACTIVE_SESSIONS,
+        "Tunnels that sent a preamble and have not ended.",
+    ),
+    Metric::gauge(
+        WAITING_TUNNELS,
+        "Warm tunnels from nodes waiting for an application connection.",
+    ),
+    Metric::counter(
+        SESSIONS_TOTAL,
+        "Sessions by result: success, denied (policy) or error.",
+    ),
+    Metric::counter(
+        ERRORS_TOTAL,
+        "Refused sessions by the SQLSTATE reported to the client and the audit log.",
+    ),
+    Metric::histogram(
+        UPSTREAM_LOGIN_SECONDS,
+        "Duration of certificate logins to database servers.",
+    ),
+    Metric::counter(
+        CANCEL_REQUESTS_TOTAL,
+        "Cancel requests by result: forwarded, upstream_error or unknown_key.",
+    ),
+    Metric::counter(
+        BYTES_TOTAL,
+        "Bytes relayed between clients and servers, by direction.",
+    ),
+    Metric::counter(
+        UPSTREAM_REUSE_TOTAL,
+        "Kept server sessions reused, refused or closed, by result.",
+    ),
+    Metric::gauge(
+        UPSTREAM_KEPT_SESSIONS,
+        "Server sessions kept open for reuse (upstream.reuse).",
+    ),
+    Metric::counter(
+        AUDIT_WRITE_ERRORS_TOTAL,
+        "Audit events that could not be written.",
+    ),
+    Metric::counter(
+        DB_CLIENT_CERTS_ISSUED_TOTAL,
+        "Database-client certificates issued by the proxy for upstream logins.",
+    ),
+];
+
 /// Describes every metric of the proxy and registers its series at zero. Call once, after
 /// the recorder is installed.
 pub fn describe() {
-    use metrics::{describe_counter, describe_gauge, describe_histogram};
-
-    describe_counter!(
-        CONNECTIONS_TOTAL,
-        "Tunnels from nodes whose TLS handshake succeeded."
-    );
-    describe_counter!(
-        ACCEPT_ERRORS_TOTAL,
-        "Failed accepts on the proxy listener (e.g. out of file descriptors)."
-    );
-    describe_counter!(
-        TLS_HANDSHAKE_FAILURES_TOTAL,
-        "Refused or failed TLS handshakes with nodes, by reason."
-    );
-    describe_histogram!(
-        TLS_HANDSHAKE_SECONDS,
-        "Duration of successful TLS handshakes with nodes."
-    );
-    describe_counter!(
-        IDLE_TUNNELS_CLOSED_TOTAL,
-        "Warm tunnels closed because no preamble arrived within tunnel_idle_timeout."
-    );
-    describe_gauge!(
-        ACTIVE_SESSIONS,
-        "Tunnels that sent a preamble and have not ended."
-    );
-    describe_gauge!(
-        WAITING_TUNNELS,
-        "Warm tunnels from nodes waiting for an application connection."
-    );
-    describe_counter!(
-        SESSIONS_TOTAL,
-        "Sessions by result: success, denied (policy) or error."
-    );
-    describe_counter!(
-        ERRORS_TOTAL,
-        "Refused sessions by the SQLSTATE reported to the client and the audit log."
-    );
-    describe_histogram!(
-        UPSTREAM_LOGIN_SECONDS,
-        "Duration of certificate logins to database servers."
-    );
-    describe_counter!(
-        CANCEL_REQUESTS_TOTAL,
-        "Cancel requests by result: forwarded, upstream_error or unknown_key."
-    );
-    describe_counter!(
-        BYTES_TOTAL,
-        "Bytes relayed between clients and servers, by direction."
-    );
-    describe_counter!(
-        UPSTREAM_REUSE_TOTAL,
-        "Kept server sessions reused, refused or closed, by result."
-    );
-    describe_gauge!(
-        UPSTREAM_KEPT_SESSIONS,
-        "Server sessions kept open for reuse (upstream.reuse)."
-    );
-    describe_counter!(
-        AUDIT_WRITE_ERRORS_TOTAL,
-        "Audit events that could not be written."
-    );
-    describe_counter!(
-        DB_CLIENT_CERTS_ISSUED_TOTAL,
-        "Database-client certificates issued by the proxy for upstream logins."
-    );
-
+    super::describe_all(METRICS);
     ZEROS.register();
 }
 
@@ -204,14 +186,9 @@ mod tests {
     #[test]
     fn a_scrape_after_describe_has_help_and_a_zero_for_every_series() {
         let text = scrape_after(describe);
-        for name in NAMES {
-            assert!(name.starts_with("gateway_proxy_"), "{name}");
+        for m in METRICS {
+            assert!(m.name.starts_with("gateway_proxy_"), "{}", m.name);
         }
-        assert_described(
-            &text,
-            &NAMES,
-            &[TLS_HANDSHAKE_SECONDS, UPSTREAM_LOGIN_SECONDS],
-            &ZEROS,
-        );
+        assert_described(&text, METRICS, &ZEROS);
     }
 }
