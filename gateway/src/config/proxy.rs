@@ -103,7 +103,7 @@ pub enum Effect {
     Deny,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoleConfig {
     pub name: String,
@@ -205,6 +205,17 @@ pub struct ReuseConfig {
     /// certificate, and role changes on the server take effect).
     #[serde(default = "default_reuse_max_lifetime", with = "human_duration")]
     pub max_lifetime: Duration,
+}
+
+/// The settings of `reuse: {}`.
+impl Default for ReuseConfig {
+    fn default() -> Self {
+        Self {
+            max_idle: DEFAULT_REUSE_MAX_IDLE,
+            idle_timeout: DEFAULT_REUSE_IDLE_TIMEOUT,
+            max_lifetime: DEFAULT_REUSE_MAX_LIFETIME,
+        }
+    }
 }
 
 fn default_reuse_max_idle() -> usize {
