@@ -7,7 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, ensure};
-use gateway::harness::{PgRoute, PodSpec, Stack, StackSpec, TcpRoute, TransparentSpec, Workload};
+use gateway::config::{DataPlaneConfig, DatabaseSelector, MatchConfig, ReuseConfig, RoleConfig};
+use gateway::harness::{
+    PgRoute, PodSpec, ProxySettings, Stack, StackSpec, TcpRoute, TransparentSpec, Workload,
+    node_data_plane,
+};
 use gateway::pki::{self, CertificateAuthority, SpiffeId};
 
 use crate::peers::{self, Peer};
@@ -17,21 +21,42 @@ pub const DATABASE: &str = "bench";
 const NAMESPACE: &str = "bench";
 const SERVICE_ACCOUNT: &str = "bench";
 
-const ROLES: &str = r#"  - name: bench
-    match: { namespace: bench }
-    databases: { names: [main, main-reuse] }
-    db_users: [bench]
-    db_names: [bench]
-  - name: bench-echo
-    match: { namespace: bench }
-    databases: { names: [echo] }
-"#;
+/// `bench` may log in as `bench` on database `bench` over both PostgreSQL routes, and use
+/// the echo route.
+fn roles() -> Vec<RoleConfig> {
+    let role = |name: &str, routes: &[&str]| RoleConfig {
+        name: name.into(),
+        matcher: MatchConfig {
+            namespace: Some(NAMESPACE.into()),
+            ..MatchConfig::default()
+        },
+        databases: DatabaseSelector {
+            names: routes.iter().map(|r| (*r).to_owned()).collect(),
+            ..DatabaseSelector::default()
+        },
+        ..RoleConfig::default()
+    };
+    vec![
+        RoleConfig {
+            db_users: vec![USER.into()],
+            db_names: vec![DATABASE.into()],
+            ..role("bench", &["main", REUSE_ROUTE])
+        },
+        role("bench-echo", &[ECHO_ROUTE]),
+    ]
+}
 
 /// The route with `upstream.reuse` on, its node listener, its settings, and the scenarios
 /// the `gateway-reuse` path runs.
 const REUSE_ROUTE: &str = "main-reuse";
 const REUSE_LISTENER: usize = 2;
-const REUSE: &str = "{ max_idle: 16 }";
+const REUSE_MAX_IDLE: usize = 16;
+fn reuse() -> ReuseConfig {
+    ReuseConfig {
+        max_idle: REUSE_MAX_IDLE,
+        ..ReuseConfig::default()
+    }
+}
 const REUSE_SCENARIOS: &[&str] = &["connect-select-8", "setup-1"];
 
 /// The `tcp` route to the echo server, and the port pods dial it on (the database's
@@ -173,7 +198,7 @@ impl Env {
             host: l.ip().to_string(),
             port: l.port(),
             description: format!(
-                "as `gateway`, with the proxy's upstream.reuse {REUSE} (server sessions reset with DISCARD ALL and kept for the next client)"
+                "as `gateway`, with the proxy's upstream.reuse {{ max_idle: {REUSE_MAX_IDLE} }} (server sessions reset with DISCARD ALL and kept for the next client)"
             ),
             scenarios: Some(REUSE_SCENARIOS),
             ..gateway
@@ -236,10 +261,16 @@ fn spec(gateway_bin: &Path, transparent: bool, echo: SocketAddr, threads: u16) -
                 ..Workload::new(NAMESPACE, SERVICE_ACCOUNT)
             },
         ],
-        roles_yaml: ROLES.into(),
-        proxy_extra_yaml: format!("threads: {threads}\n"),
-        node_data_plane_yaml: format!("  threads: {threads}\n"),
-        extra_databases_yaml: String::new(),
+        roles: roles(),
+        proxy: ProxySettings {
+            threads: Some(threads.into()),
+            ..ProxySettings::default()
+        },
+        data_plane: DataPlaneConfig {
+            threads: threads.into(),
+            ..node_data_plane()
+        },
+        extra_databases: Vec::new(),
         tcp_routes: vec![TcpRoute {
             name: ECHO_ROUTE.into(),
             upstream: echo,
@@ -260,7 +291,7 @@ fn spec(gateway_bin: &Path, transparent: bool, echo: SocketAddr, threads: u16) -
         upstream_reuse: None,
         pg_routes: vec![PgRoute {
             name: REUSE_ROUTE.into(),
-            reuse: Some(REUSE.into()),
+            reuse: Some(reuse()),
         }],
     }
 }

@@ -29,7 +29,8 @@ pub use machine::{
     stop_children, temp_dir,
 };
 pub use spec::{
-    AGENT_PORT, CA_SERVER_NAME, DEMO_TRUST_DOMAIN, NODE_NAME, PROXY_SERVER_NAME, PgRoute, PodSpec,
-    ROUTE, StackSpec, TcpRoute, TransparentSpec, Workload,
+    AGENT_PORT, CA_SERVER_NAME, DEMO_TRUST_DOMAIN, NODE_NAME, NODE_THREADS, PROXY_SERVER_NAME,
+    PgRoute, PodSpec, ProxySettings, ROUTE, StackSpec, TcpRoute, TransparentSpec, Workload,
+    node_data_plane,
 };
 pub use stack::Stack;

@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn bad_stack() -> Stack {
     let mut spec = spec();
-    spec.node_data_plane_yaml = "  startup_timeout: 1s\n".into();
+    spec.data_plane.startup_timeout = Duration::from_secs(1);
     Stack::start(spec).expect("stack")
 }
 

@@ -10,7 +10,7 @@ use common::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_ends_idle_sessions_at_transaction_boundaries() {
     let mut spec = spec();
-    spec.proxy_extra_yaml = "drain_grace: 20s\n".into();
+    spec.proxy.drain_grace = Some(Duration::from_secs(20));
     let mut s = gateway::harness::Stack::start(spec).unwrap();
     let url = s.conn_string(TEAM_A_API, "api", "app");
 

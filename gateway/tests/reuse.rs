@@ -9,6 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use gateway::config::ReuseConfig;
 use gateway::harness::{Stack, Workload};
 
 const API: usize = 0;
@@ -22,20 +23,28 @@ fn stack() -> Stack {
     ];
     // One proxy thread: kept sessions belong to the thread that logged them in, and the
     // test wants every session on the same one.
-    spec.proxy_extra_yaml = "threads: 1\n".into();
-    spec.upstream_reuse = Some("{ max_idle: 2, idle_timeout: 3s }".into());
-    spec.roles_yaml = r#"  - name: team-a
-    match: { namespace: team-a }
-    databases: { names: [main] }
-    db_users: ["{{ .service_account }}"]
-    db_names: [app]
-  - name: team-b
-    match: { namespace: team-b }
-    databases: { names: [main] }
-    db_users: ["{{ .service_account }}"]
-    db_names: [app]
-"#
-    .into();
+    spec.proxy.threads = Some(1);
+    spec.upstream_reuse = Some(ReuseConfig {
+        max_idle: 2,
+        idle_timeout: Duration::from_secs(3),
+        ..ReuseConfig::default()
+    });
+    spec.roles = vec![
+        role(
+            "team-a",
+            "team-a",
+            &["main"],
+            &["{{ .service_account }}"],
+            &["app"],
+        ),
+        role(
+            "team-b",
+            "team-b",
+            &["main"],
+            &["{{ .service_account }}"],
+            &["app"],
+        ),
+    ];
     spec.setup_sql
         .push("GRANT ALL ON DATABASE app TO worker".into());
     Stack::start(spec).expect("start the stack")

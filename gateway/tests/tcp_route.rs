@@ -7,6 +7,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
+use common::role;
 use gateway::harness::{Stack, TcpRoute, Workload};
 
 const TCP_API: usize = 4;
@@ -47,8 +48,8 @@ fn stack(echo: SocketAddr) -> Stack {
         intercept_port: 7,
     });
     // No db_users/db_names: they mean nothing on a tcp route.
-    spec.roles_yaml
-        .push_str("  - name: team-a-echo\n    match: { namespace: team-a }\n    databases: { names: [echo] }\n");
+    spec.roles
+        .push(role("team-a-echo", "team-a", &["echo"], &[], &[]));
     Stack::start(spec).expect("start the stack with a tcp route")
 }
 

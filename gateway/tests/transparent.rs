@@ -10,6 +10,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use common::*;
+use gateway::config::{DatabaseSelector, MatchConfig, RoleConfig};
 use gateway::harness::{PodSpec, Stack, TransparentSpec};
 
 const API: usize = 0; // team-a/api
@@ -27,14 +28,20 @@ fn transparent_stack() -> Stack {
     let mut spec = spec();
     spec.workloads.clear();
     // Keep the extra "down" database: team-b's role names it.
-    spec.roles_yaml.push_str(
-        r#"  - name: reporters
-    match: { spiffe_id: "spiffe://demo.db-gateway.local/ns/team-a/sa/reporter" }
-    databases: { names: [main] }
-    db_users: [reporter]
-    db_names: [app]
-"#,
-    );
+    spec.roles.push(RoleConfig {
+        name: "reporters".into(),
+        matcher: MatchConfig {
+            spiffe_id: Some("spiffe://demo.db-gateway.local/ns/team-a/sa/reporter".into()),
+            ..MatchConfig::default()
+        },
+        databases: DatabaseSelector {
+            names: strings(&["main"]),
+            ..DatabaseSelector::default()
+        },
+        db_users: strings(&["reporter"]),
+        db_names: strings(&["app"]),
+        ..RoleConfig::default()
+    });
     spec.setup_sql.push("CREATE ROLE reporter LOGIN".into());
     let mut hostnet = PodSpec::new("team-b", "worker-host", "worker");
     hostnet.host_network = true;

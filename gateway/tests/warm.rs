@@ -29,7 +29,7 @@ async fn current_user(s: &Stack, i: usize, user: &str) -> String {
 async fn sessions_take_warm_tunnels_of_their_own_identity() {
     let mut spec = spec();
     // One data-plane thread: every session meets the same pool.
-    spec.node_data_plane_yaml = "  threads: 1\n".into();
+    spec.data_plane.threads = 1;
     let s = Stack::start(spec).unwrap();
 
     assert_eq!(current_user(&s, TEAM_A_API, "api").await, "api");
@@ -86,9 +86,9 @@ async fn sessions_take_warm_tunnels_of_their_own_identity() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tunnels_the_proxy_closed_are_not_used_and_idle_ones_expire() {
     let mut spec = spec();
-    spec.node_data_plane_yaml = "  threads: 1\n".into();
+    spec.data_plane.threads = 1;
     // The proxy gives up on a tunnel without preamble after 1 s; the node would keep it 20 s.
-    spec.proxy_extra_yaml = "tunnel_idle_timeout: 1s\n".into();
+    spec.proxy.tunnel_idle_timeout = Some(Duration::from_secs(1));
     let s = Stack::start(spec).unwrap();
     assert_eq!(current_user(&s, TEAM_A_API, "api").await, "api");
     wait_for("a warm tunnel", || kept(&s) >= 1.0).await;
@@ -113,7 +113,8 @@ async fn tunnels_the_proxy_closed_are_not_used_and_idle_ones_expire() {
     drop(s);
 
     let mut spec = common::spec();
-    spec.node_data_plane_yaml = "  threads: 1\n  warm_tunnel_idle: 1s\n".into();
+    spec.data_plane.threads = 1;
+    spec.data_plane.warm_tunnel_idle = Duration::from_secs(1);
     let s = Stack::start(spec).unwrap();
     assert_eq!(current_user(&s, TEAM_A_API, "api").await, "api");
     wait_for("a warm tunnel", || kept(&s) >= 1.0).await;
@@ -124,7 +125,7 @@ async fn tunnels_the_proxy_closed_are_not_used_and_idle_ones_expire() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warm_tunnels_zero_turns_the_pool_off() {
     let mut spec = spec();
-    spec.node_data_plane_yaml = "  warm_tunnels: 0\n".into();
+    spec.data_plane.warm_tunnels = 0;
     let s = Stack::start(spec).unwrap();
     for _ in 0..3 {
         assert_eq!(current_user(&s, TEAM_A_API, "api").await, "api");

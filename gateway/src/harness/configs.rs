@@ -4,37 +4,33 @@
 //! relative to the stack directory, where the files are written (the loaders resolve them
 //! against the file's directory).
 //!
-//! A test's YAML fragments ([`StackSpec`]'s `*_yaml` fields) are parsed into the same structs
-//! (top-level settings are laid over the harness's own, key by key), so an unknown field
-//! fails at [`Stack::start`](super::Stack::start), naming the fragment.
+//! What a test adds ([`StackSpec`]'s roles, extra databases, reuse settings and node
+//! `data_plane`) is already those structs and goes in as it is; its [`ProxySettings`] are
+//! laid over the harness's top-level proxy settings field by field.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use serde::Serialize;
-use serde::de::DeserializeOwned;
 
 use super::kernel::Kernel;
 use super::machine::loopback;
 use super::spec::{
     CA_SERVER_NAME, DEMO_TRUST_DOMAIN, INVENTORY, NODE_CERT, NODE_KEY, NODE_NAME,
-    PROXY_SERVER_NAME, ROUTE, StackSpec,
+    PROXY_SERVER_NAME, ProxySettings, ROUTE, StackSpec,
 };
 use crate::config::{
     AuditConfig, CaEndpoint, CaFiles, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DB_CLIENT_CERT_TTL,
-    DEFAULT_DRAIN_GRACE, DEFAULT_STARTUP_TIMEOUT, DEFAULT_TUNNEL_IDLE_TIMEOUT, DataPlaneConfig,
-    DatabaseConfig, IdentityConfig, IdentityFiles, InterceptionConfig, ListenerConfig, NodeConfig,
-    ProxyConfig, ProxyEndpoint, ProxyTls, ReuseConfig, RoleConfig, RouteConfig, UpstreamAuth,
-    UpstreamConfig, UpstreamTlsMode,
+    DEFAULT_DRAIN_GRACE, DEFAULT_STARTUP_TIMEOUT, DEFAULT_TUNNEL_IDLE_TIMEOUT, DatabaseConfig,
+    IdentityConfig, IdentityFiles, InterceptionConfig, ListenerConfig, NodeConfig, ProxyConfig,
+    ProxyEndpoint, ProxyTls, RouteConfig, UpstreamAuth, UpstreamConfig, UpstreamTlsMode,
 };
 use crate::pki;
 use crate::pod::PodMeta;
 use crate::route::Protocol;
 
-/// Data-plane threads of the node unless a test's `node_data_plane_yaml` sets `threads`.
-const NODE_THREADS: usize = 2;
 /// How long the transparent node waits for a pod its inventory does not list.
 const UNKNOWN_POD_WAIT: Duration = Duration::from_secs(1);
 
@@ -44,14 +40,10 @@ fn in_ca_dir(file: &str) -> PathBuf {
 }
 
 /// The proxy of a stack whose PostgreSQL listens on `pg_port`.
-pub fn proxy_config(spec: &StackSpec, pg_port: u16) -> Result<ProxyConfig> {
-    let roles: Vec<RoleConfig> = fragment("roles_yaml", &spec.roles_yaml)?;
+pub fn proxy_config(spec: &StackSpec, pg_port: u16) -> ProxyConfig {
     let mut databases = Vec::new();
-    let main = (ROUTE, spec.upstream_reuse.as_deref());
-    let extra = spec
-        .pg_routes
-        .iter()
-        .map(|r| (r.name.as_str(), r.reuse.as_deref()));
+    let main = (ROUTE, &spec.upstream_reuse);
+    let extra = spec.pg_routes.iter().map(|r| (r.name.as_str(), &r.reuse));
     for (name, reuse) in std::iter::once(main).chain(extra) {
         databases.push(DatabaseConfig {
             name: name.into(),
@@ -63,16 +55,11 @@ pub fn proxy_config(spec: &StackSpec, pg_port: u16) -> Result<ProxyConfig> {
                 tls: UpstreamTlsMode::VerifyFull,
                 ca: Some(in_ca_dir(pki::WORKLOAD_CA_CERT)),
                 server_name: Some("localhost".into()),
-                reuse: reuse
-                    .map(|r| fragment::<ReuseConfig>("upstream reuse", r))
-                    .transpose()?,
+                reuse: reuse.clone(),
             },
         });
     }
-    databases.extend(fragment::<Vec<DatabaseConfig>>(
-        "extra_databases_yaml",
-        &spec.extra_databases_yaml,
-    )?);
+    databases.extend(spec.extra_databases.iter().cloned());
     for r in &spec.tcp_routes {
         databases.push(DatabaseConfig {
             name: r.name.clone(),
@@ -88,10 +75,15 @@ pub fn proxy_config(spec: &StackSpec, pg_port: u16) -> Result<ProxyConfig> {
             },
         });
     }
-    let base = ProxyConfig {
+    let ProxySettings {
+        threads,
+        drain_grace,
+        tunnel_idle_timeout,
+    } = spec.proxy;
+    ProxyConfig {
         // Port 0 everywhere: the kernel picks, the process reports (no port races).
         listen: loopback(0),
-        threads: 0,
+        threads: threads.unwrap_or(0),
         admin_listen: loopback(0),
         trust_domain: DEMO_TRUST_DOMAIN.into(),
         tls: ProxyTls {
@@ -107,14 +99,13 @@ pub fn proxy_config(spec: &StackSpec, pg_port: u16) -> Result<ProxyConfig> {
         audit: AuditConfig {
             path: "audit.jsonl".into(),
         },
-        drain_grace: DEFAULT_DRAIN_GRACE,
+        drain_grace: drain_grace.unwrap_or(DEFAULT_DRAIN_GRACE),
         startup_timeout: DEFAULT_STARTUP_TIMEOUT,
-        tunnel_idle_timeout: DEFAULT_TUNNEL_IDLE_TIMEOUT,
+        tunnel_idle_timeout: tunnel_idle_timeout.unwrap_or(DEFAULT_TUNNEL_IDLE_TIMEOUT),
         upstream_connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-        roles,
+        roles: spec.roles.clone(),
         databases,
-    };
-    overlay(&base, "proxy_extra_yaml", &spec.proxy_extra_yaml)
+    }
 }
 
 /// The node of a stack whose proxy listens on `proxy_addr`; with `kernel` (transparent
@@ -124,16 +115,7 @@ pub fn node_config(
     proxy_addr: SocketAddr,
     kernel: Option<&Kernel>,
     ca_addr: SocketAddr,
-) -> Result<NodeConfig> {
-    let data_plane = DataPlaneConfig {
-        threads: NODE_THREADS,
-        ..DataPlaneConfig::default()
-    };
-    let data_plane = overlay(
-        &data_plane,
-        "node_data_plane_yaml",
-        &spec.node_data_plane_yaml,
-    )?;
+) -> NodeConfig {
     let listeners = spec
         .workloads
         .iter()
@@ -154,7 +136,7 @@ pub fn node_config(
             },
         })
         .collect();
-    Ok(NodeConfig {
+    NodeConfig {
         node_name: NODE_NAME.into(),
         admin_listen: loopback(0),
         proxy: ProxyEndpoint {
@@ -162,10 +144,10 @@ pub fn node_config(
             server_name: PROXY_SERVER_NAME.into(),
             ca: in_ca_dir(pki::WORKLOAD_CA_CERT),
         },
-        data_plane,
+        data_plane: spec.data_plane.clone(),
         listeners,
         interception: kernel.map(|k| interception(spec, k, ca_addr)),
-    })
+    }
 }
 
 fn interception(spec: &StackSpec, k: &Kernel, ca_addr: SocketAddr) -> InterceptionConfig {
@@ -220,42 +202,14 @@ pub fn write_yaml<T: Serialize>(path: &Path, config: &T) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("failed to write {}", path.display()))
 }
 
-/// A test's fragment `yaml` (named `what` in errors) as `T`; empty means an empty list.
-fn fragment<T: DeserializeOwned>(what: &str, yaml: &str) -> Result<T> {
-    let yaml = if yaml.trim().is_empty() { "[]" } else { yaml };
-    serde_norway::from_str(yaml).with_context(|| format!("invalid {what}: {yaml}"))
-}
-
-/// `base` with the top-level keys of the mapping `yaml` (named `what` in errors) laid over
-/// it; the result is checked against `T` (unknown fields, types, durations).
-fn overlay<T: Serialize + DeserializeOwned>(base: &T, what: &str, yaml: &str) -> Result<T> {
-    let mut value = serde_norway::to_value(base).context("failed to serialize a config")?;
-    if !yaml.trim().is_empty() {
-        let extra: serde_norway::Value =
-            serde_norway::from_str(yaml).with_context(|| format!("invalid {what}: {yaml}"))?;
-        let (Some(into), serde_norway::Value::Mapping(extra)) = (value.as_mapping_mut(), extra)
-        else {
-            bail!("{what} is not a mapping: {yaml}");
-        };
-        for (k, v) in extra {
-            into.insert(k, v);
-        }
-    }
-    serde_norway::from_value(value).with_context(|| format!("invalid {what}: {yaml}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{
+        DataPlaneConfig, DatabaseSelector, Effect, MatchConfig, ReuseConfig, RoleConfig,
+    };
     use crate::harness::machine::temp_dir;
-    use crate::harness::spec::{PgRoute, TcpRoute, Workload};
-
-    const ROLES: &str = r#"  - name: team-a
-    match: { namespace: team-a }
-    databases: { names: [main] }
-    db_users: ["{{ .service_account }}"]
-    db_names: [app]
-"#;
+    use crate::harness::spec::{NODE_THREADS, PgRoute, TcpRoute, Workload, node_data_plane};
 
     fn spec() -> StackSpec {
         StackSpec {
@@ -264,11 +218,47 @@ mod tests {
                 Workload::new("team-a", "api"),
                 Workload::tcp("team-a", "api", "echo"),
             ],
-            roles_yaml: ROLES.into(),
-            proxy_extra_yaml: "drain_grace: 20s\nthreads: 1\n".into(),
-            node_data_plane_yaml: "  warm_tunnel_idle: 1500ms\n".into(),
-            extra_databases_yaml: "  - name: down\n    upstream: { address: \"127.0.0.1:1\", auth: cert, ca: ca/x.crt }\n".into(),
-            upstream_reuse: Some("{ max_idle: 2, idle_timeout: 3s }".into()),
+            roles: vec![RoleConfig {
+                name: "team-a".into(),
+                matcher: MatchConfig {
+                    namespace: Some("team-a".into()),
+                    ..MatchConfig::default()
+                },
+                databases: DatabaseSelector {
+                    names: vec!["main".into()],
+                    ..DatabaseSelector::default()
+                },
+                db_users: vec!["{{ .service_account }}".into()],
+                db_names: vec!["app".into()],
+                ..RoleConfig::default()
+            }],
+            proxy: ProxySettings {
+                drain_grace: Some(Duration::from_secs(20)),
+                threads: Some(1),
+                tunnel_idle_timeout: None,
+            },
+            data_plane: DataPlaneConfig {
+                warm_tunnel_idle: Duration::from_millis(1500),
+                ..node_data_plane()
+            },
+            extra_databases: vec![DatabaseConfig {
+                name: "down".into(),
+                labels: Default::default(),
+                protocol: Protocol::Postgres,
+                upstream: UpstreamConfig {
+                    address: "127.0.0.1:1".into(),
+                    auth: Some(UpstreamAuth::Cert),
+                    tls: UpstreamTlsMode::VerifyFull,
+                    ca: Some("ca/x.crt".into()),
+                    server_name: None,
+                    reuse: None,
+                },
+            }],
+            upstream_reuse: Some(ReuseConfig {
+                max_idle: 2,
+                idle_timeout: Duration::from_secs(3),
+                ..ReuseConfig::default()
+            }),
             pg_routes: vec![PgRoute {
                 name: "main-reuse".into(),
                 reuse: None,
@@ -284,19 +274,23 @@ mod tests {
         }
     }
 
-    /// What the harness writes is what the processes load, with the test's fragments in.
-    #[test]
-    fn written_configs_load_with_the_fragments_laid_over_the_defaults() {
+    /// The written files, loaded as the processes load them.
+    fn written(spec: &StackSpec) -> (ProxyConfig, NodeConfig, PathBuf) {
         let dir = temp_dir("db-gateway-harness-test").unwrap();
-        let spec = spec();
-        write_yaml(&dir.join("proxy.yaml"), &proxy_config(&spec, 5555).unwrap()).unwrap();
+        write_yaml(&dir.join("proxy.yaml"), &proxy_config(spec, 5555)).unwrap();
         let proxy_addr: SocketAddr = "127.0.0.1:4444".parse().unwrap();
-        let node = node_config(&spec, proxy_addr, None, loopback(0)).unwrap();
+        let node = node_config(spec, proxy_addr, None, loopback(0));
         write_yaml(&dir.join("node.yaml"), &node).unwrap();
         let proxy = ProxyConfig::load(&dir.join("proxy.yaml"));
         let node = NodeConfig::load(&dir.join("node.yaml"));
         let _ = std::fs::remove_dir_all(&dir);
-        let (proxy, node) = (proxy.unwrap(), node.unwrap());
+        (proxy.unwrap(), node.unwrap(), dir)
+    }
+
+    /// What the harness writes is what the processes load, with the test's settings in.
+    #[test]
+    fn written_configs_load_with_the_test_settings_laid_over_the_defaults() {
+        let (proxy, node, dir) = written(&spec());
 
         assert_eq!(proxy.drain_grace, Duration::from_secs(20));
         assert_eq!(proxy.threads, 1);
@@ -337,10 +331,11 @@ mod tests {
     }
 
     #[test]
-    fn a_threads_fragment_replaces_the_node_default() {
+    fn a_threads_setting_replaces_the_node_default() {
         let mut spec = spec();
-        spec.node_data_plane_yaml = "  threads: 1\n".into();
-        let node = node_config(&spec, loopback(1), None, loopback(0)).unwrap();
+        spec.data_plane = node_data_plane();
+        spec.data_plane.threads = 1;
+        let node = node_config(&spec, loopback(1), None, loopback(0));
         assert_eq!(node.data_plane.threads, 1);
         assert_eq!(
             node.data_plane.warm_tunnel_idle,
@@ -348,18 +343,52 @@ mod tests {
         );
     }
 
+    /// Settings a test leaves alone keep the harness's values; the ones it sets (including
+    /// a role's force flags and effect, and reuse's defaults) reach the written files.
     #[test]
-    fn a_fragment_with_an_unknown_field_fails_naming_the_fragment() {
+    fn unset_proxy_settings_keep_the_harness_values_and_set_ones_are_written() {
         let mut spec = spec();
-        spec.proxy_extra_yaml = "drain_grase: 20s\n".into();
-        let e = format!("{:#}", proxy_config(&spec, 1).unwrap_err());
-        assert!(
-            e.contains("proxy_extra_yaml") && e.contains("drain_grase"),
-            "{e}"
+        spec.proxy = ProxySettings {
+            tunnel_idle_timeout: Some(Duration::from_secs(1)),
+            ..ProxySettings::default()
+        };
+        spec.roles[0].force_db_user = true;
+        spec.roles[0].force_db_name = true;
+        spec.roles.push(RoleConfig {
+            name: "no-echo".into(),
+            effect: Effect::Deny,
+            matcher: MatchConfig {
+                spiffe_id: Some("spiffe://x/*".into()),
+                ..MatchConfig::default()
+            },
+            databases: DatabaseSelector {
+                labels: [("env".to_owned(), "demo".to_owned())].into(),
+                ..DatabaseSelector::default()
+            },
+            ..RoleConfig::default()
+        });
+        spec.pg_routes[0].reuse = Some(ReuseConfig::default());
+        let (proxy, node, _) = written(&spec);
+        assert_eq!(proxy.threads, 0);
+        assert_eq!(proxy.drain_grace, DEFAULT_DRAIN_GRACE);
+        assert_eq!(proxy.tunnel_idle_timeout, Duration::from_secs(1));
+        assert!(proxy.roles[0].force_db_user && proxy.roles[0].force_db_name);
+        let deny = &proxy.roles[1];
+        assert_eq!(deny.effect, Effect::Deny);
+        assert_eq!(deny.matcher.spiffe_id.as_deref(), Some("spiffe://x/*"));
+        assert_eq!(
+            deny.databases.labels.get("env").map(String::as_str),
+            Some("demo")
         );
-        let mut spec = self::spec();
-        spec.roles_yaml = "  - name: x\n    matcher: {}\n".into();
-        let e = format!("{:#}", proxy_config(&spec, 1).unwrap_err());
-        assert!(e.contains("roles_yaml"), "{e}");
+        let reuse = proxy.databases[1].upstream.reuse.as_ref().unwrap();
+        assert_eq!(reuse.max_idle, crate::config::DEFAULT_REUSE_MAX_IDLE);
+        assert_eq!(
+            reuse.max_lifetime,
+            crate::config::DEFAULT_REUSE_MAX_LIFETIME
+        );
+        assert_eq!(
+            node.data_plane.warm_tunnel_idle,
+            Duration::from_millis(1500)
+        );
     }
 }

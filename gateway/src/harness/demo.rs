@@ -3,8 +3,9 @@
 use anyhow::Result;
 
 use super::machine::is_root;
-use super::spec::{PodSpec, StackSpec, TransparentSpec, Workload};
+use super::spec::{PodSpec, ProxySettings, StackSpec, TransparentSpec, Workload, node_data_plane};
 use super::stack::Stack;
+use crate::config::{DatabaseSelector, MatchConfig, RoleConfig};
 
 /// Shell-quotes one word for the `POD` line.
 fn shell_quote(w: &str) -> String {
@@ -25,11 +26,30 @@ pub fn run(keep: bool, explicit: bool) -> Result<()> {
     let transparent = !explicit && is_root();
     let spec = StackSpec {
         gateway_bin: std::env::current_exe()?,
-        workloads: if transparent { Vec::new() } else { vec![Workload::new("demo", "app")] },
-        roles_yaml: "  - name: demo-apps\n    match: { namespace: demo }\n    databases: { labels: { env: demo } }\n    db_users: [\"{{ .service_account }}\"]\n    db_names: [\"{{ .service_account }}\"]\n    force_db_user: true\n    force_db_name: true\n".into(),
-        proxy_extra_yaml: String::new(),
-        node_data_plane_yaml: String::new(),
-        extra_databases_yaml: String::new(),
+        workloads: if transparent {
+            Vec::new()
+        } else {
+            vec![Workload::new("demo", "app")]
+        },
+        roles: vec![RoleConfig {
+            name: "demo-apps".into(),
+            matcher: MatchConfig {
+                namespace: Some("demo".into()),
+                ..MatchConfig::default()
+            },
+            databases: DatabaseSelector {
+                labels: [("env".to_owned(), "demo".to_owned())].into(),
+                ..DatabaseSelector::default()
+            },
+            db_users: vec!["{{ .service_account }}".into()],
+            db_names: vec!["{{ .service_account }}".into()],
+            force_db_user: true,
+            force_db_name: true,
+            ..RoleConfig::default()
+        }],
+        proxy: ProxySettings::default(),
+        data_plane: node_data_plane(),
+        extra_databases: Vec::new(),
         tcp_routes: Vec::new(),
         transparent: transparent.then(|| TransparentSpec {
             pods: vec![PodSpec::new("demo", "app-0", "app")],

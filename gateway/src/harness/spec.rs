@@ -2,13 +2,16 @@
 //! policy and settings a test adds. Plain data; [`super::configs`] turns it into the node's
 //! and proxy's configuration.
 //!
-//! The `*_yaml` fields are fragments in the configuration files' own syntax, so a test
-//! reads like the file it configures; they are parsed into the [`crate::config`] structs
-//! when the stack starts (an unknown field fails there, naming the fragment).
+//! The policy and settings a test adds are the [`crate::config`] structs themselves (roles,
+//! databases, upstream reuse, the node's `data_plane`) or typed fields laid over the
+//! harness's own ([`ProxySettings`]), never YAML text: a renamed or retyped setting breaks
+//! the build of the test that uses it.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
+use crate::config::{DataPlaneConfig, DatabaseConfig, ReuseConfig, RoleConfig};
 use crate::route::Protocol;
 
 pub const DEMO_TRUST_DOMAIN: &str = "demo.db-gateway.local";
@@ -61,8 +64,30 @@ pub struct TcpRoute {
 #[derive(Debug, Clone)]
 pub struct PgRoute {
     pub name: String,
-    /// `upstream.reuse`, as a YAML flow mapping; `None` for off.
-    pub reuse: Option<String>,
+    /// `upstream.reuse`; `None` for off.
+    pub reuse: Option<ReuseConfig>,
+}
+
+/// Data-plane threads of a stack's node unless a test sets `data_plane.threads`.
+pub const NODE_THREADS: usize = 2;
+
+/// The node's `data_plane` of a stack: the defaults with [`NODE_THREADS`] threads. A test
+/// that wants other knobs changes fields of this value (e.g. `threads`, `warm_tunnels`).
+pub fn node_data_plane() -> DataPlaneConfig {
+    DataPlaneConfig {
+        threads: NODE_THREADS,
+        ..DataPlaneConfig::default()
+    }
+}
+
+/// Top-level proxy settings a test may change; `None` (the [`Default`]) keeps the
+/// harness's value: `threads` 0 (one per CPU), and the [`crate::config`] defaults
+/// `DEFAULT_DRAIN_GRACE` and `DEFAULT_TUNNEL_IDLE_TIMEOUT`.
+#[derive(Debug, Clone, Default)]
+pub struct ProxySettings {
+    pub threads: Option<usize>,
+    pub drain_grace: Option<Duration>,
+    pub tunnel_idle_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -70,18 +95,19 @@ pub struct StackSpec {
     /// The `gateway` binary to run for the proxy and the node.
     pub gateway_bin: PathBuf,
     pub workloads: Vec<Workload>,
-    /// The `roles:` list of the proxy policy, as YAML (a sequence).
-    pub roles_yaml: String,
-    /// Extra top-level proxy settings (YAML lines), e.g. `drain_grace: 5s`.
-    pub proxy_extra_yaml: String,
-    /// Extra `data_plane:` settings of the node (YAML mapping lines, indented by 2; a
-    /// `threads:` line here replaces the default of 2).
-    pub node_data_plane_yaml: String,
-    /// More entries of the proxy's `databases:` list (YAML sequence items, indented by 2).
-    pub extra_databases_yaml: String,
-    /// `upstream.reuse` of the main route (a YAML flow mapping such as `{ max_idle: 8 }`);
-    /// `None` leaves reuse off, as it is by default.
-    pub upstream_reuse: Option<String>,
+    /// The `roles:` list of the proxy policy.
+    pub roles: Vec<RoleConfig>,
+    /// Top-level proxy settings laid over the harness's (e.g. `drain_grace`).
+    pub proxy: ProxySettings,
+    /// The node's `data_plane:` section, as written ([`node_data_plane`] for the harness's
+    /// default of [`NODE_THREADS`] threads).
+    pub data_plane: DataPlaneConfig,
+    /// More entries of the proxy's `databases:` list, after the stack's own `postgres`
+    /// routes and before its `tcp` routes. Relative paths are relative to the stack
+    /// directory (e.g. `ca/workload-ca.crt`).
+    pub extra_databases: Vec<DatabaseConfig>,
+    /// `upstream.reuse` of the main route; `None` leaves reuse off, as it is by default.
+    pub upstream_reuse: Option<ReuseConfig>,
     /// More `postgres` routes to the stack's own server (e.g. the same database with
     /// `upstream.reuse` on, next to the main route without it).
     pub pg_routes: Vec<PgRoute>,

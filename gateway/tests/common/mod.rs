@@ -9,7 +9,11 @@ use std::path::PathBuf;
 use std::process::{Child, ExitStatus, Output};
 use std::time::{Duration, Instant};
 
-use gateway::harness::{Stack, StackSpec, Workload};
+use gateway::config::{
+    DatabaseConfig, DatabaseSelector, MatchConfig, RoleConfig, UpstreamAuth, UpstreamConfig,
+    UpstreamTlsMode,
+};
+use gateway::harness::{ProxySettings, Stack, StackSpec, Workload, node_data_plane};
 use gateway::pg::{self, ErrorResponse};
 
 /// Workload indexes in [`spec`].
@@ -18,19 +22,58 @@ pub const TEAM_B_WORKER: usize = 1;
 pub const INTRUDER: usize = 2;
 pub const DOWN_ROUTE: usize = 3;
 
-pub const ROLES: &str = r#"  - name: team-a
-    match: { namespace: team-a }
-    databases: { names: [main] }
-    db_users: ["{{ .service_account }}", ghost]
-    db_names: [app]
-  - name: team-b
-    match: { namespace: team-b }
-    databases: { names: [main, down] }
-    db_users: ["{{ .service_account }}"]
-    db_names: [app]
-    force_db_user: true
-    force_db_name: true
-"#;
+/// `list` as owned strings (a role's `db_users`, `db_names`, `databases.names`).
+pub fn strings(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// An allow role for namespace `namespace` over the routes `databases`.
+pub fn role(
+    name: &str,
+    namespace: &str,
+    databases: &[&str],
+    db_users: &[&str],
+    db_names: &[&str],
+) -> RoleConfig {
+    RoleConfig {
+        name: name.into(),
+        matcher: MatchConfig {
+            namespace: Some(namespace.into()),
+            ..MatchConfig::default()
+        },
+        databases: DatabaseSelector {
+            names: strings(databases),
+            ..DatabaseSelector::default()
+        },
+        db_users: strings(db_users),
+        db_names: strings(db_names),
+        ..RoleConfig::default()
+    }
+}
+
+/// team-a chooses among its users; team-b is forced to its own user and `app`.
+pub fn roles() -> Vec<RoleConfig> {
+    vec![
+        role(
+            "team-a",
+            "team-a",
+            &["main"],
+            &["{{ .service_account }}", "ghost"],
+            &["app"],
+        ),
+        RoleConfig {
+            force_db_user: true,
+            force_db_name: true,
+            ..role(
+                "team-b",
+                "team-b",
+                &["main", "down"],
+                &["{{ .service_account }}"],
+                &["app"],
+            )
+        },
+    ]
+}
 
 pub fn gateway_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_gateway"))
@@ -51,12 +94,22 @@ pub fn spec() -> StackSpec {
                 ..Workload::new("team-b", "worker")
             },
         ],
-        roles_yaml: ROLES.into(),
-        proxy_extra_yaml: String::new(),
-        node_data_plane_yaml: String::new(),
-        extra_databases_yaml: format!(
-            "  - name: down\n    upstream: {{ address: \"127.0.0.1:{closed_port}\", auth: cert, server_name: localhost, ca: ca/workload-ca.crt }}\n"
-        ),
+        roles: roles(),
+        proxy: ProxySettings::default(),
+        data_plane: node_data_plane(),
+        extra_databases: vec![DatabaseConfig {
+            name: "down".into(),
+            labels: Default::default(),
+            protocol: gateway::route::Protocol::Postgres,
+            upstream: UpstreamConfig {
+                address: format!("127.0.0.1:{closed_port}"),
+                auth: Some(UpstreamAuth::Cert),
+                tls: UpstreamTlsMode::VerifyFull,
+                ca: Some("ca/workload-ca.crt".into()),
+                server_name: Some("localhost".into()),
+                reuse: None,
+            },
+        }],
         tcp_routes: Vec::new(),
         transparent: None,
         setup_sql: vec![
