@@ -92,17 +92,24 @@ impl UpstreamError {
 pub type ServerStream = TlsStream<TcpStream>;
 
 /// A logged-in upstream session, positioned right after the server's first
-/// `ReadyForQuery`.
+/// `ReadyForQuery`: the connection, and what the server said while it started.
 pub struct Login {
     pub stream: ServerStream,
+    pub backend: Backend,
+    /// Bytes the server sent after `ReadyForQuery` in the same read (normally none).
+    pub rest: Vec<u8>,
+}
+
+/// The server session a login reached and its start-up answers, which a kept session
+/// (`upstream.reuse`) carries on to the next client's greeting.
+pub struct Backend {
     pub addr: SocketAddr,
     /// `ParameterStatus` and `NoticeResponse` messages, raw, in the server's order.
     pub greeting: Vec<u8>,
-    pub backend_key: Option<(i32, i32)>,
+    /// The server's own `BackendKeyData` (pid, secret), when it sent one.
+    pub key: Option<(i32, i32)>,
     /// The raw `ReadyForQuery`.
     pub ready: Vec<u8>,
-    /// Bytes the server sent after `ReadyForQuery` in the same read (normally none).
-    pub rest: Vec<u8>,
 }
 
 /// (database, user) → (renew at, TLS settings with that user's certificate).
@@ -300,12 +307,15 @@ async fn read_login(
                 b'Z' => {
                     let ready = buf[..used].to_vec();
                     let rest = buf[used..].to_vec();
-                    return Ok(Login {
-                        stream,
+                    let backend = Backend {
                         addr,
                         greeting,
-                        backend_key,
+                        key: backend_key,
                         ready,
+                    };
+                    return Ok(Login {
+                        stream,
+                        backend,
                         rest,
                     });
                 }

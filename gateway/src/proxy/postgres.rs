@@ -225,12 +225,12 @@ pub(super) async fn start(shared: &Arc<Shared>, opened: Box<Opened>) -> Option<B
             }
         }
     };
-    info.upstream_addr = Some(login.addr.to_string());
+    info.upstream_addr = Some(login.backend.addr.to_string());
 
     // Greet the client as the server would, with our own cancel key.
-    let cancel_key = login.backend_key.map(|(pid, secret)| {
+    let cancel_key = login.backend.key.map(|(pid, secret)| {
         shared.cancels.register(CancelTarget {
-            upstream: login.addr,
+            upstream: login.backend.addr,
             pid,
             secret,
             identity: identity.clone(),
@@ -241,11 +241,11 @@ pub(super) async fn start(shared: &Arc<Shared>, opened: Box<Opened>) -> Option<B
         pg::negotiate_protocol_version(&mut hello, &startup.protocol_options());
     }
     pg::authentication_ok(&mut hello);
-    hello.extend_from_slice(&login.greeting);
+    hello.extend_from_slice(&login.backend.greeting);
     if let Some(k) = &cancel_key {
         pg::backend_key_data(&mut hello, k.key.0, k.key.1);
     }
-    hello.extend_from_slice(&login.ready);
+    hello.extend_from_slice(&login.backend.ready);
     let outcome = Outcome::default();
     shared.audit.session_start(&info, &outcome);
     metrics::counter!(SESSIONS_TOTAL, "result" => "success").increment(1);
@@ -299,10 +299,7 @@ pub(super) async fn run(
     let counters = Counters::at_ready();
     let Login {
         stream,
-        addr,
-        greeting,
-        backend_key,
-        ready,
+        backend,
         rest,
     } = login;
     let keep = reuse.is_some() && rest.is_empty();
@@ -349,10 +346,7 @@ pub(super) async fn run(
         }
         let login = Login {
             stream,
-            addr,
-            greeting,
-            backend_key,
-            ready,
+            backend,
             rest: Vec::new(),
         };
         Box::pin(reuse::keep(

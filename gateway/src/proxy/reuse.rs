@@ -124,13 +124,13 @@ pub async fn keep(key: Key, cfg: &ReuseConfig, mut login: Login, born: Instant, 
     match tokio::time::timeout(timeout, reset(&mut login)).await {
         Ok(Ok(())) => {}
         Ok(Err(why)) => {
-            tracing::info!(upstream = %login.addr, reason = %why, "server session not kept: reset failed");
+            tracing::info!(upstream = %login.backend.addr, reason = %why, "server session not kept: reset failed");
             count("reset_failed");
             close(login);
             return;
         }
         Err(_) => {
-            tracing::info!(upstream = %login.addr, "server session not kept: reset timed out");
+            tracing::info!(upstream = %login.backend.addr, "server session not kept: reset timed out");
             count("reset_failed");
             close(login);
             return;
@@ -240,7 +240,8 @@ async fn reset(login: &mut Login) -> Result<(), String> {
                     if !done || body != b"I" || used != buf.len() {
                         return Err("unexpected state after DISCARD ALL".into());
                     }
-                    login.greeting = merge_parameter_status(&login.greeting, &status);
+                    login.backend.greeting =
+                        merge_parameter_status(&login.backend.greeting, &status);
                     return Ok(());
                 }
                 other => return Err(format!("unexpected message {:?}", other as char)),

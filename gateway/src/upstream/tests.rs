@@ -148,10 +148,15 @@ async fn logs_in_with_a_client_certificate_and_forwards_only_client_parameters()
         .login(&route, "alice", "app", &extra, TIMEOUT)
         .await
         .unwrap();
-    assert_eq!(login.addr, loopback(db.pg.port));
-    assert_eq!(login.ready.first(), Some(&b'Z'), "{:?}", login.ready);
+    assert_eq!(login.backend.addr, loopback(db.pg.port));
+    assert_eq!(
+        login.backend.ready.first(),
+        Some(&b'Z'),
+        "{:?}",
+        login.backend.ready
+    );
     assert!(login.rest.is_empty());
-    let params = parameters(&login.greeting);
+    let params = parameters(&login.backend.greeting);
     let param = |n: &str| params.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
     assert_eq!(param("application_name"), Some("unit-test"), "{params:?}");
     assert_eq!(param("session_authorization"), Some("alice"), "{params:?}");
@@ -165,7 +170,7 @@ async fn logs_in_with_a_client_certificate_and_forwards_only_client_parameters()
     let ssl = "SELECT ssl::text || ' ' || client_dn FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
     assert_eq!(query_one(&mut login, ssl).await, "true /CN=alice");
     let pid = query_one(&mut login, "SELECT pg_backend_pid()").await;
-    let (key_pid, _) = login.backend_key.expect("BackendKeyData");
+    let (key_pid, _) = login.backend.key.expect("BackendKeyData");
     assert_eq!(pid, key_pid.to_string());
 
     // A second login of the same user reuses the cached certificate and TLS settings.
