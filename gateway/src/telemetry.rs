@@ -19,93 +19,77 @@ pub enum Kind {
     Histogram,
 }
 
-/// One metric: its name, kind and the HELP text `/metrics` shows for it. Each child module
-/// lists its metrics as `METRICS`; the README's metric table is checked against them.
+/// One metric: its name, kind, the HELP text `/metrics` shows for it, and for a labelled
+/// counter its label with every value the code records. Each child module lists its
+/// metrics as `METRICS`; the README's metric table is checked against them.
 #[derive(Debug, Clone, Copy)]
 pub struct Metric {
     pub name: &'static str,
     pub kind: Kind,
     pub help: &'static str,
+    pub label: Option<(&'static str, &'static [&'static str])>,
 }
 
 impl Metric {
     pub const fn counter(name: &'static str, help: &'static str) -> Self {
-        Self {
-            name,
-            kind: Kind::Counter,
-            help,
-        }
+        Self::new(name, Kind::Counter, help)
     }
 
     pub const fn gauge(name: &'static str, help: &'static str) -> Self {
-        Self {
-            name,
-            kind: Kind::Gauge,
-            help,
-        }
+        Self::new(name, Kind::Gauge, help)
     }
 
     pub const fn histogram(name: &'static str, help: &'static str) -> Self {
+        Self::new(name, Kind::Histogram, help)
+    }
+
+    const fn new(name: &'static str, kind: Kind, help: &'static str) -> Self {
         Self {
             name,
-            kind: Kind::Histogram,
+            kind,
             help,
+            label: None,
+        }
+    }
+
+    /// The same metric with one label, recorded with exactly these values.
+    pub const fn labelled(self, label: &'static str, values: &'static [&'static str]) -> Self {
+        Self {
+            label: Some((label, values)),
+            ..self
         }
     }
 }
 
-/// Gives each metric its HELP text. Call once per process, after the recorder is
-/// installed.
+/// Gives each metric its HELP text and registers its series at zero, so that a scrape
+/// (and an alert on a rate) has them before they first move: every value of a labelled
+/// counter. A histogram has no series before its first value. Call once per process,
+/// after the recorder is installed; `increment(0)` keeps a value recorded meanwhile.
 pub fn describe_all(list: &[Metric]) {
     for m in list {
-        match m.kind {
-            Kind::Counter => metrics::describe_counter!(m.name, m.help),
-            Kind::Gauge => metrics::describe_gauge!(m.name, m.help),
-            Kind::Histogram => metrics::describe_histogram!(m.name, m.help),
-        }
-    }
-}
-
-/// The series a process shows at zero from its start, so that a scrape (and an alert on a
-/// rate) has them before they first move. Histograms are not listed: a histogram has no
-/// series before its first value.
-pub struct Zeros {
-    pub counters: &'static [&'static str],
-    pub gauges: &'static [&'static str],
-    /// Counters with one label: name, label, and every value the code records.
-    pub labelled: &'static [(&'static str, &'static str, &'static [&'static str])],
-}
-
-impl Zeros {
-    /// Registers every series at zero. `increment(0)` rather than a `set`: a value recorded
-    /// meanwhile by another thread is kept.
-    pub fn register(&self) {
-        for &name in self.counters {
-            metrics::counter!(name).increment(0);
-        }
-        for &name in self.gauges {
-            metrics::gauge!(name).increment(0.0);
-        }
-        for &(name, label, values) in self.labelled {
-            for &value in values {
-                metrics::counter!(name, label => value).increment(0);
+        match (m.kind, m.label) {
+            (Kind::Counter, None) => {
+                metrics::describe_counter!(m.name, m.help);
+                metrics::counter!(m.name).increment(0);
             }
+            (Kind::Counter, Some((label, values))) => {
+                metrics::describe_counter!(m.name, m.help);
+                for &value in values {
+                    metrics::counter!(m.name, label => value).increment(0);
+                }
+            }
+            (Kind::Gauge, _) => {
+                metrics::describe_gauge!(m.name, m.help);
+                metrics::gauge!(m.name).increment(0.0);
+            }
+            (Kind::Histogram, _) => metrics::describe_histogram!(m.name, m.help),
         }
-    }
-
-    /// Whether `name` is one of the series listed here.
-    pub fn lists(&self, name: &str) -> bool {
-        self.counters.contains(&name)
-            || self.gauges.contains(&name)
-            || self.labelled.iter().any(|(n, _, _)| *n == name)
     }
 }
 
-/// What a process's `/metrics` shows right after `describe` ran, and the checks every
-/// telemetry module's test makes on it.
 #[cfg(test)]
 pub(crate) mod testing {
-    use super::{Kind, Metric, Zeros};
+    use super::{Kind, Metric};
 
     /// Runs `describe` against a fresh recorder and renders the scrape.
     pub fn scrape_after(describe: fn()) -> String {
@@ -114,27 +98,23 @@ pub(crate) mod testing {
         recorder.handle().render()
     }
 
-    /// Every metric that is not a histogram has HELP and is registered at zero (a
-    /// histogram has no series before its first value), and every zero series is in the
-    /// scrape.
-    pub fn assert_described(text: &str, list: &[Metric], zeros: &Zeros) {
+    /// Every metric that is not a histogram has its HELP text and every one of its series
+    /// at zero in the scrape.
+    pub fn assert_described(text: &str, list: &[Metric]) {
         for m in list.iter().filter(|m| m.kind != Kind::Histogram) {
             let name = m.name;
             assert!(
                 text.contains(&format!("# HELP {name} {}", m.help)),
                 "no HELP for {name}:\n{text}"
             );
-            assert!(zeros.lists(name), "{name} is not registered at zero");
-        }
-        for &name in zeros.counters.iter().chain(zeros.gauges) {
-            assert!(
-                text.lines().any(|l| l == format!("{name} 0")),
-                "{name} not at zero:\n{text}"
-            );
-        }
-        for &(name, label, values) in zeros.labelled {
-            for value in values {
-                let series = format!("{name}{{{label}=\"{value}\"}} 0");
+            let series: Vec<String> = match m.label {
+                None => vec![format!("{name} 0")],
+                Some((label, values)) => values
+                    .iter()
+                    .map(|v| format!("{name}{{{label}=\"{v}\"}} 0"))
+                    .collect(),
+            };
+            for series in series {
                 assert!(text.lines().any(|l| l == series), "no {series}:\n{text}");
             }
         }

@@ -3,13 +3,13 @@
 //! Both have [`describe`] called after installing the recorder (the node through
 //! [`super::node::describe`], the CA in `ca::run`).
 
-use super::{Metric, Zeros};
+use super::Metric;
 
 /// List or watch calls on the Kubernetes API that failed (`identity::kube`); each is
 /// retried after a backoff.
 pub const KUBE_WATCH_ERRORS: &str = "gateway_kube_watch_errors_total";
 
-/// Every metric of the identity, with its kind and HELP text.
+/// Every metric of the identity: kind, HELP text, and the label values of labelled counters.
 pub const METRICS: &[Metric] = &[Metric::counter(
     KUBE_WATCH_ERRORS,
     "Failed list or watch calls for this node's pods on the Kubernetes API (each retried after a backoff).",
@@ -19,15 +19,7 @@ pub const METRICS: &[Metric] = &[Metric::counter(
 /// per process, after the recorder is installed.
 pub fn describe() {
     super::describe_all(METRICS);
-    ZEROS.register();
 }
-
-/// Identity's series shown at zero from the start.
-pub const ZEROS: Zeros = Zeros {
-    counters: &[KUBE_WATCH_ERRORS],
-    gauges: &[],
-    labelled: &[],
-};
 
 #[cfg(test)]
 mod tests {
@@ -37,6 +29,6 @@ mod tests {
     #[test]
     fn the_watch_error_counter_has_help_and_a_zero_series() {
         let text = scrape_after(describe);
-        assert_described(&text, METRICS, &ZEROS);
+        assert_described(&text, METRICS);
     }
 }

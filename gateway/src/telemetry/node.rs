@@ -1,7 +1,7 @@
 //! The metrics of the node: names, HELP text, and zero values registered at start so that a
 //! scrape shows every series before it first moves.
 
-use super::{Metric, Zeros};
+use super::Metric;
 
 /// Connections accepted, explicit and transparent.
 pub const CONNECTIONS_TOTAL: &str = "gateway_node_connections_total";
@@ -46,7 +46,7 @@ pub const DIRECTIONS: &[&str] = &["app_to_proxy", "proxy_to_app"];
 /// Label values of [`WARM_TUNNELS_TOTAL`]'s `result`.
 pub const WARM_RESULTS: &[&str] = &["hit", "stale", "expired", "dial_failed"];
 
-/// Every metric of the node, with its kind and HELP text.
+/// Every metric of the node: kind, HELP text, and the label values of labelled counters.
 pub const METRICS: &[Metric] = &[
     Metric::counter(CONNECTIONS_TOTAL, "Connections accepted by the node agent."),
     Metric::counter(ACCEPT_ERRORS_TOTAL, "Failed accept() calls."),
@@ -54,7 +54,8 @@ pub const METRICS: &[Metric] = &[
     Metric::counter(
         ERRORS_TOTAL,
         "Connections ended by an error, by kind (the client got an ErrorResponse or a close).",
-    ),
+    )
+    .labelled("kind", ERROR_KINDS),
     Metric::histogram(
         TUNNEL_HANDSHAKE_SECONDS,
         "Time to dial a new tunnel to the proxy and finish its TLS handshake (warm tunnels are not counted).",
@@ -62,13 +63,16 @@ pub const METRICS: &[Metric] = &[
     Metric::counter(
         TUNNEL_HANDSHAKES_TOTAL,
         "TLS handshakes with the proxy, by kind (full or resumed).",
-    ),
-    Metric::counter(BYTES_TOTAL, "Plaintext bytes relayed, by direction."),
+    )
+    .labelled("kind", HANDSHAKE_KINDS),
+    Metric::counter(BYTES_TOTAL, "Plaintext bytes relayed, by direction.")
+        .labelled("direction", DIRECTIONS),
     Metric::gauge(WARM_TUNNELS, "Handshaked tunnels waiting for a connection."),
     Metric::counter(
         WARM_TUNNELS_TOTAL,
         "Warm tunnels by result (hit, stale, expired, dial_failed).",
-    ),
+    )
+    .labelled("result", WARM_RESULTS),
     Metric::counter(
         IDENTITY_FAILURES_TOTAL,
         "Transparent connections whose workload could not be identified.",
@@ -90,26 +94,7 @@ pub fn describe() {
     super::identity::describe();
 
     super::describe_all(METRICS);
-    ZEROS.register();
 }
-
-/// The node's series shown at zero from the start.
-pub const ZEROS: Zeros = Zeros {
-    counters: &[
-        CONNECTIONS_TOTAL,
-        ACCEPT_ERRORS_TOTAL,
-        IDENTITY_FAILURES_TOTAL,
-        CERTIFICATE_FAILURES_TOTAL,
-        CERTIFICATES_FETCHED_TOTAL,
-    ],
-    gauges: &[ACTIVE_CONNECTIONS, WARM_TUNNELS],
-    labelled: &[
-        (ERRORS_TOTAL, "kind", ERROR_KINDS),
-        (TUNNEL_HANDSHAKES_TOTAL, "kind", HANDSHAKE_KINDS),
-        (BYTES_TOTAL, "direction", DIRECTIONS),
-        (WARM_TUNNELS_TOTAL, "result", WARM_RESULTS),
-    ],
-};
 
 #[cfg(test)]
 mod tests {
@@ -119,6 +104,6 @@ mod tests {
     #[test]
     fn a_scrape_shows_every_series_at_zero_with_help() {
         let text = scrape_after(describe);
-        assert_described(&text, METRICS, &ZEROS);
+        assert_described(&text, METRICS);
     }
 }

@@ -4,7 +4,7 @@
 //! Label values are listed here too (`*_RESULTS`, `*_REASONS`, …) so that each labelled
 //! series can be registered at zero; the code that records a value uses the same words.
 
-use super::{Metric, Zeros};
+use super::Metric;
 
 use crate::pg::sqlstate;
 
@@ -79,7 +79,7 @@ pub const REUSE_RESULTS: [&str; 7] = [
     "drain",
 ];
 
-/// Every metric of the proxy, with its kind and HELP text.
+/// Every metric of the proxy: kind, HELP text, and the label values of labelled counters.
 pub const METRICS: &[Metric] = &[
     Metric::counter(
         CONNECTIONS_TOTAL,
@@ -92,7 +92,8 @@ pub const METRICS: &[Metric] = &[
     Metric::counter(
         TLS_HANDSHAKE_FAILURES_TOTAL,
         "Refused or failed TLS handshakes with nodes, by reason.",
-    ),
+    )
+    .labelled("reason", &HANDSHAKE_FAILURE_REASONS),
     Metric::histogram(
         TLS_HANDSHAKE_SECONDS,
         "Duration of successful TLS handshakes with nodes.",
@@ -112,11 +113,13 @@ pub const METRICS: &[Metric] = &[
     Metric::counter(
         SESSIONS_TOTAL,
         "Sessions by result: success, denied (policy) or error.",
-    ),
+    )
+    .labelled("result", &SESSION_RESULTS),
     Metric::counter(
         ERRORS_TOTAL,
         "Refused sessions by the SQLSTATE reported to the client and the audit log.",
-    ),
+    )
+    .labelled("sqlstate", &ERROR_SQLSTATES),
     Metric::histogram(
         UPSTREAM_LOGIN_SECONDS,
         "Duration of certificate logins to database servers.",
@@ -124,15 +127,18 @@ pub const METRICS: &[Metric] = &[
     Metric::counter(
         CANCEL_REQUESTS_TOTAL,
         "Cancel requests by result: forwarded, upstream_error or unknown_key.",
-    ),
+    )
+    .labelled("result", &CANCEL_RESULTS),
     Metric::counter(
         BYTES_TOTAL,
         "Bytes relayed between clients and servers, by direction.",
-    ),
+    )
+    .labelled("direction", &DIRECTIONS),
     Metric::counter(
         UPSTREAM_REUSE_TOTAL,
         "Kept server sessions reused, refused or closed, by result.",
-    ),
+    )
+    .labelled("result", &REUSE_RESULTS),
     Metric::gauge(
         UPSTREAM_KEPT_SESSIONS,
         "Server sessions kept open for reuse (upstream.reuse).",
@@ -151,32 +157,7 @@ pub const METRICS: &[Metric] = &[
 /// the recorder is installed.
 pub fn describe() {
     super::describe_all(METRICS);
-    ZEROS.register();
 }
-
-/// The proxy's series shown at zero from the start.
-pub const ZEROS: Zeros = Zeros {
-    counters: &[
-        CONNECTIONS_TOTAL,
-        ACCEPT_ERRORS_TOTAL,
-        IDLE_TUNNELS_CLOSED_TOTAL,
-        AUDIT_WRITE_ERRORS_TOTAL,
-        DB_CLIENT_CERTS_ISSUED_TOTAL,
-    ],
-    gauges: &[ACTIVE_SESSIONS, WAITING_TUNNELS, UPSTREAM_KEPT_SESSIONS],
-    labelled: &[
-        (SESSIONS_TOTAL, "result", &SESSION_RESULTS),
-        (
-            TLS_HANDSHAKE_FAILURES_TOTAL,
-            "reason",
-            &HANDSHAKE_FAILURE_REASONS,
-        ),
-        (ERRORS_TOTAL, "sqlstate", &ERROR_SQLSTATES),
-        (CANCEL_REQUESTS_TOTAL, "result", &CANCEL_RESULTS),
-        (BYTES_TOTAL, "direction", &DIRECTIONS),
-        (UPSTREAM_REUSE_TOTAL, "result", &REUSE_RESULTS),
-    ],
-};
 
 #[cfg(test)]
 mod tests {
@@ -189,6 +170,6 @@ mod tests {
         for m in METRICS {
             assert!(m.name.starts_with("gateway_proxy_"), "{}", m.name);
         }
-        assert_described(&text, METRICS, &ZEROS);
+        assert_described(&text, METRICS);
     }
 }
