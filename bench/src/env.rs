@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, ensure};
-use gateway::config::{DataPlaneConfig, DatabaseSelector, MatchConfig, ReuseConfig, RoleConfig};
+use gateway::config::{DataPlaneConfig, ReuseConfig, RoleConfig};
 use gateway::harness::{
     PgRoute, PodSpec, ProxySettings, Stack, StackSpec, TcpRoute, TransparentSpec, Workload,
-    node_data_plane,
+    node_data_plane, role,
 };
 use gateway::pki::{self, CertificateAuthority, SpiffeId};
 
@@ -24,25 +24,15 @@ const SERVICE_ACCOUNT: &str = "bench";
 /// `bench` may log in as `bench` on database `bench` over both PostgreSQL routes, and use
 /// the echo route.
 fn roles() -> Vec<RoleConfig> {
-    let role = |name: &str, routes: &[&str]| RoleConfig {
-        name: name.into(),
-        matcher: MatchConfig {
-            namespace: Some(NAMESPACE.into()),
-            ..MatchConfig::default()
-        },
-        databases: DatabaseSelector {
-            names: routes.iter().map(|r| (*r).to_owned()).collect(),
-            ..DatabaseSelector::default()
-        },
-        ..RoleConfig::default()
-    };
     vec![
-        RoleConfig {
-            db_users: vec![USER.into()],
-            db_names: vec![DATABASE.into()],
-            ..role("bench", &["main", REUSE_ROUTE])
-        },
-        role("bench-echo", &[ECHO_ROUTE]),
+        role(
+            "bench",
+            NAMESPACE,
+            &["main", REUSE_ROUTE],
+            &[USER],
+            &[DATABASE],
+        ),
+        role("bench-echo", NAMESPACE, &[ECHO_ROUTE], &[], &[]),
     ]
 }
 

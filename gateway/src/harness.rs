@@ -31,6 +31,6 @@ pub use machine::{
 pub use spec::{
     AGENT_PORT, CA_SERVER_NAME, DEMO_TRUST_DOMAIN, NODE_NAME, NODE_THREADS, PROXY_SERVER_NAME,
     PgRoute, PodSpec, ProxySettings, ROUTE, StackSpec, TcpRoute, TransparentSpec, Workload,
-    node_data_plane,
+    node_data_plane, role, strings,
 };
 pub use stack::Stack;

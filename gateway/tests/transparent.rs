@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::*;
 use gateway::config::{DatabaseSelector, MatchConfig, RoleConfig};
-use gateway::harness::{PodSpec, Stack, TransparentSpec};
+use gateway::harness::{PodSpec, Stack, TransparentSpec, strings};
 
 const API: usize = 0; // team-a/api
 const REPORTER: usize = 1; // team-a/reporter

@@ -209,7 +209,7 @@ mod tests {
         DataPlaneConfig, DatabaseSelector, Effect, MatchConfig, ReuseConfig, RoleConfig,
     };
     use crate::harness::machine::temp_dir;
-    use crate::harness::spec::{NODE_THREADS, PgRoute, TcpRoute, Workload, node_data_plane};
+    use crate::harness::spec::{NODE_THREADS, PgRoute, TcpRoute, Workload, node_data_plane, role};
 
     fn spec() -> StackSpec {
         StackSpec {
@@ -218,20 +218,13 @@ mod tests {
                 Workload::new("team-a", "api"),
                 Workload::tcp("team-a", "api", "echo"),
             ],
-            roles: vec![RoleConfig {
-                name: "team-a".into(),
-                matcher: MatchConfig {
-                    namespace: Some("team-a".into()),
-                    ..MatchConfig::default()
-                },
-                databases: DatabaseSelector {
-                    names: vec!["main".into()],
-                    ..DatabaseSelector::default()
-                },
-                db_users: vec!["{{ .service_account }}".into()],
-                db_names: vec!["app".into()],
-                ..RoleConfig::default()
-            }],
+            roles: vec![role(
+                "team-a",
+                "team-a",
+                &["main"],
+                &["{{ .service_account }}"],
+                &["app"],
+            )],
             proxy: ProxySettings {
                 drain_grace: Some(Duration::from_secs(20)),
                 threads: Some(1),

@@ -11,7 +11,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::config::{DataPlaneConfig, DatabaseConfig, ReuseConfig, RoleConfig};
+use crate::config::{
+    DataPlaneConfig, DatabaseConfig, DatabaseSelector, MatchConfig, ReuseConfig, RoleConfig,
+};
 use crate::route::Protocol;
 
 pub const DEMO_TRUST_DOMAIN: &str = "demo.db-gateway.local";
@@ -164,3 +166,33 @@ pub const CA_SERVER_NAME: &str = "ca.db-gateway.local";
 pub const NODE_NAME: &str = "demo-node";
 /// Port of the agent address in tests and the demo.
 pub const AGENT_PORT: u16 = 15432;
+
+/// Owned copies of a list of names, as the config structs hold them.
+pub fn strings(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// An allow role for the workloads of `namespace` over the routes `databases`, with these
+/// database users and names (`{{ .service_account }}` templates allowed).
+pub fn role(
+    name: &str,
+    namespace: &str,
+    databases: &[&str],
+    db_users: &[&str],
+    db_names: &[&str],
+) -> RoleConfig {
+    RoleConfig {
+        name: name.into(),
+        matcher: MatchConfig {
+            namespace: Some(namespace.into()),
+            ..MatchConfig::default()
+        },
+        databases: DatabaseSelector {
+            names: strings(databases),
+            ..DatabaseSelector::default()
+        },
+        db_users: strings(db_users),
+        db_names: strings(db_names),
+        ..RoleConfig::default()
+    }
+}

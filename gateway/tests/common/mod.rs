@@ -9,10 +9,8 @@ use std::path::PathBuf;
 use std::process::{Child, ExitStatus, Output};
 use std::time::{Duration, Instant};
 
-use gateway::config::{
-    DatabaseConfig, DatabaseSelector, MatchConfig, RoleConfig, UpstreamAuth, UpstreamConfig,
-    UpstreamTlsMode,
-};
+use gateway::config::{DatabaseConfig, RoleConfig, UpstreamAuth, UpstreamConfig, UpstreamTlsMode};
+pub use gateway::harness::role;
 use gateway::harness::{ProxySettings, Stack, StackSpec, Workload, node_data_plane};
 use gateway::pg::{self, ErrorResponse};
 
@@ -21,35 +19,6 @@ pub const TEAM_A_API: usize = 0;
 pub const TEAM_B_WORKER: usize = 1;
 pub const INTRUDER: usize = 2;
 pub const DOWN_ROUTE: usize = 3;
-
-/// `list` as owned strings (a role's `db_users`, `db_names`, `databases.names`).
-pub fn strings(list: &[&str]) -> Vec<String> {
-    list.iter().map(|s| (*s).to_owned()).collect()
-}
-
-/// An allow role for namespace `namespace` over the routes `databases`.
-pub fn role(
-    name: &str,
-    namespace: &str,
-    databases: &[&str],
-    db_users: &[&str],
-    db_names: &[&str],
-) -> RoleConfig {
-    RoleConfig {
-        name: name.into(),
-        matcher: MatchConfig {
-            namespace: Some(namespace.into()),
-            ..MatchConfig::default()
-        },
-        databases: DatabaseSelector {
-            names: strings(databases),
-            ..DatabaseSelector::default()
-        },
-        db_users: strings(db_users),
-        db_names: strings(db_names),
-        ..RoleConfig::default()
-    }
-}
 
 /// team-a chooses among its users; team-b is forced to its own user and `app`.
 pub fn roles() -> Vec<RoleConfig> {
