@@ -285,24 +285,17 @@ pub(super) async fn run(
     session: Box<Session<'_>>,
     drain: watch::Receiver<bool>,
 ) {
-    let Session {
-        client,
-        login,
-        born,
-        info,
-        started,
-        hello,
-        cancel_key,
-        reuse,
-        _active,
-    } = *session;
+    // Only what the relay consumes moves out; the audit record and the reuse key stay in
+    // the box, so they cost the future a pointer instead of their size.
+    let client = session.client;
+    let hello = session.hello;
     let counters = Counters::at_ready();
     let Login {
         stream,
         backend,
         rest,
-    } = login;
-    let keep = reuse.is_some() && rest.is_empty();
+    } = session.login;
+    let keep = session.reuse.is_some() && rest.is_empty();
     // Split here, not in the relay: what a future takes by value stays in it for its whole
     // life, and the two TLS streams are 2.3 KiB (the halves are pointers).
     let (end, kept) = Box::pin(relay_session(
@@ -315,7 +308,7 @@ pub(super) async fn run(
         keep,
     ))
     .await;
-    drop(cancel_key);
+    drop(session.cancel_key);
     let outcome = match &end {
         End::Closed => Outcome::default(),
         End::Drained => Outcome {
@@ -330,14 +323,14 @@ pub(super) async fn run(
         },
     };
     shared.audit.session_end(
-        &info,
+        &session.info,
         &outcome,
         counters.client_to_server(),
         counters.server_to_client(),
-        started.elapsed(),
+        session.started.elapsed(),
     );
-    tracing::info!(session = %info.session_id, ?end, "session ended");
-    if let (Some(stream), Some((key, cfg))) = (kept, reuse) {
+    tracing::info!(session = %session.info.session_id, ?end, "session ended");
+    if let (Some(stream), Some((key, cfg))) = (kept, session.reuse) {
         if *drain.borrow() {
             let mut stream = stream;
             let _ = stream.write_all(&pg::TERMINATE).await;
@@ -353,7 +346,7 @@ pub(super) async fn run(
             key,
             &cfg,
             login,
-            born,
+            session.born,
             shared.cfg.upstream_connect_timeout,
         ))
         .await;
