@@ -75,6 +75,14 @@ pub const DEFAULT_REUSE_MAX_IDLE: usize = 4;
 pub const DEFAULT_REUSE_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_REUSE_MAX_LIFETIME: Duration = Duration::from_secs(10 * 60);
 pub const MAX_REUSE_IDLE: usize = 1024;
+/// Startup parameters that change who a session is (or open a walsender): never forwarded,
+/// and a route's `upstream.startup_parameters` may not list them.
+pub const PRIVILEGED_STARTUP_PARAMETERS: &[&str] = &[
+    "role",
+    "session_authorization",
+    "replication",
+    "is_superuser",
+];
 
 // ----------------------------------------------------------------------------------------
 // Reading files

@@ -4,10 +4,8 @@
 //! All keys are ECDSA P-256 made with rcgen on ring. A private key leaves the process
 //! that made it only as a file with mode 0600.
 
-use std::fs::{self, OpenOptions};
-use std::io::Write;
+use std::fs;
 use std::net::IpAddr;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -16,6 +14,9 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+
+mod files;
+pub use files::{write_public, write_secret};
 
 pub const WORKLOAD_CA_CERT: &str = "workload-ca.crt";
 pub const WORKLOAD_CA_KEY: &str = "workload-ca.key";
@@ -133,33 +134,6 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, PkiError> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| PkiError::BadKey {
         path: path.to_owned(),
         reason: e.to_string(),
-    })
-}
-
-/// Writes a private key (or anything secret) readable by its owner only.
-pub fn write_secret(path: &Path, contents: &str) -> Result<(), PkiError> {
-    let werr = |source| PkiError::Write {
-        path: path.to_owned(),
-        source,
-    };
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(werr)?;
-    // `mode` only applies on creation: tighten an existing file too.
-    use std::os::unix::fs::PermissionsExt;
-    f.set_permissions(fs::Permissions::from_mode(0o600))
-        .map_err(werr)?;
-    f.write_all(contents.as_bytes()).map_err(werr)
-}
-
-pub fn write_public(path: &Path, contents: &str) -> Result<(), PkiError> {
-    fs::write(path, contents).map_err(|source| PkiError::Write {
-        path: path.to_owned(),
-        source,
     })
 }
 

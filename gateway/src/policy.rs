@@ -11,6 +11,8 @@ use crate::config::{DatabaseConfig, DatabaseSelector, Effect, RoleConfig};
 use crate::pg::{ErrorResponse, sqlstate};
 use crate::pki::SpiffeId;
 
+pub mod startup;
+
 /// Variables a template may use: `{{ .namespace }}`, `{{ .service_account }}`,
 /// `{{ .trust_domain }}`.
 const TEMPLATE_VARS: [&str; 3] = ["namespace", "service_account", "trust_domain"];
@@ -38,6 +40,26 @@ struct Role {
     cfg: RoleConfig,
     db_names: Vec<Template>,
     db_users: Vec<Template>,
+}
+
+/// Database users a template or `*` never yields: the cluster's superusers and
+/// administrative roles on PostgreSQL and Amazon RDS, and PostgreSQL's predefined `pg_*`
+/// roles. Why: `db_users: ["{{ .service_account }}"]` would otherwise give a service
+/// account named `postgres` the superuser. A role that lists one of them literally still
+/// gets it (an operator wrote that name on purpose).
+pub const RESERVED_USERS: &[&str] = &[
+    "postgres",
+    "rdsadmin",
+    "rds_superuser",
+    "rdsrepladmin",
+    "rds_replication",
+    "rds_iam",
+];
+
+/// Whether `user` is reserved (see [`RESERVED_USERS`]); PostgreSQL folds nothing here, the
+/// name is compared as the server will see it.
+pub fn is_reserved_user(user: &str) -> bool {
+    RESERVED_USERS.contains(&user) || user.starts_with("pg_")
 }
 
 /// A string with `{{ .var }}` holes, checked at load so a typo fails then, not per login.
@@ -77,6 +99,14 @@ impl Template {
             pieces.push(Piece::Text(rest.to_owned()));
         }
         Ok(Self(pieces))
+    }
+
+    /// The text of a template without holes.
+    fn literal(&self) -> Option<&str> {
+        match self.0.as_slice() {
+            [Piece::Text(t)] => Some(t),
+            _ => None,
+        }
     }
 
     fn render(&self, id: &SpiffeId) -> String {
@@ -244,6 +274,19 @@ impl Policy {
             ErrorResponse::fatal(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION, msg)
                 .with_hint(format!("Allowed database users: {}.", join_quoted(&users)))
         })?;
+        let literal = |r: &&Role| r.db_users.iter().any(|t| t.literal() == Some(&db_user));
+        if is_reserved_user(&db_user) && !allow.iter().any(literal) {
+            return Err(ErrorResponse::fatal(
+                sqlstate::INSUFFICIENT_PRIVILEGE,
+                format!(
+                    "db-gateway: identity {id} may not log in to \"{route}\" as reserved database user \"{db_user}\""
+                ),
+            )
+            .with_hint(format!(
+                "Reserved users ({}, pg_*) come only from a role that lists them literally in db_users, never from a template or \"*\".",
+                RESERVED_USERS.join(", ")
+            )));
+        }
         // PostgreSQL's rule: the database defaults to the user name.
         let requested_db = database.filter(|d| !d.is_empty()).unwrap_or(&db_user);
         let (db_name, names) = choose(
@@ -390,6 +433,57 @@ roles:
             (d.db_user.as_str(), d.db_name.as_str()),
             ("readonly", "shared")
         );
+    }
+
+    #[test]
+    fn hardening_04_templates_never_yield_reserved_users() {
+        let p = policy(BASE);
+        // A service account named like the superuser, or a predefined role, gets nothing.
+        for sa in ["postgres", "rdsadmin", "rds_superuser", "pg_read_all_data"] {
+            let id = SpiffeId::new("td", "team-a", sa);
+            let e = p.decide(&id, "main", Some(sa), None).unwrap_err();
+            assert_eq!(e.sqlstate, "42501", "{sa}: {e:?}");
+            assert!(
+                e.message
+                    .contains(&format!("reserved database user \"{sa}\"")),
+                "{e:?}"
+            );
+            assert!(
+                e.hint.as_deref().unwrap().contains("lists them literally"),
+                "{e:?}"
+            );
+            // The same identity may still use its other, unreserved user.
+            let d = p
+                .decide(&id, "main", Some("readonly"), Some("shared"))
+                .unwrap();
+            assert_eq!(d.db_user, "readonly");
+        }
+        // Forced templates are checked too, and `*` does not cover reserved users.
+        let forced =
+            policy(&BASE.replace("billing_{{ .service_account }}", "{{ .service_account }}"));
+        let id = SpiffeId::new("td", "billing", "postgres");
+        let e = forced.decide(&id, "main", None, None).unwrap_err();
+        assert_eq!(e.sqlstate, "42501", "{e:?}");
+        let any = policy(&BASE.replace("\"readonly\"]", "\"*\"]"));
+        let id = SpiffeId::new("td", "team-a", "api");
+        assert_eq!(
+            any.decide(&id, "main", Some("postgres"), None)
+                .unwrap_err()
+                .sqlstate,
+            "42501"
+        );
+        assert_eq!(
+            any.decide(&id, "main", Some("someone"), Some("shared"))
+                .unwrap()
+                .db_user,
+            "someone"
+        );
+        // Listed literally, it is the operator's choice.
+        let literal = policy(&BASE.replace("\"readonly\"]", "\"postgres\"]"));
+        let d = literal
+            .decide(&id, "main", Some("postgres"), Some("shared"))
+            .unwrap();
+        assert_eq!(d.db_user, "postgres");
     }
 
     #[test]

@@ -208,6 +208,13 @@ pub struct ListenerConfig {
     /// Pod metadata for the audit log (explicit mode has no kernel to ask).
     #[serde(default)]
     pub pod: PodMeta,
+    /// Bind `listen` outside loopback. An explicit listener lends its workload identity to
+    /// whoever can connect (there is no kernel identity to check), so by default it may only
+    /// listen on a loopback address, reachable from its own network namespace only. Set this
+    /// when the listener runs inside the workload's pod and binds an address only that pod
+    /// can reach, or when the network in front of it is the access control.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub expose: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -294,6 +301,13 @@ impl NodeConfig {
             if l.listen.port() != 0 && !seen.insert(l.listen) {
                 return Err(format!("listeners: address {} is listed twice", l.listen));
             }
+            if !l.listen.ip().is_loopback() && !l.expose {
+                return Err(format!(
+                    "listeners: {} is not a loopback address: anyone who can reach it would connect as the listener's identity ({}). Listen on 127.0.0.1, or set `expose: true` on the listener if only the workload can reach that address",
+                    l.listen,
+                    l.identity.cert.display()
+                ));
+            }
         }
         Ok(())
     }
@@ -312,6 +326,34 @@ mod tests {
                 .unwrap_err()
                 .starts_with("data_plane.buffer_budget")
         );
+    }
+
+    #[test]
+    fn hardening_05_explicit_listener_binds_loopback_unless_exposed() {
+        let text = |listen: &str, extra: &str| {
+            format!(
+                "proxy: {{address: a, server_name: b, ca: c}}\nlisteners:\n  - {{listen: '{listen}', route: r, identity: {{cert: w.crt, key: k}}{extra}}}\n"
+            )
+        };
+        let check = |t: String| {
+            parse_yaml::<NodeConfig>(Path::new("n.yaml"), &t)
+                .unwrap()
+                .validate()
+        };
+        for ok in ["127.0.0.1:5432", "127.0.0.2:0", "[::1]:5432"] {
+            assert_eq!(check(text(ok, "")), Ok(()), "{ok}");
+        }
+        for bad in [
+            "0.0.0.0:5432",
+            "10.1.2.3:5432",
+            "[::]:5432",
+            "169.254.77.1:15432",
+        ] {
+            let e = check(text(bad, "")).unwrap_err();
+            assert!(e.contains("is not a loopback address"), "{bad}: {e}");
+            assert!(e.contains("w.crt") && e.contains("expose: true"), "{e}");
+            assert_eq!(check(text(bad, ", expose: true")), Ok(()), "{bad}");
+        }
     }
 
     #[test]

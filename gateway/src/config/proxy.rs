@@ -177,6 +177,10 @@ pub struct UpstreamConfig {
     /// Reuse logged-in server sessions across client sessions (off when absent).
     #[serde(default)]
     pub reuse: Option<ReuseConfig>,
+    /// Startup parameters clients may set on this route beyond the gateway's built-in
+    /// allow-list (`policy::startup::ALLOWED`); anything else is refused at startup.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub startup_parameters: Vec<String>,
 }
 
 /// Server-session reuse: when a client session ends cleanly (Terminate or EOF while the
@@ -310,6 +314,16 @@ impl ProxyConfig {
                 }
                 _ => {}
             }
+            if let Some(p) = u
+                .startup_parameters
+                .iter()
+                .find(|p| PRIVILEGED_STARTUP_PARAMETERS.contains(&p.to_ascii_lowercase().as_str()))
+            {
+                return Err(format!(
+                    "databases[{i}] ({}): upstream.startup_parameters may not list \"{p}\": it changes the session's role or opens replication, which the policy decides",
+                    d.name
+                ));
+            }
             if let Some(r) = &u.reuse {
                 if r.max_idle == 0 || r.max_idle > MAX_REUSE_IDLE {
                     return Err(format!(
@@ -398,6 +412,17 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("upstream.ca is required"), "{e}");
+        // A route may allow more startup parameters, never the privileged ones.
+        let extra = |p: &str| {
+            format!(
+                "  - {{name: main, upstream: {{address: 'db:5432', auth: cert, ca: c, startup_parameters: [{p}]}}}}\n"
+            )
+        };
+        assert_eq!(check(&extra("plan_cache_mode"), "  []\n"), Ok(()));
+        for p in ["role", "Session_Authorization", "replication"] {
+            let e = check(&extra(p), "  []\n").unwrap_err();
+            assert!(e.contains(&format!("may not list \"{p}\"")), "{e}");
+        }
         let e = check(
             "  - {name: main, upstream: {address: 'db:5432', ca: c}}\n",
             "  []\n",
@@ -463,6 +488,7 @@ mod tests {
             ca: Some(PathBuf::from("ca")),
             server_name: None,
             reuse: None,
+            startup_parameters: Vec::new(),
         };
         assert_eq!(u.server_name(), "db.example.com");
     }

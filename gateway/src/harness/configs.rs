@@ -56,6 +56,7 @@ pub fn proxy_config(spec: &StackSpec, pg_port: u16) -> ProxyConfig {
                 ca: Some(in_ca_dir(pki::WORKLOAD_CA_CERT)),
                 server_name: Some("localhost".into()),
                 reuse: reuse.clone(),
+                startup_parameters: Vec::new(),
             },
         });
     }
@@ -72,6 +73,7 @@ pub fn proxy_config(spec: &StackSpec, pg_port: u16) -> ProxyConfig {
                 ca: None,
                 server_name: None,
                 reuse: None,
+                startup_parameters: Vec::new(),
             },
         });
     }
@@ -134,6 +136,7 @@ pub fn node_config(
                 service_account: Some(w.service_account.clone()),
                 ..PodMeta::default()
             },
+            expose: false,
         })
         .collect();
     NodeConfig {
@@ -245,6 +248,7 @@ mod tests {
                     ca: Some("ca/x.crt".into()),
                     server_name: None,
                     reuse: None,
+                    startup_parameters: Vec::new(),
                 },
             }],
             upstream_reuse: Some(ReuseConfig {

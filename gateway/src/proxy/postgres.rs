@@ -23,6 +23,7 @@ use crate::audit::{Outcome, SessionInfo};
 use crate::config::ReuseConfig;
 use crate::pg::{self, ErrorResponse, ProtocolError, StartupMessage, StartupRequest, sqlstate};
 use crate::pki::SpiffeId;
+use crate::policy;
 use crate::telemetry::proxy::{SESSIONS_TOTAL, UPSTREAM_LOGIN_SECONDS};
 use crate::upstream::{Login, ServerStream, UpstreamError};
 
@@ -178,6 +179,21 @@ pub(super) async fn start(shared: &Arc<Shared>, opened: Box<Opened>) -> Option<B
             return None;
         }
     };
+    if let Err(error) = policy::startup::check(
+        &startup.params,
+        &decision.database.upstream.startup_parameters,
+    ) {
+        tracing::info!(session = %info.session_id, %identity, route = %preamble.route, reason = %error.message, "session denied");
+        refuse(
+            shared,
+            &mut client,
+            &info,
+            PostgresError::Denied(error),
+            started,
+        )
+        .await;
+        return None;
+    }
     info.db_user = Some(decision.db_user.clone());
     info.db_name = Some(decision.db_name.clone());
     info.role = Some(decision.role.clone());

@@ -65,6 +65,7 @@ impl Db {
                 ca: Some(self.dir.join(pki::WORKLOAD_CA_CERT)),
                 server_name: Some(server_name.into()),
                 reuse: None,
+                startup_parameters: Vec::new(),
             },
         }
     }
@@ -275,6 +276,7 @@ fn a_postgres_route_without_a_ca_is_a_configuration_error() {
             ca: None,
             server_name: None,
             reuse: None,
+            startup_parameters: Vec::new(),
         },
     };
     let ttl = Duration::from_secs(60);

@@ -77,6 +77,7 @@ pub fn spec() -> StackSpec {
                 ca: Some("ca/workload-ca.crt".into()),
                 server_name: Some("localhost".into()),
                 reuse: None,
+                startup_parameters: Vec::new(),
             },
         }],
         tcp_routes: Vec::new(),
