@@ -1,17 +1,39 @@
 //! The audit log: one JSON object per line, `db.session.start` and `db.session.end` for
-//! every session the proxy accepted a TLS handshake for (allowed or not).
+//! every session the proxy accepted a TLS handshake for (allowed or not), and `db.cancel`
+//! for every cancel request.
 //!
-//! Each event is written with a single `write` on an `O_APPEND` file, so lines from
-//! concurrent sessions never interleave and a crash loses at most the event in flight.
+//! Every admitted session gets exactly one end record: when it ends, when the drain grace
+//! period runs out first ([`AuditLog::close_open`]), and, after a crash, at the next start-up
+//! (`recover.rs`). Lines are written by one writer thread from a bounded queue
+//! (`writer.rs`), each batch with one `write` on an `O_APPEND` file, so lines never
+//! interleave and a stalled sink stalls no session.
 
+mod recover;
+mod writer;
+
+use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::config::{AuditConfig, AuditWhenFull};
+use crate::pg::sqlstate;
+use crate::telemetry::proxy::{AUDIT_RECOVERED_SESSIONS_TOTAL, AUDIT_REFUSED_SESSIONS_TOTAL};
+
+pub use recover::RECOVERED_MESSAGE;
+
 pub struct AuditLog {
-    sink: Mutex<Box<dyn Write + Send>>,
+    writer: writer::Writer,
+    when_full: AuditWhenFull,
+    /// Sessions started with success and not ended yet, for [`AuditLog::close_open`].
+    open: Mutex<HashMap<String, (SessionInfo, Instant)>>,
+    /// Set by `close_open`: a session task that still runs after it must not write a
+    /// second end record.
+    closed: AtomicBool,
 }
 
 /// Fields common to both events of a session.
@@ -60,6 +82,19 @@ struct Event<'a> {
     duration_ms: Option<f64>,
 }
 
+/// A cancel request: who sent it and what became of it (the key's session, if known).
+#[derive(Debug, Serialize)]
+pub struct CancelEvent<'a> {
+    pub identity: &'a str,
+    pub node: Option<&'a str>,
+    pub node_addr: &'a str,
+    /// `forwarded`, `upstream_error` or `unknown_key` (as the metric's `result`).
+    pub result: &'a str,
+    /// The session the key belongs to, when it is one of this identity's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_session_id: Option<&'a str>,
+}
+
 /// How a session ended (or failed to start), for both events.
 #[derive(Debug, Clone, Default)]
 pub struct Outcome {
@@ -85,27 +120,81 @@ pub fn now_rfc3339() -> String {
 }
 
 impl AuditLog {
-    /// `-` is standard output; anything else a file opened for append (mode 0640).
+    /// `-` is standard output; anything else a file opened for append (mode 0640), with the
+    /// default queue and `when_full` policy.
     pub fn open(path: &str) -> std::io::Result<Self> {
+        Self::from_config(&AuditConfig {
+            path: path.to_owned(),
+            ..AuditConfig::default()
+        })
+    }
+
+    fn with_sink(sink: Box<dyn Write + Send>, cfg: &AuditConfig) -> std::io::Result<Self> {
+        Ok(Self {
+            writer: writer::Writer::spawn(
+                sink,
+                cfg.queue.clamp(2, crate::config::MAX_AUDIT_QUEUE),
+            )?,
+            when_full: cfg.when_full,
+            open: Mutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    /// Opens the sink, closes what a previous run left open (a file only), and starts the
+    /// writer thread.
+    pub fn from_config(cfg: &AuditConfig) -> std::io::Result<Self> {
+        let path = cfg.path.as_str();
         let sink: Box<dyn Write + Send> = if path == "-" {
             Box::new(std::io::stdout())
         } else {
             use std::os::unix::fs::OpenOptionsExt;
-            Box::new(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .mode(0o640)
-                    .open(path)?,
-            )
+            let owed = recover::owed_ends(std::path::Path::new(path))?;
+            let mut file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o640)
+                .open(path)?;
+            if recover::ends_mid_line(std::path::Path::new(path))? {
+                file.write_all(b"\n")?;
+            }
+            if !owed.is_empty() {
+                let mut lines = Vec::new();
+                for e in &owed {
+                    serde_json::to_writer(&mut lines, e)?;
+                    lines.push(b'\n');
+                }
+                file.write_all(&lines)?;
+                file.sync_data()?;
+                metrics::counter!(AUDIT_RECOVERED_SESSIONS_TOTAL).increment(owed.len() as u64);
+                tracing::warn!(
+                    sessions = owed.len(),
+                    path,
+                    "audit log: closed sessions a previous run left open"
+                );
+            }
+            Box::new(file)
         };
-        Ok(Self {
-            sink: Mutex::new(sink),
-        })
+        Self::with_sink(sink, cfg)
+    }
+
+    /// Whether a new session may start: under `when_full: refuse-new-sessions`, not while
+    /// the queue is more than half full (the rest is room for the records already owed).
+    /// A refusal is counted; it writes no record (there is no room for one).
+    pub fn admits(&self) -> bool {
+        let ok = self.when_full == AuditWhenFull::Block || self.writer.has_room();
+        if !ok {
+            metrics::counter!(AUDIT_REFUSED_SESSIONS_TOTAL).increment(1);
+        }
+        ok
     }
 
     pub fn session_start(&self, s: &SessionInfo, outcome: &Outcome) {
-        self.emit(&Event {
+        if outcome.result() == "success" {
+            let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+            open.insert(s.session_id.clone(), (s.clone(), Instant::now()));
+        }
+        self.write(&Event {
             event: "db.session.start",
             time: now_rfc3339(),
             session: s,
@@ -124,41 +213,98 @@ impl AuditLog {
         outcome: &Outcome,
         bytes_up: u64,
         bytes_down: u64,
-        duration: std::time::Duration,
+        duration: Duration,
     ) {
-        self.emit(&Event {
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&s.session_id);
+        if self.closed.load(Ordering::Acquire) {
+            // close_open wrote this session's end already (or the session started after
+            // it, which the shutdown order rules out).
+            tracing::debug!(session = %s.session_id, "audit log closed; end already recorded");
+            return;
+        }
+        self.end(s, outcome, Some((bytes_up, bytes_down)), duration);
+    }
+
+    fn end(&self, s: &SessionInfo, outcome: &Outcome, bytes: Option<(u64, u64)>, d: Duration) {
+        self.write(&Event {
             event: "db.session.end",
             time: now_rfc3339(),
             session: s,
             result: outcome.result(),
             error_code: outcome.error_code.as_deref(),
             error_message: outcome.error_message.as_deref(),
-            bytes_client_to_server: Some(bytes_up),
-            bytes_server_to_client: Some(bytes_down),
-            duration_ms: Some(duration.as_secs_f64() * 1000.0),
+            bytes_client_to_server: bytes.map(|b| b.0),
+            bytes_server_to_client: bytes.map(|b| b.1),
+            duration_ms: Some(d.as_secs_f64() * 1000.0),
         });
     }
 
-    fn emit(&self, e: &Event<'_>) {
+    /// Writes the end of every session still open (`reason` as its message, SQLSTATE
+    /// 57P01 as PostgreSQL's own shutdown), then waits until the queue is written. Called
+    /// once the proxy's threads have stopped: after the drain grace period, sessions left
+    /// are closed by the process exit, and this is their record.
+    pub fn close_open(&self, reason: &str) -> usize {
+        self.closed.store(true, Ordering::Release);
+        let open: Vec<(SessionInfo, Instant)> = {
+            let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+            open.drain().map(|(_, v)| v).collect()
+        };
+        let outcome = Outcome {
+            error_code: Some(sqlstate::ADMIN_SHUTDOWN.into()),
+            error_message: Some(reason.into()),
+            denied: false,
+        };
+        for (s, started) in &open {
+            self.end(s, &outcome, None, started.elapsed());
+        }
+        self.flush();
+        open.len()
+    }
+
+    /// A `db.cancel` record.
+    pub fn cancel(&self, c: &CancelEvent<'_>) {
+        #[derive(Serialize)]
+        struct Cancel<'a> {
+            event: &'static str,
+            time: String,
+            #[serde(flatten)]
+            cancel: &'a CancelEvent<'a>,
+        }
+        self.write(&Cancel {
+            event: "db.cancel",
+            time: now_rfc3339(),
+            cancel: c,
+        });
+    }
+
+    /// Records the writer failed to write (also counted in the metric).
+    pub fn write_errors(&self) -> u64 {
+        self.writer.errors()
+    }
+
+    /// Waits until every record queued so far is written.
+    pub fn flush(&self) {
+        self.writer.flush();
+    }
+
+    fn write(&self, e: &impl Serialize) {
         let Ok(mut line) = serde_json::to_vec(e) else {
             return;
         };
         line.push(b'\n');
-        let mut sink = self.sink.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(err) = sink.write_all(&line).and_then(|()| sink.flush()) {
-            metrics::counter!(crate::telemetry::proxy::AUDIT_WRITE_ERRORS_TOTAL).increment(1);
-            tracing::error!(%err, "failed to write audit event");
-        }
+        self.writer.send(line);
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::fs::OpenOptions;
     use std::os::unix::fs::PermissionsExt;
     use std::path::PathBuf;
     use std::time::Duration;
-
-    use metrics_exporter_prometheus::PrometheusBuilder;
 
     use super::*;
     use crate::pod::PodMeta;
@@ -225,8 +371,10 @@ mod tests {
         };
         log.session_end(&session(), &end, 10, 2000, Duration::from_millis(1500));
 
+        log.flush();
         let mode = std::fs::metadata(&file.0).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o640);
+        log.flush();
         let events = file.events();
         assert_eq!(events.len(), 2);
         let (start, end) = (&events[0], &events[1]);
@@ -290,6 +438,7 @@ mod tests {
             ..session()
         };
         log.session_start(&reused, &Outcome::default());
+        log.flush();
         let events = file.events();
         assert_eq!(events[0]["result"], "denied");
         assert_eq!(events[0]["error_code"], "28000");
@@ -317,6 +466,7 @@ mod tests {
                 });
             }
         });
+        log.flush();
         let events = file.events();
         assert_eq!(events.len(), 1 + 4 * 50);
         assert_eq!(events[0]["earlier"], true);
@@ -331,20 +481,177 @@ mod tests {
 
     #[test]
     fn a_failed_write_is_counted_and_does_not_panic() {
-        let recorder = PrometheusBuilder::new().build_recorder();
-        let handle = recorder.handle();
         // /dev/full: every write fails with ENOSPC, as on a full disk.
         let log = AuditLog::open("/dev/full").unwrap();
-        metrics::with_local_recorder(&recorder, || {
-            log.session_start(&session(), &Outcome::default());
-            log.session_end(&session(), &Outcome::default(), 0, 0, Duration::ZERO);
-        });
-        let text = handle.render();
-        let count = text
+        log.session_start(&session(), &Outcome::default());
+        log.flush();
+        log.session_end(&session(), &Outcome::default(), 0, 0, Duration::ZERO);
+        log.flush();
+        assert_eq!(log.write_errors(), 2);
+    }
+
+    #[test]
+    fn hardening_11_every_started_session_gets_exactly_one_end_at_shutdown() {
+        let file = TempFile::new("close");
+        let log = AuditLog::open(file.path()).unwrap();
+        let a = SessionInfo {
+            session_id: "a".into(),
+            ..session()
+        };
+        let b = SessionInfo {
+            session_id: "b".into(),
+            ..session()
+        };
+        let denied = SessionInfo {
+            session_id: "d".into(),
+            ..session()
+        };
+        log.session_start(&a, &Outcome::default());
+        log.session_start(&b, &Outcome::default());
+        let refusal = Outcome {
+            error_code: Some("28000".into()),
+            error_message: None,
+            denied: true,
+        };
+        log.session_start(&denied, &refusal);
+        log.session_end(&denied, &refusal, 0, 0, Duration::ZERO);
+        log.session_end(&a, &Outcome::default(), 1, 2, Duration::from_millis(3));
+        assert_eq!(log.close_open("drain grace over"), 1);
+        // A task that still finished after shutdown writes no second end.
+        log.session_end(&b, &Outcome::default(), 1, 2, Duration::from_millis(3));
+        log.flush();
+        let ends: Vec<(String, Option<String>)> = file
+            .events()
+            .iter()
+            .filter(|e| e["event"] == "db.session.end")
+            .map(|e| {
+                (
+                    e["session_id"].as_str().unwrap().to_owned(),
+                    e["error_code"].as_str().map(str::to_owned),
+                )
+            })
+            .collect();
+        assert_eq!(
+            ends,
+            [
+                ("d".to_owned(), Some("28000".to_owned())),
+                ("a".to_owned(), None),
+                ("b".to_owned(), Some("57P01".to_owned())),
+            ]
+        );
+        let b_end = file.events().into_iter().last().unwrap();
+        assert_eq!(b_end["error_message"], "drain grace over");
+        assert!(b_end.get("bytes_client_to_server").is_none(), "{b_end}");
+    }
+
+    #[test]
+    fn hardening_11_a_crash_left_open_session_is_closed_at_the_next_start() {
+        let file = TempFile::new("recover");
+        {
+            let log = AuditLog::open(file.path()).unwrap();
+            for id in ["a", "b", "c"] {
+                let s = SessionInfo {
+                    session_id: id.into(),
+                    ..session()
+                };
+                log.session_start(&s, &Outcome::default());
+            }
+            let b = SessionInfo {
+                session_id: "b".into(),
+                ..session()
+            };
+            log.session_end(&b, &Outcome::default(), 0, 0, Duration::ZERO);
+            log.flush();
+        }
+        // The crash cut the last line in half.
+        let mut f = OpenOptions::new().append(true).open(&file.0).unwrap();
+        f.write_all(b"{\"event\":\"db.session.st").unwrap();
+        drop(f);
+        let log = AuditLog::open(file.path()).unwrap();
+        log.flush();
+        let text = std::fs::read_to_string(&file.0).unwrap();
+        let recovered: Vec<serde_json::Value> = text
             .lines()
-            .find_map(|l| l.strip_prefix("gateway_proxy_audit_write_errors_total "))
-            .unwrap_or_else(|| panic!("no write error counter in:\n{text}"));
-        assert_eq!(count.trim(), "2");
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["recovered"] == true)
+            .collect();
+        let ids: Vec<&str> = recovered
+            .iter()
+            .map(|e| e["session_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, ["a", "c"]);
+        for e in &recovered {
+            assert_eq!(e["event"], "db.session.end");
+            assert_eq!(e["result"], "error");
+            assert_eq!(e["error_code"], "08006");
+            assert_eq!(e["error_message"], RECOVERED_MESSAGE);
+            assert_eq!(e["identity"], "spiffe://td/ns/team-a/sa/api");
+        }
+        drop(log);
+        // Opening again owes nothing more.
+        let before = std::fs::read_to_string(&file.0).unwrap().lines().count();
+        AuditLog::open(file.path()).unwrap().flush();
+        assert_eq!(
+            std::fs::read_to_string(&file.0).unwrap().lines().count(),
+            before
+        );
+    }
+
+    /// A sink that takes nothing until released, like a stdout pipe nobody reads.
+    struct Stalled(
+        std::sync::Arc<(Mutex<bool>, std::sync::Condvar)>,
+        std::sync::Arc<Mutex<Vec<u8>>>,
+    );
+
+    impl Write for Stalled {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let (open, cv) = &*self.0;
+            let mut g = open.lock().unwrap();
+            while !*g {
+                g = cv.wait(g).unwrap();
+            }
+            self.1.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn hardening_11_a_stalled_sink_refuses_new_sessions_and_loses_no_record() {
+        for when_full in [AuditWhenFull::RefuseNewSessions, AuditWhenFull::Block] {
+            let gate = std::sync::Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+            let out = std::sync::Arc::new(Mutex::new(Vec::new()));
+            let cfg = AuditConfig {
+                path: "-".into(),
+                queue: 8,
+                when_full,
+            };
+            let log =
+                AuditLog::with_sink(Box::new(Stalled(gate.clone(), out.clone())), &cfg).unwrap();
+            assert!(log.admits());
+            // The writer takes the first line and stalls on it; the queue then fills.
+            for i in 0..6 {
+                let s = SessionInfo {
+                    session_id: format!("s{i}"),
+                    ..session()
+                };
+                log.session_start(&s, &Outcome::default());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            assert_eq!(
+                log.admits(),
+                when_full == AuditWhenFull::Block,
+                "{when_full:?}"
+            );
+            *gate.0.lock().unwrap() = true;
+            gate.1.notify_all();
+            log.flush();
+            assert!(log.admits());
+            let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+            assert_eq!(text.lines().count(), 6, "{text}");
+        }
     }
 
     #[test]

@@ -23,8 +23,8 @@ pub use node::{
     KubernetesSource, ListenerConfig, NodeConfig, ProxyEndpoint, RouteConfig,
 };
 pub use proxy::{
-    AuditConfig, CaFiles, DatabaseConfig, DatabaseSelector, Effect, MatchConfig, ProxyConfig,
-    ProxyTls, ReuseConfig, RoleConfig, UpstreamAuth, UpstreamConfig, UpstreamTlsMode,
+    AuditConfig, AuditWhenFull, CaFiles, DatabaseConfig, DatabaseSelector, Effect, MatchConfig,
+    ProxyConfig, ProxyTls, ReuseConfig, RoleConfig, UpstreamAuth, UpstreamConfig, UpstreamTlsMode,
 };
 
 // ----------------------------------------------------------------------------------------
@@ -70,6 +70,11 @@ pub const DEFAULT_DB_CLIENT_CERT_TTL: Duration = Duration::from_secs(10 * 60);
 pub const DEFAULT_TUNNEL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The audit log goes to standard output unless a file is named.
 pub const DEFAULT_AUDIT_PATH: &str = "-";
+/// Audit records queued for the writer thread at most: about 40 MB of lines at ~600 bytes,
+/// seconds of a busy proxy's sessions.
+pub const DEFAULT_AUDIT_QUEUE: usize = 65_536;
+/// Bounds of `audit.queue`.
+pub const MAX_AUDIT_QUEUE: usize = 1 << 22;
 /// Idle kept server sessions per key and proxy thread, when reuse is on.
 pub const DEFAULT_REUSE_MAX_IDLE: usize = 4;
 pub const DEFAULT_REUSE_IDLE_TIMEOUT: Duration = Duration::from_secs(60);

@@ -100,7 +100,7 @@ pub fn prepare(cfg: ProxyConfig, local_addr: SocketAddr) -> anyhow::Result<Share
     let db_ca = CertificateAuthority::load(&cfg.db_client_ca.cert, &cfg.db_client_ca.key)
         .context("database-client CA")?;
     let upstreams = Upstreams::new(db_ca, cfg.db_client_cert_ttl, &cfg.databases)?;
-    let audit = AuditLog::open(&cfg.audit.path)
+    let audit = AuditLog::from_config(&cfg.audit)
         .with_context(|| format!("failed to open audit log {}", cfg.audit.path))?;
     Ok(Shared {
         policy,
@@ -168,10 +168,22 @@ pub fn run(cfg: ProxyConfig) -> anyhow::Result<()> {
             let _ = drain_tx.send(true);
             anyhow::Ok(())
         })?;
-    serve_on_thread(shared, own, sessions, drain_rx)?;
+    let served = serve_on_thread(shared.clone(), own, sessions, drain_rx);
     for w in workers {
         let _ = w.join();
     }
+    // Every runtime is gone, so no session task runs any more: sessions the grace period
+    // cut get their end record here, and the writer's queue is written before exit.
+    let cut = shared
+        .audit
+        .close_open("ended by proxy shutdown: the drain grace period elapsed");
+    if cut > 0 {
+        tracing::warn!(
+            sessions = cut,
+            "sessions ended by shutdown after drain_grace"
+        );
+    }
+    served?;
     let _ = signal.join();
     Ok(())
 }

@@ -146,3 +146,75 @@ fn hardening_05_explicit_listener_outside_loopback_needs_expose() {
     assert!(err.contains("expose: true"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The audit file's records, by session id: (start events, end events).
+fn audit_by_session(
+    path: &std::path::Path,
+) -> std::collections::BTreeMap<String, (usize, Vec<serde_json::Value>)> {
+    let mut by = std::collections::BTreeMap::<String, (usize, Vec<serde_json::Value>)>::new();
+    for line in std::fs::read_to_string(path).unwrap().lines() {
+        let e: serde_json::Value = serde_json::from_str(line).unwrap();
+        let id = e["session_id"].as_str().unwrap().to_owned();
+        let entry = by.entry(id).or_default();
+        match e["event"].as_str().unwrap() {
+            "db.session.start" => entry.0 += 1,
+            "db.session.end" => entry.1.push(e),
+            other => panic!("unexpected event {other}"),
+        }
+    }
+    by
+}
+
+/// Item 11: a session still inside a transaction when the drain grace period runs out
+/// gets its end record (57P01) before the proxy exits, and every session exactly one.
+/// Before the fix the process exited with the session's task and no end was written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hardening_11_a_session_cut_by_drain_timeout_has_an_end_record() {
+    let mut spec = spec();
+    spec.proxy.drain_grace = Some(std::time::Duration::from_secs(1));
+    let mut s = Stack::start(spec).unwrap();
+    let url = s.conn_string(TEAM_A_API, "api", "app");
+    let (busy, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    busy.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    // One finished session too, for the "exactly one" half.
+    connect(&s, TEAM_A_API, "api", "app")
+        .await
+        .unwrap()
+        .simple_query("SELECT 1")
+        .await
+        .unwrap();
+
+    let t0 = std::time::Instant::now();
+    let mut proxy = s.terminate_proxy().unwrap();
+    let status = wait_exit(
+        &mut proxy,
+        t0 + std::time::Duration::from_secs(10),
+        "proxy still running",
+    );
+    assert!(status.success(), "{status}");
+    assert!(t0.elapsed() >= std::time::Duration::from_secs(1));
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), conn).await;
+
+    let by = audit_by_session(&s.audit_path);
+    assert_eq!(by.len(), 2, "{by:?}");
+    for (id, (starts, ends)) in &by {
+        assert_eq!((*starts, ends.len()), (1, 1), "session {id}: {ends:?}");
+    }
+    // The idle one ended at drain (57P01 "ended by proxy drain"), the one in a
+    // transaction by the shutdown after the grace period.
+    let cut: Vec<&serde_json::Value> = by
+        .values()
+        .map(|(_, e)| &e[0])
+        .filter(|e| e["error_message"] == "ended by proxy shutdown: the drain grace period elapsed")
+        .collect();
+    assert_eq!(cut.len(), 1, "{by:?}");
+    assert_eq!(cut[0]["error_code"], "57P01");
+    assert!(
+        cut[0]["duration_ms"].as_f64().unwrap() >= 1000.0,
+        "{:?}",
+        cut[0]
+    );
+}

@@ -85,14 +85,41 @@ pub struct CaFiles {
 pub struct AuditConfig {
     /// A file (appended to) or `-` for standard output.
     pub path: String,
+    /// Records waiting for the writer thread, at most.
+    #[serde(default = "default_audit_queue")]
+    pub queue: usize,
+    /// What happens when the queue is full (the sink is stalled).
+    #[serde(default)]
+    pub when_full: AuditWhenFull,
+}
+
+fn default_audit_queue() -> usize {
+    DEFAULT_AUDIT_QUEUE
 }
 
 impl Default for AuditConfig {
     fn default() -> Self {
         Self {
             path: DEFAULT_AUDIT_PATH.into(),
+            queue: DEFAULT_AUDIT_QUEUE,
+            when_full: AuditWhenFull::default(),
         }
     }
+}
+
+/// The audit queue's policy when its sink stalls. Records already owed (the end of a
+/// session that started) are never dropped under either.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuditWhenFull {
+    /// New sessions get `53000` while the queue is more than half full; sessions already
+    /// running go on. The default: a stalled sink then stops new, unrecorded access without
+    /// stalling the proxy.
+    #[default]
+    RefuseNewSessions,
+    /// Every session waits until its record fits, new and running alike (the whole proxy
+    /// stalls with the sink).
+    Block,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -282,6 +309,12 @@ impl ProxyConfig {
     }
 
     pub fn validate(&self) -> Result<(), String> {
+        if self.audit.queue < 2 || self.audit.queue > MAX_AUDIT_QUEUE {
+            return Err(format!(
+                "audit.queue: {} is outside 2 to {MAX_AUDIT_QUEUE} records",
+                self.audit.queue
+            ));
+        }
         let mut names = std::collections::HashSet::new();
         for (i, d) in self.databases.iter().enumerate() {
             if !names.insert(d.name.as_str()) {

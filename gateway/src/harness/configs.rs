@@ -100,6 +100,7 @@ pub fn proxy_config(spec: &StackSpec, pg_port: u16) -> ProxyConfig {
         db_client_cert_ttl: DEFAULT_DB_CLIENT_CERT_TTL,
         audit: AuditConfig {
             path: "audit.jsonl".into(),
+            ..AuditConfig::default()
         },
         drain_grace: drain_grace.unwrap_or(DEFAULT_DRAIN_GRACE),
         startup_timeout: DEFAULT_STARTUP_TIMEOUT,

@@ -416,7 +416,7 @@ mod tests {
         assert_eq!(opened.info.node.as_deref(), Some("node-1"));
         assert_eq!(opened.info.session_id.len(), 32);
         // Nothing is audited before a session kind decides.
-        assert!(testing::audit_events(&testing::audit_path(&pki)).is_empty());
+        assert!(testing::audit_events(&shared.audit, &testing::audit_path(&pki)).is_empty());
     }
 
     #[tokio::test]
@@ -431,7 +431,7 @@ mod tests {
             open_one(&shared, &connector, &preamble("kv", Protocol::Tcp), true).await;
         assert!(opened.is_none());
         assert!(node.is_err(), "the node must see the refusal: {node:?}");
-        assert!(testing::audit_events(&testing::audit_path(&pki)).is_empty());
+        assert!(testing::audit_events(&shared.audit, &testing::audit_path(&pki)).is_empty());
 
         // The handshake error is counted as an unknown issuer.
         let (accepted, _, dialled) = testing::tcp_pair().await;
@@ -460,7 +460,7 @@ mod tests {
         )
         .with_hint("Workload certificates must carry one SPIFFE ID spiffe://unit.test/ns/<namespace>/sa/<service-account>.");
         assert_eq!(node.unwrap(), expected.encode());
-        assert!(testing::audit_events(&testing::audit_path(&pki)).is_empty());
+        assert!(testing::audit_events(&shared.audit, &testing::audit_path(&pki)).is_empty());
     }
 
     #[tokio::test]
@@ -482,7 +482,7 @@ mod tests {
         )
         .with_hint("Connect through the db-gateway node agent, not to the proxy directly.");
         assert_eq!(node.unwrap(), expected.encode());
-        let events = testing::audit_events(&testing::audit_path(&pki));
+        let events = testing::audit_events(&shared.audit, &testing::audit_path(&pki));
         assert_eq!(events.len(), 2, "{events:?}");
         for (e, name) in events.iter().zip(["db.session.start", "db.session.end"]) {
             assert_eq!(e["event"], name);
@@ -520,7 +520,7 @@ mod tests {
         tls.read_to_end(&mut rest).await.unwrap();
         proxy.await.unwrap();
 
-        let events = testing::audit_events(&testing::audit_path(&pki));
+        let events = testing::audit_events(&shared.audit, &testing::audit_path(&pki));
         assert_eq!(events.len(), 2, "{events:?}");
         assert_eq!(events[0]["result"], "success");
         assert_eq!(events[0]["role"], "apps");
@@ -541,7 +541,7 @@ mod tests {
         )
         .with_hint("Set protocol: tcp on the node listener or interception route for this route, or point it at a postgres route.");
         assert_eq!(got, expected.encode());
-        let events = testing::audit_events(&testing::audit_path(&pki));
+        let events = testing::audit_events(&shared.audit, &testing::audit_path(&pki));
         assert_eq!(events.len(), 2, "{events:?}");
         assert_eq!(events[1]["error_code"], "08000");
         assert_eq!(events[1]["protocol"], "postgres");
@@ -569,7 +569,7 @@ mod tests {
                 got.is_empty(),
                 "a tcp client gets no ErrorResponse: {got:?}"
             );
-            let events = testing::audit_events(&testing::audit_path(&pki));
+            let events = testing::audit_events(&shared.audit, &testing::audit_path(&pki));
             let last = &events[events.len() - 2..];
             for e in last {
                 assert_eq!(e["result"], "error");
@@ -596,7 +596,7 @@ mod tests {
         )
         .with_hint("Allowed database users: \"u\".");
         assert_eq!(got, expected.encode());
-        let events = testing::audit_events(&testing::audit_path(&pki));
+        let events = testing::audit_events(&shared.audit, &testing::audit_path(&pki));
         assert_eq!(events[1]["result"], "denied");
         assert_eq!(events[1]["requested_user"], "x");
 
@@ -613,7 +613,7 @@ mod tests {
             ),
             "{fields:?}"
         );
-        let events = testing::audit_events(&testing::audit_path(&pki));
+        let events = testing::audit_events(&shared.audit, &testing::audit_path(&pki));
         assert_eq!(events.len(), 4);
         assert_eq!(events[3]["result"], "error");
         assert_eq!(events[3]["db_user"], "u");

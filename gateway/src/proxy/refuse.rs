@@ -139,7 +139,7 @@ mod tests {
             refuse(&audit, &mut server, &info, refusal, answer, started),
             reading
         );
-        (got, testing::audit_events(&path))
+        (got, testing::audit_events(&audit, &path))
     }
 
     fn assert_pair(events: &[serde_json::Value], result: &str, code: &str, message: &str) {

@@ -149,8 +149,9 @@ pub(super) fn audit_path(pki: &Pki) -> PathBuf {
     pki.dir.path().join("audit.log")
 }
 
-/// The audit log's events so far.
-pub(super) fn audit_events(path: &Path) -> Vec<serde_json::Value> {
+/// The audit log's events so far (what `log` queued is written first).
+pub(super) fn audit_events(log: &crate::audit::AuditLog, path: &Path) -> Vec<serde_json::Value> {
+    log.flush();
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()

@@ -38,6 +38,12 @@ pub const UPSTREAM_REUSE_TOTAL: &str = "gateway_proxy_upstream_reuse_total";
 pub const UPSTREAM_KEPT_SESSIONS: &str = "gateway_proxy_upstream_kept_sessions";
 /// Audit events that could not be written.
 pub const AUDIT_WRITE_ERRORS_TOTAL: &str = "gateway_proxy_audit_write_errors_total";
+/// Audit records queued for the writer thread.
+pub const AUDIT_QUEUE_DEPTH: &str = "gateway_proxy_audit_queue_depth";
+/// New sessions refused because the audit queue was full (`when_full: refuse-new-sessions`).
+pub const AUDIT_REFUSED_SESSIONS_TOTAL: &str = "gateway_proxy_audit_refused_sessions_total";
+/// Sessions a previous run left open, closed at start-up.
+pub const AUDIT_RECOVERED_SESSIONS_TOTAL: &str = "gateway_proxy_audit_recovered_sessions_total";
 /// Database-client certificates the proxy issued itself for upstream logins.
 pub const DB_CLIENT_CERTS_ISSUED_TOTAL: &str = "gateway_proxy_db_client_certs_issued_total";
 
@@ -146,6 +152,18 @@ pub const METRICS: &[Metric] = &[
     Metric::counter(
         AUDIT_WRITE_ERRORS_TOTAL,
         "Audit events that could not be written.",
+    ),
+    Metric::gauge(
+        AUDIT_QUEUE_DEPTH,
+        "Audit records waiting for the writer thread.",
+    ),
+    Metric::counter(
+        AUDIT_REFUSED_SESSIONS_TOTAL,
+        "New sessions refused because the audit queue was full (audit.when_full: refuse-new-sessions).",
+    ),
+    Metric::counter(
+        AUDIT_RECOVERED_SESSIONS_TOTAL,
+        "Sessions a previous run of the proxy left open in the audit file, closed at start-up.",
     ),
     Metric::counter(
         DB_CLIENT_CERTS_ISSUED_TOTAL,
