@@ -111,7 +111,9 @@ fn helper() {
     let Ok(mode) = std::env::var(HELPER_ENV) else {
         return;
     };
-    let args: Vec<&str> = mode.splitn(4, ' ').collect();
+    // The last argument of `probe` (a connection string) has spaces of its own.
+    let parts = if mode.starts_with("probe ") { 3 } else { 4 };
+    let args: Vec<&str> = mode.splitn(parts, ' ').collect();
     match args[..] {
         ["burst", addr, n, user] => burst(addr.parse().unwrap(), n.parse().unwrap(), user),
         ["probe", n, conninfo] => probe(n.parse().unwrap(), conninfo),

@@ -210,9 +210,15 @@ impl Fetcher {
                             .await;
                     }
                     Err(e) => {
-                        let e = Arc::new(e);
-                        for reply in waiting {
-                            let _ = reply.send(Err(e.clone()));
+                        // The last waiter gets the error itself, not a copy of the pointer,
+                        // so a lone waiter can unwrap it.
+                        let mut e = Some(Arc::new(e));
+                        let last = waiting.len().saturating_sub(1);
+                        for (k, reply) in waiting.into_iter().enumerate() {
+                            let shared = if k == last { e.take() } else { e.clone() };
+                            if let Some(shared) = shared {
+                                let _ = reply.send(Err(shared));
+                            }
                         }
                     }
                 }
