@@ -7,6 +7,7 @@
  *   sockops                            once the client's local port is known, publish the
  *                                      record by {local ip, local port} for the agent
  *   cgroup/getpeername4, getpeername6  show the application the address it asked for
+ *   cgroup/sock_release                forget the record of a socket that never connected
  *
  * The hooks are thin: each one calls a __ worker and maps its verdict to the return value the
  * attach point expects. Map layouts live in maps.h (keep in sync with gateway/src/ebpf/maps.rs).
@@ -108,6 +109,70 @@ static __always_inline int __is_agent(struct bpf_sock_addr *ctx, const struct db
 }
 
 /*
+ * Per-cgroup budget. dbgw_by_cookie and dbgw_by_addr are LRU maps shared by every pod: without
+ * a budget one pod opening connections in a loop evicts the other pods' records, whose
+ * connections the agent then refuses (it cannot tell who they are). So each cgroup may hold at
+ * most dbgw_limits.conns_per_cgroup records; its next connect fails with EPERM (and is counted
+ * in dbgw_refused), while every other cgroup connects as before.
+ */
+static __always_inline int __over_budget(__u64 cgroup_id)
+{
+	__u32 zero = 0;
+	const struct dbgw_limits *lim = bpf_map_lookup_elem(&dbgw_limits, &zero);
+	const __u32 *open;
+	__u64 *refused;
+
+	if (!lim || !lim->conns_per_cgroup)
+		return 0;
+	open = bpf_map_lookup_elem(&dbgw_cg_conns, &cgroup_id);
+	if (!open || *open < lim->conns_per_cgroup)
+		return 0;
+	refused = bpf_map_lookup_elem(&dbgw_refused, &zero);
+	if (refused)
+		*refused += 1; /* per-CPU value: no other CPU writes it */
+	return 1;
+}
+
+/* One more record for cgroup_id. Two CPUs may insert the first one at once: the loser adds. */
+static __always_inline void __count_conn(__u64 cgroup_id)
+{
+	__u32 one = 1;
+	__u32 *open = bpf_map_lookup_elem(&dbgw_cg_conns, &cgroup_id);
+
+	if (open) {
+		__sync_fetch_and_add(open, 1);
+		return;
+	}
+	if (bpf_map_update_elem(&dbgw_cg_conns, &cgroup_id, &one, BPF_NOEXIST)) {
+		open = bpf_map_lookup_elem(&dbgw_cg_conns, &cgroup_id);
+		if (open)
+			__sync_fetch_and_add(open, 1);
+	}
+}
+
+/*
+ * Deletes the record of a socket and gives its cgroup's budget back. Only the caller whose
+ * delete succeeds decrements, so sockops (on close) and sock_release (socket gone) never both
+ * do.
+ */
+static __always_inline void __forget_cookie(__u64 cookie)
+{
+	const struct dbgw_orig_dst *orig = bpf_map_lookup_elem(&dbgw_by_cookie, &cookie);
+	__u64 cgroup_id;
+	__u32 *open;
+
+	if (!orig)
+		return;
+	cgroup_id = orig->cgroup_id;
+	if (bpf_map_delete_elem(&dbgw_by_cookie, &cookie))
+		return;
+	open = bpf_map_lookup_elem(&dbgw_cg_conns, &cgroup_id);
+	/* Adding 0xffffffff is subtracting 1: clang's BPF v1 target has no atomic sub, only add. */
+	if (open && *open > 0)
+		__sync_fetch_and_add(open, (__u32)-1);
+}
+
+/*
  * Common part of connect4/connect6 once the destination is known as 16 bytes. Returns the
  * verdict; on DBGW_REDIRECT the caller rewrites the destination.
  */
@@ -117,6 +182,7 @@ __sock_xlate_fwd(struct bpf_sock_addr *ctx, const struct dbgw_config *cfg, const
 {
 	struct dbgw_orig_dst orig = {};
 	__u64 pid_tgid, cookie;
+	int known;
 
 	/*
 	 * Only TCP. A UDP socket can connect() to port 5432 too (a DNS-ish client, a QUIC probe);
@@ -138,15 +204,23 @@ __sock_xlate_fwd(struct bpf_sock_addr *ctx, const struct dbgw_config *cfg, const
 	if (!(cfg->flags & DBGW_F_SERVING))
 		return (cfg->flags & DBGW_F_FAIL_OPEN) ? DBGW_PASS : DBGW_REJECT;
 
+	orig.cgroup_id = bpf_get_current_cgroup_id();
+	cookie = bpf_get_socket_cookie(ctx);
+	/*
+	 * A socket that connects again (after a failed attempt) keeps its one record and its one
+	 * place in the budget; a new one must fit in its cgroup's budget.
+	 */
+	known = bpf_map_lookup_elem(&dbgw_by_cookie, &cookie) != NULL;
+	if (!known && __over_budget(orig.cgroup_id))
+		return DBGW_REJECT;
+
 	__builtin_memcpy(orig.ip, ip, 16);
 	orig.port = port;
 	orig.family = ctx->family;
 	pid_tgid = bpf_get_current_pid_tgid();
 	orig.tgid = pid_tgid >> 32;
 	orig.tid = (__u32)pid_tgid;
-	orig.cgroup_id = bpf_get_current_cgroup_id();
 	orig.netns_cookie = bpf_get_netns_cookie(ctx);
-	cookie = bpf_get_socket_cookie(ctx);
 	orig.sock_cookie = cookie;
 
 	/*
@@ -156,6 +230,8 @@ __sock_xlate_fwd(struct bpf_sock_addr *ctx, const struct dbgw_config *cfg, const
 	 */
 	if (bpf_map_update_elem(&dbgw_by_cookie, &cookie, &orig, BPF_ANY))
 		return (cfg->flags & DBGW_F_FAIL_OPEN) ? DBGW_PASS : DBGW_REJECT;
+	if (!known)
+		__count_conn(orig.cgroup_id);
 	return DBGW_REDIRECT;
 }
 
@@ -341,7 +417,7 @@ static __always_inline void __sockops_forget(struct bpf_sock_ops *skops)
 		if (orig && orig->sock_cookie == cookie)
 			bpf_map_delete_elem(&dbgw_by_addr, &key);
 	}
-	bpf_map_delete_elem(&dbgw_by_cookie, &cookie);
+	__forget_cookie(cookie);
 }
 
 SEC("sockops")
@@ -360,6 +436,19 @@ int dbgw_sockops(struct bpf_sock_ops *skops)
 	default:
 		break;
 	}
+	return 1;
+}
+
+/*
+ * sock_release: every socket's last hook. A socket whose connect was redirected but that never
+ * reached TCP_CONNECT_CB (the connect failed early, the socket was closed before) gets no
+ * sockops callback, and its record would hold a place in its cgroup's budget until LRU
+ * eviction; here it goes. For a socket sockops already forgot this finds nothing.
+ */
+SEC("cgroup/sock_release")
+int dbgw_sock_release(struct bpf_sock *sk)
+{
+	__forget_cookie(bpf_get_socket_cookie(sk));
 	return 1;
 }
 

@@ -51,6 +51,10 @@ int main(void)
 	OFF(dbgw_orig_dst, netns_cookie);
 	OFF(dbgw_orig_dst, sock_cookie);
 
+	SIZE(dbgw_limits);
+	OFF(dbgw_limits, conns_per_cgroup);
+	OFF(dbgw_limits, pad);
+
 	SIZE(dbgw_sock_key);
 	OFF(dbgw_sock_key, ip);
 	OFF(dbgw_sock_key, port);
@@ -70,6 +74,7 @@ int main(void)
 	printf("BPF_CGROUP_INET6_CONNECT %u\n", BPF_CGROUP_INET6_CONNECT);
 	printf("BPF_CGROUP_INET4_GETPEERNAME %u\n", BPF_CGROUP_INET4_GETPEERNAME);
 	printf("BPF_CGROUP_INET6_GETPEERNAME %u\n", BPF_CGROUP_INET6_GETPEERNAME);
+	printf("BPF_CGROUP_INET_SOCK_RELEASE %u\n", BPF_CGROUP_INET_SOCK_RELEASE);
 	printf("bpf_link_info %zu\n", sizeof(struct bpf_link_info));
 	printf("bpf_link_info.type %zu\n", offsetof(struct bpf_link_info, type));
 	printf("bpf_link_info.cgroup.cgroup_id %zu\n", offsetof(struct bpf_link_info, cgroup.cgroup_id));

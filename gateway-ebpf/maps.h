@@ -21,7 +21,9 @@
 #include <linux/types.h>
 
 /* Sizes of the maps. The LRU maps hold one entry per intercepted connection that is not closed
- * yet; LRU eviction bounds them if a close is ever missed. */
+ * yet; LRU eviction bounds them if a close is ever missed. DBGW_MAX_CONNS is only the object's
+ * default: the agent sizes dbgw_by_cookie, dbgw_by_addr and dbgw_cg_conns from its
+ * configuration (interception.max_connections) when it loads them. */
 #define DBGW_MAX_CONNS 65536
 #define DBGW_MAX_PORTS 64
 #define DBGW_MAX_CIDRS 1024
@@ -81,6 +83,12 @@ struct dbgw_sock_key {
 	__u16  pad;              /* 18: zero */
 };                           /* 20 bytes */
 
+/* Value of dbgw_limits (one entry, index 0), written by the agent. */
+struct dbgw_limits {
+	__u32  conns_per_cgroup; /* 0: open intercepted connections one cgroup may hold; 0 = no limit. Host order */
+	__u32  pad;              /* 4: zero */
+};                           /* 8 bytes */
+
 #if defined(__bpf__)
 #include <bpf/bpf_helpers.h>
 
@@ -131,6 +139,36 @@ struct {
 	__type(value, struct dbgw_orig_dst);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } dbgw_by_addr SEC(".maps");
+
+/* Connections one cgroup has open: cgroup id -> count of its records in dbgw_by_cookie. The
+ * per-cgroup budget (dbgw_limits) is checked against it, so one pod's connects can never evict
+ * the other pods' records. Incremented by connect4/6 with each new record, decremented when the
+ * record goes (sockops on close, or sock_release for a socket that never connected). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, DBGW_MAX_CONNS);
+	__type(key, __u64);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} dbgw_cg_conns SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct dbgw_limits);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} dbgw_limits SEC(".maps");
+
+/* Connects refused because their cgroup held its budget (index 0), per CPU; the agent sums
+ * them into gateway_node_intercept_refusals_total. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} dbgw_refused SEC(".maps");
 
 #endif /* __bpf__ */
 

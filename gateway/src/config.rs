@@ -43,6 +43,26 @@ pub const DEFAULT_AGENT_INTERFACE: &str = "dbgw0";
 pub use crate::ebpf::{DEFAULT_PIN_DIR, DEFAULT_PORT as DEFAULT_INTERCEPT_PORT};
 /// How long a connection from a pod the resolver does not know yet waits for it.
 pub const DEFAULT_UNKNOWN_POD_WAIT: Duration = Duration::from_secs(2);
+/// Where the kubelet puts pods, as `/proc/<pid>/cgroup` shows them: the systemd driver's
+/// `/kubepods.slice` and the cgroupfs driver's `/kubepods`. A pod segment anywhere else is an
+/// imitation (issue 18 item 1); nodes whose kubelet has another `--cgroup-root` (kind:
+/// `/kubelet.slice/kubelet-kubepods.slice`) list theirs.
+pub const DEFAULT_KUBELET_CGROUP_ROOTS: &[&str] = &["/kubepods.slice", "/kubepods"];
+/// Shortest time between two walks of the cgroup tree for ids not seen yet: a flood of
+/// connects from short-lived cgroups costs at most one walk per interval.
+pub const DEFAULT_CGROUP_WALK_INTERVAL: Duration = Duration::from_millis(100);
+/// Longer than this, the first connection of a new pod would wait for the walk noticeably.
+pub const MAX_CGROUP_WALK_INTERVAL: Duration = Duration::from_secs(2);
+/// How long the node waits for one answer of the CA service before the request fails (the
+/// connections waiting for it are refused, a renewal retries).
+pub const DEFAULT_CA_TIMEOUT: Duration = Duration::from_secs(10);
+/// Entries of each kernel connection map, and the open intercepted connections one cgroup may
+/// hold: the eBPF loader's own defaults (see there why), so the two cannot disagree.
+pub use crate::ebpf::{DEFAULT_CONNECTIONS_PER_CGROUP, DEFAULT_MAX_CONNECTIONS};
+/// Bounds of `max_connections`: below this a node of busy pods runs out at once; above, the
+/// maps' kernel memory (about 100 bytes an entry, two maps) grows past 800 MiB.
+pub const MIN_MAX_CONNECTIONS: u32 = 1024;
+pub const MAX_MAX_CONNECTIONS: u32 = 1 << 22;
 /// How long start-up waits for the first complete pod list from the Kubernetes API.
 pub const DEFAULT_KUBE_READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// PostgreSQL's own `authentication_timeout` default is 60 s; a gateway that holds a slot
@@ -159,6 +179,27 @@ mod human_duration {
     pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(&humantime::format_duration(*d))
     }
+}
+
+/// A kubelet cgroup root: an absolute cgroup path of at least one segment, with no empty,
+/// `.` or `..` segment (it is compared segment by segment, never resolved).
+pub fn check_cgroup_root(root: &str) -> Result<(), String> {
+    let Some(rest) = root.strip_prefix('/') else {
+        return Err(format!("{root:?} is not an absolute cgroup path"));
+    };
+    if rest.is_empty() {
+        return Err(
+            "\"/\" would make every cgroup a kubelet cgroup (anyone could imitate a pod)".into(),
+        );
+    }
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest
+        .split('/')
+        .any(|s| s.is_empty() || s == "." || s == "..")
+    {
+        return Err(format!("{root:?} has an empty, \".\" or \"..\" segment"));
+    }
+    Ok(())
 }
 
 /// Attaches the file name to a cross-field validation failure.

@@ -29,14 +29,11 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, MapInfo},
-    programs::{
-        CgroupAttachMode, CgroupSockAddr, SockOps, cgroup_sock_addr::CgroupSockAddrAttachType,
-        links::FdLink,
-    },
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, MapInfo, PerCpuArray},
+    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, SockOps, links::FdLink},
 };
 
-use self::maps::{CidrKeyData, Config, OrigDstValue, PortKey, SockKey, cidr_key};
+use self::maps::{CidrKeyData, Config, Limits, OrigDstValue, PortKey, SockKey, cidr_key};
 
 pub use self::intercept::{InterceptConfig, OrigDst};
 
@@ -49,6 +46,14 @@ pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/db-gateway";
 /// Default intercepted destination port (any address): PostgreSQL's.
 pub const DEFAULT_PORT: u16 = 5432;
+/// Entries of each connection map (records of intercepted connections not closed yet, all
+/// pods together): the object's `DBGW_MAX_CONNS`, overridden at load from configuration.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 65_536;
+/// Open intercepted connections one cgroup (a container) may hold; the next connect fails
+/// with EPERM for that cgroup only, so one flooding pod cannot evict the others' records.
+/// 4096 is far above a connection pool's size, and sixteen such floods still fit in the
+/// default maps.
+pub const DEFAULT_CONNECTIONS_PER_CGROUP: u32 = 4096;
 /// `statfs.f_type` of bpffs (linux/magic.h `BPF_FS_MAGIC`).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -67,6 +72,16 @@ pub enum EbpfError {
          gateway::ebpf::ensure_bpffs) or choose a pin directory under it"
     )]
     NotBpffs(PathBuf),
+    #[error(
+        "pinned map {path} has {found} entries, the configuration says {expected} \
+         (interception.max_connections): remove the installation (`gateway node uninstall`) \
+         to change it, or keep the old size"
+    )]
+    PinnedMapSize {
+        path: PathBuf,
+        found: u32,
+        expected: u32,
+    },
     #[error(
         "pinned map {path} has key/value size {found:?}, this agent expects {expected:?}: \
          it was made by an incompatible version; remove the installation (uninstall) first"
@@ -92,42 +107,55 @@ impl<T, E: std::error::Error + Send + Sync + 'static> Context<T> for Result<T, E
     }
 }
 
+/// The program types of the object, as aya loads them.
+enum Kind {
+    SockAddr,
+    SockOps,
+    /// `cgroup/sock_release` (aya's `CgroupSock`).
+    Sock,
+}
+
 /// One program of the object and how it attaches.
 struct Hook {
     /// Function name in intercept.bpf.c (also used in pin names).
     name: &'static str,
-    /// `None` for sockops.
-    sock_addr: Option<CgroupSockAddrAttachType>,
+    kind: Kind,
     /// uapi attach type, to recognise the pinned link.
     attach_type: u32,
 }
 
-/// Attach order: the hooks that publish and reverse-translate first, the rewriting connect
-/// hooks last, so no connection is ever rewritten without its record being looked after.
-const HOOKS: [Hook; 5] = [
+/// Attach order: the hooks that publish, forget and reverse-translate first, the rewriting
+/// connect hooks last, so no connection is ever rewritten without its record being looked
+/// after.
+const HOOKS: [Hook; 6] = [
     Hook {
         name: "dbgw_sockops",
-        sock_addr: None,
+        kind: Kind::SockOps,
         attach_type: pins::BPF_CGROUP_SOCK_OPS,
     },
     Hook {
+        name: "dbgw_sock_release",
+        kind: Kind::Sock,
+        attach_type: pins::BPF_CGROUP_INET_SOCK_RELEASE,
+    },
+    Hook {
         name: "dbgw_getpeername4",
-        sock_addr: Some(CgroupSockAddrAttachType::GetPeerName4),
+        kind: Kind::SockAddr,
         attach_type: pins::BPF_CGROUP_INET4_GETPEERNAME,
     },
     Hook {
         name: "dbgw_getpeername6",
-        sock_addr: Some(CgroupSockAddrAttachType::GetPeerName6),
+        kind: Kind::SockAddr,
         attach_type: pins::BPF_CGROUP_INET6_GETPEERNAME,
     },
     Hook {
         name: "dbgw_connect4",
-        sock_addr: Some(CgroupSockAddrAttachType::Connect4),
+        kind: Kind::SockAddr,
         attach_type: pins::BPF_CGROUP_INET4_CONNECT,
     },
     Hook {
         name: "dbgw_connect6",
-        sock_addr: Some(CgroupSockAddrAttachType::Connect6),
+        kind: Kind::SockAddr,
         attach_type: pins::BPF_CGROUP_INET6_CONNECT,
     },
 ];
@@ -146,6 +174,9 @@ fn expected_sizes(map: &str) -> (u32, u32) {
         ),
         maps::MAP_BY_COOKIE => s(size_of::<u64>(), size_of::<OrigDstValue>()),
         maps::MAP_BY_ADDR => s(size_of::<SockKey>(), size_of::<OrigDstValue>()),
+        maps::MAP_CG_CONNS => s(size_of::<u64>(), size_of::<u32>()),
+        maps::MAP_LIMITS => s(size_of::<u32>(), size_of::<Limits>()),
+        maps::MAP_REFUSED => s(size_of::<u32>(), size_of::<u64>()),
         other => unreachable!("unknown map {other}"),
     }
 }
@@ -159,6 +190,8 @@ pub struct Interception {
     config: Array<MapData, Config>,
     ports: HashMap<MapData, PortKey, u32>,
     cidrs: LpmTrie<MapData, CidrKeyData, u32>,
+    limits: Array<MapData, Limits>,
+    refused: PerCpuArray<MapData, u64>,
     by_addr: OrigDsts,
 }
 
@@ -227,7 +260,15 @@ impl Interception {
             .ino();
 
         let adopted = is_live(pin_dir, cgroup_id)?;
-        if !adopted {
+        if adopted {
+            // Interception must not drop on a restart: keep the maps as they are, and say
+            // that the new size waits for a reinstallation.
+            for name in maps::CONNECTION_MAPS {
+                if let Err(e) = check_map_size(pin_dir, name, cfg.max_connections) {
+                    tracing::warn!(%e, "adopted interception keeps its map size");
+                }
+            }
+        } else {
             install(&cgroup_file, cgroup, pin_dir, cfg)?;
         }
         let mut me = Self::open(pin_dir, cfg.clone(), adopted)?;
@@ -256,6 +297,10 @@ impl Interception {
                 .context(|| format!("use map {}", maps::MAP_PORTS))?,
             cidrs: LpmTrie::try_from(open_map(pin_dir, maps::MAP_CIDRS)?)
                 .context(|| format!("use map {}", maps::MAP_CIDRS))?,
+            limits: Array::try_from(open_map(pin_dir, maps::MAP_LIMITS)?)
+                .context(|| format!("use map {}", maps::MAP_LIMITS))?,
+            refused: PerCpuArray::try_from(open_map(pin_dir, maps::MAP_REFUSED)?)
+                .context(|| format!("use map {}", maps::MAP_REFUSED))?,
             by_addr: OrigDsts::open(pin_dir)?,
             cfg,
             serving: false,
@@ -291,7 +336,24 @@ impl Interception {
         OrigDsts::open(&self.pin_dir)
     }
 
+    /// Connects the kernel refused so far because their cgroup held its budget (all CPUs;
+    /// since the maps were made, so across agent restarts).
+    pub fn refused_total(&self) -> Result<u64, EbpfError> {
+        let per_cpu = self
+            .refused
+            .get(&0, 0)
+            .context(|| format!("read {}", maps::MAP_REFUSED))?;
+        Ok(per_cpu.iter().sum())
+    }
+
     fn write_config(&mut self) -> Result<(), EbpfError> {
+        let limits = Limits {
+            conns_per_cgroup: self.cfg.connections_per_cgroup,
+            pad: 0,
+        };
+        self.limits
+            .set(0, limits, 0)
+            .context(|| format!("write {}", maps::MAP_LIMITS))?;
         let value = self.cfg.to_map(self.serving);
         self.config
             .set(0, value, 0)
@@ -383,9 +445,17 @@ fn install(
     for name in maps::ALL_MAPS {
         check_pinned_map(pin_dir, name)?;
     }
+    // A pinned map is reused as it is: its size must already be the configured one.
+    for name in maps::CONNECTION_MAPS {
+        check_map_size(pin_dir, name, cfg.max_connections)?;
+    }
 
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(pin_dir)
+    let mut loader = EbpfLoader::new();
+    loader.default_map_pin_directory(pin_dir);
+    for name in maps::CONNECTION_MAPS {
+        loader.map_max_entries(name, cfg.max_connections);
+    }
+    let mut ebpf = loader
         .load(OBJECT)
         .context(|| "load the interception object (gateway-ebpf/intercept.bpf.c)".into())?;
 
@@ -437,9 +507,10 @@ fn attach_and_pin(
                 .context(|| format!("use link of {name} as fd link"))?
         }};
     }
-    let link: FdLink = match hook.sock_addr {
-        Some(_) => load_pin_attach!(CgroupSockAddr, "cgroup sock_addr"),
-        None => load_pin_attach!(SockOps, "sockops"),
+    let link: FdLink = match hook.kind {
+        Kind::SockAddr => load_pin_attach!(CgroupSockAddr, "cgroup sock_addr"),
+        Kind::SockOps => load_pin_attach!(SockOps, "sockops"),
+        Kind::Sock => load_pin_attach!(CgroupSock, "cgroup sock"),
     };
     let path = pins::link_pin(pin_dir, name);
     link.pin(&path)
@@ -464,6 +535,24 @@ fn check_pinned_map(pin_dir: &Path, name: &str) -> Result<(), EbpfError> {
     let expected = expected_sizes(name);
     if found != expected {
         return Err(EbpfError::IncompatiblePin {
+            path,
+            found,
+            expected,
+        });
+    }
+    Ok(())
+}
+
+/// A pinned connection map must have `expected` entries (nothing pinned is fine).
+fn check_map_size(pin_dir: &Path, name: &str, expected: u32) -> Result<(), EbpfError> {
+    let path = pin_dir.join(name);
+    if !path.exists() {
+        return Ok(());
+    }
+    let info = MapInfo::from_pin(&path).context(|| format!("inspect map {}", path.display()))?;
+    let found = info.max_entries();
+    if found != expected {
+        return Err(EbpfError::PinnedMapSize {
             path,
             found,
             expected,

@@ -1,7 +1,8 @@
 //! Who is connecting: from the cgroup id the eBPF hooks report to a workload identity.
 //!
-//! cgroup id → cgroup path ([`cgroup::CgroupPaths`]) → pod UID and container id
-//! ([`cgroup::parse_pod_container`]) → the pod from a [`PodDirectory`] (the static
+//! cgroup id → cgroup path ([`cgroup::CgroupPaths`]) → pod UID and container id, only under
+//! the kubelet's cgroup roots and through root-owned directories
+//! ([`pod_path::KubeletCgroups`]) → the pod from a [`PodDirectory`] (the static
 //! [`inventory::Inventory`] or the Kubernetes watch [`kube::KubePods`]) → a [`Workload`] with
 //! the SPIFFE ID `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
 //!
@@ -9,12 +10,18 @@
 //! `pki::SpiffeId` and the metric names of `telemetry` (and the `kube` crate, in
 //! `identity::kube`).
 //!
+//! The data plane only reads caches ([`lookup::Lookups::resolve`]); a cgroup id not seen
+//! before is looked up on a thread of its own (`lookup`), one lookup per id however many
+//! connections wait for it, and tree walks at most once per `cgroup_walk_interval`.
+//!
 //! The cgroup id must equal the cgroup directory's inode number, which holds on 64-bit
 //! kernels since 5.5 (kernfs node ids became 64-bit inode numbers then).
 
 pub mod cgroup;
 pub mod inventory;
 pub mod kube;
+pub mod lookup;
+pub mod pod_path;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -25,7 +32,8 @@ use crate::config::ConfigError;
 use crate::pki::{PkiError, SpiffeId};
 use crate::pod::{PodDirectory, PodMeta};
 
-use cgroup::{CgroupPaths, PodContainer, parse_pod_container};
+use cgroup::CgroupPaths;
+use pod_path::{KubeletCgroups, PodContainer};
 
 /// Parsed paths kept per cgroup id; past this the cache starts over (a node runs a few
 /// hundred containers, so this is only a bound against churn).
@@ -51,6 +59,25 @@ pub enum IdentityError {
         "cgroup id {id} is unknown under {root} (the process's cgroup is already gone, or is not in this hierarchy)"
     )]
     UnknownCgroup { id: u64, root: PathBuf },
+    #[error(
+        "cgroup path {path} names a pod outside the kubelet's cgroup roots ({roots}); refusing it, since a delegated cgroup subtree can imitate any pod's path"
+    )]
+    OutsideKubeletRoots { path: String, roots: String },
+    #[error(
+        "cgroup {dir} (on the way to {path}) belongs to uid {uid}, not root: a delegated cgroup cannot carry a pod's identity"
+    )]
+    NotRootOwned {
+        path: String,
+        dir: PathBuf,
+        uid: u32,
+    },
+    #[error("bad kubelet cgroup root: {0}")]
+    KubeletRoot(String),
+    #[error("the cgroup lookup thread is not running")]
+    LookupGone,
+    /// One lookup's failure, told to every connection that waited for it.
+    #[error(transparent)]
+    Shared(Arc<IdentityError>),
     #[error("malformed cgroup path {path}: {reason}")]
     BadCgroupPath { path: String, reason: String },
     #[error("ambiguous cgroup path {path}: {reason}; refusing to pick one")]
@@ -96,10 +123,13 @@ pub struct Workload {
     pub labels: BTreeMap<String, String>,
 }
 
-/// Resolves cgroup ids to workloads. Synchronous and cheap on the hit path (two read
-/// locks), so the data-plane threads can call it per accepted connection.
+/// Resolves cgroup ids to workloads. The hit path ([`Resolver::resolve_cached`]) is two
+/// read locks, for the data plane; a miss walks the cgroup tree and stats directories, which
+/// only the lookup thread ([`lookup::Lookups`]) and tests do.
 pub struct Resolver {
     cgroups: CgroupPaths,
+    /// Where pods may be, and who must own the way there.
+    kubelet: KubeletCgroups,
     /// The node's pods, and the identity of processes outside any pod.
     pods: Box<dyn PodDirectory>,
     trust_domain: String,
@@ -121,6 +151,7 @@ impl Resolver {
     /// host identity, and are refused when it has none.
     pub fn from_directory(
         cgroups: CgroupPaths,
+        kubelet: KubeletCgroups,
         pods: Box<dyn PodDirectory>,
         trust_domain: &str,
         node_name: &str,
@@ -129,6 +160,7 @@ impl Resolver {
         SpiffeId::parse(&format!("spiffe://{trust_domain}/ns/x/sa/x"))?;
         Ok(Self {
             cgroups,
+            kubelet,
             pods,
             trust_domain: trust_domain.to_owned(),
             node_name: node_name.to_owned(),
@@ -136,9 +168,31 @@ impl Resolver {
         })
     }
 
-    /// The workload whose process runs in cgroup `cgroup_id`, or why there is none.
+    /// The workload whose process runs in cgroup `cgroup_id`, or why there is none; walks
+    /// the tree on a miss (not for the data plane: see [`Resolver::resolve_cached`]).
     pub fn resolve(&self, cgroup_id: u64) -> Result<Workload, IdentityError> {
-        let parsed = self.parsed(cgroup_id)?;
+        let parsed = match self.cached(cgroup_id) {
+            Some(p) => p,
+            None => {
+                self.cgroups.path_of(cgroup_id);
+                self.load_known(cgroup_id)?
+            }
+        };
+        self.workload(&parsed)
+    }
+
+    /// The data plane's resolution: `None` when the cgroup's path is not parsed yet (ask
+    /// [`lookup::Lookups`]), else the workload or why there is none. Takes read locks only.
+    pub fn resolve_cached(&self, cgroup_id: u64) -> Option<Result<Workload, IdentityError>> {
+        self.cached(cgroup_id).map(|p| self.workload(&p))
+    }
+
+    /// Whether `cgroup_id` needs a tree walk: neither parsed nor seen by the last walk.
+    fn needs_walk(&self, cgroup_id: u64) -> bool {
+        self.cached(cgroup_id).is_none() && self.cgroups.known(cgroup_id).is_none()
+    }
+
+    fn workload(&self, parsed: &Parsed) -> Result<Workload, IdentityError> {
         let Some(pc) = &parsed.pod else {
             let host = self
                 .pods
@@ -196,20 +250,24 @@ impl Resolver {
         })
     }
 
-    /// The cached parse of a cgroup id's path; misses look the path up and parse it.
-    /// Parse errors are not cached: they are rare and cheap to repeat.
-    fn parsed(&self, cgroup_id: u64) -> Result<Arc<Parsed>, IdentityError> {
-        if let Some(hit) = self
-            .parsed
+    fn cached(&self, cgroup_id: u64) -> Option<Arc<Parsed>> {
+        self.parsed
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .get(&cgroup_id)
-        {
-            return Ok(Arc::clone(hit));
+            .cloned()
+    }
+
+    /// Parses the path the last walk found for `cgroup_id` (no walk), checks the owners of
+    /// a pod's directories, and caches the result. Errors are not cached: they are rare and
+    /// cheap to repeat, and a cgroup that was missing may appear.
+    fn load_known(&self, cgroup_id: u64) -> Result<Arc<Parsed>, IdentityError> {
+        if let Some(hit) = self.cached(cgroup_id) {
+            return Ok(hit);
         }
         let path = self
             .cgroups
-            .path_of(cgroup_id)
+            .known(cgroup_id)
             .ok_or_else(|| IdentityError::UnknownCgroup {
                 id: cgroup_id,
                 root: self.cgroups.root().to_owned(),
@@ -221,7 +279,11 @@ impl Resolver {
                 reason: "not UTF-8".to_owned(),
             })?
             .to_owned();
-        let pod = parse_pod_container(&path)?;
+        let pod = self.kubelet.parse(&path)?;
+        if pod.is_some() {
+            self.kubelet
+                .check_owners(self.cgroups.root(), &path, cgroup_id)?;
+        }
         let parsed = Arc::new(Parsed { path, pod });
         let mut cache = self.parsed.write().unwrap_or_else(PoisonError::into_inner);
         if cache.len() >= MAX_CACHED_CGROUPS {
@@ -304,12 +366,22 @@ mod tests {
             let inv = Inventory::parse(Path::new("inventory.yaml"), inventory).unwrap();
             Resolver::from_directory(
                 CgroupPaths::new(self.tmp.path()),
+                kubelet(),
                 Box::new(inv),
                 "example.org",
                 "node-1",
             )
             .unwrap()
         }
+    }
+
+    /// The test prefix's kubelet root and cgroupfs's; directories must be ours (the test
+    /// makes them as whoever runs it).
+    fn kubelet() -> KubeletCgroups {
+        KubeletCgroups::new(&["/dbgw-test-1234/kubepods.slice".into(), "/kubepods".into()])
+            .unwrap()
+            // SAFETY: geteuid has no preconditions.
+            .with_owner(unsafe { libc::geteuid() })
     }
 
     fn pod_slice(uid_: &str) -> String {
@@ -470,6 +542,7 @@ mod tests {
         let slot = Arc::new(Mutex::new(None));
         let resolver = Resolver::from_directory(
             CgroupPaths::new(tree.tmp.path()),
+            kubelet(),
             Box::new(Late(Arc::clone(&slot))),
             "example.org",
             "node-1",
@@ -553,10 +626,57 @@ mod tests {
     fn bad_trust_domain_is_refused_up_front() {
         let result = Resolver::from_directory(
             CgroupPaths::new("/nonexistent"),
+            kubelet(),
             Box::new(Inventory::default()),
             "Example Org",
             "node-1",
         );
         assert!(matches!(result, Err(IdentityError::TrustDomain(_))));
+    }
+
+    /// Issue 18 item 1: below the kubelet root, a directory given to another user (a
+    /// delegated container cgroup, a chown by mistake) takes the path out of the kubelet's
+    /// hands: nothing under it is a pod's. (Needs root to give a directory away.)
+    #[test]
+    fn hardening_01_pod_path_through_a_directory_not_owned_by_root_is_refused() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipping: needs root to chown a directory");
+            return;
+        }
+        let tree = Tree::new();
+        let rel = format!("{}/cri-containerd-{CID}.scope", pod_slice(UID_));
+        let id = tree.cgroup(&rel);
+        let resolver = tree.resolver(&inventory("node-1", "", false));
+        let qos = tree
+            .tmp
+            .path()
+            .join("dbgw-test-1234/kubepods.slice/kubepods-burstable.slice");
+        std::os::unix::fs::chown(&qos, Some(1000), Some(1000)).unwrap();
+        let err = unwrap_err(resolver.resolve(id));
+        assert!(
+            matches!(&err, IdentityError::NotRootOwned { dir, uid: 1000, .. } if *dir == qos),
+            "{err}"
+        );
+        assert!(err.to_string().contains("belongs to uid 1000"), "{err}");
+        // Given back, the same cgroup is the pod's again.
+        std::os::unix::fs::chown(&qos, Some(0), Some(0)).unwrap();
+        assert_eq!(resolver.resolve(id).unwrap().pod.uid.as_deref(), Some(UID));
+    }
+
+    /// A cgroup outside the kubelet's roots that imitates a pod is refused even with a
+    /// host identity configured: it is not a host process to be given that either.
+    #[test]
+    fn hardening_01_imitation_outside_the_roots_is_refused_not_host() {
+        let tree = Tree::new();
+        let id = tree.cgroup(&format!(
+            "/user.slice/user-1000.slice/user@1000.service/app.slice/kubepods-burstable-pod{UID_}.slice/cri-containerd-{CID}.scope"
+        ));
+        let resolver = tree.resolver(&inventory("node-1", "", true));
+        let err = unwrap_err(resolver.resolve(id));
+        assert!(
+            matches!(err, IdentityError::OutsideKubeletRoots { .. }),
+            "{err}"
+        );
     }
 }

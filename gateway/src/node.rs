@@ -40,7 +40,7 @@ use tokio_uring::net::TcpListener;
 
 use crate::admin::{self, Readiness};
 use crate::config::NodeConfig;
-use crate::pki;
+use crate::{ebpf, pki};
 
 use connection::{Endpoint, Listener, Plane};
 use relay::Budget;
@@ -130,9 +130,13 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     tracing::info!(threads, admin = %admin_addr, proxy = %plane.proxy_addr, "node agent ready");
     drop(not_ready);
 
-    // The control runtime: certificate requests from the data plane are served while the
-    // main thread waits for the signal.
-    control.block_on(admin::shutdown_signal());
+    // The control runtime: certificate requests from the data plane are served, and the
+    // kernel's refusal count exported, while the main thread waits for the signal.
+    control.block_on(async {
+        let signal = std::pin::pin!(admin::shutdown_signal());
+        let export = std::pin::pin!(export_refusals(interception.as_ref()));
+        futures_util::future::select(signal, export).await;
+    });
     tracing::info!("shutdown signal: node agent exiting");
     if let Some(i) = &mut interception {
         // Pins stay (interception survives restarts); until an agent serves again the
@@ -140,6 +144,27 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         i.set_serving(false)?;
     }
     Ok(())
+}
+
+/// How often the kernel's count of over-budget connects is read into
+/// `gateway_node_intercept_refusals_total`.
+const REFUSALS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Keeps `gateway_node_intercept_refusals_total` equal to the kernel's count (per-CPU
+/// values summed; the kernel counts since its maps were made). Never returns.
+async fn export_refusals(interception: Option<&ebpf::Interception>) {
+    let Some(i) = interception else {
+        return std::future::pending().await;
+    };
+    loop {
+        match i.refused_total() {
+            Ok(n) => {
+                metrics::counter!(crate::telemetry::node::INTERCEPT_REFUSALS_TOTAL).absolute(n)
+            }
+            Err(e) => tracing::debug!(%e, "cannot read the kernel's refusal count"),
+        }
+        tokio::time::sleep(REFUSALS_EVERY).await;
+    }
 }
 
 /// The explicit listeners, each with its workload certificate loaded.

@@ -60,6 +60,16 @@ pub struct InterceptionConfig {
     /// When the agent is not serving: `false` refuses connects, `true` lets them go direct.
     #[serde(default)]
     pub fail_open: bool,
+    /// Entries of each kernel connection map (intercepted connections not closed yet, all
+    /// pods together). Set at load; a pinned installation of another size must be removed
+    /// (`gateway node uninstall`) before it changes.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    /// Intercepted connections one cgroup (a container) may have open; its next connect
+    /// fails with EPERM, counted in `gateway_node_intercept_refusals_total`. Without such a
+    /// budget one pod's connects would evict the other pods' records (issue 18 item 10).
+    #[serde(default = "default_connections_per_cgroup")]
+    pub connections_per_cgroup: u32,
     /// Original destination → database route; the first match wins.
     pub routes: Vec<RouteConfig>,
     /// Workload identity from the connecting socket's cgroup.
@@ -84,6 +94,24 @@ fn default_ports() -> Vec<u16> {
 }
 fn default_unknown_pod_wait() -> Duration {
     DEFAULT_UNKNOWN_POD_WAIT
+}
+fn default_max_connections() -> u32 {
+    DEFAULT_MAX_CONNECTIONS
+}
+fn default_connections_per_cgroup() -> u32 {
+    DEFAULT_CONNECTIONS_PER_CGROUP
+}
+fn default_kubelet_cgroup_roots() -> Vec<String> {
+    DEFAULT_KUBELET_CGROUP_ROOTS
+        .iter()
+        .map(|r| (*r).to_owned())
+        .collect()
+}
+fn default_cgroup_walk_interval() -> Duration {
+    DEFAULT_CGROUP_WALK_INTERVAL
+}
+fn default_ca_timeout() -> Duration {
+    DEFAULT_CA_TIMEOUT
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -111,6 +139,15 @@ pub struct IdentityConfig {
     pub kubernetes: Option<KubernetesSource>,
     #[serde(default = "default_unknown_pod_wait", with = "human_duration")]
     pub unknown_pod_wait: Duration,
+    /// The kubelet's cgroup roots (its `--cgroup-root` with the driver's `kubepods` part),
+    /// as `/proc/<pid>/cgroup` shows them. Pod segments count only directly under one of
+    /// them (or its QoS cgroup) and through directories owned by root: a user with a
+    /// delegated cgroup subtree could otherwise build any pod's path and take its identity.
+    #[serde(default = "default_kubelet_cgroup_roots")]
+    pub kubelet_cgroup_roots: Vec<String>,
+    /// Shortest time between two walks of the cgroup tree for cgroup ids not seen yet.
+    #[serde(default = "default_cgroup_walk_interval", with = "human_duration")]
+    pub cgroup_walk_interval: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -138,6 +175,10 @@ pub struct CaEndpoint {
     /// The node's certificate (`spiffe://<td>/node/<name>`) and key.
     pub node_cert: PathBuf,
     pub node_key: PathBuf,
+    /// How long one certificate request may take (connect, TLS, answer); past it the
+    /// request fails, so a stuck CA never holds connections longer than this.
+    #[serde(default = "default_ca_timeout", with = "human_duration")]
+    pub timeout: Duration,
 }
 
 fn default_node_admin() -> SocketAddr {
@@ -270,6 +311,7 @@ impl NodeConfig {
             for d in &i.destinations {
                 parse_destination(d).map_err(|e| format!("interception.destinations: {e}"))?;
             }
+            validate_interception(i)?;
         }
         let dp = &self.data_plane;
         if dp.buffer_budget < TLS_RECORD_PAYLOAD {
@@ -311,6 +353,41 @@ impl NodeConfig {
         }
         Ok(())
     }
+}
+
+/// The hardening settings of `interception` (issue 18 items 1, 9, 10).
+fn validate_interception(i: &InterceptionConfig) -> Result<(), String> {
+    if i.identity.kubelet_cgroup_roots.is_empty() {
+        return Err(
+            "interception.identity.kubelet_cgroup_roots: give at least one (no process could be a pod's)".into(),
+        );
+    }
+    for r in &i.identity.kubelet_cgroup_roots {
+        check_cgroup_root(r)
+            .map_err(|e| format!("interception.identity.kubelet_cgroup_roots: {e}"))?;
+    }
+    if i.identity.cgroup_walk_interval > MAX_CGROUP_WALK_INTERVAL {
+        return Err(format!(
+            "interception.identity.cgroup_walk_interval: {:?} is above {MAX_CGROUP_WALK_INTERVAL:?}; a new pod's first connection waits for the walk",
+            i.identity.cgroup_walk_interval
+        ));
+    }
+    if i.ca.timeout.is_zero() {
+        return Err("interception.ca.timeout: must be more than 0".into());
+    }
+    if !(MIN_MAX_CONNECTIONS..=MAX_MAX_CONNECTIONS).contains(&i.max_connections) {
+        return Err(format!(
+            "interception.max_connections: {} is outside {MIN_MAX_CONNECTIONS}..={MAX_MAX_CONNECTIONS}",
+            i.max_connections
+        ));
+    }
+    if i.connections_per_cgroup == 0 || i.connections_per_cgroup > i.max_connections {
+        return Err(format!(
+            "interception.connections_per_cgroup: {} must be between 1 and max_connections ({})",
+            i.connections_per_cgroup, i.max_connections
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -374,6 +451,71 @@ mod tests {
                     r.unwrap_err()
                         .contains("exactly one of inventory and kubernetes")
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn hardening_settings_are_validated() {
+        let base = "proxy: {address: a, server_name: b, ca: c}\ninterception:\n  routes: [{match_destination: ['10.0.0.1:5432'], route: main}]\n";
+        for (extra, identity, ca, want) in [
+            ("", "", "", None),
+            (
+                "",
+                "kubelet_cgroup_roots: []",
+                "",
+                Some("kubelet_cgroup_roots"),
+            ),
+            (
+                "",
+                "kubelet_cgroup_roots: ['/']",
+                "",
+                Some("kubelet_cgroup_roots"),
+            ),
+            (
+                "",
+                "kubelet_cgroup_roots: [kubepods]",
+                "",
+                Some("not an absolute"),
+            ),
+            (
+                "",
+                "cgroup_walk_interval: 1m",
+                "",
+                Some("cgroup_walk_interval"),
+            ),
+            ("", "", "timeout: 0s", Some("interception.ca.timeout")),
+            ("  max_connections: 10\n", "", "", Some("max_connections")),
+            (
+                "  connections_per_cgroup: 0\n",
+                "",
+                "",
+                Some("connections_per_cgroup"),
+            ),
+            (
+                "  max_connections: 2048\n  connections_per_cgroup: 4096\n",
+                "",
+                "",
+                Some("connections_per_cgroup"),
+            ),
+        ] {
+            let sep = |s: &str| {
+                if s.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {s}")
+                }
+            };
+            let text = format!(
+                "{base}{extra}  identity: {{trust_domain: td, inventory: i{}}}\n  ca: {{address: '127.0.0.1:1', server_name: ca, ca: c, node_cert: n, node_key: k{}}}\n",
+                sep(identity),
+                sep(ca)
+            );
+            let cfg = parse_yaml::<NodeConfig>(Path::new("n.yaml"), &text).unwrap();
+            match (cfg.validate(), want) {
+                (Ok(()), None) => {}
+                (Err(e), Some(w)) => assert!(e.contains(w), "{text}: {e}"),
+                (r, w) => panic!("{text}: {r:?}, wanted {w:?}"),
             }
         }
     }

@@ -5,7 +5,7 @@
 use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 use super::maps::{self, Config, OrigDstValue, cidr_key, ip_from16};
-use super::{DEFAULT_PORT, EbpfError};
+use super::{DEFAULT_CONNECTIONS_PER_CGROUP, DEFAULT_MAX_CONNECTIONS, DEFAULT_PORT, EbpfError};
 
 /// What to intercept and where to send it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +26,11 @@ pub struct InterceptConfig {
     pub agent_mark: u32,
     /// While not serving: true lets connections go direct, false fails them with EPERM.
     pub fail_open: bool,
+    /// Entries of each connection map (`maps::CONNECTION_MAPS`), set when they are made.
+    pub max_connections: u32,
+    /// Open intercepted connections one cgroup may hold; its next connect fails with EPERM
+    /// (0 = no limit).
+    pub connections_per_cgroup: u32,
 }
 
 impl InterceptConfig {
@@ -39,6 +44,8 @@ impl InterceptConfig {
             agent_cgroup_id: 0,
             agent_mark: 0,
             fail_open: false,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            connections_per_cgroup: DEFAULT_CONNECTIONS_PER_CGROUP,
         }
     }
 
@@ -67,6 +74,15 @@ impl InterceptConfig {
                 "{} CIDR rules, at most {}",
                 self.cidrs.len(),
                 maps::MAX_CIDRS
+            ));
+        }
+        if self.max_connections == 0 {
+            return bad("max_connections must be more than 0".into());
+        }
+        if self.connections_per_cgroup > self.max_connections {
+            return bad(format!(
+                "connections_per_cgroup {} is above max_connections {}",
+                self.connections_per_cgroup, self.max_connections
             ));
         }
         if self.ports.contains(&0) || self.cidrs.iter().any(|c| c.2 == 0) {

@@ -19,8 +19,26 @@ pub const MAP_PORTS: &str = "dbgw_ports";
 pub const MAP_CIDRS: &str = "dbgw_cidrs";
 pub const MAP_BY_COOKIE: &str = "dbgw_by_cookie";
 pub const MAP_BY_ADDR: &str = "dbgw_by_addr";
+/// Open records per cgroup id (the per-cgroup budget's count).
+pub const MAP_CG_CONNS: &str = "dbgw_cg_conns";
+/// `struct dbgw_limits`, entry 0.
+pub const MAP_LIMITS: &str = "dbgw_limits";
+/// Connects refused over budget, per CPU, entry 0.
+pub const MAP_REFUSED: &str = "dbgw_refused";
 /// Every map of the object, in the order they are reopened.
-pub const ALL_MAPS: [&str; 5] = [MAP_CONFIG, MAP_PORTS, MAP_CIDRS, MAP_BY_COOKIE, MAP_BY_ADDR];
+pub const ALL_MAPS: [&str; 8] = [
+    MAP_CONFIG,
+    MAP_PORTS,
+    MAP_CIDRS,
+    MAP_BY_COOKIE,
+    MAP_BY_ADDR,
+    MAP_CG_CONNS,
+    MAP_LIMITS,
+    MAP_REFUSED,
+];
+/// The maps sized by `max_connections` (one entry per open intercepted connection, or per
+/// cgroup holding one).
+pub const CONNECTION_MAPS: [&str; 3] = [MAP_BY_COOKIE, MAP_BY_ADDR, MAP_CG_CONNS];
 
 /// `DBGW_MAX_PORTS` / `DBGW_MAX_CIDRS` in maps.h: capacity of the intercept table.
 pub const MAX_PORTS: usize = 64;
@@ -104,6 +122,16 @@ pub struct OrigDstValue {
     pub sock_cookie: u64,
 }
 
+/// `struct dbgw_limits`: entry 0 of `dbgw_limits`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Open intercepted connections one cgroup may hold; 0 = no limit. Host order.
+    pub conns_per_cgroup: u32,
+    /// Zero.
+    pub pad: u32,
+}
+
 /// `struct dbgw_sock_key`: key of `dbgw_by_addr`, the client's end of the connection.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -116,13 +144,14 @@ pub struct SockKey {
     pub pad: u16,
 }
 
-// SAFETY: all five are #[repr(C)], made only of integers and byte arrays, with every padding
+// SAFETY: all six are #[repr(C)], made only of integers and byte arrays, with every padding
 // byte spelled out as a field, so any bit pattern is valid and no byte is uninitialised.
 unsafe impl aya::Pod for Config {}
 unsafe impl aya::Pod for PortKey {}
 unsafe impl aya::Pod for CidrKeyData {}
 unsafe impl aya::Pod for OrigDstValue {}
 unsafe impl aya::Pod for SockKey {}
+unsafe impl aya::Pod for Limits {}
 
 /// The 16-byte form the maps use: IPv4 becomes `::ffff:a.b.c.d`.
 pub fn ip16(ip: IpAddr) -> [u8; 16] {
@@ -257,6 +286,7 @@ mod tests {
             ]
         );
         check!(c, "dbgw_sock_key", SockKey, [ip, port, pad]);
+        check!(c, "dbgw_limits", Limits, [conns_per_cgroup, pad]);
 
         // The LPM key is aya's packed {u32 prefix_len, K} around CidrKeyData.
         assert_eq!(c["dbgw_cidr_key"], size_of::<Key<CidrKeyData>>());

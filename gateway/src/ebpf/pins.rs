@@ -31,6 +31,7 @@ pub(crate) const BPF_CGROUP_INET4_CONNECT: u32 = 10;
 pub(crate) const BPF_CGROUP_INET6_CONNECT: u32 = 11;
 pub(crate) const BPF_CGROUP_INET4_GETPEERNAME: u32 = 29;
 pub(crate) const BPF_CGROUP_INET6_GETPEERNAME: u32 = 30;
+pub(crate) const BPF_CGROUP_INET_SOCK_RELEASE: u32 = 34;
 
 /// Offsets in uapi `struct bpf_link_info` (also checked by the layout test).
 pub(crate) const LINK_INFO_TYPE: usize = 0;
@@ -176,6 +177,10 @@ mod tests {
         assert_eq!(
             c["BPF_CGROUP_INET6_GETPEERNAME"],
             u(BPF_CGROUP_INET6_GETPEERNAME)
+        );
+        assert_eq!(
+            c["BPF_CGROUP_INET_SOCK_RELEASE"],
+            u(BPF_CGROUP_INET_SOCK_RELEASE)
         );
         assert_eq!(c["bpf_link_info.type"], LINK_INFO_TYPE);
         assert_eq!(c["bpf_link_info.cgroup.cgroup_id"], LINK_INFO_CGROUP_ID);

@@ -183,12 +183,16 @@ fn interception(spec: &StackSpec, k: &Kernel, ca_addr: SocketAddr) -> Intercepti
         ports: vec![crate::ebpf::DEFAULT_PORT],
         destinations,
         fail_open: false,
+        max_connections: crate::config::DEFAULT_MAX_CONNECTIONS,
+        connections_per_cgroup: crate::config::DEFAULT_CONNECTIONS_PER_CGROUP,
         routes,
         identity: IdentityConfig {
             trust_domain: DEMO_TRUST_DOMAIN.into(),
             inventory: Some(INVENTORY.into()),
             kubernetes: None,
             unknown_pod_wait: UNKNOWN_POD_WAIT,
+            kubelet_cgroup_roots: vec![k.kubelet_root.clone()],
+            cgroup_walk_interval: crate::config::DEFAULT_CGROUP_WALK_INTERVAL,
         },
         ca: CaEndpoint {
             address: ca_addr,
@@ -196,6 +200,7 @@ fn interception(spec: &StackSpec, k: &Kernel, ca_addr: SocketAddr) -> Intercepti
             ca: in_ca_dir(pki::WORKLOAD_CA_CERT),
             node_cert: NODE_CERT.into(),
             node_key: NODE_KEY.into(),
+            timeout: crate::config::DEFAULT_CA_TIMEOUT,
         },
     }
 }

@@ -33,6 +33,9 @@ pub struct Kernel {
     /// The bridge the node agent creates to hold `agent_addr`.
     pub agent_interface: String,
     pub pin_dir: PathBuf,
+    /// The kubelet cgroup root of the stack's pods (`/dbgw-up-N/kubepods.slice`), as
+    /// `/proc/<pid>/cgroup` shows it: the node accepts pod segments only under it.
+    pub kubelet_root: String,
     pub pods: Vec<pods::Pod>,
     /// A cgroup in the attached subtree that is not a pod: "a process outside any pod".
     pub outside: PathBuf,
@@ -80,7 +83,8 @@ impl Kernel {
             )?;
         }
         let cgroup2 = crate::identity::cgroup::cgroup2_mount()?;
-        let tree = pods::CgroupTree::create(&cgroup2, &format!("dbgw-up-{idx}"))?;
+        let tree_name = format!("dbgw-up-{idx}");
+        let tree = pods::CgroupTree::create(&cgroup2, &tree_name)?;
         let outside = tree.mkdir("system.slice/outside.service")?;
         let mut made = Vec::new();
         let mut inventory = InventoryFile {
@@ -136,6 +140,7 @@ impl Kernel {
             agent_addr_v6: v6.map(|(_, agent6)| SocketAddr::from((agent6, AGENT_PORT))),
             agent_interface: format!("dbgwa{idx}"),
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/dbgw-up-{idx}")),
+            kubelet_root: format!("/{tree_name}/{}", pods::KUBEPODS_SLICE),
             pods: made,
             outside,
             tree,

@@ -17,6 +17,9 @@ use anyhow::{Context, Result, bail};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
+/// The kubelet's cgroup root (systemd driver) inside a [`CgroupTree`]: pods go below it.
+pub const KUBEPODS_SLICE: &str = "kubepods.slice";
+
 /// A number unique to this process and call, for kernel object names (≤ 15 characters).
 pub fn unique_index() -> u32 {
     (std::process::id() % 1000) * 100 + NEXT.fetch_add(1, Ordering::SeqCst) % 100
@@ -150,7 +153,7 @@ impl Pod {
         let container_id = format!("{:064x}", u128::from(index) * 0x9e37_79b9_7f4a_7c15 + 1);
         let slice_uid = uid.replace('-', "_");
         let cgroup = tree.mkdir(&format!(
-            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{slice_uid}.slice/cri-containerd-{container_id}.scope"
+            "{KUBEPODS_SLICE}/kubepods-burstable.slice/kubepods-burstable-pod{slice_uid}.slice/cri-containerd-{container_id}.scope"
         ))?;
         if host_network {
             return Ok(Self {

@@ -7,12 +7,18 @@
 //! connection through a oneshot. So no CA call, key generation or blocking lock ever runs
 //! on an io_uring thread.
 //!
+//! One fetch per identity at a time (single flight): connections that miss while a fetch
+//! for their identity is on its way wait for that one, so a burst of connects from a new
+//! pod makes one CA request. Every CA request is bounded by the configured timeout
+//! (`interception.ca.timeout`): a stuck CA fails the waiting connections, it never holds
+//! them.
+//!
 //! The fetcher then keeps each identity it fetched renewed at half-life in the background
 //! (retrying with backoff until the certificate expires), so connections keep finding the
 //! cache fresh. Open sessions keep the configuration they started with.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use rustls::ClientConfig;
@@ -40,8 +46,13 @@ pub enum CertificateError {
     WrongIdentity(SpiffeId),
     #[error("{0}")]
     Config(#[from] crate::tunnel::TunnelError),
+    #[error("the CA did not answer within {0:?}")]
+    Timeout(Duration),
     #[error("the node agent's certificate task is not running")]
     ControlGone,
+    /// One fetch's failure, told to every connection that waited for it.
+    #[error(transparent)]
+    Shared(Arc<CertificateError>),
 }
 
 struct Entry {
@@ -51,10 +62,12 @@ struct Entry {
 
 type Cache = Arc<RwLock<HashMap<SpiffeId, Entry>>>;
 
+type Reply = oneshot::Sender<Result<Arc<ClientConfig>, Arc<CertificateError>>>;
+
 struct Request {
     spiffe_id: SpiffeId,
     pod_uid: Option<String>,
-    reply: oneshot::Sender<Result<Arc<ClientConfig>, CertificateError>>,
+    reply: Reply,
 }
 
 /// The data plane's side: the cache and the way to ask for a fetch.
@@ -73,7 +86,12 @@ pub struct Fetcher {
 struct Control {
     cache: Cache,
     ca: CaClient,
+    /// Bound of one CA request.
+    ca_timeout: Duration,
     proxy_ca: Vec<CertificateDer<'static>>,
+    /// Identities being fetched, with the connections waiting for each (single flight).
+    /// Locked only on the control runtime, never across an await.
+    inflight: Mutex<HashMap<SpiffeId, Vec<Reply>>>,
 }
 
 /// A certificate just fetched and cached.
@@ -84,8 +102,13 @@ struct Fetched {
 }
 
 impl Certificates {
-    /// The cache, and the fetcher to run on the control runtime ([`Fetcher::run`]).
-    pub fn new(ca: CaClient, proxy_ca: Vec<CertificateDer<'static>>) -> (Self, Fetcher) {
+    /// The cache, and the fetcher to run on the control runtime ([`Fetcher::run`]); each CA
+    /// request may take at most `ca_timeout`.
+    pub fn new(
+        ca: CaClient,
+        ca_timeout: Duration,
+        proxy_ca: Vec<CertificateDer<'static>>,
+    ) -> (Self, Fetcher) {
         let cache = Cache::default();
         let (tx, rx) = mpsc::unbounded_channel();
         let fetcher = Fetcher {
@@ -93,7 +116,9 @@ impl Certificates {
             control: Arc::new(Control {
                 cache: cache.clone(),
                 ca,
+                ca_timeout,
                 proxy_ca,
+                inflight: Mutex::default(),
             }),
         };
         (
@@ -119,7 +144,11 @@ impl Certificates {
                 reply,
             })
             .map_err(|_| CertificateError::ControlGone)?;
-        answer.await.map_err(|_| CertificateError::ControlGone)?
+        answer
+            .await
+            .map_err(|_| CertificateError::ControlGone)?
+            // The only waiter gets the error itself; several share it.
+            .map_err(|e| Arc::try_unwrap(e).unwrap_or_else(CertificateError::Shared))
     }
 }
 
@@ -138,29 +167,59 @@ impl Fetcher {
     /// keeps the identity renewed.
     pub async fn run(mut self) {
         while let Some(req) = self.requests.recv().await {
+            let Request {
+                spiffe_id,
+                pod_uid,
+                reply,
+            } = req;
+            // Another connection's request may have filled it while this one waited in
+            // the queue.
+            if let Some(c) = cached(&self.control.cache, &spiffe_id, SystemTime::now()) {
+                let _ = reply.send(Ok(c));
+                continue;
+            }
+            {
+                let mut inflight = self
+                    .control
+                    .inflight
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                if let Some(waiting) = inflight.get_mut(&spiffe_id) {
+                    waiting.push(reply);
+                    continue;
+                }
+                inflight.insert(spiffe_id.clone(), vec![reply]);
+            }
             let control = self.control.clone();
             tokio::spawn(async move {
-                let Request {
-                    spiffe_id,
-                    pod_uid,
-                    reply,
-                } = req;
-                // Another connection's request may have filled it while this one waited in
-                // the queue.
-                if let Some(c) = cached(&control.cache, &spiffe_id, SystemTime::now()) {
-                    let _ = reply.send(Ok(c));
-                    return;
-                }
-                match control.fetch(&spiffe_id, pod_uid.as_deref()).await {
+                let r = control.fetch(&spiffe_id, pod_uid.as_deref()).await;
+                let waiting = control
+                    .inflight
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&spiffe_id)
+                    .unwrap_or_default();
+                match r {
                     Ok(f) => {
-                        // The connection may have given up meanwhile; the cache keeps it.
-                        let _ = reply.send(Ok(f.config.clone()));
+                        // Connections may have given up meanwhile; the cache keeps it.
+                        for reply in waiting {
+                            let _ = reply.send(Ok(f.config.clone()));
+                        }
                         control
                             .keep_renewed(&spiffe_id, pod_uid.as_deref(), f)
                             .await;
                     }
                     Err(e) => {
-                        let _ = reply.send(Err(e));
+                        // The last waiter gets the error itself, not a copy of the pointer,
+                        // so a lone waiter can unwrap it.
+                        let mut e = Some(Arc::new(e));
+                        let last = waiting.len().saturating_sub(1);
+                        for (k, reply) in waiting.into_iter().enumerate() {
+                            let shared = if k == last { e.take() } else { e.clone() };
+                            if let Some(shared) = shared {
+                                let _ = reply.send(Err(shared));
+                            }
+                        }
                     }
                 }
             });
@@ -175,7 +234,9 @@ impl Control {
         id: &SpiffeId,
         pod_uid: Option<&str>,
     ) -> Result<Fetched, CertificateError> {
-        let r = self.try_fetch(id, pod_uid).await;
+        let r = tokio::time::timeout(self.ca_timeout, self.try_fetch(id, pod_uid))
+            .await
+            .unwrap_or(Err(CertificateError::Timeout(self.ca_timeout)));
         if let Err(e) = &r {
             metrics::counter!(telemetry::CERTIFICATE_FAILURES_TOTAL).increment(1);
             tracing::info!(spiffe_id = %id, %e, "no workload certificate");
@@ -357,7 +418,7 @@ mod tests {
             server_name: ServerName::try_from("gateway-ca").unwrap(),
             tls: Arc::new(node_tls),
         };
-        let (certs, fetcher) = Certificates::new(client, roots);
+        let (certs, fetcher) = Certificates::new(client, Duration::from_secs(10), roots);
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -489,6 +550,7 @@ mod tests {
                         .with_no_client_auth(),
                 ),
             },
+            Duration::from_secs(10),
             Vec::new(),
         );
         drop(fetcher);
@@ -499,5 +561,65 @@ mod tests {
                 .unwrap_err();
             assert!(matches!(e, CertificateError::ControlGone), "{e:?}");
         });
+    }
+
+    /// Issue 18 item 9: a burst of connections of one identity that all miss the cache
+    /// makes one CA request (single flight), and all of them get its certificate.
+    #[test]
+    fn hardening_09_concurrent_misses_of_one_identity_make_one_ca_request() {
+        let (certs, lookups) = start("single-flight", HOUR);
+        tokio_uring::start(async {
+            let w = workload(api(), "uid-1");
+            let burst = (0..50).map(|_| certs.config_for(&w));
+            let got = futures_util::future::join_all(burst).await;
+            let first = got[0].as_ref().unwrap().clone();
+            for c in &got {
+                assert!(Arc::ptr_eq(c.as_ref().unwrap(), &first));
+            }
+            assert_eq!(lookups.load(Ordering::SeqCst), 1, "one CA request");
+        });
+    }
+
+    /// Issue 18 item 9: a CA that accepts and never answers fails the request after the
+    /// timeout; the waiting connection is refused, not stuck.
+    #[test]
+    fn hardening_09_a_silent_ca_times_out() {
+        // Connects complete in the backlog; nothing ever reads or answers.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (certs, fetcher) = Certificates::new(
+            CaClient {
+                addr: silent.local_addr().unwrap(),
+                server_name: ServerName::try_from("gateway-ca").unwrap(),
+                tls: Arc::new(
+                    rustls::ClientConfig::builder_with_provider(crate::tunnel::crypto_provider())
+                        .with_safe_default_protocol_versions()
+                        .unwrap()
+                        .with_root_certificates(rustls::RootCertStore::empty())
+                        .with_no_client_auth(),
+                ),
+            },
+            Duration::from_millis(300),
+            Vec::new(),
+        );
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(fetcher.run());
+        });
+        tokio_uring::start(async {
+            let t0 = std::time::Instant::now();
+            let r = tokio::time::timeout(
+                Duration::from_secs(5),
+                certs.config_for(&workload(api(), "uid-1")),
+            )
+            .await
+            .expect("the request hung on a silent CA");
+            let e = r.unwrap_err();
+            assert!(matches!(e, CertificateError::Timeout(_)), "{e:?}");
+            assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        });
+        drop(silent);
     }
 }

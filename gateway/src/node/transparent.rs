@@ -4,7 +4,10 @@
 //! database route by original destination; the connection then takes that workload's
 //! certificate from the cache (`certificates`). The lookups take no process-wide lock: the
 //! kernel map is read through `&self`, the resolver and the certificate cache through read
-//! locks.
+//! locks. A cgroup not seen before is looked up on the identity's lookup thread
+//! (`identity::lookup`: one lookup per cgroup id, rate-limited tree walks), a certificate
+//! not cached yet on the control runtime: neither a tree walk nor a CA call ever runs on a
+//! data-plane thread.
 //!
 //! Identity comes only from the kernel's record (the cgroup of the connecting socket);
 //! nothing the application sends can change it.
@@ -25,6 +28,8 @@ use super::error::NodeError;
 use super::interface::ensure_local_address;
 use crate::config::{InterceptionConfig, NodeConfig};
 use crate::ebpf::{self, Interception, OrigDst, OrigDsts};
+use crate::identity::lookup::Lookups;
+use crate::identity::pod_path::KubeletCgroups;
 use crate::identity::{IdentityError, Resolver, Workload};
 use crate::pki;
 use crate::pod::{HostIdentity, PodDirectory};
@@ -34,7 +39,7 @@ use crate::telemetry::node as telemetry;
 /// Everything transparent connections share (one per node, used by every data thread).
 pub struct Transparent {
     pub orig_dsts: OrigDsts,
-    pub resolver: Resolver,
+    pub lookups: Lookups,
     pub routes: RouteTable,
     pub certs: Certificates,
     pub unknown_pod_wait: Duration,
@@ -104,7 +109,7 @@ impl Transparent {
     async fn resolve(&self, cgroup_id: u64) -> Result<Workload, NodeError> {
         let deadline = Instant::now() + self.unknown_pod_wait;
         loop {
-            match self.resolver.resolve(cgroup_id) {
+            match self.lookups.resolve(cgroup_id).await {
                 Ok(w) => return Ok(w),
                 Err(IdentityError::UnknownPod { .. }) if Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -157,6 +162,8 @@ pub fn setup(
         agent_cgroup_id: ebpf::cgroup_id(&own_cgroup)?,
         agent_mark: 0,
         fail_open: i.fail_open,
+        max_connections: i.max_connections,
+        connections_per_cgroup: i.connections_per_cgroup,
     };
     ensure_local_address(&i.agent_interface, i.agent_address.ip())?;
     if let Some(v6) = i.agent_address_v6 {
@@ -178,8 +185,16 @@ pub fn setup(
         (None, Some(k)) => Box::new(kube_pods(&cfg.node_name, k.host.clone(), k.ready_timeout)?),
         (None, None) => anyhow::bail!("interception.identity: no pod source configured"),
     };
-    let resolver =
-        Resolver::from_directory(cgroups, pods, &i.identity.trust_domain, &cfg.node_name)?;
+    let kubelet = KubeletCgroups::new(&i.identity.kubelet_cgroup_roots)?;
+    let resolver = Resolver::from_directory(
+        cgroups,
+        kubelet,
+        pods,
+        &i.identity.trust_domain,
+        &cfg.node_name,
+    )?;
+    let lookups = Lookups::spawn(resolver, i.identity.cgroup_walk_interval)
+        .context("start the cgroup lookup thread")?;
     let ca_roots = pki::load_certs(&i.ca.ca).context("interception.ca.ca")?;
     let node_tls = crate::tunnel::client_config(
         pki::load_certs(&i.ca.node_cert).context("interception.ca.node_cert")?,
@@ -192,11 +207,11 @@ pub fn setup(
             .with_context(|| format!("interception.ca.server_name {:?}", i.ca.server_name))?,
         tls: Arc::new(node_tls),
     };
-    let (certs, fetcher) = Certificates::new(ca, proxy_ca.to_vec());
+    let (certs, fetcher) = Certificates::new(ca, i.ca.timeout, proxy_ca.to_vec());
     Ok(Setup {
         transparent: Transparent {
             orig_dsts,
-            resolver,
+            lookups,
             routes: Transparent::routes_from(&i.routes)
                 .map_err(|e| anyhow::anyhow!("interception.routes: {e}"))?,
             certs,

@@ -28,6 +28,12 @@ pub const CERTIFICATE_FAILURES_TOTAL: &str = "gateway_node_certificate_failures_
 /// Workload certificates fetched from the CA.
 pub const CERTIFICATES_FETCHED_TOTAL: &str = "gateway_node_certificates_fetched_total";
 
+/// Walks of the cgroup tree for cgroup ids not seen before (rate-limited, off the data plane).
+pub const CGROUP_WALKS_TOTAL: &str = "gateway_node_cgroup_walks_total";
+/// Connects the kernel refused because the connecting cgroup held its budget of
+/// intercepted connections (`interception.connections_per_cgroup`).
+pub const INTERCEPT_REFUSALS_TOTAL: &str = "gateway_node_intercept_refusals_total";
+
 /// Label values of [`ERRORS_TOTAL`]'s `kind`.
 pub const ERROR_KINDS: &[&str] = &[
     "bad_startup",
@@ -84,6 +90,14 @@ pub const METRICS: &[Metric] = &[
     Metric::counter(
         CERTIFICATES_FETCHED_TOTAL,
         "Workload certificates fetched from the CA.",
+    ),
+    Metric::counter(
+        CGROUP_WALKS_TOTAL,
+        "Walks of the cgroup tree for cgroup ids not seen before.",
+    ),
+    Metric::counter(
+        INTERCEPT_REFUSALS_TOTAL,
+        "Connects refused in the kernel because the cgroup held its budget of intercepted connections.",
     ),
 ];
 
