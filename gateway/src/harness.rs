@@ -19,6 +19,7 @@ pub mod kernel;
 pub mod localdb;
 pub mod machine;
 pub mod pods;
+pub mod secrets;
 pub mod spec;
 pub mod stack;
 

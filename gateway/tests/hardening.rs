@@ -218,3 +218,64 @@ async fn hardening_11_a_session_cut_by_drain_timeout_has_an_end_record() {
         cut[0]
     );
 }
+
+/// Item 13: no process of a stack logs private key material or a token, even at `trace`
+/// level and through refusals; every other test's stack runs the same scan when it stops
+/// (`Stack`'s drop), and this test also plants each kind of secret to prove the scan sees it.
+#[test]
+fn hardening_13_no_process_logs_a_key_or_token() {
+    // SAFETY: set before any thread of this test binary's own starts a child; the stack's
+    // children read it at spawn.
+    unsafe { std::env::set_var("RUST_LOG", "trace") };
+    let s = stack();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = connect(&s, TEAM_A_API, "api", "app").await.unwrap();
+        c.simple_query("SELECT 1").await.unwrap();
+        assert_eq!(
+            sqlstate(&connect(&s, INTRUDER, "x", "app").await.unwrap_err()),
+            "28000"
+        );
+        assert_eq!(
+            sqlstate(&connect(&s, TEAM_A_API, "ghost", "app").await.unwrap_err()),
+            "28000"
+        );
+        assert!(connect(&s, DOWN_ROUTE, "worker", "app").await.is_err());
+    });
+    // A TLS client with no certificate at the proxy: a refused handshake, logged.
+    let _ = raw_exchange(s.proxy_addr, b"\x16\x03\x01\x00\x05hello");
+
+    use gateway::harness::secrets::scan;
+    let found = scan(&s.dir, &[&s.ca_dir]);
+    assert_eq!(found, [], "secret material in the logs");
+    let trace = std::fs::read_to_string(s.dir.join("proxy.log")).unwrap();
+    assert!(
+        trace.contains("TRACE") || trace.contains("DEBUG"),
+        "the proxy logged at trace level"
+    );
+
+    // The scan sees each kind: a PEM block, a key body without armour, a token.
+    let key = std::fs::read_to_string(s.dir.join("workload-0.key")).unwrap();
+    let body = key
+        .lines()
+        .find(|l| l.len() >= 40 && !l.starts_with("-----"))
+        .unwrap();
+    let planted = s.dir.join("planted.log");
+    for (text, what) in [
+        (key.clone(), "marker \"PRIVATE KEY-----\""),
+        (format!("debug: key={body}\n"), "the body of"),
+        (
+            "GET /?Action=connect&X-Amz-Signature=abc\n".to_owned(),
+            "marker \"X-Amz-Signature=\"",
+        ),
+    ] {
+        std::fs::write(&planted, text).unwrap();
+        let found = scan(&s.dir, &[&s.ca_dir]);
+        assert!(
+            found.iter().all(|f| f.file == planted)
+                && found.iter().any(|f| f.what.starts_with(what)),
+            "{what}: {found:?}"
+        );
+    }
+    std::fs::remove_file(&planted).unwrap();
+}

