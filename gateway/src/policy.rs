@@ -287,14 +287,20 @@ impl Policy {
                 RESERVED_USERS.join(", ")
             )));
         }
-        // PostgreSQL's rule: the database defaults to the user name.
-        let requested_db = database.filter(|d| !d.is_empty()).unwrap_or(&db_user);
+        // An explicit choice of database: libpq sends the user name when the client named
+        // no database, so a database equal to the requested user is PostgreSQL's default,
+        // which is the user the policy chose.
+        let asked = database.filter(|d| !d.is_empty() && Some(*d) != user);
+        let requested_db = asked.unwrap_or(&db_user);
+        // A forced database fills in the default only: a database the client named is used
+        // when allowed and refused otherwise, never silently replaced (a mistyped name must
+        // not write into another database).
         let (db_name, names) = choose(
             &allow,
             id,
             Some(requested_db),
             |r| &r.db_names,
-            |r| r.cfg.force_db_name,
+            |r| r.cfg.force_db_name && asked.is_none(),
         );
         let db_name = db_name.ok_or_else(|| {
             ErrorResponse::fatal(
@@ -484,6 +490,37 @@ roles:
             .decide(&id, "main", Some("postgres"), Some("shared"))
             .unwrap();
         assert_eq!(d.db_user, "postgres");
+    }
+
+    #[test]
+    fn issue_20_a_named_database_is_never_silently_replaced() {
+        let p = policy(BASE);
+        let id = SpiffeId::new("td", "billing", "worker");
+        // No database named (libpq sends the user name): the forced one.
+        for db in [None, Some(""), Some("worker")] {
+            let d = p.decide(&id, "main", Some("worker"), db).unwrap();
+            assert_eq!(d.db_name, "billing", "{db:?}");
+        }
+        // The forced database named explicitly: fine. Another: 3D000, the allowed in the hint.
+        let d = p
+            .decide(&id, "main", Some("worker"), Some("billing"))
+            .unwrap();
+        assert_eq!(d.db_name, "billing");
+        let e = p
+            .decide(&id, "main", Some("worker"), Some("nosuchdb"))
+            .unwrap_err();
+        assert_eq!(e.sqlstate, "3D000");
+        assert!(e.message.contains("database name \"nosuchdb\""), "{e:?}");
+        assert_eq!(
+            e.hint.as_deref(),
+            Some("Allowed database names: \"billing\".")
+        );
+        // Unforced roles: the default is the chosen user's name.
+        let id = SpiffeId::new("td", "team-a", "api");
+        let e = p
+            .decide(&id, "main", Some("api"), Some("nosuchdb"))
+            .unwrap_err();
+        assert_eq!(e.sqlstate, "3D000");
     }
 
     #[test]

@@ -23,47 +23,7 @@ fn shell_quote(w: &str) -> String {
 /// database `app`. As root the workload is a pod (network namespace + kubelet-shaped
 /// cgroup) intercepted by eBPF; otherwise, or with `explicit`, an explicit-mode listener.
 pub fn run(keep: bool, explicit: bool) -> Result<()> {
-    let transparent = !explicit && is_root();
-    let spec = StackSpec {
-        gateway_bin: std::env::current_exe()?,
-        workloads: if transparent {
-            Vec::new()
-        } else {
-            vec![Workload::new("demo", "app")]
-        },
-        roles: vec![RoleConfig {
-            name: "demo-apps".into(),
-            matcher: MatchConfig {
-                namespace: Some("demo".into()),
-                ..MatchConfig::default()
-            },
-            databases: DatabaseSelector {
-                labels: [("env".to_owned(), "demo".to_owned())].into(),
-                ..DatabaseSelector::default()
-            },
-            db_users: vec!["{{ .service_account }}".into()],
-            db_names: vec!["{{ .service_account }}".into()],
-            force_db_user: true,
-            force_db_name: true,
-            ..RoleConfig::default()
-        }],
-        proxy: ProxySettings::default(),
-        data_plane: node_data_plane(),
-        extra_databases: Vec::new(),
-        tcp_routes: Vec::new(),
-        transparent: transparent.then(|| TransparentSpec {
-            pods: vec![PodSpec::new("demo", "app-0", "app")],
-            host_identity: None,
-            ipv6: false,
-        }),
-        setup_sql: vec![
-            "CREATE ROLE app LOGIN".into(),
-            "CREATE DATABASE app OWNER app".into(),
-        ],
-        extra_hba: Vec::new(),
-        upstream_reuse: None,
-        pg_routes: Vec::new(),
-    };
+    let spec = spec(std::env::current_exe()?, !explicit && is_root());
     let mut stack = Stack::start(spec)?;
     stack.keep_dir = keep;
     eprintln!("db-gateway demo in {}", stack.dir.display());
@@ -122,4 +82,52 @@ pub fn run(keep: bool, explicit: bool) -> Result<()> {
     }
     drop(stack);
     Ok(())
+}
+
+/// The demo's stack: one pod `demo/app` (transparent, as root) or one explicit listener,
+/// mapped to the database user and database `app`.
+pub fn spec(gateway_bin: std::path::PathBuf, transparent: bool) -> StackSpec {
+    StackSpec {
+        gateway_bin,
+        workloads: if transparent {
+            Vec::new()
+        } else {
+            vec![Workload::new("demo", "app")]
+        },
+        roles: vec![RoleConfig {
+            name: "demo-apps".into(),
+            matcher: MatchConfig {
+                namespace: Some("demo".into()),
+                ..MatchConfig::default()
+            },
+            databases: DatabaseSelector {
+                labels: [("env".to_owned(), "demo".to_owned())].into(),
+                ..DatabaseSelector::default()
+            },
+            // The pod's service account is its database user and database; a client that
+            // names another gets 28000 / 3D000 with the allowed ones in the hint (nothing
+            // is replaced behind its back).
+            db_users: vec!["{{ .service_account }}".into()],
+            db_names: vec!["{{ .service_account }}".into()],
+            force_db_user: false,
+            force_db_name: false,
+            ..RoleConfig::default()
+        }],
+        proxy: ProxySettings::default(),
+        data_plane: node_data_plane(),
+        extra_databases: Vec::new(),
+        tcp_routes: Vec::new(),
+        transparent: transparent.then(|| TransparentSpec {
+            pods: vec![PodSpec::new("demo", "app-0", "app")],
+            host_identity: None,
+            ipv6: false,
+        }),
+        setup_sql: vec![
+            "CREATE ROLE app LOGIN".into(),
+            "CREATE DATABASE app OWNER app".into(),
+        ],
+        extra_hba: Vec::new(),
+        upstream_reuse: None,
+        pg_routes: Vec::new(),
+    }
 }
