@@ -7,7 +7,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -19,7 +19,7 @@ use super::{Shared, postgres, tcp};
 use crate::admin::GaugeHeld;
 use crate::audit::SessionInfo;
 use crate::pg::{ErrorResponse, sqlstate};
-use crate::pki::{PkiError, SpiffeId, spiffe_id_of};
+use crate::pki::{self, PkiError, SpiffeId, check_validity, spiffe_id_of};
 use crate::route::Protocol;
 use crate::telemetry::proxy::{
     ACTIVE_SESSIONS, CONNECTIONS_TOTAL, IDLE_TUNNELS_CLOSED_TOTAL, TLS_HANDSHAKE_FAILURES_TOTAL,
@@ -37,8 +37,15 @@ pub(super) enum AcceptError {
     NoSpiffeId(PkiError),
     #[error("identity {id} is not in trust domain {trust_domain}")]
     ForeignTrustDomain { id: SpiffeId, trust_domain: String },
+    /// Checked on every handshake: a resumed one restores the stored certificate unchecked.
+    /// The identity and why (kept as text: a `PkiError` would make every result large).
+    #[error("client certificate of {0}")]
+    CertificateNotValid(String),
     #[error("{0}")]
     BadPreamble(TunnelError),
+    /// The preamble's pod metadata or node is not what the certificate says.
+    #[error("preamble does not match the client certificate: {0}")]
+    PreambleMismatch(String),
     /// The node went away or broke TLS: nobody to answer.
     #[error("the node closed the tunnel")]
     Gone,
@@ -62,6 +69,16 @@ impl AcceptError {
                 format!("db-gateway: {self}"),
             )
             .with_hint(format!("Workload certificates must carry one SPIFFE ID spiffe://{trust_domain}/ns/<namespace>/sa/<service-account>.")),
+            AcceptError::CertificateNotValid(_) => ErrorResponse::fatal(
+                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                format!("db-gateway: {self}"),
+            )
+            .with_hint("The node renews workload certificates at half-life; check that it reaches the CA and that its clock is right."),
+            AcceptError::PreambleMismatch(_) => ErrorResponse::fatal(
+                sqlstate::PROTOCOL_VIOLATION,
+                format!("db-gateway proxy: {self}"),
+            )
+            .with_hint("The node must send the pod metadata and node name of the workload certificate it tunnels with."),
             AcceptError::BadPreamble(_) => ErrorResponse::fatal(
                 sqlstate::PROTOCOL_VIOLATION,
                 format!("db-gateway proxy: {self}"),
@@ -109,18 +126,31 @@ pub(super) async fn handle(
     }
 }
 
-/// Checks the node's protocol against the route's; on a mismatch, the refusal to await.
-/// An unknown route is left to a PostgreSQL session's policy decision (which names the
-/// routes the identity may use); a tcp session has no later point to refuse it at.
+/// Checks the preamble against the certificate ([`check_preamble`]) and the node's
+/// protocol against the route's; on a mismatch, the refusal to await (a mismatch always
+/// has one: each of these errors has an answer). An unknown route is left to a PostgreSQL
+/// session's policy decision (which names the routes the identity may use); a tcp session
+/// has no later point to refuse it at.
 fn refuse_mismatch<'a>(
     shared: &'a Shared,
     client: &'a mut Client,
-    info: &'a SessionInfo,
+    info: &'a mut SessionInfo,
     preamble: &Preamble,
+    identity: &SpiffeId,
     started: Instant,
 ) -> Option<Refusing<'a>> {
     let route = &preamble.route;
     let protocol = preamble.protocol;
+    let cert_node = issued_to_node_of(client, &shared.cfg.trust_domain);
+    match check_preamble(preamble, identity, cert_node.as_deref()) {
+        Ok(verified) => info.node_verified = verified,
+        Err(e) => {
+            tracing::warn!(session = %info.session_id, identity = %info.identity, reason = %e, "preamble refused");
+            let answer = Answer::for_protocol(protocol);
+            return refusal(shared, client, info, e, answer, started);
+        }
+    }
+    let info: &'a SessionInfo = info;
     let e = match (protocol, shared.policy.database(route).map(|d| d.protocol)) {
         (Protocol::Postgres, Some(Protocol::Tcp)) => AcceptError::RouteIsTcp(route.clone()),
         (Protocol::Tcp, Some(Protocol::Postgres)) => AcceptError::RouteIsPostgres(route.clone()),
@@ -165,7 +195,11 @@ fn identity_of(
     peer: SocketAddr,
 ) -> Result<SpiffeId, Option<ErrorResponse>> {
     peer_identity(client, trust_domain).map_err(|e| {
-        metrics::counter!(TLS_HANDSHAKE_FAILURES_TOTAL, "reason" => "no_identity").increment(1);
+        let reason = match e {
+            AcceptError::CertificateNotValid(_) => "certificate_expired",
+            _ => "no_identity",
+        };
+        metrics::counter!(TLS_HANDSHAKE_FAILURES_TOTAL, "reason" => reason).increment(1);
         tracing::warn!(%peer, error = %e, "client certificate has no usable identity");
         e.to_client(trust_domain)
     })
@@ -214,6 +248,7 @@ async fn open(
         session_id: new_session_id(),
         identity: identity.to_string(),
         node: None,
+        node_verified: false,
         pod: None,
         database_route: None,
         protocol: Protocol::Postgres,
@@ -267,7 +302,14 @@ async fn open(
     // From here on, the session's start (a warm tunnel may have waited for its preamble).
     started = Instant::now();
     let active = GaugeHeld::new(ACTIVE_SESSIONS);
-    if let Some(refused) = refuse_mismatch(shared, &mut client, &info, &preamble, started) {
+    if let Some(refused) = refuse_mismatch(
+        shared,
+        &mut client,
+        &mut info,
+        &preamble,
+        &identity,
+        started,
+    ) {
         refused.await;
         return None;
     }
@@ -297,7 +339,9 @@ async fn read_preamble(client: &mut Client) -> Result<Preamble, AcceptError> {
     Preamble::decode_body(&body).map_err(AcceptError::BadPreamble)
 }
 
-/// The workload identity in the client certificate, in our trust domain.
+/// The workload identity in the client certificate, in our trust domain, while the
+/// certificate is valid: checked here for every handshake, since a resumed one restores
+/// the certificate stored with the session without verifying it again.
 fn peer_identity(client: &Client, trust_domain: &str) -> Result<SpiffeId, AcceptError> {
     let cert = client
         .get_ref()
@@ -312,7 +356,58 @@ fn peer_identity(client: &Client, trust_domain: &str) -> Result<SpiffeId, Accept
             trust_domain: trust_domain.to_owned(),
         });
     }
+    if let Err(source) = check_validity(cert, SystemTime::now()) {
+        return Err(AcceptError::CertificateNotValid(format!(
+            "{id} is not valid now: {source}"
+        )));
+    }
     Ok(id)
+}
+
+/// The node the CA service issued the client certificate to, if it names one.
+fn issued_to_node_of(client: &Client, trust_domain: &str) -> Option<String> {
+    let cert = client.get_ref().1.peer_certificates()?.first()?;
+    pki::issued_to_node_of(cert, trust_domain)
+}
+
+/// The preamble's claims against the certificate. The pod's namespace and service account
+/// are the identity's own, so a node cannot write another workload's pod into the audit
+/// log; when the certificate names the node it was issued to, the preamble's node must be
+/// that one (a node cannot pose as another). What the certificate cannot say (pod name,
+/// uid, container) stays the node's claim. `Ok(true)`: the node is the certificate's.
+fn check_preamble(
+    preamble: &Preamble,
+    identity: &SpiffeId,
+    cert_node: Option<&str>,
+) -> Result<bool, AcceptError> {
+    let pod = &preamble.pod;
+    let mismatch = |what: &str, claimed: &str, actual: &str| {
+        AcceptError::PreambleMismatch(format!(
+            "{what} {claimed:?}, but the certificate is {identity} ({what} {actual:?})"
+        ))
+    };
+    if let Some(ns) = pod
+        .namespace
+        .as_deref()
+        .filter(|ns| *ns != identity.namespace)
+    {
+        return Err(mismatch("pod namespace", ns, &identity.namespace));
+    }
+    if let Some(sa) = pod
+        .service_account
+        .as_deref()
+        .filter(|sa| *sa != identity.service_account)
+    {
+        return Err(mismatch("service account", sa, &identity.service_account));
+    }
+    match cert_node {
+        Some(node) if node != preamble.node => Err(AcceptError::PreambleMismatch(format!(
+            "node {:?}, but the certificate was issued to node {node:?}",
+            preamble.node
+        ))),
+        Some(_) => Ok(true),
+        None => Ok(false),
+    }
 }
 
 fn handshake_failure_reason(e: &std::io::Error) -> &'static str {

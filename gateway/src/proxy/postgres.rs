@@ -184,6 +184,7 @@ pub(super) async fn start(shared: &Arc<Shared>, opened: Box<Opened>) -> Option<B
 
     let reuse = decision.database.upstream.reuse.clone().map(|cfg| {
         let key = reuse::Key::new(
+            &identity,
             &decision.database.name,
             &decision.db_user,
             &decision.db_name,
@@ -308,7 +309,11 @@ pub(super) async fn run(
         keep,
     ))
     .await;
-    drop(session.cancel_key);
+    match (&kept, session.cancel_key) {
+        // Handing the server session over: no cancel of this session may reach it after.
+        (Some(_), Some(key)) => Box::pin(key.release()).await,
+        (_, key) => drop(key),
+    }
     let outcome = match &end {
         End::Closed => Outcome::default(),
         End::Drained => Outcome {
