@@ -13,7 +13,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use super::opened::{Client, Opened};
+use super::limits::{LimitError, Slot};
+use super::opened::{Active, Client, Opened};
 use super::refuse::{self, Answer};
 use super::{Shared, postgres, tcp};
 use crate::admin::GaugeHeld;
@@ -55,6 +56,9 @@ pub(super) enum AcceptError {
     RouteIsPostgres(String),
     #[error("route \"{0}\" is not configured on the proxy")]
     UnknownTcpRoute(String),
+    /// `max_sessions_per_identity` or `max_sessions_per_route`.
+    #[error("{0}")]
+    TooMany(LimitError),
 }
 
 impl AcceptError {
@@ -97,6 +101,11 @@ impl AcceptError {
             AcceptError::UnknownTcpRoute(_) => {
                 ErrorResponse::fatal(sqlstate::INVALID_CATALOG_NAME, self.to_string())
             }
+            AcceptError::TooMany(e) => ErrorResponse::fatal(
+                sqlstate::TOO_MANY_CONNECTIONS,
+                format!("db-gateway: {self}"),
+            )
+            .with_hint(e.hint()),
         })
     }
 }
@@ -127,18 +136,19 @@ pub(super) async fn handle(
 }
 
 /// Checks the preamble against the certificate ([`check_preamble`]) and the node's
-/// protocol against the route's; on a mismatch, the refusal to await (a mismatch always
-/// has one: each of these errors has an answer). An unknown route is left to a PostgreSQL
-/// session's policy decision (which names the routes the identity may use); a tcp session
-/// has no later point to refuse it at.
-fn refuse_mismatch<'a>(
+/// protocol against the route's, then takes the session's slot under the identity and
+/// route caps ([`admit`]); on a refusal, the answer to await (`None` inside: nobody to
+/// answer). One await point for all of them keeps `open`'s future small. An unknown
+/// route is left to a PostgreSQL session's policy decision (which names the routes the
+/// identity may use); a tcp session has no later point to refuse it at.
+fn check_and_admit<'a>(
     shared: &'a Shared,
     client: &'a mut Client,
     info: &'a mut SessionInfo,
     preamble: &Preamble,
     identity: &SpiffeId,
     started: Instant,
-) -> Option<Refusing<'a>> {
+) -> Result<Slot, Option<Refusing<'a>>> {
     let route = &preamble.route;
     let protocol = preamble.protocol;
     let cert_node = issued_to_node_of(client, &shared.cfg.trust_domain);
@@ -147,7 +157,7 @@ fn refuse_mismatch<'a>(
         Err(e) => {
             tracing::warn!(session = %info.session_id, identity = %info.identity, reason = %e, "preamble refused");
             let answer = Answer::for_protocol(protocol);
-            return refusal(shared, client, info, e, answer, started);
+            return Err(refusal(shared, client, info, e, answer, started));
         }
     }
     let info: &'a SessionInfo = info;
@@ -155,11 +165,32 @@ fn refuse_mismatch<'a>(
         (Protocol::Postgres, Some(Protocol::Tcp)) => AcceptError::RouteIsTcp(route.clone()),
         (Protocol::Tcp, Some(Protocol::Postgres)) => AcceptError::RouteIsPostgres(route.clone()),
         (Protocol::Tcp, None) => AcceptError::UnknownTcpRoute(route.clone()),
-        (Protocol::Postgres, _) | (Protocol::Tcp, Some(Protocol::Tcp)) => return None,
+        (Protocol::Postgres, _) | (Protocol::Tcp, Some(Protocol::Tcp)) => {
+            return admit(shared, client, info, preamble, started);
+        }
     };
     tracing::info!(session = %info.session_id, identity = %info.identity, reason = %e, "session refused");
     let answer = Answer::for_protocol(protocol);
-    refusal(shared, client, info, e, answer, started)
+    Err(refusal(shared, client, info, e, answer, started))
+}
+
+/// The session's slot under the identity and route caps; past one, the refusal to await
+/// (`53300`; audited, and told to a PostgreSQL client).
+fn admit<'a>(
+    shared: &'a Shared,
+    client: &'a mut Client,
+    info: &'a SessionInfo,
+    preamble: &Preamble,
+    started: Instant,
+) -> Result<Slot, Option<Refusing<'a>>> {
+    shared
+        .limits
+        .admit(&info.identity, &preamble.route)
+        .map_err(|e| {
+            tracing::warn!(session = %info.session_id, identity = %info.identity, route = %preamble.route, reason = %e, "session refused");
+            let answer = Answer::for_protocol(preamble.protocol);
+            refusal(shared, client, info, AcceptError::TooMany(e), answer, started)
+        })
 }
 
 /// A refusal being answered and audited (boxed, see [`refuse::refuse`]).
@@ -214,7 +245,7 @@ async fn open(
 ) -> Option<Box<Opened>> {
     let _ = tcp.set_nodelay(true);
     let mut started = Instant::now();
-    let timeout = shared.cfg.startup_timeout;
+    let timeout = shared.cfg.tls_handshake_timeout;
     // Boxed, like every large set-up step: freed as soon as it is done.
     let accept = Box::pin(shared.acceptor.accept(tcp));
     let tls = match tokio::time::timeout(timeout, accept).await {
@@ -301,8 +332,8 @@ async fn open(
     info.protocol = preamble.protocol;
     // From here on, the session's start (a warm tunnel may have waited for its preamble).
     started = Instant::now();
-    let active = GaugeHeld::new(ACTIVE_SESSIONS);
-    if let Some(refused) = refuse_mismatch(
+    let gauge = GaugeHeld::new(ACTIVE_SESSIONS);
+    let slot = match check_and_admit(
         shared,
         &mut client,
         &mut info,
@@ -310,9 +341,15 @@ async fn open(
         &identity,
         started,
     ) {
-        refused.await;
-        return None;
-    }
+        Ok(slot) => slot,
+        Err(refused) => {
+            if let Some(refused) = refused {
+                refused.await;
+            }
+            return None;
+        }
+    };
+    let active = Active::new(gauge, slot);
     Some(Box::new(Opened {
         client,
         identity,
