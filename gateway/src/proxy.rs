@@ -270,3 +270,24 @@ async fn serve(
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hardening_08_connections_are_capped_per_process() {
+        let count = Arc::new(SessionCount::default());
+        let held: Vec<SessionGuard> = (0..3)
+            .filter_map(|_| SessionGuard::new(&count, 3))
+            .collect();
+        assert_eq!(held.len(), 3);
+        assert!(
+            SessionGuard::new(&count, 3).is_none(),
+            "past max_connections"
+        );
+        drop(held);
+        assert_eq!(count.n.load(Ordering::SeqCst), 0);
+        assert!(SessionGuard::new(&count, 3).is_some());
+    }
+}
