@@ -259,40 +259,89 @@ async fn hardening_06_reuse_never_crosses_identities() {
     close(a).await;
 }
 
+/// A TCP relay to PostgreSQL that waits `delay` before it connects: a database a few
+/// milliseconds away, so that a cancel request is still on its way when the next client's
+/// query starts (without it, a local server takes the cancel before the next session can
+/// begin, and the race this guards against is too narrow to meet). The server's address
+/// is filled in once the stack has started it.
+async fn slow_relay(delay: Duration) -> (std::net::SocketAddr, Arc<std::sync::OnceLock<u16>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let port = Arc::new(std::sync::OnceLock::new());
+    let target = port.clone();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let target = target.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let Some(port) = target.get() else { return };
+                if let Ok(mut out) = tokio::net::TcpStream::connect(("127.0.0.1", *port)).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                }
+            });
+        }
+    });
+    (addr, port)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hardening_07_a_cancel_racing_a_session_end_never_cancels_the_next_owner() {
     const A: usize = 0;
     const B: usize = 1;
-    let s = shared_user_stack(vec![
-        Workload::new("team-a", "api"),
-        Workload::new("team-c", "api"),
-    ]);
-    let mut cancelled_next = 0;
+    let (relay, pg_port) = slow_relay(Duration::from_millis(15)).await;
+    let mut spec = spec();
+    spec.workloads = vec![
+        Workload {
+            route: "far".into(),
+            ..Workload::new("team-a", "api")
+        },
+        Workload {
+            route: "far".into(),
+            ..Workload::new("team-c", "api")
+        },
+    ];
+    spec.proxy.threads = Some(1);
+    let mut far = spec.extra_databases[0].clone();
+    far.name = "far".into();
+    far.upstream.address = relay.to_string();
+    far.upstream.reuse = Some(ReuseConfig {
+        max_idle: 2,
+        idle_timeout: Duration::from_secs(30),
+        ..ReuseConfig::default()
+    });
+    spec.extra_databases.push(far);
+    spec.roles = vec![
+        role("team-a", "team-a", &["far"], &["api"], &["app"]),
+        role("team-c", "team-c", &["far"], &["api"], &["app"]),
+    ];
+    let s = Stack::start(spec).expect("start the stack");
+    pg_port.set(s.pg.port).unwrap();
+
+    let mut cancelled_next = Vec::new();
     for i in 0..1000u32 {
         let first = open(&s, A).await;
         let token = first.0.cancel_token();
-        // The cancel and the session's end race; a few microseconds of jitter move the
-        // cancel's look-up across the hand-over.
-        let jitter = Duration::from_micros(u64::from(i % 7) * 150);
+        // The cancel and the session's end race: the cancel is sent first, the session
+        // ends 0 to 2.4 ms later, so the proxy looks the cancel up on either side of the
+        // hand-over.
         let cancel = tokio::spawn(async move {
-            tokio::time::sleep(jitter).await;
             let _ = token.cancel_query(tokio_postgres::NoTls).await;
         });
+        tokio::time::sleep(Duration::from_micros(u64::from(i % 9) * 300)).await;
         close(first).await;
-        // The next owner: another identity, or A's next session (which may get the kept
+        // The next owner: another identity, or A's next session (which may get the
         // server session A just left).
         let next = open(&s, if i % 2 == 0 { A } else { B }).await;
-        let r = next.0.batch_execute("select pg_sleep(0.01)").await;
-        if let Err(e) = &r {
-            assert_eq!(sqlstate(e), "57014", "iteration {i}: {e}");
-            cancelled_next += 1;
+        if let Err(e) = next.0.batch_execute("select pg_sleep(0.03)").await {
+            assert_eq!(sqlstate(&e), "57014", "iteration {i}: {e}");
+            cancelled_next.push(i);
         }
         cancel.await.unwrap();
         close(next).await;
     }
-    assert_eq!(
-        cancelled_next, 0,
-        "a cancel of an ended session reached the next owner's query"
+    assert!(
+        cancelled_next.is_empty(),
+        "a cancel of an ended session reached the next owner's query in iterations {cancelled_next:?}"
     );
 }
 
