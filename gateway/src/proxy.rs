@@ -15,7 +15,8 @@
 //! - `postgres` (startup, policy, login or a kept server session, greeting, relay) or
 //!   `tcp` (policy, connect, plain relay);
 //! - below them: `refuse` (a refused session's answer and audit pair), `relay` (the byte
-//!   relay), `cancel` (cancel keys and requests), `reuse` (kept server sessions), and
+//!   relay), `cancel` (cancel keys and requests), `reuse` (kept server sessions), `limits`
+//!   (sessions per identity and route), and
 //!   `opened` (the tunnel state `accept` hands on).
 //!
 //! Metric names and their HELP text are in [`crate::telemetry::proxy`].
