@@ -145,16 +145,22 @@ async fn hardening_03_preamble_must_match_the_certificate() {
         );
         assert!(e.hint.is_some());
     }
+    // The client reads the refusal before the proxy writes its audit end: wait for it.
+    wait_for("three audit pairs", || s.audit_events().len() == 6).await;
     let events = s.audit_events();
-    assert_eq!(events.len(), 6, "{events:?}");
-    assert!(events.iter().all(|e| e["error_code"] == "08P01"));
+    assert!(
+        events.iter().all(|e| e["error_code"] == "08P01"),
+        "{events:?}"
+    );
 
     // The certificate's own node and pod: a session, and the audit says whose node it is.
     let ok = tunnel(&s, &node, preamble("node-1", pod("team-a", "api"))).await;
     assert!(logged_in(&ok), "{ok:?}");
+    wait_for("the session's audit pair", || s.audit_events().len() == 8).await;
     let events = s.audit_events();
     let start = &events[6];
     assert_eq!(start["event"], "db.session.start");
+    assert_eq!(start["result"], "success");
     assert_eq!(start["node"], "node-1");
     assert_eq!(start["node_verified"], true);
 
@@ -168,11 +174,10 @@ async fn hardening_03_preamble_must_match_the_certificate() {
     );
     let ok = tunnel(&s, &unbound, preamble("anywhere", pod("team-a", "api"))).await;
     assert!(logged_in(&ok), "{ok:?}");
+    wait_for("the session's audit pair", || s.audit_events().len() == 10).await;
     let events = s.audit_events();
-    let start = events
-        .iter()
-        .rfind(|e| e["event"] == "db.session.start")
-        .unwrap();
+    let start = &events[8];
+    assert_eq!(start["event"], "db.session.start");
     assert_eq!(start["node"], "anywhere");
     assert!(start.get("node_verified").is_none(), "{start}");
 }
