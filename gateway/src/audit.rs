@@ -42,6 +42,11 @@ pub struct SessionInfo {
     pub session_id: String,
     pub identity: String,
     pub node: Option<String>,
+    /// `node` is the node the workload certificate was issued to (the CA service binds its
+    /// certificates to the asking node), not only the node's claim; written only when
+    /// true. A bool, not the node's SPIFFE ID again: every session's state holds this.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub node_verified: bool,
     pub pod: Option<crate::pod::PodMeta>,
     pub database_route: Option<String>,
     /// `postgres` or `tcp` (the route's protocol as the node announced it).
@@ -340,6 +345,7 @@ mod tests {
             session_id: "s-1".into(),
             identity: "spiffe://td/ns/team-a/sa/api".into(),
             node: Some("node-1".into()),
+            node_verified: false,
             pod: Some(PodMeta {
                 namespace: Some("team-a".into()),
                 name: Some("api-0".into()),

@@ -108,6 +108,28 @@ pub const PRIVILEGED_STARTUP_PARAMETERS: &[&str] = &[
     "replication",
     "is_superuser",
 ];
+/// A node's TLS handshake with the proxy takes milliseconds (one round trip and two
+/// signatures, or a resumption); a peer that has not finished after this is not a node
+/// worth a task, and before this limit a certificate-less peer could hold one for
+/// `startup_timeout`.
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The whole upstream login (TCP connect, `SSLRequest` answer, TLS, startup reads), not
+/// only the connect: a server that accepts and then stays silent must not hold a session
+/// (or a drain) forever. PostgreSQL's own `authentication_timeout` is 60 s; a login by
+/// certificate takes milliseconds.
+pub const DEFAULT_UPSTREAM_LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections one proxy process holds (tunnels in their handshake, waiting for a
+/// preamble, or in a session), all threads together. Each costs two descriptors and its
+/// TLS state; past the cap a new TCP connection is closed at once, so memory stays bounded
+/// whatever peers do. Well above what a node fleet's warm tunnels and sessions need.
+pub const DEFAULT_PROXY_MAX_CONNECTIONS: usize = 16_384;
+/// Sessions one workload identity may hold at once, per proxy process: a runaway or
+/// hostile workload exhausts its own allowance, not the database's `max_connections`
+/// for everyone.
+pub const DEFAULT_MAX_SESSIONS_PER_IDENTITY: usize = 512;
+/// Sessions one database route may hold at once, per proxy process: what the proxy
+/// lets through to one database server.
+pub const DEFAULT_MAX_SESSIONS_PER_ROUTE: usize = 2048;
 
 // ----------------------------------------------------------------------------------------
 // Reading files

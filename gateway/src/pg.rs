@@ -34,6 +34,7 @@ pub mod sqlstate {
     pub const CONNECTION_FAILURE: &str = "08006";
     pub const ADMIN_SHUTDOWN: &str = "57P01";
     pub const CONNECTION_EXCEPTION: &str = "08000";
+    pub const TOO_MANY_CONNECTIONS: &str = "53300";
 }
 
 /// A startup-phase packet failed to parse; `message` is what the client will read.

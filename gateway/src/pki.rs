@@ -56,6 +56,12 @@ pub enum PkiError {
     BadSpiffeId { id: String, reason: String },
     #[error("ttl {0:?} is out of range (1s ..= 90 days)")]
     BadTtl(Duration),
+    #[error("certificate does not parse: {0}")]
+    BadCertificate(String),
+    #[error("certificate expired at {not_after} (unix seconds)")]
+    Expired { not_after: i64 },
+    #[error("certificate is not valid before {not_before} (unix seconds)")]
+    NotYetValid { not_before: i64 },
 }
 
 /// A SPIFFE ID of the shape `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`,
@@ -314,6 +320,9 @@ fn leaf_params(leaf: &LeafSpec) -> Result<CertificateParams, PkiError> {
     params.subject_alt_names = sans;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, leaf.common_name.as_str());
+    if let Some(node) = &leaf.issued_to_node {
+        dn.push(DnType::OrganizationalUnitName, node.as_str());
+    }
     params.distinguished_name = dn;
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -329,6 +338,9 @@ pub struct LeafSpec {
     pub spiffe_id: Option<SpiffeId>,
     /// A node's SPIFFE URI (see [`LeafSpec::node`]).
     pub node_uri: Option<String>,
+    /// The SPIFFE ID of the node a workload certificate was issued to (see
+    /// [`LeafSpec::on_node`]), in the subject's organizational unit.
+    pub issued_to_node: Option<String>,
     pub dns_names: Vec<String>,
     pub ips: Vec<IpAddr>,
     pub usages: Vec<ExtendedKeyUsagePurpose>,
@@ -343,6 +355,15 @@ impl LeafSpec {
             usages: vec![ExtendedKeyUsagePurpose::ClientAuth],
             ..Self::default()
         }
+    }
+
+    /// The workload certificate bound to the node the CA service issued it to: the proxy
+    /// then records that node from the certificate instead of the preamble's claim, and
+    /// refuses a preamble naming another. A subject attribute, not a SAN: an X509-SVID
+    /// carries exactly one URI, the workload's.
+    pub fn on_node(mut self, trust_domain: &str, node_name: &str) -> Self {
+        self.issued_to_node = Some(node_spiffe_id(trust_domain, node_name));
+        self
     }
 
     /// A server certificate (the proxy, or a PostgreSQL server in the demo and tests).
@@ -365,7 +386,7 @@ impl LeafSpec {
     pub fn node(trust_domain: &str, node_name: &str) -> Self {
         Self {
             common_name: node_name.to_owned(),
-            node_uri: Some(format!("spiffe://{trust_domain}/node/{node_name}")),
+            node_uri: Some(node_spiffe_id(trust_domain, node_name)),
             usages: vec![ExtendedKeyUsagePurpose::ClientAuth],
             ..Self::default()
         }
@@ -379,6 +400,24 @@ impl LeafSpec {
             ..Self::default()
         }
     }
+}
+
+/// A node's own identity, `spiffe://<td>/node/<name>`.
+pub fn node_spiffe_id(trust_domain: &str, node_name: &str) -> String {
+    format!("spiffe://{trust_domain}/node/{node_name}")
+}
+
+/// The node a workload certificate was issued to ([`LeafSpec::on_node`]), if it names one
+/// of `trust_domain`: certificates from `gateway ca issue` (explicit listeners) name none.
+pub fn issued_to_node_of(cert: &CertificateDer<'_>, trust_domain: &str) -> Option<String> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let prefix = format!("spiffe://{trust_domain}/node/");
+    x509.subject()
+        .iter_organizational_unit()
+        .filter_map(|ou| ou.as_str().ok())
+        .find_map(|ou| ou.strip_prefix(&prefix))
+        .filter(|n| !n.is_empty() && !n.contains('/'))
+        .map(str::to_owned)
 }
 
 /// The node name in a node certificate (`spiffe://<td>/node/<name>` in the trust domain).
@@ -444,6 +483,31 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, PkiError> {
     }
 }
 
+/// The validity window of a peer's certificate, checked at `now`; the time it has left.
+///
+/// For every handshake, resumed or not: on resumption rustls restores the stored chain
+/// without verifying it again, so without this check a chain of resumptions would keep an
+/// expired certificate's identity alive. `not_before` gets the control plane's
+/// [`CLOCK_SKEW_LEEWAY`] (a peer whose clock is ahead of ours); `not_after` gets none, the
+/// same as the full handshake's verifier, so a resumed session is never accepted where a
+/// full one would be refused.
+pub fn check_validity(cert: &CertificateDer<'_>, now: SystemTime) -> Result<Duration, PkiError> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert)
+        .map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+    let not_before = x509.validity().not_before.timestamp();
+    let not_after = x509.validity().not_after.timestamp();
+    let now = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    if now + (CLOCK_SKEW_LEEWAY.as_secs() as i64) < not_before {
+        return Err(PkiError::NotYetValid { not_before });
+    }
+    if now > not_after {
+        return Err(PkiError::Expired { not_after });
+    }
+    Ok(Duration::from_secs((not_after - now) as u64))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -504,6 +568,44 @@ mod tests {
             .unwrap();
         let server = CertificateDer::from_pem_slice(server.0.as_bytes()).unwrap();
         assert!(spiffe_id_of(&server).is_err());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn hardening_02_validity_is_checked_with_leeway_only_before() {
+        let dir = std::env::temp_dir().join(format!("dbgw-pki-validity-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        init_ca(&dir, "example.org").unwrap();
+        let ca =
+            CertificateAuthority::load(&dir.join(WORKLOAD_CA_CERT), &dir.join(WORKLOAD_CA_KEY))
+                .unwrap();
+        let leaf = LeafSpec::workload(&SpiffeId::new("example.org", "a", "b"));
+        let now = SystemTime::now();
+        let der =
+            |(pem, _): (String, String)| CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        let short = der(ca
+            .issue_between(&leaf, now, now + Duration::from_secs(3))
+            .unwrap());
+        let left = check_validity(&short, now).unwrap();
+        assert!(left <= Duration::from_secs(3), "{left:?}");
+        assert!(matches!(
+            check_validity(&short, now + Duration::from_secs(5)),
+            Err(PkiError::Expired { .. })
+        ));
+        // A peer a minute ahead of us is within the leeway; an hour ahead is not.
+        let ahead = now + Duration::from_secs(60);
+        let early = der(ca
+            .issue_between(&leaf, ahead, ahead + Duration::from_secs(600))
+            .unwrap());
+        assert!(check_validity(&early, now).is_ok());
+        let far = now + Duration::from_secs(3600);
+        let future = der(ca
+            .issue_between(&leaf, far, far + Duration::from_secs(600))
+            .unwrap());
+        assert!(matches!(
+            check_validity(&future, now),
+            Err(PkiError::NotYetValid { .. })
+        ));
         fs::remove_dir_all(&dir).unwrap();
     }
 }

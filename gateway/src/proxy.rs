@@ -15,13 +15,15 @@
 //! - `postgres` (startup, policy, login or a kept server session, greeting, relay) or
 //!   `tcp` (policy, connect, plain relay);
 //! - below them: `refuse` (a refused session's answer and audit pair), `relay` (the byte
-//!   relay), `cancel` (cancel keys and requests), `reuse` (kept server sessions), and
+//!   relay), `cancel` (cancel keys and requests), `reuse` (kept server sessions), `limits`
+//!   (sessions per identity and route), and
 //!   `opened` (the tunnel state `accept` hands on).
 //!
 //! Metric names and their HELP text are in [`crate::telemetry::proxy`].
 
 mod accept;
 mod cancel;
+mod limits;
 mod opened;
 mod postgres;
 mod refuse;
@@ -46,7 +48,7 @@ use crate::audit::AuditLog;
 use crate::config::ProxyConfig;
 use crate::pki::{self, CertificateAuthority};
 use crate::policy::Policy;
-use crate::telemetry::proxy::ACCEPT_ERRORS_TOTAL;
+use crate::telemetry::proxy::{ACCEPT_ERRORS_TOTAL, LIMIT_REFUSALS_TOTAL, OPEN_CONNECTIONS};
 use crate::upstream::Upstreams;
 
 pub use cancel::CancelRegistry;
@@ -59,6 +61,8 @@ pub struct Shared {
     pub audit: AuditLog,
     pub acceptor: TlsAcceptor,
     pub cancels: CancelRegistry,
+    /// Sessions per identity and per route (`max_sessions_per_*`).
+    pub limits: Arc<limits::Limits>,
     /// Address sessions are accepted on, for the audit log.
     pub local_addr: SocketAddr,
 }
@@ -74,14 +78,20 @@ struct SessionCount {
 struct SessionGuard(Arc<SessionCount>);
 
 impl SessionGuard {
-    fn new(c: &Arc<SessionCount>) -> Self {
-        c.n.fetch_add(1, Ordering::SeqCst);
-        Self(c.clone())
+    /// Counts one more connection, unless `max` are open already (`max_connections`).
+    fn new(c: &Arc<SessionCount>, max: usize) -> Option<Self> {
+        c.n.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .ok()?;
+        metrics::gauge!(OPEN_CONNECTIONS).increment(1.0);
+        Some(Self(c.clone()))
     }
 }
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
+        metrics::gauge!(OPEN_CONNECTIONS).decrement(1.0);
         if self.0.n.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.0.zero.notify_waiters();
         }
@@ -108,6 +118,7 @@ pub fn prepare(cfg: ProxyConfig, local_addr: SocketAddr) -> anyhow::Result<Share
         audit,
         acceptor: TlsAcceptor::from(Arc::new(server)),
         cancels: CancelRegistry::default(),
+        limits: limits::Limits::new(cfg.max_sessions_per_identity, cfg.max_sessions_per_route),
         local_addr,
         cfg,
     })
@@ -223,7 +234,14 @@ async fn serve(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
-                    let guard = SessionGuard::new(&sessions);
+                    // Past the cap the connection is closed at once: no task, no TLS
+                    // state, so peers that never finish cannot grow the process.
+                    let Some(guard) = SessionGuard::new(&sessions, shared.cfg.max_connections) else {
+                        metrics::counter!(LIMIT_REFUSALS_TOTAL, "reason" => "max_connections").increment(1);
+                        tracing::debug!(%peer, "connection refused: max_connections");
+                        drop(tcp);
+                        continue;
+                    };
                     let shared = shared.clone();
                     let drain = drain.clone();
                     tokio::spawn(async move {
@@ -263,5 +281,26 @@ async fn serve(
             sessions = sessions.n.load(Ordering::SeqCst),
             "drain grace period over, closing remaining sessions"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hardening_08_connections_are_capped_per_process() {
+        let count = Arc::new(SessionCount::default());
+        let held: Vec<SessionGuard> = (0..3)
+            .filter_map(|_| SessionGuard::new(&count, 3))
+            .collect();
+        assert_eq!(held.len(), 3);
+        assert!(
+            SessionGuard::new(&count, 3).is_none(),
+            "past max_connections"
+        );
+        drop(held);
+        assert_eq!(count.n.load(Ordering::SeqCst), 0);
+        assert!(SessionGuard::new(&count, 3).is_some());
     }
 }

@@ -13,6 +13,8 @@
 //! Shared by both wings; imports only the vocabulary the preamble is written in (`route`,
 //! `pod`).
 
+mod sessions;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -132,7 +134,8 @@ fn roots(ca: &[CertificateDer<'static>]) -> Result<RootCertStore, TunnelError> {
     Ok(roots)
 }
 
-/// The proxy's end: TLS 1.3 only, a client certificate from the workload CA required.
+/// The proxy's (and the CA's) end: TLS 1.3 only, a client certificate from the workload CA
+/// required, resumption only while that certificate is valid.
 pub fn server_config(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
@@ -148,6 +151,8 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];
+    // Resumed sessions end with their client certificate (see `sessions`).
+    cfg.session_storage = sessions::CertificateBoundSessions::new();
     Ok(cfg)
 }
 

@@ -48,6 +48,9 @@ pub enum UpstreamError {
     Pki(#[from] PkiError),
     #[error("bad TLS settings for database {db}: {reason}")]
     Config { db: String, reason: String },
+    /// The whole login (`upstream_login_timeout`), not only its connect.
+    #[error("login to {address} did not finish within {timeout:?}")]
+    LoginTimeout { address: String, timeout: Duration },
 }
 
 impl UpstreamError {
@@ -74,6 +77,11 @@ impl UpstreamError {
                 format!("db-gateway: database \"{route}\" refused certificate login as \"{user}\": {self}"),
             )
             .with_hint("Configure pg_hba.conf with \"hostssl … cert\" for the proxy's address (no password methods)."),
+            UpstreamError::LoginTimeout { .. } => ErrorResponse::fatal(
+                sqlstate::UNABLE_TO_ESTABLISH_CONNECTION,
+                format!("db-gateway: database \"{route}\" is unreachable: {self}"),
+            )
+            .with_hint("The database server accepted the connection but did not complete the login in time; check that it is not overloaded or stuck."),
             UpstreamError::Config { .. } | UpstreamError::Pki(_) => ErrorResponse::fatal(
                 sqlstate::UNABLE_TO_ESTABLISH_CONNECTION,
                 format!("db-gateway: cannot log in to database \"{route}\": {self}"),

@@ -409,8 +409,9 @@ fn no_connection_is_leaked_after_bad_inputs() {
 }
 
 /// The preamble is the node's word about pod metadata; identity and authorisation come only
-/// from the client certificate. A peer that forges a preamble claiming another pod gains
-/// nothing: the proxy decides (and audits) by the certificate's identity.
+/// from the client certificate. A peer that forges a preamble claiming another workload's
+/// pod gains nothing: the proxy refuses a preamble whose namespace or service account is
+/// not the certificate's (issue 18, item 3) and audits the certificate's identity.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_preamble_cannot_change_identity() {
     let s = bad_stack();
@@ -443,10 +444,10 @@ async fn forged_preamble_cannot_change_identity() {
     .encode();
     let out = try_session(&s, connector, forged).await.unwrap();
     let e = only_error(&out);
-    assert_eq!(e.sqlstate, "28000");
+    assert_eq!(e.sqlstate, "08P01");
     assert_eq!(
         e.message,
-        "db-gateway: identity spiffe://demo.db-gateway.local/ns/intruder/sa/x is not allowed to use database \"main\""
+        "db-gateway proxy: preamble does not match the client certificate: pod namespace \"team-a\", but the certificate is spiffe://demo.db-gateway.local/ns/intruder/sa/x (pod namespace \"intruder\")"
     );
     let deadline = Instant::now() + Duration::from_secs(5);
     let start = loop {
@@ -461,5 +462,6 @@ async fn forged_preamble_cannot_change_identity() {
         start["identity"],
         "spiffe://demo.db-gateway.local/ns/intruder/sa/x"
     );
-    assert_eq!(start["result"], "denied");
+    assert_eq!(start["result"], "error");
+    assert_eq!(start["error_code"], "08P01");
 }

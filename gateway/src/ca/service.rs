@@ -60,6 +60,10 @@ impl CaService {
         req: &CertificateRequest,
     ) -> Result<CertificateResponse, Refusal> {
         let node_cert = node_cert.ok_or_else(|| Refusal::NotANode("no certificate".into()))?;
+        // Per request, not only per handshake: a resumed TLS session or a kept-alive
+        // connection must not serve a node certificate past its `notAfter`.
+        pki::check_validity(node_cert, std::time::SystemTime::now())
+            .map_err(|e| Refusal::NotANode(e.to_string()))?;
         let node = pki::node_name_of(node_cert, &self.trust_domain)
             .map_err(|e| Refusal::NotANode(e.to_string()))?;
         let id = match &req.pod_uid {
@@ -84,7 +88,11 @@ impl CaService {
         };
         let certificate = self
             .ca
-            .issue_for_csr(&LeafSpec::workload(&id), &req.csr, self.ttl)
+            .issue_for_csr(
+                &LeafSpec::workload(&id).on_node(&self.trust_domain, &node),
+                &req.csr,
+                self.ttl,
+            )
             .map_err(|e| Refusal::BadRequest(e.to_string()))?;
         metrics::counter!(CERTIFICATES_ISSUED).increment(1);
         Ok(CertificateResponse {
@@ -316,6 +324,53 @@ mod tests {
             svc.issue(Some(&node1), &host).unwrap_err(),
             Refusal::NoHostIdentity
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn hardening_02_an_expired_node_certificate_gets_nothing() {
+        let dir = std::env::temp_dir().join(format!("dbgw-ca-expired-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let svc = service(&dir);
+        let now = std::time::SystemTime::now();
+        let (pem, _) = svc
+            .ca
+            .issue_between(
+                &LeafSpec::node("td", "node-1"),
+                now - Duration::from_secs(60),
+                now - Duration::from_secs(1),
+            )
+            .unwrap();
+        let expired = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        let req = CertificateRequest {
+            pod_uid: Some("uid-1".into()),
+            csr: csr(),
+        };
+        let refused = svc.issue(Some(&expired), &req).unwrap_err();
+        assert!(
+            matches!(&refused, Refusal::NotANode(m) if m.contains("expired")),
+            "{refused:?}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn hardening_03_workload_certificates_name_the_node_they_were_issued_to() {
+        let dir = std::env::temp_dir().join(format!("dbgw-ca-bound-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let svc = service(&dir);
+        let node1 = node_cert(&svc, &LeafSpec::node("td", "node-1"));
+        let req = CertificateRequest {
+            pod_uid: Some("uid-1".into()),
+            csr: csr(),
+        };
+        let ok = svc.issue(Some(&node1), &req).unwrap();
+        let cert = CertificateDer::from_pem_slice(ok.certificate.as_bytes()).unwrap();
+        assert_eq!(
+            pki::issued_to_node_of(&cert, "td").as_deref(),
+            Some("node-1")
+        );
+        assert_eq!(pki::issued_to_node_of(&cert, "other.td"), None);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

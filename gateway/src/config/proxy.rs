@@ -38,6 +38,21 @@ pub struct ProxyConfig {
     pub tunnel_idle_timeout: Duration,
     #[serde(default = "default_connect_timeout", with = "human_duration")]
     pub upstream_connect_timeout: Duration,
+    /// The TLS handshake with a node, from the accepted TCP connection.
+    #[serde(default = "default_tls_handshake_timeout", with = "human_duration")]
+    pub tls_handshake_timeout: Duration,
+    /// The whole upstream login, connect included (≥ `upstream_connect_timeout`).
+    #[serde(default = "default_upstream_login_timeout", with = "human_duration")]
+    pub upstream_login_timeout: Duration,
+    /// Connections this process holds at once, all threads; more are closed at accept.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Sessions one workload identity may hold at once in this process (`53300` past it).
+    #[serde(default = "default_max_sessions_per_identity")]
+    pub max_sessions_per_identity: usize,
+    /// Sessions one database route may hold at once in this process (`53300` past it).
+    #[serde(default = "default_max_sessions_per_route")]
+    pub max_sessions_per_route: usize,
     #[serde(default)]
     pub roles: Vec<RoleConfig>,
     pub databases: Vec<DatabaseConfig>,
@@ -62,6 +77,21 @@ fn default_connect_timeout() -> Duration {
 }
 fn default_tunnel_idle_timeout() -> Duration {
     DEFAULT_TUNNEL_IDLE_TIMEOUT
+}
+fn default_tls_handshake_timeout() -> Duration {
+    DEFAULT_TLS_HANDSHAKE_TIMEOUT
+}
+fn default_upstream_login_timeout() -> Duration {
+    DEFAULT_UPSTREAM_LOGIN_TIMEOUT
+}
+fn default_max_connections() -> usize {
+    DEFAULT_PROXY_MAX_CONNECTIONS
+}
+fn default_max_sessions_per_identity() -> usize {
+    DEFAULT_MAX_SESSIONS_PER_IDENTITY
+}
+fn default_max_sessions_per_route() -> usize {
+    DEFAULT_MAX_SESSIONS_PER_ROUTE
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -315,6 +345,7 @@ impl ProxyConfig {
                 self.audit.queue
             ));
         }
+        self.validate_bounds()?;
         let mut names = std::collections::HashSet::new();
         for (i, d) in self.databases.iter().enumerate() {
             if !names.insert(d.name.as_str()) {
@@ -408,9 +439,78 @@ impl ProxyConfig {
     }
 }
 
+impl ProxyConfig {
+    /// Timeouts and caps: none may be 0 (a cap of 0 would refuse everything, a timeout of
+    /// 0 would time out everything), and the login's total covers its connect.
+    fn validate_bounds(&self) -> Result<(), String> {
+        for (name, t) in [
+            ("startup_timeout", self.startup_timeout),
+            ("tunnel_idle_timeout", self.tunnel_idle_timeout),
+            ("upstream_connect_timeout", self.upstream_connect_timeout),
+            ("tls_handshake_timeout", self.tls_handshake_timeout),
+            ("upstream_login_timeout", self.upstream_login_timeout),
+        ] {
+            if t.is_zero() {
+                return Err(format!("{name} must be more than 0"));
+            }
+        }
+        if self.upstream_login_timeout < self.upstream_connect_timeout {
+            return Err(format!(
+                "upstream_login_timeout ({:?}) must be at least upstream_connect_timeout ({:?}): it bounds the whole login, connect included",
+                self.upstream_login_timeout, self.upstream_connect_timeout
+            ));
+        }
+        for (name, n) in [
+            ("max_connections", self.max_connections),
+            ("max_sessions_per_identity", self.max_sessions_per_identity),
+            ("max_sessions_per_route", self.max_sessions_per_route),
+        ] {
+            if n == 0 {
+                return Err(format!("{name} must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hardening_08_timeouts_and_caps_default_on_and_are_validated() {
+        let base = "listen: '127.0.0.1:0'\ntrust_domain: td\ntls: {cert: c, key: k, client_ca: ca}\ndb_client_ca: {cert: c, key: k}\ndatabases: []\n";
+        let load = |extra: &str| {
+            parse_yaml::<ProxyConfig>(Path::new("p.yaml"), &format!("{base}{extra}")).unwrap()
+        };
+        let cfg = load("");
+        assert_eq!(cfg.tls_handshake_timeout, DEFAULT_TLS_HANDSHAKE_TIMEOUT);
+        assert_eq!(cfg.upstream_login_timeout, DEFAULT_UPSTREAM_LOGIN_TIMEOUT);
+        assert_eq!(cfg.max_connections, DEFAULT_PROXY_MAX_CONNECTIONS);
+        assert_eq!(
+            cfg.max_sessions_per_identity,
+            DEFAULT_MAX_SESSIONS_PER_IDENTITY
+        );
+        assert_eq!(cfg.max_sessions_per_route, DEFAULT_MAX_SESSIONS_PER_ROUTE);
+        assert_eq!(cfg.validate(), Ok(()));
+        for (extra, error) in [
+            ("max_connections: 0\n", "max_connections must be at least 1"),
+            (
+                "max_sessions_per_identity: 0\n",
+                "max_sessions_per_identity must be at least 1",
+            ),
+            (
+                "tls_handshake_timeout: 0s\n",
+                "tls_handshake_timeout must be more than 0",
+            ),
+            (
+                "upstream_login_timeout: 1s\nupstream_connect_timeout: 2s\n",
+                "upstream_login_timeout (1s) must be at least upstream_connect_timeout (2s): it bounds the whole login, connect included",
+            ),
+        ] {
+            assert_eq!(load(extra).validate(), Err(error.to_owned()), "{extra}");
+        }
+    }
 
     #[test]
     fn route_protocols_are_checked_per_kind() {

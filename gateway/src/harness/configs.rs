@@ -23,9 +23,11 @@ use super::spec::{
 };
 use crate::config::{
     AuditConfig, CaEndpoint, CaFiles, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DB_CLIENT_CERT_TTL,
-    DEFAULT_DRAIN_GRACE, DEFAULT_STARTUP_TIMEOUT, DEFAULT_TUNNEL_IDLE_TIMEOUT, DatabaseConfig,
-    IdentityConfig, IdentityFiles, InterceptionConfig, ListenerConfig, NodeConfig, ProxyConfig,
-    ProxyEndpoint, ProxyTls, RouteConfig, UpstreamAuth, UpstreamConfig, UpstreamTlsMode,
+    DEFAULT_DRAIN_GRACE, DEFAULT_MAX_SESSIONS_PER_IDENTITY, DEFAULT_MAX_SESSIONS_PER_ROUTE,
+    DEFAULT_PROXY_MAX_CONNECTIONS, DEFAULT_STARTUP_TIMEOUT, DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+    DEFAULT_TUNNEL_IDLE_TIMEOUT, DEFAULT_UPSTREAM_LOGIN_TIMEOUT, DatabaseConfig, IdentityConfig,
+    IdentityFiles, InterceptionConfig, ListenerConfig, NodeConfig, ProxyConfig, ProxyEndpoint,
+    ProxyTls, RouteConfig, UpstreamAuth, UpstreamConfig, UpstreamTlsMode,
 };
 use crate::pki;
 use crate::pod::PodMeta;
@@ -81,6 +83,11 @@ pub fn proxy_config(spec: &StackSpec, pg_port: u16) -> ProxyConfig {
         threads,
         drain_grace,
         tunnel_idle_timeout,
+        tls_handshake_timeout,
+        upstream_login_timeout,
+        max_connections,
+        max_sessions_per_identity,
+        max_sessions_per_route,
     } = spec.proxy;
     ProxyConfig {
         // Port 0 everywhere: the kernel picks, the process reports (no port races).
@@ -106,6 +113,12 @@ pub fn proxy_config(spec: &StackSpec, pg_port: u16) -> ProxyConfig {
         startup_timeout: DEFAULT_STARTUP_TIMEOUT,
         tunnel_idle_timeout: tunnel_idle_timeout.unwrap_or(DEFAULT_TUNNEL_IDLE_TIMEOUT),
         upstream_connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        tls_handshake_timeout: tls_handshake_timeout.unwrap_or(DEFAULT_TLS_HANDSHAKE_TIMEOUT),
+        upstream_login_timeout: upstream_login_timeout.unwrap_or(DEFAULT_UPSTREAM_LOGIN_TIMEOUT),
+        max_connections: max_connections.unwrap_or(DEFAULT_PROXY_MAX_CONNECTIONS),
+        max_sessions_per_identity: max_sessions_per_identity
+            .unwrap_or(DEFAULT_MAX_SESSIONS_PER_IDENTITY),
+        max_sessions_per_route: max_sessions_per_route.unwrap_or(DEFAULT_MAX_SESSIONS_PER_ROUTE),
         roles: spec.roles.clone(),
         databases,
     }
@@ -237,7 +250,7 @@ mod tests {
             proxy: ProxySettings {
                 drain_grace: Some(Duration::from_secs(20)),
                 threads: Some(1),
-                tunnel_idle_timeout: None,
+                ..ProxySettings::default()
             },
             data_plane: DataPlaneConfig {
                 warm_tunnel_idle: Duration::from_millis(1500),

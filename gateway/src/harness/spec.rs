@@ -90,6 +90,11 @@ pub struct ProxySettings {
     pub threads: Option<usize>,
     pub drain_grace: Option<Duration>,
     pub tunnel_idle_timeout: Option<Duration>,
+    pub tls_handshake_timeout: Option<Duration>,
+    pub upstream_login_timeout: Option<Duration>,
+    pub max_connections: Option<usize>,
+    pub max_sessions_per_identity: Option<usize>,
+    pub max_sessions_per_route: Option<usize>,
 }
 
 #[derive(Debug, Clone)]

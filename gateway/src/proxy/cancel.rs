@@ -1,11 +1,22 @@
 //! Cancel routing. Clients get a proxy-issued `BackendKeyData`, never the server's: the
 //! key names a session here, and the real (pid, secret) never leaves the proxy. A cancel
 //! is honoured only from the identity that owns the session, and forwarded by [`serve`].
+//!
+//! A cancel and the hand-over of its server session to a later client
+//! (`upstream.reuse`) are exclusive: a cancel holds its key's gate (shared) from the
+//! look-up until the server has closed the cancel connection (the signal is then sent),
+//! and the hand-over ([`CancelKey::release`]) first removes the key, so no new look-up
+//! finds it, then takes the gate (exclusive), so every cancel already looked up has
+//! reached the server while the session was still idle and its own (PostgreSQL ignores a
+//! cancel at an idle backend). Without this, a cancel looked up just before the session
+//! ended could reach the server after the next owner's query began.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::sync::{OwnedRwLockReadGuard, RwLock};
 
 use crate::pki::SpiffeId;
 use crate::telemetry::proxy::CANCEL_REQUESTS_TOTAL;
@@ -18,15 +29,40 @@ pub struct CancelTarget {
     pub identity: SpiffeId,
 }
 
-#[derive(Default)]
-pub struct CancelRegistry {
-    map: Mutex<HashMap<(i32, i32), CancelTarget>>,
+/// A live key's target and the gate its cancels and its hand-over share.
+struct Entry {
+    target: CancelTarget,
+    gate: Arc<RwLock<()>>,
 }
 
-/// Removes the key when the session ends.
+#[derive(Default)]
+pub struct CancelRegistry {
+    map: Mutex<HashMap<(i32, i32), Entry>>,
+}
+
+/// Removes the key when the session ends; [`CancelKey::release`] also waits for cancels
+/// already under way.
 pub struct CancelKey<'a> {
     registry: &'a CancelRegistry,
     pub key: (i32, i32),
+    gate: Arc<RwLock<()>>,
+}
+
+impl CancelKey<'_> {
+    /// Ends the key before its server session goes to another client: no cancel finds it
+    /// from now on, and every cancel that found it before has been delivered (or given
+    /// up) when this returns.
+    pub async fn release(self) {
+        let gate = self.gate.clone();
+        drop(self);
+        let _exclusive = gate.write().await;
+    }
+}
+
+/// A cancel under way: while it lives, the key's server session is not handed over.
+pub struct CancelInFlight {
+    pub target: CancelTarget,
+    _gate: OwnedRwLockReadGuard<()>,
 }
 
 impl Drop for CancelKey<'_> {
@@ -36,7 +72,7 @@ impl Drop for CancelKey<'_> {
 }
 
 impl CancelRegistry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(i32, i32), CancelTarget>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(i32, i32), Entry>> {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -51,19 +87,33 @@ impl CancelRegistry {
                 break k;
             }
         };
-        map.insert(key, target);
+        let gate = Arc::new(RwLock::new(()));
+        map.insert(
+            key,
+            Entry {
+                target,
+                gate: gate.clone(),
+            },
+        );
         CancelKey {
             registry: self,
             key,
+            gate,
         }
     }
 
-    /// The target for a cancel from `from`, if the key is live and belongs to it.
-    pub fn lookup(&self, key: (i32, i32), from: &SpiffeId) -> Option<CancelTarget> {
-        self.lock()
-            .get(&key)
-            .filter(|t| &t.identity == from)
-            .cloned()
+    /// The target for a cancel from `from`, if the key is live and belongs to it, with
+    /// the gate held until the cancel is done. Taken under the map's lock: a hand-over
+    /// removes the key under the same lock before it waits for the gate, so the shared
+    /// gate is always free here.
+    pub fn lookup(&self, key: (i32, i32), from: &SpiffeId) -> Option<CancelInFlight> {
+        let map = self.lock();
+        let entry = map.get(&key).filter(|e| &e.target.identity == from)?;
+        let gate = entry.gate.clone().try_read_owned().ok()?;
+        Some(CancelInFlight {
+            target: entry.target.clone(),
+            _gate: gate,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -79,7 +129,8 @@ impl CancelRegistry {
 /// `identity` owns it, dropped silently otherwise.
 pub(super) async fn serve(registry: &CancelRegistry, identity: &SpiffeId, pid: i32, secret: i32) {
     let result = match registry.lookup((pid, secret), identity) {
-        Some(t) => {
+        Some(in_flight) => {
+            let t = &in_flight.target;
             match crate::upstream::cancel(t.upstream, t.pid, t.secret, Duration::from_secs(5)).await
             {
                 Ok(()) => "forwarded",
@@ -112,7 +163,8 @@ mod tests {
             identity: a.clone(),
         });
         assert_eq!(
-            reg.lookup(key.key, &a).map(|t| (t.pid, t.secret)),
+            reg.lookup(key.key, &a)
+                .map(|c| (c.target.pid, c.target.secret)),
             Some((7, 9))
         );
         assert!(reg.lookup(key.key, &b).is_none());
@@ -123,6 +175,31 @@ mod tests {
         let k = key.key;
         drop(key);
         assert!(reg.lookup(k, &a).is_none());
+        assert!(reg.is_empty());
+    }
+
+    #[tokio::test]
+    async fn hardening_07_hand_over_waits_for_a_cancel_under_way() {
+        let reg = CancelRegistry::default();
+        let a = SpiffeId::new("td", "a", "a");
+        let key = reg.register(CancelTarget {
+            upstream: "127.0.0.1:5432".parse().unwrap(),
+            pid: 7,
+            secret: 9,
+            identity: a.clone(),
+        });
+        let k = key.key;
+        let in_flight = reg.lookup(k, &a).expect("live key");
+        let mut release = Box::pin(key.release());
+        // The hand-over cannot finish while the cancel is being delivered…
+        let waited = tokio::time::timeout(Duration::from_millis(100), &mut release).await;
+        assert!(waited.is_err(), "hand-over overtook a cancel under way");
+        // …and no new cancel finds the key meanwhile.
+        assert!(reg.lookup(k, &a).is_none());
+        drop(in_flight);
+        tokio::time::timeout(Duration::from_secs(1), release)
+            .await
+            .expect("hand-over once the cancel is done");
         assert!(reg.is_empty());
     }
 }

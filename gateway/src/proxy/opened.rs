@@ -8,6 +8,7 @@ use std::time::Instant;
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
+use super::limits::Slot;
 use crate::admin::GaugeHeld;
 use crate::audit::SessionInfo;
 use crate::pki::SpiffeId;
@@ -25,6 +26,22 @@ pub(super) struct Opened {
     pub(super) preamble: Preamble,
     /// When the preamble arrived (a warm tunnel may have waited before it).
     pub(super) started: Instant,
-    /// One unit of `gateway_proxy_active_sessions`, until the session ends.
-    pub(super) active: GaugeHeld,
+    /// The session's hold on the process, until it ends.
+    pub(super) active: Active,
+}
+
+/// One unit of `gateway_proxy_active_sessions` and the session's slot under the identity
+/// and route caps ([`super::limits`]), both given back when the session ends.
+pub(super) struct Active {
+    _gauge: GaugeHeld,
+    _slot: Slot,
+}
+
+impl Active {
+    pub(super) fn new(gauge: GaugeHeld, slot: Slot) -> Self {
+        Self {
+            _gauge: gauge,
+            _slot: slot,
+        }
+    }
 }

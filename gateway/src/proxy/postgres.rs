@@ -14,17 +14,18 @@ use tokio::sync::watch;
 
 use super::Shared;
 use super::cancel::{self, CancelKey, CancelTarget};
-use super::opened::{Client, Opened};
+use super::opened::{Active, Client, Opened};
 use super::refuse::{self, Answer, Refusal};
 use super::relay::{self, ClientEnd, Counters, End};
 use super::reuse;
-use crate::admin::GaugeHeld;
 use crate::audit::{Outcome, SessionInfo};
 use crate::config::ReuseConfig;
 use crate::pg::{self, ErrorResponse, ProtocolError, StartupMessage, StartupRequest, sqlstate};
 use crate::pki::SpiffeId;
 use crate::policy;
-use crate::telemetry::proxy::{SESSIONS_TOTAL, UPSTREAM_LOGIN_SECONDS};
+use crate::telemetry::proxy::{
+    SESSIONS_TOTAL, UPSTREAM_LOGIN_SECONDS, UPSTREAM_LOGIN_TIMEOUTS_TOTAL,
+};
 use crate::upstream::{Login, ServerStream, UpstreamError};
 
 /// Why a PostgreSQL session did not start.
@@ -200,6 +201,7 @@ pub(super) async fn start(shared: &Arc<Shared>, opened: Box<Opened>) -> Option<B
 
     let reuse = decision.database.upstream.reuse.clone().map(|cfg| {
         let key = reuse::Key::new(
+            &identity,
             &decision.database.name,
             &decision.db_user,
             &decision.db_name,
@@ -214,14 +216,28 @@ pub(super) async fn start(shared: &Arc<Shared>, opened: Box<Opened>) -> Option<B
         }
         None => {
             let login_started = Instant::now();
-            let login = Box::pin(shared.upstreams.login(
-                &decision.database,
-                &decision.db_user,
-                &decision.db_name,
-                &startup.params,
-                shared.cfg.upstream_connect_timeout,
+            // The whole login is bounded, not only its connect: a server that accepts and
+            // then stays silent (SSL answer, TLS, startup) must not hold the session, or
+            // a drain, for ever.
+            let limit = shared.cfg.upstream_login_timeout;
+            let login = Box::pin(tokio::time::timeout(
+                limit,
+                shared.upstreams.login(
+                    &decision.database,
+                    &decision.db_user,
+                    &decision.db_name,
+                    &startup.params,
+                    shared.cfg.upstream_connect_timeout,
+                ),
             ))
-            .await;
+            .await
+            .unwrap_or_else(|_| {
+                metrics::counter!(UPSTREAM_LOGIN_TIMEOUTS_TOTAL).increment(1);
+                Err(UpstreamError::LoginTimeout {
+                    address: decision.database.upstream.address.clone(),
+                    timeout: limit,
+                })
+            });
             match login {
                 Ok(l) => {
                     metrics::histogram!(UPSTREAM_LOGIN_SECONDS)
@@ -291,7 +307,7 @@ pub(super) struct Session<'a> {
     hello: Vec<u8>,
     cancel_key: Option<CancelKey<'a>>,
     reuse: Option<(reuse::Key, ReuseConfig)>,
-    _active: GaugeHeld,
+    _active: Active,
 }
 
 /// A PostgreSQL session's life after login: greeting, relay, audit, and keeping the
@@ -324,7 +340,11 @@ pub(super) async fn run(
         keep,
     ))
     .await;
-    drop(session.cancel_key);
+    match (&kept, session.cancel_key) {
+        // Handing the server session over: no cancel of this session may reach it after.
+        (Some(_), Some(key)) => Box::pin(key.release()).await,
+        (_, key) => drop(key),
+    }
     let outcome = match &end {
         End::Closed => Outcome::default(),
         End::Drained => Outcome {

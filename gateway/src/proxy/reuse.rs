@@ -9,9 +9,11 @@
 //! or sent anything unasked, is not handed out). A sweeper per thread closes expired ones
 //! and, on drain, all of them.
 //!
-//! Reuse never crosses database users: the key holds the user the policy chose, so a
-//! kept session only ever serves identities that policy maps to that same user, as a new
-//! login would.
+//! Reuse never crosses workload identities or database users: the key holds the identity
+//! and the user the policy chose. The identity is in it because `DISCARD ALL` does not
+//! reset everything a session holds (PL globals, dblink/postgres_fdw connections, the
+//! backend pid): two identities that policy maps to the same database user must not see
+//! each other's leftovers, so each gets its own server sessions.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -23,13 +25,16 @@ use tokio::sync::watch;
 
 use crate::config::ReuseConfig;
 use crate::pg;
+use crate::pki::SpiffeId;
 use crate::telemetry::proxy::{UPSTREAM_KEPT_SESSIONS, UPSTREAM_REUSE_TOTAL};
 use crate::upstream::{Login, ServerStream, is_forwarded_param};
 
-/// What a kept session can serve: route, database user, database name and the startup
-/// parameters the server got (sorted), all of which shape the session.
+/// What a kept session can serve: the workload identity it served, route, database user,
+/// database name and the startup parameters the server got (sorted), all of which shape
+/// the session.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Key {
+    identity: String,
     route: String,
     user: String,
     database: String,
@@ -37,7 +42,13 @@ pub struct Key {
 }
 
 impl Key {
-    pub fn new(route: &str, user: &str, database: &str, params: &[(String, String)]) -> Self {
+    pub fn new(
+        identity: &SpiffeId,
+        route: &str,
+        user: &str,
+        database: &str,
+        params: &[(String, String)],
+    ) -> Self {
         let mut params: Vec<(String, String)> = params
             .iter()
             .filter(|(k, _)| is_forwarded_param(k))
@@ -45,6 +56,7 @@ impl Key {
             .collect();
         params.sort();
         Self {
+            identity: identity.to_string(),
             route: route.to_owned(),
             user: user.to_owned(),
             database: database.to_owned(),
@@ -356,7 +368,9 @@ mod tests {
                 .map(|(a, b)| (a.to_string(), b.to_string()))
                 .collect::<Vec<_>>()
         };
+        let id = SpiffeId::new("td", "team-a", "api");
         let a = Key::new(
+            &id,
             "main",
             "api",
             "app",
@@ -367,6 +381,7 @@ mod tests {
             ]),
         );
         let b = Key::new(
+            &id,
             "main",
             "api",
             "app",
@@ -377,11 +392,17 @@ mod tests {
             ]),
         );
         assert_eq!(a, b);
-        let other_user = Key::new("main", "worker", "app", &p(&[("application_name", "x")]));
+        let other_user = Key::new(
+            &id,
+            "main",
+            "worker",
+            "app",
+            &p(&[("application_name", "x")]),
+        );
         assert_ne!(a, other_user);
-        let other_params = Key::new("main", "api", "app", &p(&[("application_name", "y")]));
+        let other_params = Key::new(&id, "main", "api", "app", &p(&[("application_name", "y")]));
         assert_ne!(
-            Key::new("main", "api", "app", &p(&[("application_name", "x")])),
+            Key::new(&id, "main", "api", "app", &p(&[("application_name", "x")])),
             other_params
         );
     }

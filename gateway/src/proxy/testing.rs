@@ -197,6 +197,7 @@ pub(super) fn info(identity: &SpiffeId, route: &str, protocol: Protocol) -> Sess
         session_id: "0123456789abcdef0123456789abcdef".into(),
         identity: identity.to_string(),
         node: Some("node-1".into()),
+        node_verified: false,
         pod: None,
         database_route: Some(route.into()),
         protocol,

@@ -46,6 +46,12 @@ pub const AUDIT_REFUSED_SESSIONS_TOTAL: &str = "gateway_proxy_audit_refused_sess
 pub const AUDIT_RECOVERED_SESSIONS_TOTAL: &str = "gateway_proxy_audit_recovered_sessions_total";
 /// Database-client certificates the proxy issued itself for upstream logins.
 pub const DB_CLIENT_CERTS_ISSUED_TOTAL: &str = "gateway_proxy_db_client_certs_issued_total";
+/// Connections this process holds now (handshaking, waiting for a preamble, in session).
+pub const OPEN_CONNECTIONS: &str = "gateway_proxy_open_connections";
+/// Connections and sessions refused by a cap, by `reason`.
+pub const LIMIT_REFUSALS_TOTAL: &str = "gateway_proxy_limit_refusals_total";
+/// Upstream logins that did not finish within `upstream_login_timeout`.
+pub const UPSTREAM_LOGIN_TIMEOUTS_TOTAL: &str = "gateway_proxy_upstream_login_timeouts_total";
 
 /// `result` of [`SESSIONS_TOTAL`].
 pub const SESSION_RESULTS: [&str; 3] = ["success", "denied", "error"];
@@ -61,7 +67,7 @@ pub const HANDSHAKE_FAILURE_REASONS: [&str; 7] = [
 ];
 /// `sqlstate` of [`ERRORS_TOTAL`] the proxy itself raises (a server's refused login
 /// passes on the server's own code, which then appears when first seen).
-pub const ERROR_SQLSTATES: [&str; 7] = [
+pub const ERROR_SQLSTATES: [&str; 8] = [
     sqlstate::PROTOCOL_VIOLATION,
     sqlstate::FEATURE_NOT_SUPPORTED,
     sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
@@ -69,7 +75,10 @@ pub const ERROR_SQLSTATES: [&str; 7] = [
     sqlstate::UNABLE_TO_ESTABLISH_CONNECTION,
     sqlstate::CONNECTION_FAILURE,
     sqlstate::CONNECTION_EXCEPTION,
+    sqlstate::TOO_MANY_CONNECTIONS,
 ];
+/// `reason` of [`LIMIT_REFUSALS_TOTAL`]: the cap that refused.
+pub const LIMIT_REASONS: [&str; 3] = ["max_connections", "identity", "route"];
 /// `result` of [`CANCEL_REQUESTS_TOTAL`].
 pub const CANCEL_RESULTS: [&str; 3] = ["forwarded", "upstream_error", "unknown_key"];
 /// `direction` of [`BYTES_TOTAL`].
@@ -168,6 +177,19 @@ pub const METRICS: &[Metric] = &[
     Metric::counter(
         DB_CLIENT_CERTS_ISSUED_TOTAL,
         "Database-client certificates issued by the proxy for upstream logins.",
+    ),
+    Metric::gauge(
+        OPEN_CONNECTIONS,
+        "Connections the proxy process holds now: in their TLS handshake, waiting for a preamble, or in a session.",
+    ),
+    Metric::counter(
+        LIMIT_REFUSALS_TOTAL,
+        "Connections and sessions refused by a cap, by reason: max_connections, identity or route.",
+    )
+    .labelled("reason", &LIMIT_REASONS),
+    Metric::counter(
+        UPSTREAM_LOGIN_TIMEOUTS_TOTAL,
+        "Upstream logins that did not finish within upstream_login_timeout.",
     ),
 ];
 
