@@ -87,17 +87,18 @@ struct Event<'a> {
     duration_ms: Option<f64>,
 }
 
-/// A cancel request: who sent it and what became of it (the key's session, if known).
+/// A cancel request: who sent it and what became of it.
 #[derive(Debug, Serialize)]
 pub struct CancelEvent<'a> {
+    /// The id of the tunnel that carried the request (not of the session it cancels: an
+    /// unknown key names none, and a known one is not told to the requester).
+    pub session_id: &'a str,
     pub identity: &'a str,
     pub node: Option<&'a str>,
+    pub client_addr: Option<&'a str>,
     pub node_addr: &'a str,
     /// `forwarded`, `upstream_error` or `unknown_key` (as the metric's `result`).
     pub result: &'a str,
-    /// The session the key belongs to, when it is one of this identity's.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub target_session_id: Option<&'a str>,
 }
 
 /// How a session ended (or failed to start), for both events.
@@ -185,7 +186,7 @@ impl AuditLog {
 
     /// Whether a new session may start: under `when_full: refuse-new-sessions`, not while
     /// the queue is more than half full (the rest is room for the records already owed).
-    /// A refusal is counted; it writes no record (there is no room for one).
+    /// A refusal is counted, and recorded in the half of the queue kept free.
     pub fn admits(&self) -> bool {
         let ok = self.when_full == AuditWhenFull::Block || self.writer.has_room();
         if !ok {

@@ -30,6 +30,7 @@ pub mod sqlstate {
     pub const INVALID_AUTHORIZATION_SPECIFICATION: &str = "28000";
     pub const INVALID_CATALOG_NAME: &str = "3D000";
     pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
+    pub const INSUFFICIENT_RESOURCES: &str = "53000";
     pub const UNABLE_TO_ESTABLISH_CONNECTION: &str = "08001";
     pub const CONNECTION_FAILURE: &str = "08006";
     pub const ADMIN_SHUTDOWN: &str = "57P01";

@@ -279,3 +279,49 @@ fn hardening_13_no_process_logs_a_key_or_token() {
     }
     std::fs::remove_file(&planted).unwrap();
 }
+
+/// Item 11: cancel requests are audited (`db.cancel`, with who sent it and what became of
+/// it), the forwarded one and one with an unknown key alike. Before the fix a cancel left
+/// no record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hardening_11_cancel_requests_are_audited() {
+    let s = stack();
+    let c = connect(&s, TEAM_A_API, "api", "app").await.unwrap();
+    let token = c.cancel_token();
+    let q = tokio::spawn(async move { c.simple_query("select pg_sleep(30)").await });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let err = q.await.unwrap().expect_err("cancelled");
+    assert_eq!(sqlstate(&err), "57014");
+    // A made-up key: dropped silently for the client, recorded for the operator.
+    let mut bogus = Vec::new();
+    bogus.extend_from_slice(&16u32.to_be_bytes());
+    bogus.extend_from_slice(&gateway::pg::CANCEL_REQUEST_CODE.to_be_bytes());
+    bogus.extend_from_slice(&1i32.to_be_bytes());
+    bogus.extend_from_slice(&2i32.to_be_bytes());
+    assert!(raw_exchange(s.listeners[TEAM_A_API], &bogus).is_empty());
+
+    let cancels = || -> Vec<serde_json::Value> {
+        s.audit_events()
+            .into_iter()
+            .filter(|e| e["event"] == "db.cancel")
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while cancels().len() < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let mut results: Vec<String> = cancels()
+        .iter()
+        .map(|e| {
+            assert_eq!(
+                e["identity"], "spiffe://demo.db-gateway.local/ns/team-a/sa/api",
+                "{e}"
+            );
+            assert!(e["node"].is_string() && e["time"].is_string(), "{e}");
+            e["result"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    results.sort();
+    assert_eq!(results, ["forwarded", "unknown_key"]);
+}

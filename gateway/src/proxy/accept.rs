@@ -59,6 +59,9 @@ pub(super) enum AcceptError {
     /// `max_sessions_per_identity` or `max_sessions_per_route`.
     #[error("{0}")]
     TooMany(LimitError),
+    /// The audit log's queue is more than half full (`audit.when_full: refuse-new-sessions`).
+    #[error("the audit log is not keeping up; new sessions are refused until it does")]
+    AuditBehind,
 }
 
 impl AcceptError {
@@ -106,6 +109,11 @@ impl AcceptError {
                 format!("db-gateway: {self}"),
             )
             .with_hint(e.hint()),
+            AcceptError::AuditBehind => ErrorResponse::fatal(
+                sqlstate::INSUFFICIENT_RESOURCES,
+                format!("db-gateway: {self}"),
+            )
+            .with_hint("Sessions that are not recorded are not admitted; the proxy's audit sink (file system or stdout reader) is stalled. Try again later."),
         })
     }
 }
@@ -183,6 +191,18 @@ fn admit<'a>(
     preamble: &Preamble,
     started: Instant,
 ) -> Result<Slot, Option<Refusing<'a>>> {
+    if !shared.audit.admits() {
+        tracing::warn!(session = %info.session_id, identity = %info.identity, "session refused: audit queue full");
+        let answer = Answer::for_protocol(preamble.protocol);
+        return Err(refusal(
+            shared,
+            client,
+            info,
+            AcceptError::AuditBehind,
+            answer,
+            started,
+        ));
+    }
     shared
         .limits
         .admit(&info.identity, &preamble.route)

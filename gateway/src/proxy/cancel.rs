@@ -126,8 +126,14 @@ impl CancelRegistry {
 }
 
 /// Serves a client's `CancelRequest`: forwarded to the server when the key is live and
-/// `identity` owns it, dropped silently otherwise.
-pub(super) async fn serve(registry: &CancelRegistry, identity: &SpiffeId, pid: i32, secret: i32) {
+/// `identity` owns it, dropped silently otherwise. Returns what became of it (the
+/// metric's `result`, also audited by the caller).
+pub(super) async fn serve(
+    registry: &CancelRegistry,
+    identity: &SpiffeId,
+    pid: i32,
+    secret: i32,
+) -> &'static str {
     let result = match registry.lookup((pid, secret), identity) {
         Some(in_flight) => {
             let t = &in_flight.target;
@@ -145,6 +151,7 @@ pub(super) async fn serve(registry: &CancelRegistry, identity: &SpiffeId, pid: i
     };
     metrics::counter!(CANCEL_REQUESTS_TOTAL, "result" => result).increment(1);
     tracing::info!(%identity, result, "cancel request");
+    result
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use super::opened::{Active, Client, Opened};
 use super::refuse::{self, Answer, Refusal};
 use super::relay::{self, ClientEnd, Counters, End};
 use super::reuse;
-use crate::audit::{Outcome, SessionInfo};
+use crate::audit::{CancelEvent, Outcome, SessionInfo};
 use crate::config::ReuseConfig;
 use crate::pg::{self, ErrorResponse, ProtocolError, StartupMessage, StartupRequest, sqlstate};
 use crate::pki::SpiffeId;
@@ -143,7 +143,7 @@ pub(super) async fn start(shared: &Arc<Shared>, opened: Box<Opened>) -> Option<B
     // In a block, and the refusal made before it is awaited: what the read returned
     // (errors included) is then not kept in this future across the awaits below.
     let startup = {
-        let read = Box::pin(read_startup(&mut client, &identity, shared));
+        let read = Box::pin(read_startup(&mut client, &identity, &info, shared));
         let read = match tokio::time::timeout(remaining, read).await {
             Ok(Ok(Some(x))) => Ok(x),
             // A cancel request: served, no session.
@@ -443,6 +443,7 @@ async fn relay_session(
 async fn read_startup(
     client: &mut Client,
     identity: &SpiffeId,
+    info: &SessionInfo,
     shared: &Shared,
 ) -> Result<Option<StartupMessage>, PostgresError> {
     // The node answers SSLRequest/GSSENCRequest itself; we still accept them so an older
@@ -458,7 +459,15 @@ async fn read_startup(
                 client.flush().await.map_err(|_| PostgresError::Gone)?;
             }
             Ok(StartupRequest::Cancel { pid, secret }) => {
-                cancel::serve(&shared.cancels, identity, pid, secret).await;
+                let result = cancel::serve(&shared.cancels, identity, pid, secret).await;
+                shared.audit.cancel(&CancelEvent {
+                    session_id: &info.session_id,
+                    identity: &info.identity,
+                    node: info.node.as_deref(),
+                    client_addr: info.client_addr.as_deref(),
+                    node_addr: &info.node_addr,
+                    result,
+                });
                 return Ok(None);
             }
             Ok(StartupRequest::Startup(m)) => return Ok(Some(m)),

@@ -67,7 +67,7 @@ pub const HANDSHAKE_FAILURE_REASONS: [&str; 7] = [
 ];
 /// `sqlstate` of [`ERRORS_TOTAL`] the proxy itself raises (a server's refused login
 /// passes on the server's own code, which then appears when first seen).
-pub const ERROR_SQLSTATES: [&str; 8] = [
+pub const ERROR_SQLSTATES: [&str; 10] = [
     sqlstate::PROTOCOL_VIOLATION,
     sqlstate::FEATURE_NOT_SUPPORTED,
     sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
@@ -75,6 +75,8 @@ pub const ERROR_SQLSTATES: [&str; 8] = [
     sqlstate::UNABLE_TO_ESTABLISH_CONNECTION,
     sqlstate::CONNECTION_FAILURE,
     sqlstate::CONNECTION_EXCEPTION,
+    sqlstate::INSUFFICIENT_PRIVILEGE,
+    sqlstate::INSUFFICIENT_RESOURCES,
     sqlstate::TOO_MANY_CONNECTIONS,
 ];
 /// `reason` of [`LIMIT_REFUSALS_TOTAL`]: the cap that refused.
