@@ -246,12 +246,41 @@ impl Stack {
         std::fs::read_to_string(self.dir.join(format!("{what}.log"))).unwrap_or_default()
     }
 
+    /// The audit log's events, once the proxy's writer has written what it queued: the
+    /// proxy queues a session's records before it answers or closes the client, so after
+    /// that answer the records are in the file once `gateway_proxy_audit_queue_depth` is 0
+    /// (waited for up to 5 s, while the proxy runs).
     pub fn audit_events(&self) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.proxy.is_some() && Instant::now() < deadline {
+            match self.audit_queue_depth() {
+                Some(0) | None => break,
+                Some(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
         std::fs::read_to_string(&self.audit_path)
             .unwrap_or_default()
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
+    }
+}
+
+impl Stack {
+    /// The proxy's `gateway_proxy_audit_queue_depth`, scraped from its admin endpoint.
+    fn audit_queue_depth(&self) -> Option<u64> {
+        use std::io::{Read, Write};
+        let mut c =
+            std::net::TcpStream::connect_timeout(&self.proxy_admin, Duration::from_secs(1)).ok()?;
+        c.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        c.write_all(b"GET /metrics HTTP/1.0\r\nHost: admin\r\n\r\n")
+            .ok()?;
+        let mut text = String::new();
+        c.read_to_string(&mut text).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("gateway_proxy_audit_queue_depth "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map(|v| v as u64)
     }
 }
 
