@@ -46,6 +46,10 @@ pub const AUDIT_REFUSED_SESSIONS_TOTAL: &str = "gateway_proxy_audit_refused_sess
 pub const AUDIT_RECOVERED_SESSIONS_TOTAL: &str = "gateway_proxy_audit_recovered_sessions_total";
 /// Database-client certificates the proxy issued itself for upstream logins.
 pub const DB_CLIENT_CERTS_ISSUED_TOTAL: &str = "gateway_proxy_db_client_certs_issued_total";
+/// RDS IAM tokens signed (first tokens and replacements of expiring ones).
+pub const RDS_TOKENS_SIGNED_TOTAL: &str = "gateway_proxy_rds_tokens_signed_total";
+/// Failed attempts to get AWS credentials from the provider chain.
+pub const AWS_CREDENTIAL_FAILURES_TOTAL: &str = "gateway_proxy_aws_credential_failures_total";
 
 /// `result` of [`SESSIONS_TOTAL`].
 pub const SESSION_RESULTS: [&str; 3] = ["success", "denied", "error"];
@@ -168,6 +172,14 @@ pub const METRICS: &[Metric] = &[
     Metric::counter(
         DB_CLIENT_CERTS_ISSUED_TOTAL,
         "Database-client certificates issued by the proxy for upstream logins.",
+    ),
+    Metric::counter(
+        RDS_TOKENS_SIGNED_TOTAL,
+        "RDS IAM authentication tokens signed (one per database endpoint, user and region, replaced before expiry).",
+    ),
+    Metric::counter(
+        AWS_CREDENTIAL_FAILURES_TOTAL,
+        "Failed attempts to get AWS credentials for RDS IAM tokens from the provider chain.",
     ),
 ];
 
