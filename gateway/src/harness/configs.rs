@@ -85,6 +85,7 @@ pub fn proxy_config(spec: &StackSpec, pg_port: u16) -> ProxyConfig {
         threads,
         drain_grace,
         tunnel_idle_timeout,
+        ..
     } = spec.proxy;
     ProxyConfig {
         // Port 0 everywhere: the kernel picks, the process reports (no port races).
@@ -242,6 +243,7 @@ mod tests {
                 drain_grace: Some(Duration::from_secs(20)),
                 threads: Some(1),
                 tunnel_idle_timeout: None,
+                env: Vec::new(),
             },
             data_plane: DataPlaneConfig {
                 warm_tunnel_idle: Duration::from_millis(1500),

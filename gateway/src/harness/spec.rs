@@ -90,6 +90,8 @@ pub struct ProxySettings {
     pub threads: Option<usize>,
     pub drain_grace: Option<Duration>,
     pub tunnel_idle_timeout: Option<Duration>,
+    /// Environment of the proxy process beyond the test's own (e.g. AWS credentials).
+    pub env: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone)]
