@@ -85,6 +85,11 @@ const REQUIREMENTS: &[Requirement] = &[
         package: "python3",
         why: "getpeername check inside a test pod",
     },
+    Requirement {
+        probe: Probe::Program("pip3"),
+        package: "python3-pip",
+        why: "botocore for the RDS IAM token vectors",
+    },
 ];
 
 /// Searched after PATH: `ip` lives in /usr/sbin, which a non-root PATH may not include.
