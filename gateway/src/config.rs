@@ -121,6 +121,9 @@ pub const RDS_TOKEN_REFRESH_BEFORE: Duration = Duration::from_secs(5 * 60);
 /// How long the proxy waits for AWS credentials (STS, the container or instance endpoint)
 /// before the sessions waiting for a token are refused.
 pub const AWS_CREDENTIALS_TIMEOUT: Duration = Duration::from_secs(10);
+/// After a failed attempt the chain is not asked again for this long: sessions meanwhile get
+/// the last unexpired credentials, or the same error at once.
+pub const AWS_CREDENTIALS_RETRY_AFTER: Duration = Duration::from_secs(5);
 
 // ----------------------------------------------------------------------------------------
 // Reading files

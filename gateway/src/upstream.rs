@@ -92,7 +92,7 @@ impl UpstreamError {
                 sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
                 format!("db-gateway: database \"{route}\" refused login as \"{user}\": {self}"),
             )
-            .with_hint("The gateway holds no database password: use pg_hba.conf \"hostssl … cert\" (auth: cert), or IAM authentication on Amazon RDS (auth: rds-iam)."),
+            .with_hint(format!("The gateway holds no database password: use pg_hba.conf \"hostssl … cert\" (auth: cert), or IAM authentication on Amazon RDS (auth: rds-iam), where the role needs GRANT rds_iam TO \"{user}\" (RDS asks other roles for a password).")),
             UpstreamError::RdsToken(_) => ErrorResponse::fatal(
                 sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
                 format!("db-gateway: cannot log in to database \"{route}\" as \"{user}\": {self}"),

@@ -273,6 +273,7 @@ const WORKER: usize = 1;
 const LATE: usize = 2;
 const FORGED: usize = 3;
 const PLAIN: usize = 4;
+const LEGACY: usize = 5;
 
 /// The client's error for a refused login: (SQLSTATE, message, hint).
 async fn refused(s: &Stack, i: usize, user: &str) -> (String, String, String) {
@@ -304,6 +305,7 @@ async fn logins_through_an_rds_front_with_refreshed_credentials_and_exact_refusa
             iam_users: vec!["api".into()],
             clock_ahead: Duration::ZERO,
             plain: false,
+            without_rds_iam: vec!["legacy".into()],
             iam_secret_differs: false,
         };
         f(&mut o);
@@ -326,6 +328,7 @@ async fn logins_through_an_rds_front_with_refreshed_credentials_and_exact_refusa
         on("rds-late", "team-a", "api"),
         on("rds-forged", "team-a", "api"),
         on("rds-plain", "team-a", "api"),
+        on("rds", "team-c", "legacy"),
     ];
     spec.extra_databases = vec![
         rds_route("rds", &good),
@@ -343,7 +346,10 @@ async fn logins_through_an_rds_front_with_refreshed_credentials_and_exact_refusa
             &["app"],
         ),
         role("team-b", "team-b", &["rds"], &[sa], &["app"]),
+        role("team-c", "team-c", &["rds"], &[sa], &["app"]),
     ];
+    spec.setup_sql
+        .push("CREATE ROLE legacy LOGIN PASSWORD 'secret'".into());
     spec.proxy.env = vec![
         (
             "AWS_CONTAINER_CREDENTIALS_FULL_URI".into(),
@@ -424,6 +430,23 @@ async fn logins_through_an_rds_front_with_refreshed_credentials_and_exact_refusa
     );
     assert!(hint.contains("only over TLS"), "{hint}");
     assert!(plain.accepted.lock().unwrap().is_empty() && plain.refused.lock().unwrap().is_empty());
+
+    // A role without rds_iam: RDS asks for SCRAM, and the gateway has no password to give.
+    let (code, message, hint) = refused(&s, LEGACY, "legacy").await;
+    assert_eq!(code, "28000");
+    assert_eq!(
+        message,
+        "db-gateway: database \"rds\" refused login as \"legacy\": server asked for a password the gateway does not hold (SCRAM)"
+    );
+    assert!(hint.contains("GRANT rds_iam TO \"legacy\""), "{hint}");
+    wait_for("the front to see the gateway close", || {
+        good.refused
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|r| r.contains("asked for SCRAM"))
+    })
+    .await;
 
     // Past half the credentials' life: new credentials, a new token signed with them.
     tokio::time::sleep(lifetime / 2 + Duration::from_secs(1)).await;

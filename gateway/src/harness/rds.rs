@@ -254,6 +254,8 @@ pub struct RdsFrontOptions {
     pub clock_ahead: Duration,
     /// Answer `SSLRequest` with `N`, as a server without TLS does.
     pub plain: bool,
+    /// Database users without `rds_iam`: RDS asks them for a SCRAM password instead.
+    pub without_rds_iam: Vec<String>,
     /// IAM holds another secret for every key than the one the signer had: each
     /// signature is wrong (a forged or mis-signed token).
     pub iam_secret_differs: bool,
@@ -383,6 +385,23 @@ impl Conn {
             .find(|(k, _)| k == "user")
             .map(|(_, v)| v.clone())
             .context("no user")?;
+        if self.opts.without_rds_iam.contains(&user) {
+            // AuthenticationSASL offering SCRAM-SHA-256, as for any password role.
+            let mut sasl = vec![b'R', 0, 0, 0, 0, 0, 0, 0, 10];
+            sasl.extend_from_slice(b"SCRAM-SHA-256\0\0");
+            let len = (sasl.len() - 1) as u32;
+            sasl[1..5].copy_from_slice(&len.to_be_bytes());
+            tls.write_all(&sasl).await?;
+            tls.flush().await?;
+            let mut rest = Vec::new();
+            let _ = tls.read_to_end(&mut rest).await;
+            anyhow::ensure!(rest.is_empty(), "the client answered a SCRAM request");
+            self.refused
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(format!("{user:?} has no rds_iam; asked for SCRAM"));
+            return Ok(());
+        }
         // AuthenticationCleartextPassword.
         tls.write_all(&[b'R', 0, 0, 0, 8, 0, 0, 0, 3]).await?;
         tls.flush().await?;

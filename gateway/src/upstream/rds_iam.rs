@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use aws_credential_types::Credentials;
 use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
@@ -23,7 +23,10 @@ use aws_sigv4::http_request::{
 use aws_smithy_runtime_api::client::identity::Identity;
 use aws_types::region::Region;
 
-use crate::config::{AWS_CREDENTIALS_TIMEOUT, RDS_TOKEN_LIFETIME, RDS_TOKEN_REFRESH_BEFORE};
+use crate::config::{
+    AWS_CREDENTIALS_RETRY_AFTER, AWS_CREDENTIALS_TIMEOUT, RDS_TOKEN_LIFETIME,
+    RDS_TOKEN_REFRESH_BEFORE,
+};
 use crate::telemetry::proxy::{AWS_CREDENTIAL_FAILURES_TOTAL, RDS_TOKENS_SIGNED_TOTAL};
 
 /// The SigV4 service name of RDS IAM authentication.
@@ -129,6 +132,14 @@ struct CachedToken {
     renew_at: SystemTime,
 }
 
+#[derive(Default)]
+struct CredentialState {
+    last: Option<CachedCredentials>,
+    /// The last failure and when: within [`AWS_CREDENTIALS_RETRY_AFTER`] it is the answer,
+    /// so an STS outage does not hold every new session for the chain's retries.
+    failed: Option<(Instant, RdsIamError)>,
+}
+
 struct CachedCredentials {
     creds: Credentials,
     renew_at: Option<SystemTime>,
@@ -139,7 +150,7 @@ struct CachedCredentials {
 pub struct RdsTokens {
     provider: SharedCredentialsProvider,
     runtime: tokio::runtime::Handle,
-    credentials: tokio::sync::Mutex<Option<CachedCredentials>>,
+    credentials: tokio::sync::Mutex<CredentialState>,
     tokens: Mutex<HashMap<TokenKey, CachedToken>>,
 }
 
@@ -171,7 +182,7 @@ impl RdsTokens {
         Ok(Self {
             provider,
             runtime: handle,
-            credentials: tokio::sync::Mutex::new(None),
+            credentials: tokio::sync::Mutex::new(CredentialState::default()),
             tokens: Mutex::new(HashMap::new()),
         })
     }
@@ -206,12 +217,25 @@ impl RdsTokens {
     /// ones are due for renewal. A failure is logged and counted, and not cached: the next
     /// session asks again.
     pub async fn credentials(&self) -> Result<Credentials, RdsIamError> {
-        let mut cached = self.credentials.lock().await;
+        let mut state = self.credentials.lock().await;
         let now = SystemTime::now();
-        if let Some(c) = cached.as_ref()
+        // Credentials that have not expired yet still sign valid tokens.
+        let usable = |state: &CredentialState| {
+            state
+                .last
+                .as_ref()
+                .filter(|c| c.creds.expiry().is_none_or(|x| now < x))
+                .map(|c| c.creds.clone())
+        };
+        if let Some(c) = state.last.as_ref()
             && c.renew_at.is_none_or(|r| now < r)
         {
             return Ok(c.creds.clone());
+        }
+        if let Some((at, e)) = &state.failed
+            && at.elapsed() < AWS_CREDENTIALS_RETRY_AFTER
+        {
+            return usable(&state).ok_or_else(|| e.clone());
         }
         let provider = self.provider.clone();
         let ask = self
@@ -228,20 +252,18 @@ impl RdsTokens {
         match result {
             Ok(creds) => {
                 tracing::info!(access_key_id = %creds.access_key_id(), expires = ?creds.expiry().map(humantime::format_rfc3339_seconds), "got AWS credentials");
-                *cached = Some(CachedCredentials {
+                state.last = Some(CachedCredentials {
                     renew_at: creds.expiry().map(|e| renew_at(now, e)),
                     creds: creds.clone(),
                 });
+                state.failed = None;
                 Ok(creds)
             }
             Err(e) => {
                 metrics::counter!(AWS_CREDENTIAL_FAILURES_TOTAL).increment(1);
                 tracing::warn!(error = %e, "AWS credential refresh failed");
-                // Credentials that have not expired yet still sign valid tokens.
-                match cached.as_ref() {
-                    Some(c) if c.creds.expiry().is_none_or(|x| now < x) => Ok(c.creds.clone()),
-                    _ => Err(e),
-                }
+                state.failed = Some((Instant::now(), e.clone()));
+                usable(&state).ok_or(e)
             }
         }
     }
