@@ -214,8 +214,9 @@ impl RdsTokens {
     }
 
     /// The current credentials, asking the chain (one caller at a time) when the last
-    /// ones are due for renewal. A failure is logged and counted, and not cached: the next
-    /// session asks again.
+    /// ones are due for renewal. A failure is logged and counted; for
+    /// [`AWS_CREDENTIALS_RETRY_AFTER`] it stands without asking again, and the last
+    /// credentials serve as long as they have not expired.
     pub async fn credentials(&self) -> Result<Credentials, RdsIamError> {
         let mut state = self.credentials.lock().await;
         let now = SystemTime::now();
@@ -243,7 +244,7 @@ impl RdsTokens {
             .spawn(async move { provider.provide_credentials().await });
         let result = match tokio::time::timeout(AWS_CREDENTIALS_TIMEOUT, ask).await {
             Ok(Ok(Ok(creds))) => Ok(creds),
-            Ok(Ok(Err(e))) => Err(RdsIamError::Credentials(aws_smithy_types_display(&e))),
+            Ok(Ok(Err(e))) => Err(RdsIamError::Credentials(error_chain(&e))),
             Ok(Err(e)) => Err(RdsIamError::Credentials(e.to_string())),
             Err(_) => Err(RdsIamError::Credentials(format!(
                 "the provider chain did not answer within {AWS_CREDENTIALS_TIMEOUT:?}"
@@ -275,7 +276,7 @@ impl RdsTokens {
 
 /// The SDK's error with its sources, which is where the reason is (e.g. "STS returned
 /// AccessDenied"), on one line.
-fn aws_smithy_types_display(e: &dyn std::error::Error) -> String {
+fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
     while let Some(inner) = source {
