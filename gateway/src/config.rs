@@ -131,6 +131,22 @@ pub const DEFAULT_MAX_SESSIONS_PER_IDENTITY: usize = 512;
 /// lets through to one database server.
 pub const DEFAULT_MAX_SESSIONS_PER_ROUTE: usize = 2048;
 
+/// The port in an RDS IAM token when `address` names none (PostgreSQL's).
+pub const DEFAULT_RDS_PORT: u16 = 5432;
+/// RDS accepts an IAM token for 15 minutes after it was signed (`X-Amz-Expires`), the
+/// value of the AWS SDKs' `generate_db_auth_token`.
+pub const RDS_TOKEN_LIFETIME: Duration = Duration::from_secs(15 * 60);
+/// A cached token (or the AWS credentials behind it) is replaced this long before it
+/// expires, or at half its remaining life when that is shorter: a login that starts with
+/// a token must not meet its expiry on the way (slow TLS, a retrying client).
+pub const RDS_TOKEN_REFRESH_BEFORE: Duration = Duration::from_secs(5 * 60);
+/// How long the proxy waits for AWS credentials (STS, the container or instance endpoint)
+/// before the sessions waiting for a token are refused.
+pub const AWS_CREDENTIALS_TIMEOUT: Duration = Duration::from_secs(10);
+/// After a failed attempt the chain is not asked again for this long: sessions meanwhile get
+/// the last unexpired credentials, or the same error at once.
+pub const AWS_CREDENTIALS_RETRY_AFTER: Duration = Duration::from_secs(5);
+
 // ----------------------------------------------------------------------------------------
 // Reading files
 

@@ -10,15 +10,20 @@
 //! - [`stack`]: starts and stops the processes ([`Stack`]).
 //! - [`kernel`] and [`pods`]: the transparent mode's pods, cgroups and addresses (root).
 //! - [`demo`]: `gateway up`.
+//! - [`rds`] and [`aws`]: Amazon RDS's IAM login in front of the local PostgreSQL, and the
+//!   AWS credential endpoints (STS web identity, container credentials) the proxy's
+//!   provider chain fetches from.
 //! - [`machine`]: free ports, temporary directories, root-or-skip, stopping children: the
 //!   one copy the integration tests and the bench use too (re-exported here).
 
+pub mod aws;
 pub mod configs;
 pub mod demo;
 pub mod kernel;
 pub mod localdb;
 pub mod machine;
 pub mod pods;
+pub mod rds;
 pub mod secrets;
 pub mod spec;
 pub mod stack;

@@ -1,4 +1,4 @@
-//! The `gateway` binary: `node`, `proxy`, `ca`, and `up` (with the cargo feature `harness`).
+//! The `gateway` binary: `node`, `proxy`, `ca`, `aws`, and `up` (with the cargo feature `harness`).
 //! Every flag also reads a `GATEWAY_*` environment variable, so the same image is configured
 //! from a Kubernetes manifest or a shell alike.
 
@@ -60,6 +60,11 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// Amazon Web Services tools.
+    Aws {
+        #[command(subcommand)]
+        command: AwsCommand,
+    },
     /// Run everything locally: PostgreSQL, CA, proxy, node agent. Prints `READY <conn>`.
     #[cfg(feature = "harness")]
     Up {
@@ -81,6 +86,27 @@ enum NodeAction {
         /// Also delete the interface holding the agent address (e.g. `dbgw0`).
         #[arg(long, env = "GATEWAY_AGENT_INTERFACE")]
         interface: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AwsCommand {
+    /// Print an RDS IAM authentication token, like `aws rds generate-db-auth-token`, signed
+    /// by the proxy's code with credentials from the standard AWS provider chain.
+    RdsToken {
+        /// The database endpoint the token is for (the proxy's `iam_host`).
+        #[arg(long, env = "GATEWAY_RDS_HOST")]
+        host: String,
+        #[arg(long, env = "GATEWAY_RDS_PORT", default_value_t = gateway::config::DEFAULT_RDS_PORT)]
+        port: u16,
+        /// The database user.
+        #[arg(long, env = "GATEWAY_RDS_USER")]
+        user: String,
+        #[arg(long, env = "AWS_REGION")]
+        region: String,
+        /// Sign as of this time (RFC 3339, e.g. 2026-01-02T03:04:05Z) instead of now.
+        #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+        at: Option<std::time::SystemTime>,
     },
 }
 
@@ -289,6 +315,26 @@ fn run(command: Command) -> anyhow::Result<()> {
                 write_pair(&out, &cert, &key)
             }
         },
+        Command::Aws {
+            command:
+                AwsCommand::RdsToken {
+                    host,
+                    port,
+                    user,
+                    region,
+                    at,
+                },
+        } => {
+            let key = gateway::upstream::rds_iam::TokenKey {
+                host,
+                port,
+                user,
+                region,
+            };
+            let token = gateway::upstream::rds_iam::cli_token(&key, at)?;
+            println!("{token}");
+            Ok(())
+        }
         #[cfg(feature = "harness")]
         Command::Up { keep, explicit } => gateway::harness::run(keep, explicit),
     }

@@ -210,6 +210,17 @@ pub fn encode_startup(params: &[(&str, &str)]) -> Vec<u8> {
     out
 }
 
+/// `PasswordMessage`: the answer to `AuthenticationCleartextPassword` (on RDS, the IAM token).
+pub fn encode_password(password: &str) -> Vec<u8> {
+    let len = 4 + password.len() + 1;
+    let mut out = Vec::with_capacity(1 + len);
+    out.push(b'p');
+    out.extend_from_slice(&(len as u32).to_be_bytes());
+    out.extend_from_slice(password.as_bytes());
+    out.push(0);
+    out
+}
+
 pub fn encode_ssl_request() -> [u8; 8] {
     let mut out = [0u8; 8];
     out[..4].copy_from_slice(&8u32.to_be_bytes());

@@ -1,6 +1,12 @@
 //! Logging in to the real database without a stored password: TLS with the server
-//! verified (`verify-full`), and a short-lived client certificate whose CN is the database
-//! user, signed by the database-client CA (PostgreSQL `hostssl … cert`).
+//! verified (`verify-full`), then either a short-lived client certificate whose CN is the
+//! database user, signed by the database-client CA (PostgreSQL `hostssl … cert`), or, on
+//! Amazon RDS (`auth: rds-iam`), an IAM token (`upstream/rds_iam.rs`) as the cleartext
+//! password the server asks for. A password of any kind is only ever written to the TLS
+//! stream ([`read_login`] takes nothing else), and a server asking for a password the
+//! gateway does not hold (SCRAM, MD5, or cleartext on a certificate route) is refused.
+
+pub mod rds_iam;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -14,7 +20,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use crate::config::DatabaseConfig;
+use crate::config::{DatabaseConfig, UpstreamAuth};
 use crate::pg::{self, ErrorResponse, sqlstate};
 use crate::pki::{CertificateAuthority, LeafSpec, PkiError};
 
@@ -40,6 +46,19 @@ pub enum UpstreamError {
         "server asked for authentication method {0}, but the gateway logs in only with a client certificate"
     )]
     UnsupportedAuth(i32),
+    /// SCRAM, MD5, or a cleartext password on a route whose login is a certificate.
+    #[error("server asked for a password the gateway does not hold ({0})")]
+    PasswordNotHeld(&'static str),
+    /// No RDS IAM token: the credential chain failed.
+    #[error("{0}")]
+    RdsToken(rds_iam::RdsIamError),
+    /// RDS refused the IAM token (`PAM authentication failed`): the proxy's AWS identity
+    /// lacks `rds-db:connect` for this user, or the role lacks `rds_iam`.
+    #[error("server rejected the IAM token: {}", .error.message)]
+    IamRejected {
+        error: Box<ErrorResponse>,
+        region: String,
+    },
     #[error("protocol error from server: {0}")]
     Protocol(String),
     #[error("connection to the server failed during login: {0}")]
@@ -72,6 +91,31 @@ impl UpstreamError {
                 )),
                 ..e.clone()
             },
+            UpstreamError::PasswordNotHeld(_) => ErrorResponse::fatal(
+                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                format!("db-gateway: database \"{route}\" refused login as \"{user}\": {self}"),
+            )
+            .with_hint(format!("The gateway holds no database password: use pg_hba.conf \"hostssl … cert\" (auth: cert), or IAM authentication on Amazon RDS (auth: rds-iam), where the role needs GRANT rds_iam TO \"{user}\" (RDS asks other roles for a password).")),
+            UpstreamError::RdsToken(_) => ErrorResponse::fatal(
+                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                format!("db-gateway: cannot log in to database \"{route}\" as \"{user}\": {self}"),
+            )
+            .with_hint(format!("The proxy needs AWS credentials (IRSA, EKS Pod Identity, an instance profile, …) for an identity allowed rds-db:connect on arn:aws:rds-db:<region>:<account>:dbuser:<resource-id>/{user}; the proxy log says why the credential provider chain failed.")),
+            UpstreamError::IamRejected { error, region } => ErrorResponse {
+                message: format!(
+                    "db-gateway: database \"{route}\" refused IAM login as \"{user}\": {}",
+                    error.message
+                ),
+                hint: Some(format!(
+                    "The proxy's AWS identity needs rds-db:connect on arn:aws:rds-db:{region}:<account>:dbuser:<resource-id>/{user}, the database needs IAM authentication enabled, and the role \"{user}\" needs GRANT rds_iam."
+                )),
+                ..(**error).clone()
+            },
+            UpstreamError::SslRefused(_) => ErrorResponse::fatal(
+                sqlstate::CONNECTION_FAILURE,
+                format!("db-gateway: connection to database \"{route}\" failed: {self}"),
+            )
+            .with_hint("The gateway sends a certificate or an IAM token only over TLS; turn on ssl on the database server."),
             UpstreamError::UnsupportedAuth(_) => ErrorResponse::fatal(
                 sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
                 format!("db-gateway: database \"{route}\" refused certificate login as \"{user}\": {self}"),
@@ -130,6 +174,10 @@ pub struct Upstreams {
     ttl: Duration,
     roots: HashMap<String, Arc<RootCertStore>>,
     configs: Mutex<ConfigCache>,
+    /// Server-verifying TLS settings without a client certificate, per `rds-iam` database.
+    iam_configs: HashMap<String, Arc<ClientConfig>>,
+    /// The RDS IAM tokens; started only when a database uses `auth: rds-iam`.
+    rds_tokens: Option<rds_iam::RdsTokens>,
 }
 
 impl Upstreams {
@@ -157,12 +205,73 @@ impl Upstreams {
             }
             roots.insert(db.name.clone(), Arc::new(store));
         }
+        let mut iam_configs = HashMap::new();
+        let mut rds_tokens = None;
+        for db in databases.iter().filter(|d| is_rds_iam(d)) {
+            let roots = roots
+                .get(&db.name)
+                .cloned()
+                .ok_or_else(|| UpstreamError::Config {
+                    db: db.name.clone(),
+                    reason: "no CA loaded".into(),
+                })?;
+            let cfg = ClientConfig::builder_with_provider(crate::tunnel::crypto_provider())
+                .with_safe_default_protocol_versions()
+                .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+                .map_err(|e| UpstreamError::Config {
+                    db: db.name.clone(),
+                    reason: e.to_string(),
+                })?;
+            iam_configs.insert(db.name.clone(), Arc::new(cfg));
+            if rds_tokens.is_none() {
+                let region = db.upstream.region.as_deref().unwrap_or_default();
+                rds_tokens =
+                    Some(
+                        rds_iam::RdsTokens::start(region).map_err(|e| UpstreamError::Config {
+                            db: db.name.clone(),
+                            reason: e.to_string(),
+                        })?,
+                    );
+            }
+        }
         Ok(Self {
             ca,
             ttl,
             roots,
             configs: Mutex::new(HashMap::new()),
+            iam_configs,
+            rds_tokens,
         })
+    }
+
+    /// The IAM token a login to `db` as `user` sends, or `None` on a certificate route.
+    async fn password(
+        &self,
+        db: &DatabaseConfig,
+        user: &str,
+    ) -> Result<Option<Arc<str>>, UpstreamError> {
+        if !is_rds_iam(db) {
+            return Ok(None);
+        }
+        let tokens = self
+            .rds_tokens
+            .as_ref()
+            .ok_or_else(|| UpstreamError::Config {
+                db: db.name.clone(),
+                reason: "RDS IAM tokens were not set up".into(),
+            })?;
+        let (host, port) = db.upstream.iam_endpoint();
+        let key = rds_iam::TokenKey {
+            host: host.to_owned(),
+            port,
+            user: user.to_owned(),
+            region: db.upstream.region.clone().unwrap_or_default(),
+        };
+        tokens
+            .token(&key)
+            .await
+            .map(Some)
+            .map_err(UpstreamError::RdsToken)
     }
 
     fn client_config(
@@ -170,6 +279,9 @@ impl Upstreams {
         db: &DatabaseConfig,
         user: &str,
     ) -> Result<Arc<ClientConfig>, UpstreamError> {
+        if let Some(cfg) = self.iam_configs.get(&db.name) {
+            return Ok(cfg.clone());
+        }
         let now = SystemTime::now();
         let key = (db.name.clone(), user.to_owned());
         let mut configs = self.configs.lock().unwrap_or_else(|e| e.into_inner());
@@ -214,6 +326,8 @@ impl Upstreams {
         connect_timeout: Duration,
     ) -> Result<Login, UpstreamError> {
         let cfg = self.client_config(db, user)?;
+        // Before any connection: a session that cannot have a token opens none.
+        let password = self.password(db, user).await?;
         let address = &db.upstream.address;
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host(address.as_str())
             .await
@@ -265,7 +379,17 @@ impl Upstreams {
         );
         stream.write_all(&pg::encode_startup(&params)).await?;
         stream.flush().await?;
-        read_login(stream, addr).await
+        read_login(stream, addr, password.as_deref())
+            .await
+            .map_err(|e| match e {
+                UpstreamError::Rejected(error) if password.is_some() => {
+                    UpstreamError::IamRejected {
+                        error: Box::new(error),
+                        region: db.upstream.region.clone().unwrap_or_default(),
+                    }
+                }
+                e => e,
+            })
     }
 }
 
@@ -276,9 +400,22 @@ pub fn is_forwarded_param(name: &str) -> bool {
     name != "user" && name != "database" && !name.starts_with("_pq_.")
 }
 
+fn is_rds_iam(db: &DatabaseConfig) -> bool {
+    db.protocol.is_postgres() && db.upstream.auth == Some(UpstreamAuth::RdsIam)
+}
+
+/// PostgreSQL's `AuthenticationRequest` codes the login meets.
+const AUTH_OK: i32 = 0;
+const AUTH_CLEARTEXT_PASSWORD: i32 = 3;
+const AUTH_MD5_PASSWORD: i32 = 5;
+const AUTH_SASL: i32 = 10;
+
+/// Reads the login phase on the TLS stream (the only kind of stream a password may be
+/// written to), answering a cleartext password request with `password` when there is one.
 async fn read_login(
     mut stream: TlsStream<TcpStream>,
     addr: SocketAddr,
+    password: Option<&str>,
 ) -> Result<Login, UpstreamError> {
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut greeting = Vec::new();
@@ -296,8 +433,20 @@ async fn read_login(
                         .ok_or_else(|| {
                             UpstreamError::Protocol("short authentication message".into())
                         })?;
-                    if code != 0 {
-                        return Err(UpstreamError::UnsupportedAuth(code));
+                    match (code, password) {
+                        (AUTH_OK, _) => {}
+                        (AUTH_CLEARTEXT_PASSWORD, Some(p)) => {
+                            stream.write_all(&pg::encode_password(p)).await?;
+                            stream.flush().await?;
+                        }
+                        (AUTH_CLEARTEXT_PASSWORD, None) => {
+                            return Err(UpstreamError::PasswordNotHeld("cleartext password"));
+                        }
+                        (AUTH_MD5_PASSWORD, _) => {
+                            return Err(UpstreamError::PasswordNotHeld("MD5"));
+                        }
+                        (AUTH_SASL, _) => return Err(UpstreamError::PasswordNotHeld("SCRAM")),
+                        _ => return Err(UpstreamError::UnsupportedAuth(code)),
                     }
                 }
                 b'E' => {

@@ -1,4 +1,5 @@
-//! The `gateway` command line: CA tools, configuration errors, and `gateway up` (the demo
+//! The `gateway` command line: CA tools, `aws rds-token`'s flags (its tokens: `rds_iam.rs`),
+//! configuration errors, and `gateway up` (the demo
 //! that `cargo xtask demo` runs) from READY to a clean exit.
 
 mod common;
@@ -127,6 +128,42 @@ fn config_errors_name_file_line_and_field() {
 }
 
 /// Starts `gateway up`, returns (child, directory, READY string, POD prefix if any).
+#[test]
+fn aws_rds_token_flags_are_checked_before_any_credential_is_asked_for() {
+    let run = |args: &[&str]| {
+        Command::new(gateway_bin())
+            .args(["aws", "rds-token"])
+            .args(args)
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .output()
+            .unwrap()
+    };
+    let base = [
+        "--host",
+        "db.example",
+        "--user",
+        "app",
+        "--region",
+        "us-east-1",
+    ];
+    let o = run(&[&base[..], &["--at", "yesterday"]].concat());
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("invalid value 'yesterday' for '--at <AT>'"),
+        "{err}"
+    );
+    let o = run(&[&base[..], &["--port", "70000"]].concat());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--port"), "{err}");
+    let o = run(&["--host", "db.example", "--user", "app"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("--region <REGION>"),
+        "{err}"
+    );
+}
+
 fn start_up(args: &[&str]) -> (std::process::Child, String, String, Option<String>) {
     let mut child = Command::new(gateway_bin())
         .arg("up")

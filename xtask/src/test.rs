@@ -30,6 +30,7 @@ pub fn run(_opts: &Options) -> Result<()> {
     )?;
     crate::deny::run()?;
     no_harness()?;
+    rds_token_vectors()?;
     step(
         "test",
         cargo().args(["test", "--workspace", "--no-fail-fast"]),
@@ -41,6 +42,59 @@ pub fn run(_opts: &Options) -> Result<()> {
         ..bench::Options::default()
     })?;
     println!("==> all steps passed");
+    Ok(())
+}
+
+/// The pinned botocore of `gateway/tests/vectors/rds_token.py`: the vectors the RDS IAM
+/// tests compare against must be what botocore makes today, not what it made once.
+const BOTOCORE: &str = "botocore==1.35.99";
+
+/// Regenerates the RDS IAM token vectors with the pinned botocore (installed into
+/// `target/`, never into the system's Python) and fails when they differ from the file.
+fn rds_token_vectors() -> Result<()> {
+    let root = workspace_root()?;
+    let site = root.join("target/xtask-python");
+    let site_arg = site.to_string_lossy().into_owned();
+    let pip = |extra: &[&str]| {
+        let mut c = std::process::Command::new("python3");
+        c.args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--upgrade",
+            "--target",
+            &site_arg,
+        ])
+        .args(extra)
+        .arg(BOTOCORE);
+        c
+    };
+    if step("install botocore", &mut pip(&[])).is_err() {
+        // Debian's Python is "externally managed"; a --target directory of ours is not.
+        step("install botocore", &mut pip(&["--break-system-packages"]))?;
+    }
+    let out = std::process::Command::new("python3")
+        .arg(root.join("gateway/tests/vectors/rds_token.py"))
+        .env("PYTHONPATH", &site)
+        .output()
+        .context("cannot run gateway/tests/vectors/rds_token.py")?;
+    ensure!(
+        out.status.success(),
+        "rds_token.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let file = root.join("gateway/tests/vectors/rds_token.json");
+    let want = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+    ensure!(
+        out.stdout == want,
+        "{} is not what {BOTOCORE} makes now; regenerate it with gateway/tests/vectors/rds_token.py",
+        file.display()
+    );
+    println!(
+        "==> rds token vectors: botocore agrees with {}",
+        file.display()
+    );
     Ok(())
 }
 

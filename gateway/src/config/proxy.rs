@@ -231,6 +231,13 @@ pub struct UpstreamConfig {
     pub ca: Option<PathBuf>,
     /// Name to verify in the server certificate (default: the host part of `address`).
     pub server_name: Option<String>,
+    /// `auth: rds-iam`: the AWS region the token is signed for (required there, nowhere else).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// `auth: rds-iam`: the host name the token is signed for, when `address` names the
+    /// database otherwise (an IP, a private DNS alias; default: the host part of `address`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iam_host: Option<String>,
     /// Reuse logged-in server sessions across client sessions (off when absent).
     #[serde(default)]
     pub reuse: Option<ReuseConfig>,
@@ -294,6 +301,9 @@ fn default_reuse_max_lifetime() -> Duration {
 pub enum UpstreamAuth {
     /// A short-lived client certificate with CN = database user (`hostssl … cert`).
     Cert,
+    /// Amazon RDS IAM authentication: a SigV4 presigned token sent as the cleartext password
+    /// RDS asks for, over TLS only (`upstream/rds_iam.rs`).
+    RdsIam,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -306,12 +316,32 @@ pub enum UpstreamTlsMode {
 
 impl UpstreamConfig {
     pub fn server_name(&self) -> &str {
-        self.server_name.as_deref().unwrap_or_else(|| {
-            self.address
-                .rsplit_once(':')
-                .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
-                .unwrap_or(&self.address)
-        })
+        self.server_name
+            .as_deref()
+            .unwrap_or_else(|| self.address_host())
+    }
+
+    /// The host part of `address`, without the brackets of an IPv6 literal.
+    fn address_host(&self) -> &str {
+        self.address
+            .rsplit_once(':')
+            .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
+            .unwrap_or(&self.address)
+    }
+
+    /// The host and port an RDS IAM token is signed for: `iam_host` (or the host of
+    /// `address`) and the port of `address` (RDS checks both against its endpoint).
+    pub fn iam_endpoint(&self) -> (&str, u16) {
+        let host = self
+            .iam_host
+            .as_deref()
+            .unwrap_or_else(|| self.address_host());
+        let port = self
+            .address
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .unwrap_or(DEFAULT_RDS_PORT);
+        (host, port)
     }
 }
 
@@ -355,7 +385,7 @@ impl ProxyConfig {
             match d.protocol {
                 Protocol::Postgres if u.auth.is_none() => {
                     return Err(format!(
-                        "databases[{i}] ({}): upstream.auth is required (auth: cert)",
+                        "databases[{i}] ({}): upstream.auth is required (auth: cert or rds-iam)",
                         d.name
                     ));
                 }
@@ -365,10 +395,30 @@ impl ProxyConfig {
                         d.name
                     ));
                 }
+                Protocol::Postgres
+                    if u.auth != Some(UpstreamAuth::RdsIam)
+                        && (u.region.is_some() || u.iam_host.is_some()) =>
+                {
+                    return Err(format!(
+                        "databases[{i}] ({}): upstream.region and upstream.iam_host only apply to auth: rds-iam",
+                        d.name
+                    ));
+                }
+                Protocol::Postgres
+                    if u.auth == Some(UpstreamAuth::RdsIam)
+                        && u.region.as_deref().is_none_or(str::is_empty) =>
+                {
+                    return Err(format!(
+                        "databases[{i}] ({}): auth: rds-iam needs upstream.region (the database's AWS region, e.g. us-east-1)",
+                        d.name
+                    ));
+                }
                 Protocol::Tcp
                     if u.auth.is_some()
                         || u.ca.is_some()
                         || u.server_name.is_some()
+                        || u.region.is_some()
+                        || u.iam_host.is_some()
                         || u.reuse.is_some() =>
                 {
                     return Err(format!(
@@ -620,9 +670,50 @@ mod tests {
             tls: UpstreamTlsMode::VerifyFull,
             ca: Some(PathBuf::from("ca")),
             server_name: None,
+            region: None,
+            iam_host: None,
             reuse: None,
             startup_parameters: Vec::new(),
         };
         assert_eq!(u.server_name(), "db.example.com");
+        assert_eq!(u.iam_endpoint(), ("db.example.com", 5432));
+    }
+
+    #[test]
+    fn rds_iam_needs_a_region_and_tls() {
+        let base = "listen: '127.0.0.1:0'\ntrust_domain: td\ntls: {cert: c, key: k, client_ca: ca}\ndb_client_ca: {cert: c, key: k}\nroles: []\n";
+        let parse = |db: &str| {
+            parse_yaml::<ProxyConfig>(Path::new("p.yaml"), &format!("{base}databases:\n{db}"))
+        };
+        let cfg = parse("  - {name: rds, upstream: {address: '10.0.3.7:6432', auth: rds-iam, region: us-east-1, iam_host: db.x.us-east-1.rds.amazonaws.com, tls: verify-full, ca: rds-ca.pem}}\n").unwrap();
+        assert_eq!(cfg.validate(), Ok(()));
+        assert_eq!(
+            cfg.databases[0].upstream.iam_endpoint(),
+            ("db.x.us-east-1.rds.amazonaws.com", 6432)
+        );
+        let e = parse("  - {name: rds, upstream: {address: 'db:5432', auth: rds-iam, ca: c}}\n")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(e.contains("auth: rds-iam needs upstream.region"), "{e}");
+        let e = parse(
+            "  - {name: rds, upstream: {address: 'db:5432', auth: rds-iam, region: us-east-1}}\n",
+        )
+        .unwrap()
+        .validate()
+        .unwrap_err();
+        assert!(e.contains("upstream.ca is required"), "{e}");
+        let e = parse(
+            "  - {name: m, upstream: {address: 'db:5432', auth: cert, ca: c, region: us-east-1}}\n",
+        )
+        .unwrap()
+        .validate()
+        .unwrap_err();
+        assert!(e.contains("only apply to auth: rds-iam"), "{e}");
+        // verify-full is the only TLS mode there is: anything else does not parse.
+        let e = parse("  - {name: rds, upstream: {address: 'db:5432', auth: rds-iam, region: r, ca: c, tls: disable}}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown variant `disable`"), "{e}");
     }
 }

@@ -57,6 +57,8 @@ pub fn proxy_config(spec: &StackSpec, pg_port: u16) -> ProxyConfig {
                 tls: UpstreamTlsMode::VerifyFull,
                 ca: Some(in_ca_dir(pki::WORKLOAD_CA_CERT)),
                 server_name: Some("localhost".into()),
+                region: None,
+                iam_host: None,
                 reuse: reuse.clone(),
                 startup_parameters: Vec::new(),
             },
@@ -74,6 +76,8 @@ pub fn proxy_config(spec: &StackSpec, pg_port: u16) -> ProxyConfig {
                 tls: UpstreamTlsMode::VerifyFull,
                 ca: None,
                 server_name: None,
+                region: None,
+                iam_host: None,
                 reuse: None,
                 startup_parameters: Vec::new(),
             },
@@ -88,6 +92,7 @@ pub fn proxy_config(spec: &StackSpec, pg_port: u16) -> ProxyConfig {
         max_connections,
         max_sessions_per_identity,
         max_sessions_per_route,
+        ..
     } = spec.proxy;
     ProxyConfig {
         // Port 0 everywhere: the kernel picks, the process reports (no port races).
@@ -266,6 +271,8 @@ mod tests {
                     tls: UpstreamTlsMode::VerifyFull,
                     ca: Some("ca/x.crt".into()),
                     server_name: None,
+                    region: None,
+                    iam_host: None,
                     reuse: None,
                     startup_parameters: Vec::new(),
                 },

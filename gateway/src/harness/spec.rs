@@ -95,6 +95,8 @@ pub struct ProxySettings {
     pub max_connections: Option<usize>,
     pub max_sessions_per_identity: Option<usize>,
     pub max_sessions_per_route: Option<usize>,
+    /// Environment of the proxy process beyond the test's own (e.g. AWS credentials).
+    pub env: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone)]

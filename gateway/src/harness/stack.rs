@@ -175,8 +175,14 @@ impl Stack {
     pub fn spawn_args(&self, log: &str, args: &[&str]) -> Result<Child> {
         let what = log;
         let log = std::fs::File::create(self.dir.join(format!("{log}.log")))?;
+        let env: &[(String, String)] = if what == "proxy" {
+            &self.spec.proxy.env
+        } else {
+            &[]
+        };
         Command::new(&self.spec.gateway_bin)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),

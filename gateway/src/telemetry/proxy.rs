@@ -52,6 +52,10 @@ pub const OPEN_CONNECTIONS: &str = "gateway_proxy_open_connections";
 pub const LIMIT_REFUSALS_TOTAL: &str = "gateway_proxy_limit_refusals_total";
 /// Upstream logins that did not finish within `upstream_login_timeout`.
 pub const UPSTREAM_LOGIN_TIMEOUTS_TOTAL: &str = "gateway_proxy_upstream_login_timeouts_total";
+/// RDS IAM tokens signed (first tokens and replacements of expiring ones).
+pub const RDS_TOKENS_SIGNED_TOTAL: &str = "gateway_proxy_rds_tokens_signed_total";
+/// Failed attempts to get AWS credentials from the provider chain.
+pub const AWS_CREDENTIAL_FAILURES_TOTAL: &str = "gateway_proxy_aws_credential_failures_total";
 
 /// `result` of [`SESSIONS_TOTAL`].
 pub const SESSION_RESULTS: [&str; 3] = ["success", "denied", "error"];
@@ -192,6 +196,14 @@ pub const METRICS: &[Metric] = &[
     Metric::counter(
         UPSTREAM_LOGIN_TIMEOUTS_TOTAL,
         "Upstream logins that did not finish within upstream_login_timeout.",
+    ),
+    Metric::counter(
+        RDS_TOKENS_SIGNED_TOTAL,
+        "RDS IAM authentication tokens signed (one per database endpoint, user and region, replaced before expiry).",
+    ),
+    Metric::counter(
+        AWS_CREDENTIAL_FAILURES_TOTAL,
+        "Failed attempts to get AWS credentials for RDS IAM tokens from the provider chain.",
     ),
 ];
 

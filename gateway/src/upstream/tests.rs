@@ -64,6 +64,8 @@ impl Db {
                 tls: UpstreamTlsMode::VerifyFull,
                 ca: Some(self.dir.join(pki::WORKLOAD_CA_CERT)),
                 server_name: Some(server_name.into()),
+                region: None,
+                iam_host: None,
                 reuse: None,
                 startup_parameters: Vec::new(),
             },
@@ -197,8 +199,19 @@ async fn refused(
 
 #[tokio::test]
 async fn refusals_map_to_the_client_error_naming_route_and_user() {
-    let db = Db::start(vec!["hostssl all pwuser 127.0.0.1/32 password".into()]);
+    let db = Db::start(vec![
+        "hostssl all pwuser 127.0.0.1/32 password".into(),
+        "hostssl all md5user 127.0.0.1/32 md5".into(),
+        "hostssl all scramuser 127.0.0.1/32 scram-sha-256".into(),
+    ]);
     db.pg.psql("CREATE ROLE pwuser LOGIN PASSWORD 'x'").unwrap();
+    // An MD5-stored password: PostgreSQL 15 answers the md5 method with SCRAM otherwise.
+    db.pg
+        .psql("SET password_encryption = 'md5'; CREATE ROLE md5user LOGIN PASSWORD 'x'")
+        .unwrap();
+    db.pg
+        .psql("CREATE ROLE scramuser LOGIN PASSWORD 'x'")
+        .unwrap();
     let route = db.main_route();
     let upstreams = db.upstreams(&route);
 
@@ -227,17 +240,26 @@ async fn refusals_map_to_the_client_error_naming_route_and_user() {
         c.message
     );
 
-    // A password method: the gateway never answers it.
-    let e = refused(&upstreams, &route, "pwuser", "app").await;
-    assert!(matches!(e, UpstreamError::UnsupportedAuth(3)), "{e:?}");
-    let c = e.to_client("main", "pwuser");
-    assert_eq!(c.sqlstate, sqlstate::INVALID_AUTHORIZATION_SPECIFICATION);
-    assert!(
-        c.message
-            .contains("refused certificate login as \"pwuser\""),
-        "{}",
-        c.message
-    );
+    // Password methods: a certificate route holds no password to answer them with.
+    for (user, method) in [
+        ("pwuser", "cleartext password"),
+        ("md5user", "MD5"),
+        ("scramuser", "SCRAM"),
+    ] {
+        let e = refused(&upstreams, &route, user, "app").await;
+        assert!(
+            matches!(e, UpstreamError::PasswordNotHeld(m) if m == method),
+            "{e:?}"
+        );
+        let c = e.to_client("main", user);
+        assert_eq!(c.sqlstate, sqlstate::INVALID_AUTHORIZATION_SPECIFICATION);
+        assert_eq!(
+            c.message,
+            format!(
+                "db-gateway: database \"main\" refused login as \"{user}\": server asked for a password the gateway does not hold ({method})"
+            )
+        );
+    }
 
     // A server certificate for another name: verify-full refuses it.
     let wrong_name = db.route(loopback(db.pg.port).to_string(), "db.example");
@@ -275,6 +297,8 @@ fn a_postgres_route_without_a_ca_is_a_configuration_error() {
             tls: UpstreamTlsMode::VerifyFull,
             ca: None,
             server_name: None,
+            region: None,
+            iam_host: None,
             reuse: None,
             startup_parameters: Vec::new(),
         },

@@ -76,6 +76,8 @@ pub fn spec() -> StackSpec {
                 tls: UpstreamTlsMode::VerifyFull,
                 ca: Some("ca/workload-ca.crt".into()),
                 server_name: Some("localhost".into()),
+                region: None,
+                iam_host: None,
                 reuse: None,
                 startup_parameters: Vec::new(),
             },
