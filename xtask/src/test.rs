@@ -28,6 +28,7 @@ pub fn run(_opts: &Options) -> Result<()> {
             "warnings",
         ]),
     )?;
+    crate::deploy::run()?;
     crate::deny::run()?;
     no_harness()?;
     step(
