@@ -114,8 +114,8 @@ enum ConfigKind {
 fn config_kind(path: &std::path::Path) -> anyhow::Result<ConfigKind> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("failed to read config {}", path.display()))?;
-    let value: serde_norway::Value = serde_norway::from_str(&text)
-        .with_context(|| format!("{}: not YAML", path.display()))?;
+    let value: serde_norway::Value =
+        serde_norway::from_str(&text).with_context(|| format!("{}: not YAML", path.display()))?;
     let key = |k: &str| value.get(k).is_some();
     match (
         key("proxy") || key("listeners") || key("interception"),
@@ -287,15 +287,13 @@ fn run(command: Command) -> anyhow::Result<()> {
         } => {
             let mut failed = 0;
             for file in &files {
-                let checked = kind
-                    .map_or_else(|| config_kind(file), Ok)
-                    .and_then(|k| {
-                        match k {
-                            ConfigKind::Node => NodeConfig::load(file).map(drop)?,
-                            ConfigKind::Proxy => ProxyConfig::load(file).map(drop)?,
-                        }
-                        Ok(k)
-                    });
+                let checked = kind.map_or_else(|| config_kind(file), Ok).and_then(|k| {
+                    match k {
+                        ConfigKind::Node => NodeConfig::load(file).map(drop)?,
+                        ConfigKind::Proxy => ProxyConfig::load(file).map(drop)?,
+                    }
+                    Ok(k)
+                });
                 match checked {
                     Ok(k) => println!("{}: ok ({k:?} config)", file.display()),
                     Err(e) => {
@@ -304,7 +302,11 @@ fn run(command: Command) -> anyhow::Result<()> {
                     }
                 }
             }
-            anyhow::ensure!(failed == 0, "{failed} of {} config files are invalid", files.len());
+            anyhow::ensure!(
+                failed == 0,
+                "{failed} of {} config files are invalid",
+                files.len()
+            );
             Ok(())
         }
         Command::Ca { command } => match command {

@@ -326,15 +326,25 @@ fn dockerfile_builds_the_workspace_binary() {
         .find(|l| l.contains("cargo build"))
         .expect("Dockerfile runs cargo build");
     for part in ["--release", "-p gateway", "--no-default-features"] {
-        assert!(build.contains(part), "Dockerfile's build lacks {part}: {build}");
+        assert!(
+            build.contains(part),
+            "Dockerfile's build lacks {part}: {build}"
+        );
     }
     assert!(docker.contains("target/release/gateway"));
     let workspace = std::fs::read_to_string(root().join("Cargo.toml")).unwrap();
-    assert!(workspace.contains("\"gateway\""), "workspace member gateway");
+    assert!(
+        workspace.contains("\"gateway\""),
+        "workspace member gateway"
+    );
     let manifest = std::fs::read_to_string(root().join("gateway/Cargo.toml")).unwrap();
     assert!(manifest.contains("name = \"gateway\"") && !manifest.contains("[[bin]]"));
     // The binary is `gateway` (tests run it as CARGO_BIN_EXE_gateway).
-    assert!(Path::new(GATEWAY).file_name().is_some_and(|n| n == "gateway"));
+    assert!(
+        Path::new(GATEWAY)
+            .file_name()
+            .is_some_and(|n| n == "gateway")
+    );
     // The runtime stage has iproute2: the node agent runs `ip` (node/interface.rs).
     assert!(docker.contains("iproute2"));
 }

@@ -84,7 +84,9 @@ pub fn run() -> Result<()> {
         if !configs.is_empty() {
             step(
                 &format!("gateway config check ({entry})"),
-                Command::new(&gateway).args(["config", "check"]).args(&configs),
+                Command::new(&gateway)
+                    .args(["config", "check"])
+                    .args(&configs),
             )?;
         }
     }
@@ -113,8 +115,14 @@ fn newest_schema(tool_dir: &Path) -> Result<String> {
         .with_context(|| format!("cannot read {}", dir.display()))?
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .filter_map(|n| {
-            let v = n.strip_prefix('v')?.strip_suffix("-local-strict")?.to_owned();
-            let key = v.split('.').map(str::parse).collect::<Result<Vec<u32>, _>>();
+            let v = n
+                .strip_prefix('v')?
+                .strip_suffix("-local-strict")?
+                .to_owned();
+            let key = v
+                .split('.')
+                .map(str::parse)
+                .collect::<Result<Vec<u32>, _>>();
             Some((key.ok()?, v))
         })
         .collect();
@@ -187,10 +195,7 @@ fn check_containers(entry: &str, object: &Value, problems: &mut Vec<String>) {
             continue;
         };
         for c in containers {
-            let name = format!(
-                "{owner} container {}",
-                str_at(c, &["name"]).unwrap_or("?")
-            );
+            let name = format!("{owner} container {}", str_at(c, &["name"]).unwrap_or("?"));
             if let Err(e) = check_image(str_at(c, &["image"]).unwrap_or("")) {
                 problems.push(format!("{name}: {e}"));
             }
