@@ -181,8 +181,11 @@ fn port_of(addr: &str) -> u16 {
         .unwrap_or_else(|| panic!("{addr:?} has no port"))
 }
 
+/// Each config file with what its loader made of it.
+type Loaded<T> = Vec<(PathBuf, T)>;
+
 /// The configs under deploy/ (every overlay's copy), loaded with the real loaders.
-fn configs() -> (Vec<(PathBuf, NodeConfig)>, Vec<(PathBuf, ProxyConfig)>) {
+fn configs() -> (Loaded<NodeConfig>, Loaded<ProxyConfig>) {
     let mut paths = Vec::new();
     files(&root().join("deploy"), "yaml", &mut paths);
     let (mut nodes, mut proxies) = (Vec::new(), Vec::new());
