@@ -6,6 +6,7 @@
 mod bench;
 mod demo;
 mod deny;
+mod deploy;
 mod setup;
 mod test;
 
@@ -36,6 +37,9 @@ enum Command {
     Demo(demo::Options),
     /// `cargo deny check`: advisories, licences, sources (also a step of `test`).
     Deny,
+    /// Render the kustomize manifests under deploy/, validate them (kubernetes-validate,
+    /// pinned images, resources, probes) and load their configs with `gateway config check`.
+    DeployCheck,
     /// Load benchmark: gateway vs direct vs stunnel and HAProxy mTLS pairs (`bench/`).
     Bench(bench::Options),
 }
@@ -47,6 +51,7 @@ fn main() {
         Command::Test(opts) => test::run(&opts),
         Command::Demo(opts) => demo::run(opts),
         Command::Deny => deny::run(),
+        Command::DeployCheck => deploy::run(),
         Command::Bench(opts) => bench::run(&opts),
     };
     if let Err(e) = result {

@@ -28,6 +28,7 @@ pub fn run(_opts: &Options) -> Result<()> {
             "warnings",
         ]),
     )?;
+    crate::deploy::run()?;
     crate::deny::run()?;
     no_harness()?;
     rds_token_vectors()?;
