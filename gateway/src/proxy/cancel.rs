@@ -1,6 +1,8 @@
-//! Cancel routing. Clients get a proxy-issued `BackendKeyData`, never the server's: the
-//! key names a session here, and the real (pid, secret) never leaves the proxy. A cancel
-//! is honoured only from the identity that owns the session, and forwarded by [`serve`].
+//! Cancel routing. Clients get the server's real backend pid in `BackendKeyData` (so that
+//! `PGconn.backend_pid`, `pg_backend_pid()`, `pg_stat_activity.pid` and a notification's
+//! pid agree, as programs expect) and a proxy-issued random secret: the server's secret
+//! never leaves the proxy. A cancel is looked up by (pid, secret), honoured only from the
+//! identity that owns the session, and forwarded by [`serve`] with the server's secret.
 //!
 //! A cancel and the hand-over of its server session to a later client
 //! (`upstream.reuse`) are exclusive: a cancel holds its key's gate (shared) from the
@@ -76,14 +78,15 @@ impl CancelRegistry {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Issues a fresh random key for `target`.
+    /// Issues the key for `target`: its server's pid and a fresh random secret (32 bits,
+    /// as PostgreSQL's own; and a cancel is honoured only from the session's identity, so a
+    /// guess can at most reach a session of the guesser's own). Two servers may share a
+    /// pid: the secret tells their sessions apart.
     pub fn register(&self, target: CancelTarget) -> CancelKey<'_> {
         let mut map = self.lock();
         let key = loop {
-            // The pid half stays positive, as real backend pids are; 62 random bits make
-            // guessing a live key hopeless.
-            let k: (i32, i32) = (rand::random::<i32>() & i32::MAX, rand::random());
-            if k.0 != 0 && !map.contains_key(&k) {
+            let k: (i32, i32) = (target.pid, rand::random());
+            if !map.contains_key(&k) {
                 break k;
             }
         };
@@ -183,6 +186,26 @@ mod tests {
         drop(key);
         assert!(reg.lookup(k, &a).is_none());
         assert!(reg.is_empty());
+    }
+
+    #[test]
+    fn issue_20_keys_carry_the_server_pid_and_a_secret_of_our_own() {
+        let reg = CancelRegistry::default();
+        let a = SpiffeId::new("td", "a", "a");
+        let target = |upstream: &str| CancelTarget {
+            upstream: upstream.parse().unwrap(),
+            pid: 4242,
+            secret: 77,
+            identity: a.clone(),
+        };
+        // Two servers with the same pid: two live keys, each reaching its own server.
+        let k1 = reg.register(target("127.0.0.1:5432"));
+        let k2 = reg.register(target("127.0.0.2:5432"));
+        assert_eq!((k1.key.0, k2.key.0), (4242, 4242));
+        assert_ne!(k1.key.1, k2.key.1);
+        let up = |k: (i32, i32)| reg.lookup(k, &a).map(|c| c.target.upstream.to_string());
+        assert_eq!(up(k1.key).as_deref(), Some("127.0.0.1:5432"));
+        assert_eq!(up(k2.key).as_deref(), Some("127.0.0.2:5432"));
     }
 
     #[tokio::test]
