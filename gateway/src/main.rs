@@ -306,7 +306,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 cfg.audit.path = p;
             }
             tracing::info!(config = %config.display(), listen = %cfg.listen, databases = cfg.databases.len(), roles = cfg.roles.len(), "starting proxy");
-            gateway::proxy::run(cfg)
+            gateway::proxy::run(cfg, Some(config))
         }
         Command::Config {
             command: ConfigCommand::Check { kind, files },

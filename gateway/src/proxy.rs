@@ -27,6 +27,7 @@ mod limits;
 mod opened;
 mod postgres;
 mod refuse;
+pub mod reload;
 mod relay;
 mod reuse;
 mod tcp;
@@ -56,7 +57,9 @@ pub use cancel::CancelRegistry;
 /// Everything a session needs, shared by all sessions.
 pub struct Shared {
     pub cfg: ProxyConfig,
-    pub policy: Policy,
+    /// Swapped whole by a reload ([`reload`]); a session decides with the policy it loaded
+    /// and keeps that decision.
+    pub policy: arc_swap::ArcSwap<Policy>,
     pub upstreams: Upstreams,
     pub audit: AuditLog,
     pub acceptor: TlsAcceptor,
@@ -113,7 +116,7 @@ pub fn prepare(cfg: ProxyConfig, local_addr: SocketAddr) -> anyhow::Result<Share
     let audit = AuditLog::from_config(&cfg.audit)
         .with_context(|| format!("failed to open audit log {}", cfg.audit.path))?;
     Ok(Shared {
-        policy,
+        policy: arc_swap::ArcSwap::from_pointee(policy),
         upstreams,
         audit,
         acceptor: TlsAcceptor::from(Arc::new(server)),
@@ -125,7 +128,7 @@ pub fn prepare(cfg: ProxyConfig, local_addr: SocketAddr) -> anyhow::Result<Share
 }
 
 /// `gateway proxy`: runs until SIGTERM/SIGINT and a finished drain.
-pub fn run(cfg: ProxyConfig) -> anyhow::Result<()> {
+pub fn run(cfg: ProxyConfig, config_path: Option<std::path::PathBuf>) -> anyhow::Result<()> {
     let metrics = admin::install_metrics()?;
     crate::telemetry::proxy::describe();
     let readiness = Readiness::default();
@@ -168,13 +171,17 @@ pub fn run(cfg: ProxyConfig) -> anyhow::Result<()> {
     println!("ADMIN {admin_addr}");
     println!("LISTENING {addr}");
     drop(not_ready);
+    let watched = shared.clone();
     let signal = std::thread::Builder::new()
         .name("proxy-signal".into())
         .spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(admin::shutdown_signal());
+            match config_path {
+                Some(path) => rt.block_on(reload::watch(watched, path, admin::shutdown_signal())),
+                None => rt.block_on(admin::shutdown_signal()),
+            }
             tracing::info!("shutdown signal: draining");
             let _ = drain_tx.send(true);
             anyhow::Ok(())

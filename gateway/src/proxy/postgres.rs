@@ -166,7 +166,7 @@ pub(super) async fn start(shared: &Arc<Shared>, opened: Box<Opened>) -> Option<B
     info.requested_user = startup.param("user").map(str::to_owned);
     info.requested_database = startup.param("database").map(str::to_owned);
 
-    let decision = match shared.policy.decide(
+    let decision = match shared.policy.load().decide(
         &identity,
         &preamble.route,
         startup.param("user"),

@@ -88,7 +88,7 @@ pub(super) async fn handle(
     // The refusal made before it is awaited, in a block: the policy's error is then not
     // kept in this future for the session's life.
     let (db, role) = {
-        let decided = match shared.policy.decide_tcp(identity, &route) {
+        let decided = match shared.policy.load().decide_tcp(identity, &route) {
             Ok(d) => Ok(d),
             Err(error) => {
                 let e = TcpError::Denied(error);

@@ -52,6 +52,12 @@ pub const OPEN_CONNECTIONS: &str = "gateway_proxy_open_connections";
 pub const LIMIT_REFUSALS_TOTAL: &str = "gateway_proxy_limit_refusals_total";
 /// Upstream logins that did not finish within `upstream_login_timeout`.
 pub const UPSTREAM_LOGIN_TIMEOUTS_TOTAL: &str = "gateway_proxy_upstream_login_timeouts_total";
+/// Policy reloads by `result` (`success`, `error`).
+pub const CONFIG_RELOADS_TOTAL: &str = "gateway_proxy_config_reloads_total";
+/// The loaded configuration file's SHA-256 (label `sha256`, value 1).
+pub const CONFIG_INFO: &str = "gateway_proxy_config_info";
+/// `result` of [`CONFIG_RELOADS_TOTAL`].
+pub const RELOAD_RESULTS: [&str; 2] = ["success", "error"];
 /// RDS IAM tokens signed (first tokens and replacements of expiring ones).
 pub const RDS_TOKENS_SIGNED_TOTAL: &str = "gateway_proxy_rds_tokens_signed_total";
 /// Failed attempts to get AWS credentials from the provider chain.
@@ -197,6 +203,16 @@ pub const METRICS: &[Metric] = &[
         UPSTREAM_LOGIN_TIMEOUTS_TOTAL,
         "Upstream logins that did not finish within upstream_login_timeout.",
     ),
+    Metric::counter(
+        CONFIG_RELOADS_TOTAL,
+        "Policy reloads (SIGHUP or a changed file) by result: success, or error (the last good policy stays).",
+    )
+    .labelled("result", &RELOAD_RESULTS),
+    Metric::gauge(
+        CONFIG_INFO,
+        "The loaded configuration file's SHA-256 in the label sha256 (value 1).",
+    )
+    .labelled("sha256", &[]),
     Metric::counter(
         RDS_TOKENS_SIGNED_TOTAL,
         "RDS IAM authentication tokens signed (one per database endpoint, user and region, replaced before expiry).",
