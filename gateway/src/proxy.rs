@@ -27,8 +27,8 @@ mod limits;
 mod opened;
 mod postgres;
 mod refuse;
-pub mod reload;
 mod relay;
+pub mod reload;
 mod reuse;
 mod tcp;
 #[cfg(test)]

@@ -35,7 +35,10 @@ async fn policy_reloads_on_sighup_and_a_broken_file_keeps_the_last_good_one() {
         .find(|l| l.starts_with("gateway_proxy_config_info{") && l.ends_with(" 1"))
         .expect("the loaded file's hash is exported")
         .to_owned();
-    assert_eq!(sqlstate(&connect(&s, INTRUDER, "x", "app").await.unwrap_err()), "28000");
+    assert_eq!(
+        sqlstate(&connect(&s, INTRUDER, "x", "app").await.unwrap_err()),
+        "28000"
+    );
     // A session of team-a stays open across a reload that removes team-a's role.
     let open = connect(&s, TEAM_A_API, "api", "app").await.unwrap();
 
@@ -52,24 +55,43 @@ async fn policy_reloads_on_sighup_and_a_broken_file_keeps_the_last_good_one() {
     std::fs::write(&s.proxy_config, serde_norway::to_string(&cfg).unwrap()).unwrap();
     hup(&s);
     wait_reloads(&s, "success", 1.0).await;
-    let c = connect(&s, INTRUDER, "api", "app").await.expect("allowed after reload");
+    let c = connect(&s, INTRUDER, "api", "app")
+        .await
+        .expect("allowed after reload");
     let row = c.query_one("SELECT current_user::text", &[]).await.unwrap();
     assert_eq!(row.get::<_, String>(0), "api");
-    assert_eq!(sqlstate(&connect(&s, TEAM_A_API, "api", "app").await.unwrap_err()), "28000");
-    open.simple_query("SELECT 1").await.expect("the open session keeps its decision");
+    assert_eq!(
+        sqlstate(&connect(&s, TEAM_A_API, "api", "app").await.unwrap_err()),
+        "28000"
+    );
+    open.simple_query("SELECT 1")
+        .await
+        .expect("the open session keeps its decision");
     let hash_after = scrape(s.proxy_admin);
-    assert!(hash_after.contains(&hash_before.replace(" 1", " 0")), "{hash_after}");
+    assert!(
+        hash_after.contains(&hash_before.replace(" 1", " 0")),
+        "{hash_after}"
+    );
 
     // A broken file: refused with its line and reason; the last good policy serves on.
-    let broken = format!("{}\nroles_typo: []\n", serde_norway::to_string(&cfg).unwrap());
+    let broken = format!(
+        "{}\nroles_typo: []\n",
+        serde_norway::to_string(&cfg).unwrap()
+    );
     let line = broken.lines().count();
     std::fs::write(&s.proxy_config, &broken).unwrap();
     hup(&s);
     wait_reloads(&s, "error", 1.0).await;
     let log = s.log("proxy");
-    let want = format!("{}:{line}:1: unknown field `roles_typo`", s.proxy_config.display());
+    let want = format!(
+        "{}:{line}:1: unknown field `roles_typo`",
+        s.proxy_config.display()
+    );
     assert!(log.contains(&want), "no {want:?} in the proxy log:\n{log}");
-    assert!(connect(&s, INTRUDER, "api", "app").await.is_ok(), "the last good policy stays");
+    assert!(
+        connect(&s, INTRUDER, "api", "app").await.is_ok(),
+        "the last good policy stays"
+    );
     assert_eq!(reloads(&s, "success"), 1.0);
 
     // A change of databases is refused: upstream settings need a restart.
@@ -78,10 +100,16 @@ async fn policy_reloads_on_sighup_and_a_broken_file_keeps_the_last_good_one() {
     std::fs::write(&s.proxy_config, serde_norway::to_string(&moved).unwrap()).unwrap();
     hup(&s);
     wait_reloads(&s, "error", 2.0).await;
-    assert!(s.log("proxy").contains("databases changed; upstream settings are applied by a restart"));
+    assert!(
+        s.log("proxy")
+            .contains("databases changed; upstream settings are applied by a restart")
+    );
 
     // Without a signal: a changed file is picked up by the watch.
     std::fs::write(&s.proxy_config, &original).unwrap();
     wait_reloads(&s, "success", 2.0).await;
-    assert_eq!(sqlstate(&connect(&s, INTRUDER, "api", "app").await.unwrap_err()), "28000");
+    assert_eq!(
+        sqlstate(&connect(&s, INTRUDER, "api", "app").await.unwrap_err()),
+        "28000"
+    );
 }

@@ -41,13 +41,21 @@ async fn issue_20_a_requested_database_that_is_not_allowed_gets_3d000() {
 fn raw_session(addr: std::net::SocketAddr, user: &str, db: &str) -> (std::net::TcpStream, i32) {
     use std::io::Write;
     let mut c = std::net::TcpStream::connect(addr).unwrap();
-    c.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
-    c.write_all(&gateway::pg::encode_startup(&[("user", user), ("database", db)])).unwrap();
+    c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    c.write_all(&gateway::pg::encode_startup(&[
+        ("user", user),
+        ("database", db),
+    ]))
+    .unwrap();
     let mut pid = None;
     for (tag, body) in read_until_ready(&mut c) {
         match tag {
             b'K' => pid = Some(i32::from_be_bytes(body[..4].try_into().unwrap())),
-            b'E' => panic!("login failed: {:?}", gateway::pg::ErrorResponse::parse(&body)),
+            b'E' => panic!(
+                "login failed: {:?}",
+                gateway::pg::ErrorResponse::parse(&body)
+            ),
             _ => {}
         }
     }
@@ -102,25 +110,44 @@ async fn issue_20_the_client_sees_its_real_backend_pid() {
     let s = stack();
     let node = s.listeners[TEAM_A_API];
     let (mut c, pid) = raw_session(node, "api", "app");
-    assert_eq!(first_value(&simple_query(&mut c, "SELECT pg_backend_pid()")), pid.to_string());
+    assert_eq!(
+        first_value(&simple_query(&mut c, "SELECT pg_backend_pid()")),
+        pid.to_string()
+    );
     let in_activity = simple_query(
         &mut c,
         &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid} AND usename = 'api'"),
     );
     assert_eq!(first_value(&in_activity), "1");
     let notified = simple_query(&mut c, "LISTEN ch; NOTIFY ch, 'x'");
-    let (_, n) = notified.iter().find(|(t, _)| *t == b'A').expect("own notification");
+    let (_, n) = notified
+        .iter()
+        .find(|(t, _)| *t == b'A')
+        .expect("own notification");
     assert_eq!(i32::from_be_bytes(n[..4].try_into().unwrap()), pid);
 
     // Terminating its own backend: 57P01 FATAL, then the connection closes, promptly.
     let t0 = std::time::Instant::now();
     let end = simple_query(&mut c, "SELECT pg_terminate_backend(pg_backend_pid())");
-    let (_, e) = end.iter().find(|(t, _)| *t == b'E').expect("an ErrorResponse");
+    let (_, e) = end
+        .iter()
+        .find(|(t, _)| *t == b'E')
+        .expect("an ErrorResponse");
     let e = gateway::pg::ErrorResponse::parse(e).unwrap();
     assert_eq!(e.sqlstate, "57P01", "{e:?}");
-    assert_eq!(e.message, "terminating connection due to administrator command");
-    assert!(read_until_ready(&mut c).is_empty(), "connection closed after FATAL");
-    assert!(t0.elapsed() < std::time::Duration::from_secs(2), "{:?}", t0.elapsed());
+    assert_eq!(
+        e.message,
+        "terminating connection due to administrator command"
+    );
+    assert!(
+        read_until_ready(&mut c).is_empty(),
+        "connection closed after FATAL"
+    );
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(2),
+        "{:?}",
+        t0.elapsed()
+    );
 
     // tokio-postgres's cancel (its own key) still cancels the query.
     let client = connect(&s, TEAM_A_API, "api", "app").await.unwrap();

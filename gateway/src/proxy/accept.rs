@@ -169,7 +169,10 @@ fn check_and_admit<'a>(
         }
     }
     let info: &'a SessionInfo = info;
-    let e = match (protocol, shared.policy.load().database(route).map(|d| d.protocol)) {
+    let e = match (
+        protocol,
+        shared.policy.load().database(route).map(|d| d.protocol),
+    ) {
         (Protocol::Postgres, Some(Protocol::Tcp)) => AcceptError::RouteIsTcp(route.clone()),
         (Protocol::Tcp, Some(Protocol::Postgres)) => AcceptError::RouteIsPostgres(route.clone()),
         (Protocol::Tcp, None) => AcceptError::UnknownTcpRoute(route.clone()),

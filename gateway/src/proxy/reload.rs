@@ -76,12 +76,11 @@ fn try_reload(shared: &Shared, path: &Path) -> Result<(), ReloadError> {
             path: path.to_owned(),
         });
     }
-    let policy = Policy::compile(&cfg.roles, &cfg.databases).map_err(|reason| {
-        ReloadError::Policy {
+    let policy =
+        Policy::compile(&cfg.roles, &cfg.databases).map_err(|reason| ReloadError::Policy {
             path: path.to_owned(),
             reason,
-        }
-    })?;
+        })?;
     shared.policy.store(std::sync::Arc::new(policy));
     Ok(())
 }
@@ -98,7 +97,11 @@ pub fn stamp(path: &Path) -> Result<(Option<SystemTime>, u64, String), ReloadErr
 }
 
 /// Runs until `stop` resolves: reloads on SIGHUP and when the file's content changes.
-pub async fn watch(shared: std::sync::Arc<Shared>, path: PathBuf, stop: impl std::future::Future<Output = ()>) {
+pub async fn watch(
+    shared: std::sync::Arc<Shared>,
+    path: PathBuf,
+    stop: impl std::future::Future<Output = ()>,
+) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(h) => Some(h),
