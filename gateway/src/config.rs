@@ -72,6 +72,8 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Per connection and direction: bytes read but not yet written stay under this.
 pub const DEFAULT_BUFFER_BUDGET: usize = 64 * 1024;
 pub const DEFAULT_WARM_TUNNELS: usize = 2;
+/// Application connections one node agent holds at once (`data_plane.max_connections`).
+pub const DEFAULT_NODE_MAX_CONNECTIONS: usize = 16_384;
 pub const DEFAULT_WARM_TUNNEL_IDLE: Duration = Duration::from_secs(20);
 pub const MAX_WARM_TUNNELS: usize = 64;
 /// Longer than this, coalescing would hold queries back noticeably.

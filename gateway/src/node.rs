@@ -113,6 +113,7 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         }),
         proxy_name,
         dp: cfg.data_plane.clone(),
+        open: Default::default(),
     });
 
     start_data_plane(sockets, &endpoints, &plane)?;

@@ -325,3 +325,43 @@ async fn hardening_11_cancel_requests_are_audited() {
     results.sort();
     assert_eq!(results, ["forwarded", "unknown_key"]);
 }
+
+/// Item 8 at the node: past `data_plane.max_connections` a new application connection is
+/// closed at accept and counted; a freed place serves again. Before the fix the agent
+/// accepted without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hardening_08_node_caps_connections_per_process() {
+    use std::io::Read;
+    let mut spec = spec();
+    spec.data_plane.max_connections = 2;
+    let s = Stack::start(spec).unwrap();
+    let node = s.listeners[TEAM_A_API];
+    // Two connections that send nothing hold both places (until startup_timeout).
+    let held: Vec<std::net::TcpStream> =
+        (0..2).map(|_| std::net::TcpStream::connect(node).unwrap()).collect();
+    let refusals = || metric(&scrape(s.node_admin), "gateway_node_connection_refusals_total");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let mut third = std::net::TcpStream::connect(node).unwrap();
+        third.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 1];
+        if third.read(&mut buf).map(|n| n == 0).unwrap_or(false) && refusals() >= Some(1.0) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the third connection was not refused");
+    }
+    // The held ones still work as sessions would, and a freed place serves again.
+    drop(held);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let c = loop {
+        match connect(&s, TEAM_A_API, "api", "app").await {
+            Ok(c) => break c,
+            Err(e) if std::time::Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("no session after places were freed: {e}"),
+        }
+    };
+    c.simple_query("SELECT 1").await.unwrap();
+}

@@ -219,6 +219,10 @@ pub struct DataPlaneConfig {
     /// nothing open). Must stay below the proxy's `tunnel_idle_timeout`.
     #[serde(with = "human_duration")]
     pub warm_tunnel_idle: Duration,
+    /// Application connections the agent holds at once, all threads together; past it a new
+    /// connection is closed at accept and counted. Each costs two sockets and up to twice
+    /// `buffer_budget`: the cap bounds the agent's memory whatever the pods do.
+    pub max_connections: usize,
 }
 
 impl Default for DataPlaneConfig {
@@ -230,6 +234,7 @@ impl Default for DataPlaneConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             startup_timeout: DEFAULT_STARTUP_TIMEOUT,
             warm_tunnels: DEFAULT_WARM_TUNNELS,
+            max_connections: DEFAULT_NODE_MAX_CONNECTIONS,
             warm_tunnel_idle: DEFAULT_WARM_TUNNEL_IDLE,
         }
     }
@@ -330,6 +335,9 @@ impl NodeConfig {
             return Err(
                 "data_plane.warm_tunnel_idle: must be more than 0 (or set warm_tunnels: 0)".into(),
             );
+        }
+        if dp.max_connections == 0 {
+            return Err("data_plane.max_connections: must be at least 1".into());
         }
         if dp.max_flush_delay > MAX_FLUSH_DELAY {
             return Err(format!(

@@ -26,6 +26,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use rustls::ClientConfig;
@@ -76,6 +77,8 @@ pub struct Plane {
     pub dp: DataPlaneConfig,
     pub budget: Budget,
     pub warm: Arc<tunnel_pool::Dialer>,
+    /// Application connections open now, all threads (`data_plane.max_connections`).
+    pub open: std::sync::atomic::AtomicUsize,
 }
 
 /// An accept loop's kind.
@@ -85,12 +88,41 @@ pub enum Endpoint {
     Transparent(Arc<Transparent>),
 }
 
+/// One connection's place under `data_plane.max_connections`, given back on drop (also
+/// when its task ends early).
+struct OpenSlot(Arc<Plane>);
+
+impl OpenSlot {
+    fn take(plane: &Arc<Plane>) -> Self {
+        plane.open.fetch_add(1, Ordering::Relaxed);
+        Self(plane.clone())
+    }
+}
+
+impl Drop for OpenSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 pub async fn accept_loop(listener: TcpListener, endpoint: Endpoint, plane: Arc<Plane>) {
     loop {
+        let (endpoint, plane) = (endpoint.clone(), plane.clone());
         match listener.accept().await {
             Ok((stream, peer)) => {
                 metrics::counter!(telemetry::CONNECTIONS_TOTAL).increment(1);
-                tokio_uring::spawn(serve(stream, peer, endpoint.clone(), plane.clone()));
+                if plane.open.load(Ordering::Relaxed) >= plane.dp.max_connections {
+                    // Closed before any work: what a full agent can afford.
+                    metrics::counter!(telemetry::CONNECTION_REFUSALS_TOTAL).increment(1);
+                    tracing::debug!(%peer, max = plane.dp.max_connections, "connection refused: data_plane.max_connections");
+                    drop(stream);
+                    continue;
+                }
+                let slot = OpenSlot::take(&plane);
+                tokio_uring::spawn(async move {
+                    let _slot = slot;
+                    serve(stream, peer, endpoint, plane).await
+                });
             }
             Err(e) => {
                 metrics::counter!(telemetry::ACCEPT_ERRORS_TOTAL).increment(1);
@@ -456,6 +488,7 @@ mod tests {
                 keep: 0,
             }),
             dp,
+            open: Default::default(),
         })
     }
 

@@ -9,6 +9,8 @@ pub const CONNECTIONS_TOTAL: &str = "gateway_node_connections_total";
 pub const ACCEPT_ERRORS_TOTAL: &str = "gateway_node_accept_errors_total";
 /// Connections accepted and not yet ended.
 pub const ACTIVE_CONNECTIONS: &str = "gateway_node_active_connections";
+/// Connections closed at accept because the agent held `data_plane.max_connections`.
+pub const CONNECTION_REFUSALS_TOTAL: &str = "gateway_node_connection_refusals_total";
 /// Connections ended by an error, by `kind` (one of [`ERROR_KINDS`]).
 pub const ERRORS_TOTAL: &str = "gateway_node_errors_total";
 /// Seconds from a connection's start to a tunnel dialled for it being ready.
@@ -57,6 +59,10 @@ pub const METRICS: &[Metric] = &[
     Metric::counter(CONNECTIONS_TOTAL, "Connections accepted by the node agent."),
     Metric::counter(ACCEPT_ERRORS_TOTAL, "Failed accept() calls."),
     Metric::gauge(ACTIVE_CONNECTIONS, "Application connections open now."),
+    Metric::counter(
+        CONNECTION_REFUSALS_TOTAL,
+        "Connections closed at accept because the agent held data_plane.max_connections.",
+    ),
     Metric::counter(
         ERRORS_TOTAL,
         "Connections ended by an error, by kind (the client got an ErrorResponse or a close).",
