@@ -350,7 +350,7 @@ async fn hardening_08_node_caps_connections_per_process() {
         }
         assert!(std::time::Instant::now() < deadline, "the third connection was not refused");
     }
-    // The held ones still work as sessions would, and a freed place serves again.
+    // Freed places serve again.
     drop(held);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     let c = loop {
