@@ -18,6 +18,7 @@ const AUTO_OTHER: usize = 5;
 const DROP_A: usize = 6;
 const DROP_B: usize = 7;
 const AUTO_MANY: usize = 8;
+const WEAK_SVC: usize = 9;
 
 fn auto_spec() -> StackSpec {
     let mut spec = spec();
@@ -31,7 +32,29 @@ fn auto_spec() -> StackSpec {
         on_auto("drop", "a"),
         on_auto("drop", "b"),
         on_auto("auto", "many"),
+        Workload {
+            route: "weak".into(),
+            ..Workload::new("weak", "svc")
+        },
     ]);
+    // A route whose admin user lacks CREATEROLE.
+    spec.pg_routes.push(PgRoute {
+        name: "weak".into(),
+        reuse: None,
+        admin_user: Some("weak_admin".into()),
+    });
+    spec.roles.push(RoleConfig {
+        force_db_user: true,
+        force_db_name: true,
+        create_db_user_mode: CreateDbUserMode::Keep,
+        ..role(
+            "weak",
+            "weak",
+            &["weak"],
+            &["weak_{{ .service_account }}"],
+            &["app"],
+        )
+    });
     spec.pg_routes.push(PgRoute {
         name: "auto".into(),
         reuse: None,
@@ -66,6 +89,7 @@ fn auto_spec() -> StackSpec {
     spec.setup_sql.extend(
         [
             "CREATE ROLE gateway_admin LOGIN CREATEROLE",
+            "CREATE ROLE weak_admin LOGIN",
             "CREATE ROLE reader NOLOGIN",
             "CREATE ROLE writer NOLOGIN",
             // Someone else's user: never altered.
@@ -345,4 +369,24 @@ async fn auto_users_6_concurrent_first_sessions_create_the_user_once() {
     );
     drop(clients);
     wait_state(&s, "auto_many", Some((false, true, vec![]))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_users_7_an_admin_without_createrole_gives_42501_with_a_hint() {
+    let s = auto_stack();
+    let e = connect(&s, WEAK_SVC, "x", "app").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "42501", "{e:?}");
+    let db = e.as_db_error().unwrap();
+    assert!(
+        db.message()
+            .contains("cannot provision database user \"weak_svc\" on \"weak\" as \"weak_admin\""),
+        "{db:?}"
+    );
+    assert!(db.hint().unwrap().contains("CREATEROLE"), "{db:?}");
+    assert_eq!(user_state(&s, "weak_svc"), None);
+    let events = user_events(&s, "weak_svc");
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["event"], "db.user.create");
+    assert_eq!(events[0]["result"], "error");
+    assert_eq!(events[0]["error_code"], "42501");
 }

@@ -624,6 +624,21 @@ mod tests {
         // One over a postgres route still does.
         let e = check(&format!("{pg}{tcp}"), pg_role).unwrap_err();
         assert!(e.contains("needs db_users and db_names"), "{e}");
+        // Automatic users need an admin user on every postgres route they cover.
+        let auto_role = "  - {name: r, match: {namespace: a}, databases: {names: [main]}, db_users: [u], db_names: [d], create_db_user_mode: keep, db_roles: [reader]}\n";
+        let e = check(pg, auto_role).unwrap_err();
+        assert_eq!(
+            e,
+            "roles[0] (r): create_db_user_mode needs upstream.admin_user on database \"main\" (the user that creates database users)"
+        );
+        let with_admin = "  - {name: main, upstream: {address: 'db:5432', auth: cert, ca: ca, admin_user: gw_admin}}\n";
+        assert_eq!(check(with_admin, auto_role), Ok(()));
+        let e = check(
+            "  - {name: echo, protocol: tcp, upstream: {address: 'echo:7', admin_user: a}}\n",
+            tcp_role,
+        )
+        .unwrap_err();
+        assert!(e.contains("a tcp route relays plain bytes"), "{e}");
         let e = check(
             "  - {name: echo, protocol: tcp, upstream: {address: 'echo:7', auth: cert}}\n",
             tcp_role,
