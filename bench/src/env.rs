@@ -282,6 +282,7 @@ fn spec(gateway_bin: &Path, transparent: bool, echo: SocketAddr, threads: u16) -
         pg_routes: vec![PgRoute {
             name: REUSE_ROUTE.into(),
             reuse: Some(reuse()),
+            admin_user: None,
         }],
     }
 }

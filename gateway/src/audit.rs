@@ -101,6 +101,32 @@ pub struct CancelEvent<'a> {
     pub result: &'a str,
 }
 
+/// A change to an automatic database user (`db.user.create`, `db.user.update`,
+/// `db.user.deactivate`, `db.user.drop`): whose session made it and what it did.
+#[derive(Debug, Serialize)]
+pub struct DbUserEvent<'a> {
+    /// `create`, `update`, `deactivate` or `drop` (the event is `db.user.<action>`).
+    #[serde(skip)]
+    pub action: &'a str,
+    pub session_id: &'a str,
+    pub identity: &'a str,
+    pub database_route: &'a str,
+    pub db_user: &'a str,
+    /// The roles the user holds after the change (granted or kept).
+    pub roles: &'a [String],
+    /// Roles granted and revoked by this change.
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    pub granted: &'a [String],
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    pub revoked: &'a [String],
+    /// `success` or `error`.
+    pub result: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_message: Option<&'a str>,
+}
+
 /// How a session ended (or failed to start), for both events.
 #[derive(Debug, Clone, Default)]
 pub struct Outcome {
@@ -283,6 +309,22 @@ impl AuditLog {
             event: "db.cancel",
             time: now_rfc3339(),
             cancel: c,
+        });
+    }
+
+    /// A `db.user.<action>` record.
+    pub fn db_user(&self, u: &DbUserEvent<'_>) {
+        #[derive(Serialize)]
+        struct DbUser<'a> {
+            event: String,
+            time: String,
+            #[serde(flatten)]
+            user: &'a DbUserEvent<'a>,
+        }
+        self.write(&DbUser {
+            event: format!("db.user.{}", u.action),
+            time: now_rfc3339(),
+            user: u,
         });
     }
 

@@ -23,8 +23,9 @@ pub use node::{
     KubernetesSource, ListenerConfig, NodeConfig, ProxyEndpoint, RouteConfig,
 };
 pub use proxy::{
-    AuditConfig, AuditWhenFull, CaFiles, DatabaseConfig, DatabaseSelector, Effect, MatchConfig,
-    ProxyConfig, ProxyTls, ReuseConfig, RoleConfig, UpstreamAuth, UpstreamConfig, UpstreamTlsMode,
+    AuditConfig, AuditWhenFull, CaFiles, CreateDbUserMode, DatabaseConfig, DatabaseSelector,
+    Effect, MatchConfig, ProxyConfig, ProxyTls, ReuseConfig, RoleConfig, UpstreamAuth,
+    UpstreamConfig, UpstreamTlsMode,
 };
 
 // ----------------------------------------------------------------------------------------

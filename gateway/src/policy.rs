@@ -7,7 +7,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use crate::config::{DatabaseConfig, DatabaseSelector, Effect, RoleConfig};
+use crate::config::{CreateDbUserMode, DatabaseConfig, DatabaseSelector, Effect, RoleConfig};
 use crate::pg::{ErrorResponse, sqlstate};
 use crate::pki::SpiffeId;
 
@@ -40,6 +40,7 @@ struct Role {
     cfg: RoleConfig,
     db_names: Vec<Template>,
     db_users: Vec<Template>,
+    db_roles: Vec<Template>,
 }
 
 /// Database users a template or `*` never yields: the cluster's superusers and
@@ -149,6 +150,17 @@ pub struct Decision {
     pub db_user: String,
     pub db_name: String,
     pub role: String,
+    /// Set when a role that gives this user has `create_db_user_mode` other than `off`.
+    pub auto_user: Option<AutoUser>,
+}
+
+/// An automatic database user: how to retire it and the roles it is to hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AutoUser {
+    pub mode: CreateDbUserMode,
+    /// The rendered `db_roles` of the roles that give the user, sorted, without duplicates;
+    /// a template never yields a reserved role (see [`RESERVED_USERS`]).
+    pub db_roles: Vec<String>,
 }
 
 impl Role {
@@ -182,6 +194,7 @@ impl Policy {
                 Ok(Role {
                     db_names: parse_all(&r.db_names)?,
                     db_users: parse_all(&r.db_users)?,
+                    db_roles: parse_all(&r.db_roles)?,
                     cfg: r.clone(),
                 })
             })
@@ -311,11 +324,13 @@ impl Policy {
             )
             .with_hint(format!("Allowed database names: {}.", join_quoted(&names)))
         })?;
+        let auto_user = auto_user(&allow, id, &db_user);
         Ok(Decision {
             database: db.clone(),
             db_user,
             db_name,
             role: allow[0].cfg.name.clone(),
+            auto_user,
         })
     }
 
@@ -331,6 +346,36 @@ impl Policy {
         }
         out.into_iter().collect()
     }
+}
+
+/// The automatic-user settings for `user`: from the allowing roles that give it (listed,
+/// `*`, or forced) and have a mode other than `off`; the first such role's mode.
+fn auto_user(roles: &[&Role], id: &SpiffeId, user: &str) -> Option<AutoUser> {
+    let gives = |r: &&&Role| {
+        r.db_users.iter().any(|t| {
+            let v = t.render(id);
+            v == user || v == "*"
+        })
+    };
+    let auto: Vec<&&Role> = roles
+        .iter()
+        .filter(|r| !r.cfg.create_db_user_mode.is_off())
+        .filter(gives)
+        .collect();
+    let mode = auto.first()?.cfg.create_db_user_mode;
+    let db_roles: BTreeSet<String> = auto
+        .iter()
+        .flat_map(|r| r.db_roles.iter())
+        .filter_map(|t| {
+            let v = t.render(id);
+            let reserved = t.literal().is_none() && is_reserved_user(&v);
+            (!v.is_empty() && !reserved).then_some(v)
+        })
+        .collect();
+    Some(AutoUser {
+        mode,
+        db_roles: db_roles.into_iter().collect(),
+    })
 }
 
 /// Picks the value for one dimension (user or database name): a forcing role decides;
@@ -602,6 +647,46 @@ roles:
         let p: P = parse_yaml(std::path::Path::new("t.yaml"), &yaml).unwrap();
         let e = Policy::compile(&p.roles, &p.databases).unwrap_err();
         assert!(e.contains("unknown variable \".pod\""), "{e}");
+    }
+
+    #[test]
+    fn auto_users_take_mode_and_rendered_roles_from_the_giving_roles() {
+        let yaml = BASE.replace(
+            "    force_db_name: true\n",
+            "    force_db_name: true\n    create_db_user_mode: best_effort_drop\n    db_roles: [\"r_{{ .service_account }}\", \"{{ .service_account }}\", reader, reader]\n",
+        );
+        let p = policy(&yaml);
+        let d = p
+            .decide(
+                &SpiffeId::new("td", "billing", "worker"),
+                "main",
+                None,
+                None,
+            )
+            .unwrap();
+        let auto = d.auto_user.expect("auto user");
+        assert_eq!(auto.mode, CreateDbUserMode::BestEffortDrop);
+        assert_eq!(auto.db_roles, ["r_worker", "reader", "worker"]);
+        // A template never yields a reserved role.
+        let d = p
+            .decide(
+                &SpiffeId::new("td", "billing", "pg_monitor"),
+                "main",
+                None,
+                None,
+            )
+            .unwrap();
+        assert_eq!(d.auto_user.unwrap().db_roles, ["r_pg_monitor", "reader"]);
+        // Roles without a mode give no automatic user.
+        let d = p
+            .decide(
+                &SpiffeId::new("td", "team-a", "api"),
+                "main",
+                Some("api"),
+                Some("team-a"),
+            )
+            .unwrap();
+        assert!(d.auto_user.is_none());
     }
 
     #[test]

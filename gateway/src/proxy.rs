@@ -26,6 +26,7 @@ mod cancel;
 mod limits;
 mod opened;
 mod postgres;
+mod provision;
 mod refuse;
 mod relay;
 pub mod reload;

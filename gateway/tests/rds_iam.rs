@@ -264,6 +264,7 @@ fn rds_route(name: &str, front: &RdsFront) -> DatabaseConfig {
             iam_host: Some(IAM_HOST.into()),
             reuse: None,
             startup_parameters: Vec::new(),
+            admin_user: None,
         },
     }
 }

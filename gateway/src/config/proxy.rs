@@ -182,6 +182,32 @@ pub struct RoleConfig {
     /// Connect to the first `db_names` entry whatever database the client asked for.
     #[serde(default)]
     pub force_db_name: bool,
+    /// Automatic database users: create the decided user when it does not exist (as the
+    /// route's `upstream.admin_user`), and what to do after its last session.
+    #[serde(default, skip_serializing_if = "CreateDbUserMode::is_off")]
+    pub create_db_user_mode: CreateDbUserMode,
+    /// Roles granted to an automatic user (templates allowed), kept in step with the policy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub db_roles: Vec<String>,
+}
+
+/// What the proxy does with a database user that does not exist (`create_db_user_mode`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CreateDbUserMode {
+    /// Never create or change users (the default).
+    #[default]
+    Off,
+    /// Create it; after its last session revoke its roles and set `NOLOGIN`.
+    Keep,
+    /// Create it; after its last session drop it, or do as `keep` when objects depend on it.
+    BestEffortDrop,
+}
+
+impl CreateDbUserMode {
+    pub fn is_off(&self) -> bool {
+        *self == Self::Off
+    }
 }
 
 /// All given fields must match; an empty matcher is refused at load (it would match all).
@@ -245,6 +271,11 @@ pub struct UpstreamConfig {
     /// allow-list (`policy::startup::ALLOWED`); anything else is refused at startup.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub startup_parameters: Vec<String>,
+    /// The database user that creates and retires automatic users (roles with
+    /// `create_db_user_mode`), logged in like any user (certificate or IAM token). It needs
+    /// `CREATEROLE` and the admin option on the roles it grants (`rds_iam` on RDS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_user: Option<String>,
 }
 
 /// Server-session reuse: when a client session ends cleanly (Terminate or EOF while the
@@ -419,7 +450,8 @@ impl ProxyConfig {
                         || u.server_name.is_some()
                         || u.region.is_some()
                         || u.iam_host.is_some()
-                        || u.reuse.is_some() =>
+                        || u.reuse.is_some()
+                        || u.admin_user.is_some() =>
                 {
                     return Err(format!(
                         "databases[{i}] ({}): a tcp route relays plain bytes; upstream.auth, upstream.ca, upstream.server_name and upstream.reuse do not apply",
@@ -475,6 +507,18 @@ impl ProxyConfig {
                 .iter()
                 .filter(|d| d.protocol.is_postgres())
                 .any(|d| r.databases.covers(d));
+            if !r.create_db_user_mode.is_off()
+                && let Some(d) = self
+                    .databases
+                    .iter()
+                    .filter(|d| d.protocol.is_postgres())
+                    .find(|d| r.databases.covers(d) && d.upstream.admin_user.is_none())
+            {
+                return Err(format!(
+                    "roles[{i}] ({}): create_db_user_mode needs upstream.admin_user on database {:?} (the user that creates database users)",
+                    r.name, d.name
+                ));
+            }
             if r.effect == Effect::Allow
                 && covers_postgres
                 && (r.db_users.is_empty() || r.db_names.is_empty())
@@ -580,6 +624,21 @@ mod tests {
         // One over a postgres route still does.
         let e = check(&format!("{pg}{tcp}"), pg_role).unwrap_err();
         assert!(e.contains("needs db_users and db_names"), "{e}");
+        // Automatic users need an admin user on every postgres route they cover.
+        let auto_role = "  - {name: r, match: {namespace: a}, databases: {names: [main]}, db_users: [u], db_names: [d], create_db_user_mode: keep, db_roles: [reader]}\n";
+        let e = check(pg, auto_role).unwrap_err();
+        assert_eq!(
+            e,
+            "roles[0] (r): create_db_user_mode needs upstream.admin_user on database \"main\" (the user that creates database users)"
+        );
+        let with_admin = "  - {name: main, upstream: {address: 'db:5432', auth: cert, ca: ca, admin_user: gw_admin}}\n";
+        assert_eq!(check(with_admin, auto_role), Ok(()));
+        let e = check(
+            "  - {name: echo, protocol: tcp, upstream: {address: 'echo:7', admin_user: a}}\n",
+            tcp_role,
+        )
+        .unwrap_err();
+        assert!(e.contains("a tcp route relays plain bytes"), "{e}");
         let e = check(
             "  - {name: echo, protocol: tcp, upstream: {address: 'echo:7', auth: cert}}\n",
             tcp_role,
@@ -674,6 +733,7 @@ mod tests {
             iam_host: None,
             reuse: None,
             startup_parameters: Vec::new(),
+            admin_user: None,
         };
         assert_eq!(u.server_name(), "db.example.com");
         assert_eq!(u.iam_endpoint(), ("db.example.com", 5432));

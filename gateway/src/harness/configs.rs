@@ -44,9 +44,12 @@ fn in_ca_dir(file: &str) -> PathBuf {
 /// The proxy of a stack whose PostgreSQL listens on `pg_port`.
 pub fn proxy_config(spec: &StackSpec, pg_port: u16) -> ProxyConfig {
     let mut databases = Vec::new();
-    let main = (ROUTE, &spec.upstream_reuse);
-    let extra = spec.pg_routes.iter().map(|r| (r.name.as_str(), &r.reuse));
-    for (name, reuse) in std::iter::once(main).chain(extra) {
+    let main = (ROUTE, &spec.upstream_reuse, &None);
+    let extra = spec
+        .pg_routes
+        .iter()
+        .map(|r| (r.name.as_str(), &r.reuse, &r.admin_user));
+    for (name, reuse, admin_user) in std::iter::once(main).chain(extra) {
         databases.push(DatabaseConfig {
             name: name.into(),
             labels: [("env".to_owned(), "demo".to_owned())].into(),
@@ -61,6 +64,7 @@ pub fn proxy_config(spec: &StackSpec, pg_port: u16) -> ProxyConfig {
                 iam_host: None,
                 reuse: reuse.clone(),
                 startup_parameters: Vec::new(),
+                admin_user: admin_user.clone(),
             },
         });
     }
@@ -80,6 +84,7 @@ pub fn proxy_config(spec: &StackSpec, pg_port: u16) -> ProxyConfig {
                 iam_host: None,
                 reuse: None,
                 startup_parameters: Vec::new(),
+                admin_user: None,
             },
         });
     }
@@ -275,6 +280,7 @@ mod tests {
                     iam_host: None,
                     reuse: None,
                     startup_parameters: Vec::new(),
+                    admin_user: None,
                 },
             }],
             upstream_reuse: Some(ReuseConfig {
@@ -285,6 +291,7 @@ mod tests {
             pg_routes: vec![PgRoute {
                 name: "main-reuse".into(),
                 reuse: None,
+                admin_user: None,
             }],
             tcp_routes: vec![TcpRoute {
                 name: "echo".into(),

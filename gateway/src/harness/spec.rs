@@ -68,6 +68,8 @@ pub struct PgRoute {
     pub name: String,
     /// `upstream.reuse`; `None` for off.
     pub reuse: Option<ReuseConfig>,
+    /// `upstream.admin_user` (automatic database users); `None` for none.
+    pub admin_user: Option<String>,
 }
 
 /// Data-plane threads of a stack's node unless a test sets `data_plane.threads`.

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use super::Shared;
 use super::cancel::{self, CancelKey, CancelTarget};
 use super::opened::{Active, Client, Opened};
+use super::provision;
 use super::refuse::{self, Answer, Refusal};
 use super::relay::{self, ClientEnd, Counters, End};
 use super::reuse;
@@ -52,6 +53,10 @@ pub(super) enum PostgresError {
         route: String,
         user: String,
     },
+    /// Creating or updating the automatic database user failed, or the user exists and
+    /// is not the gateway's.
+    #[error("{}", .0.message)]
+    Provision(ErrorResponse),
     /// The client went away or broke TLS: nobody to answer.
     #[error("the client closed the tunnel")]
     Gone,
@@ -102,6 +107,7 @@ impl PostgresError {
                 route,
                 user,
             } => source.to_client(&route, &user),
+            PostgresError::Provision(error) => error,
             PostgresError::Gone => return None,
         };
         Some(error.into())
@@ -199,6 +205,27 @@ pub(super) async fn start(shared: &Arc<Shared>, opened: Box<Opened>) -> Option<B
     info.db_name = Some(decision.db_name.clone());
     info.role = Some(decision.role.clone());
 
+    // An automatic user: created or brought in line before the login, its lock held until
+    // the login is done (a concurrent last session must not retire it meanwhile).
+    let (held, auto) = match &decision.auto_user {
+        None => (None, None),
+        Some(a) => match Box::pin(provision::ensure(shared, &info, &decision, a)).await {
+            Ok(held) => {
+                let auto = Box::new(provision::AutoEnd {
+                    database: decision.database.clone(),
+                    user: decision.db_user.clone(),
+                    mode: a.mode,
+                });
+                (Some(held), Some(auto))
+            }
+            Err(error) => {
+                let e = PostgresError::Provision(error);
+                refuse(shared, &mut client, &info, e, started).await;
+                return None;
+            }
+        },
+    };
+
     let reuse = decision.database.upstream.reuse.clone().map(|cfg| {
         let key = reuse::Key::new(
             &identity,
@@ -257,6 +284,9 @@ pub(super) async fn start(shared: &Arc<Shared>, opened: Box<Opened>) -> Option<B
             }
         }
     };
+    if let Some(held) = held {
+        Box::pin(held.done()).await;
+    }
     info.upstream_addr = Some(login.backend.addr.to_string());
 
     // Greet the client as the server would, with our own cancel key.
@@ -291,6 +321,7 @@ pub(super) async fn start(shared: &Arc<Shared>, opened: Box<Opened>) -> Option<B
         hello,
         cancel_key,
         reuse,
+        auto,
         _active: active,
     }))
 }
@@ -307,6 +338,8 @@ pub(super) struct Session<'a> {
     hello: Vec<u8>,
     cancel_key: Option<CancelKey<'a>>,
     reuse: Option<(reuse::Key, ReuseConfig)>,
+    /// An automatic user, to retire after its last session.
+    auto: Option<Box<provision::AutoEnd>>,
     _active: Active,
 }
 
@@ -366,6 +399,12 @@ pub(super) async fn run(
         session.started.elapsed(),
     );
     tracing::info!(session = %session.info.session_id, ?end, "session ended");
+    if kept.is_none()
+        && let Some(auto) = &session.auto
+    {
+        let pid = backend.key.map(|(pid, _)| pid);
+        Box::pin(provision::release(shared, &session.info, auto, pid)).await;
+    }
     if let (Some(stream), Some((key, cfg))) = (kept, session.reuse) {
         if *drain.borrow() {
             let mut stream = stream;

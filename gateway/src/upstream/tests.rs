@@ -68,6 +68,7 @@ impl Db {
                 iam_host: None,
                 reuse: None,
                 startup_parameters: Vec::new(),
+                admin_user: None,
             },
         }
     }
@@ -301,6 +302,7 @@ fn a_postgres_route_without_a_ca_is_a_configuration_error() {
             iam_host: None,
             reuse: None,
             startup_parameters: Vec::new(),
+            admin_user: None,
         },
     };
     let ttl = Duration::from_secs(60);

@@ -80,6 +80,7 @@ pub fn spec() -> StackSpec {
                 iam_host: None,
                 reuse: None,
                 startup_parameters: Vec::new(),
+                admin_user: None,
             },
         }],
         tcp_routes: Vec::new(),
