@@ -337,18 +337,29 @@ async fn hardening_08_node_caps_connections_per_process() {
     let s = Stack::start(spec).unwrap();
     let node = s.listeners[TEAM_A_API];
     // Two connections that send nothing hold both places (until startup_timeout).
-    let held: Vec<std::net::TcpStream> =
-        (0..2).map(|_| std::net::TcpStream::connect(node).unwrap()).collect();
-    let refusals = || metric(&scrape(s.node_admin), "gateway_node_connection_refusals_total");
+    let held: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| std::net::TcpStream::connect(node).unwrap())
+        .collect();
+    let refusals = || {
+        metric(
+            &scrape(s.node_admin),
+            "gateway_node_connection_refusals_total",
+        )
+    };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
         let mut third = std::net::TcpStream::connect(node).unwrap();
-        third.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+        third
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
         let mut buf = [0u8; 1];
         if third.read(&mut buf).map(|n| n == 0).unwrap_or(false) && refusals() >= Some(1.0) {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the third connection was not refused");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the third connection was not refused"
+        );
     }
     // Freed places serve again.
     drop(held);
