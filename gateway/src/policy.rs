@@ -288,7 +288,10 @@ impl Policy {
                 .with_hint(format!("Allowed database users: {}.", join_quoted(&users)))
         })?;
         let literal = |r: &&Role| r.db_users.iter().any(|t| t.literal() == Some(&db_user));
-        if is_reserved_user(&db_user) && !allow.iter().any(literal) {
+        // The route's admin user (automatic users) is reserved too: it creates and alters
+        // roles.
+        let admin = db.upstream.admin_user.as_deref() == Some(db_user.as_str());
+        if (is_reserved_user(&db_user) || admin) && !allow.iter().any(literal) {
             return Err(ErrorResponse::fatal(
                 sqlstate::INSUFFICIENT_PRIVILEGE,
                 format!(
@@ -529,6 +532,15 @@ roles:
                 .db_user,
             "someone"
         );
+        // The route's admin user is reserved like the superuser.
+        let admin = policy(&BASE.replace(
+            "auth: cert, ca: ca.crt }\n  - name: other",
+            "auth: cert, ca: ca.crt, admin_user: gateway_admin }\n  - name: other",
+        ));
+        let id = SpiffeId::new("td", "team-a", "gateway_admin");
+        let e = admin.decide(&id, "main", Some("gateway_admin"), None).unwrap_err();
+        assert_eq!(e.sqlstate, "42501", "{e:?}");
+        let id = SpiffeId::new("td", "team-a", "api");
         // Listed literally, it is the operator's choice.
         let literal = policy(&BASE.replace("\"readonly\"]", "\"postgres\"]"));
         let d = literal
