@@ -538,7 +538,9 @@ roles:
             "auth: cert, ca: ca.crt, admin_user: gateway_admin }\n  - name: other",
         ));
         let id = SpiffeId::new("td", "team-a", "gateway_admin");
-        let e = admin.decide(&id, "main", Some("gateway_admin"), None).unwrap_err();
+        let e = admin
+            .decide(&id, "main", Some("gateway_admin"), None)
+            .unwrap_err();
         assert_eq!(e.sqlstate, "42501", "{e:?}");
         let id = SpiffeId::new("td", "team-a", "api");
         // Listed literally, it is the operator's choice.
