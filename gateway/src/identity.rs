@@ -56,6 +56,10 @@ pub enum IdentityError {
     )]
     NoCgroup2Root { mount_point: String },
     #[error(
+        "this process's cgroup is in no cgroup.procs under {} (is the host's cgroup v2 root mounted there?)", root.display()
+    )]
+    OwnCgroupNotFound { root: PathBuf },
+    #[error(
         "cgroup id {id} is unknown under {root} (the process's cgroup is already gone, or is not in this hierarchy)"
     )]
     UnknownCgroup { id: u64, root: PathBuf },

@@ -105,7 +105,9 @@ fn helper_command(program_prefix: Option<Command>, mode: &str) -> Command {
 /// - `probe <n> <conninfo>`: `n` sequential tokio-postgres sessions (`select 1`); prints the
 ///   slowest in milliseconds;
 /// - `flood <addr> <n>`: `n` connects held open; prints how many succeeded and how many
-///   failed with EPERM, then holds them until killed.
+///   failed with EPERM, then holds them until killed;
+/// - `own-cgroup`: prints its `/proc/self/cgroup` entry and the cgroup the agent would
+///   exempt as its own.
 #[test]
 fn helper() {
     let Ok(mode) = std::env::var(HELPER_ENV) else {
@@ -118,6 +120,7 @@ fn helper() {
         ["burst", addr, n, user] => burst(addr.parse().unwrap(), n.parse().unwrap(), user),
         ["probe", n, conninfo] => probe(n.parse().unwrap(), conninfo),
         ["flood", addr, n] => flood(addr.parse().unwrap(), n.parse().unwrap()),
+        ["own-cgroup"] => own_cgroup(),
         _ => panic!("bad helper mode {mode:?}"),
     }
 }
@@ -195,6 +198,13 @@ fn flood(addr: SocketAddr, n: usize) {
     println!("{RESULT} {} {eperm} {other}", held.len());
     std::io::stdout().flush().unwrap();
     std::thread::sleep(Duration::from_secs(600));
+}
+
+fn own_cgroup() {
+    let line = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let entry = line.lines().find(|l| l.starts_with("0::")).unwrap();
+    let own = gateway::identity::cgroup::current_cgroup().unwrap();
+    println!("{RESULT} {entry} {}", own.display());
 }
 
 // ------------------------------------------------------------------------------------------
@@ -563,4 +573,49 @@ fn hardening_10_flooding_cgroup_does_not_evict_other_pods() {
     let mut again = helper_in(&env, &flooder, &format!("flood {db} 1"));
     assert_eq!(result_line(&mut again.0), "1 0 0");
     assert_eq!(i.refused_total().unwrap(), 12);
+}
+
+// ------------------------------------------------------------------------------------------
+// The agent's own cgroup in a private cgroup namespace (issue 22)
+
+/// The DaemonSet's agent runs in a private cgroup namespace, where `/proc/self/cgroup` says
+/// `0::/`: the cgroup it exempts from interception must still be its own (found through
+/// `cgroup.procs`), not the hierarchy's root (before the fix: the root, so its own
+/// connections were intercepted and every process in the root cgroup was not).
+#[test]
+fn agent_in_a_private_cgroup_namespace_exempts_its_own_cgroup() {
+    if !privileged("the agent's own cgroup in a private cgroup namespace") {
+        return;
+    }
+    let cgroup2 = gateway::identity::cgroup::cgroup2_mount().unwrap();
+    let tree = CgroupTree::create(&cgroup2, &format!("dbgw-ownns-{}", std::process::id())).unwrap();
+    let agent = tree.mkdir("agent.scope").unwrap();
+    let procs = File::options()
+        .write(true)
+        .open(agent.join("cgroup.procs"))
+        .unwrap();
+    let fd = procs.as_raw_fd();
+    let mut cmd = helper_command(None, "own-cgroup");
+    // SAFETY: between fork and exec only write(2) and unshare(2) run: async-signal-safe, no
+    // allocation. The move comes first, so the new namespace's root is `agent.scope`.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::write(fd, b"0".as_ptr().cast(), 1) != 1
+                || libc::unshare(libc::CLONE_NEWCGROUP) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    drop(procs);
+    let line = result_line(&mut child);
+    assert!(child.wait().unwrap().success());
+    let (entry, own) = line.split_once(' ').unwrap();
+    assert_eq!(
+        entry, "0::/",
+        "the helper is not in a private cgroup namespace"
+    );
+    assert_eq!(PathBuf::from(own), agent);
 }

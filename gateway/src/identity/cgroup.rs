@@ -21,20 +21,42 @@ pub const MOUNTINFO: &str = "/proc/self/mountinfo";
 /// Finds the cgroup v2 mount point in `/proc/self/mountinfo`. On a unified host that is
 /// `/sys/fs/cgroup`; on hybrid hosts (v1 controllers plus v2) it is often
 /// `/sys/fs/cgroup/unified`, so it is looked up, never assumed.
+///
+/// In a private cgroup namespace (the default for containers on cgroup v2, so the agent's
+/// DaemonSet pod) mountinfo shows roots relative to the namespace's root: the host's
+/// hierarchy root, bind-mounted over the container's own cgroupfs, appears as `/..` (or
+/// `/../..`, one `..` per level), and the container's own mount as `/`. Of the candidates,
+/// the first whose directory is the hierarchy root (the root cgroup has no `cgroup.type`)
+/// is taken; paths derived from any other would be relative to the wrong cgroup.
 pub fn cgroup2_mount() -> Result<PathBuf, IdentityError> {
     let text = fs::read_to_string(MOUNTINFO).map_err(|source| IdentityError::Read {
         path: PathBuf::from(MOUNTINFO),
         source,
     })?;
-    cgroup2_mount_in(&text)
+    let candidates = cgroup2_mounts_in(&text)?;
+    candidates
+        .iter()
+        .find(|dir| is_hierarchy_root(dir))
+        .cloned()
+        .ok_or_else(|| IdentityError::NoCgroup2Root {
+            mount_point: candidates[0].display().to_string(),
+        })
 }
 
-/// The mount point of the cgroup2 hierarchy's root in mountinfo text (see proc(5)):
-/// `id parent major:minor root mount-point options [optional fields...] - fstype source
-/// super-options`. Only a mount of the hierarchy root (`root` = `/`) will do: the paths we
-/// derive must be the kernel's paths, not those of a bind-mounted subtree.
-pub fn cgroup2_mount_in(mountinfo: &str) -> Result<PathBuf, IdentityError> {
+/// Is `dir` the root of a cgroup v2 hierarchy? Every cgroup but the root has `cgroup.type`.
+fn is_hierarchy_root(dir: &Path) -> bool {
+    dir.join("cgroup.procs").exists() && !dir.join("cgroup.type").exists()
+}
+
+/// The mount points of cgroup2 mounts that may be the hierarchy's root, from mountinfo
+/// text (see proc(5)): `id parent major:minor root mount-point options [optional
+/// fields...] - fstype source super-options`. Only mounts whose `root` is `/` or made of
+/// `..` alone (an ancestor of a private cgroup namespace's root) will do: the paths we
+/// derive must be the kernel's paths, not those of a bind-mounted subtree. `/` ones come
+/// first, in mountinfo order.
+pub fn cgroup2_mounts_in(mountinfo: &str) -> Result<Vec<PathBuf>, IdentityError> {
     let mut subtree = None;
+    let (mut roots, mut ancestors) = (Vec::new(), Vec::new());
     for (index, line) in mountinfo.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -62,14 +84,21 @@ pub fn cgroup2_mount_in(mountinfo: &str) -> Result<PathBuf, IdentityError> {
         let root = unescape_octal(fields[3]).map_err(|r| bad(&r))?;
         let mount_point = unescape_octal(fields[4]).map_err(|r| bad(&r))?;
         if root == "/" {
-            return Ok(PathBuf::from(mount_point));
+            roots.push(PathBuf::from(mount_point));
+        } else if root.split('/').skip(1).all(|c| c == "..") {
+            ancestors.push(PathBuf::from(mount_point));
+        } else {
+            subtree.get_or_insert(mount_point);
         }
-        subtree.get_or_insert(mount_point);
     }
-    Err(match subtree {
-        Some(mount_point) => IdentityError::NoCgroup2Root { mount_point },
-        None => IdentityError::NoCgroup2Mount,
-    })
+    roots.extend(ancestors);
+    if roots.is_empty() {
+        return Err(match subtree {
+            Some(mount_point) => IdentityError::NoCgroup2Root { mount_point },
+            None => IdentityError::NoCgroup2Mount,
+        });
+    }
+    Ok(roots)
 }
 
 /// Mountinfo escapes space, tab, newline and backslash in paths as `\ooo` (octal).
@@ -99,8 +128,15 @@ fn unescape_octal(field: &str) -> Result<String, String> {
 /// Where the kernel names this process's cgroups.
 pub const PROC_SELF_CGROUP: &str = "/proc/self/cgroup";
 
-/// The cgroup v2 directory of this process (from /proc/self/cgroup, line `0::<path>`, under
-/// the cgroup v2 mount): the node agent exempts its own cgroup from interception.
+/// The cgroup v2 directory of this process, under the cgroup v2 mount: the node agent
+/// exempts its own cgroup from interception.
+///
+/// `/proc/self/cgroup` (line `0::<path>`) names it relative to this process's cgroup
+/// namespace root. In the initial namespace that is the hierarchy's root and the path is
+/// the kernel's. In a private namespace (a container) the line says `0::/` (or a path with
+/// `..`), which names no directory of the host's hierarchy: then the cgroup is found as the
+/// one whose `cgroup.procs` lists this process (the kernel shows each reader the pids of
+/// its own pid namespace, so only ours matches).
 pub fn current_cgroup() -> Result<PathBuf, IdentityError> {
     let root = cgroup2_mount()?;
     let own = fs::read_to_string(PROC_SELF_CGROUP).map_err(|source| IdentityError::Read {
@@ -111,7 +147,35 @@ pub fn current_cgroup() -> Result<PathBuf, IdentityError> {
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
         .ok_or(IdentityError::NoCgroup2Entry)?;
-    Ok(root.join(rel.trim_start_matches('/')))
+    if rel != "/" && !rel.split('/').any(|c| c == "..") {
+        return Ok(root.join(rel.trim_start_matches('/')));
+    }
+    cgroup_of_pid(&root, std::process::id()).ok_or(IdentityError::OwnCgroupNotFound { root })
+}
+
+/// The cgroup under `root` whose `cgroup.procs` lists `pid`, breadth first (the root first).
+/// Unreadable directories (a cgroup removed meanwhile, threaded ones) are skipped.
+fn cgroup_of_pid(root: &Path, pid: u32) -> Option<PathBuf> {
+    let mut queue = std::collections::VecDeque::from([root.to_path_buf()]);
+    while let Some(dir) = queue.pop_front() {
+        let listed = fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|procs| {
+            procs
+                .lines()
+                .any(|l| l.trim().parse::<u32>().is_ok_and(|p| p == pid))
+        });
+        if listed {
+            return Some(dir);
+        }
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                queue.push_back(entry.path());
+            }
+        }
+    }
+    None
 }
 
 /// The cgroup id of a cgroup directory: its inode number.
@@ -240,7 +304,7 @@ mod tests {
 35 31 0:32 / /sys/fs/cgroup/cpu,cpuacct rw,nosuid,nodev,noexec,relatime shared:15 - cgroup cgroup rw,cpu,cpuacct
 ";
         assert_eq!(
-            cgroup2_mount_in(text).unwrap(),
+            cgroup2_mounts_in(text).unwrap()[0],
             PathBuf::from("/sys/fs/cgroup/unified")
         );
     }
@@ -252,7 +316,7 @@ mod tests {
 27 22 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot
 ";
         assert_eq!(
-            cgroup2_mount_in(text).unwrap(),
+            cgroup2_mounts_in(text).unwrap()[0],
             PathBuf::from("/sys/fs/cgroup")
         );
     }
@@ -261,7 +325,7 @@ mod tests {
     fn mountinfo_unescapes_octal_and_handles_many_optional_fields() {
         let text = "40 22 0:26 / /mnt/my\\040cgroups rw shared:3 master:1 propagate_from:2 - cgroup2 none rw\n";
         assert_eq!(
-            cgroup2_mount_in(text).unwrap(),
+            cgroup2_mounts_in(text).unwrap()[0],
             PathBuf::from("/mnt/my cgroups")
         );
     }
@@ -273,31 +337,54 @@ mod tests {
 51 22 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw
 ";
         assert_eq!(
-            cgroup2_mount_in(text).unwrap(),
+            cgroup2_mounts_in(text).unwrap()[0],
             PathBuf::from("/sys/fs/cgroup")
         );
         let only_subtree = "50 22 0:26 /kubepods.slice /host/kubepods rw - cgroup2 cgroup2 rw\n";
         assert!(matches!(
-            cgroup2_mount_in(only_subtree),
+            cgroup2_mounts_in(only_subtree),
             Err(IdentityError::NoCgroup2Root { .. })
         ));
+    }
+
+    #[test]
+    fn mountinfo_in_a_private_cgroup_namespace_offers_the_host_root_bound_over_it() {
+        // The agent's DaemonSet pod: the runtime's own cgroupfs (root `/` = the container's
+        // cgroup), then the host's root bind-mounted over it (`/../../..` from inside).
+        let text = "\
+701 690 0:26 / /sys/fs/cgroup ro,nosuid - cgroup2 cgroup rw
+720 701 0:26 /../../.. /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw
+721 690 0:26 /../kubepods.slice /host/kubepods rw - cgroup2 cgroup2 rw
+";
+        assert_eq!(
+            cgroup2_mounts_in(text).unwrap(),
+            vec![
+                PathBuf::from("/sys/fs/cgroup"),
+                PathBuf::from("/sys/fs/cgroup")
+            ]
+        );
+        let only_ancestor = "720 701 0:26 /.. /host/cgroup rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            cgroup2_mounts_in(only_ancestor).unwrap(),
+            vec![PathBuf::from("/host/cgroup")]
+        );
     }
 
     #[test]
     fn mountinfo_without_cgroup2_or_malformed_is_an_error() {
         let v1_only = "33 31 0:30 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,name=systemd\n";
         assert!(matches!(
-            cgroup2_mount_in(v1_only),
+            cgroup2_mounts_in(v1_only),
             Err(IdentityError::NoCgroup2Mount)
         ));
         let no_dash = "33 31 0:30 / /sys/fs/cgroup rw shared:1 x cgroup2 cgroup2 rw\n";
         assert!(matches!(
-            cgroup2_mount_in(no_dash),
+            cgroup2_mounts_in(no_dash),
             Err(IdentityError::Mountinfo { line: 1, .. })
         ));
         let bad_escape = "1 1 0:1 / /x rw - ext4 /dev/x rw\n2 1 0:2 / /a\\09 rw - cgroup2 c rw\n";
         assert!(matches!(
-            cgroup2_mount_in(bad_escape),
+            cgroup2_mounts_in(bad_escape),
             Err(IdentityError::Mountinfo { line: 2, .. })
         ));
     }
