@@ -1,4 +1,3 @@
-
 use super::*;
 
 const UID: &str = "2c48913c-b29f-11e7-9350-020968147796";
