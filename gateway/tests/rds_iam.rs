@@ -307,6 +307,7 @@ async fn logins_through_an_rds_front_with_refreshed_credentials_and_exact_refusa
             clock_ahead: Duration::ZERO,
             plain: false,
             without_rds_iam: vec!["legacy".into()],
+            rds_iam_from_database: false,
             iam_secret_differs: false,
         };
         f(&mut o);
