@@ -23,6 +23,7 @@ use gateway::upstream::rds_iam::{TokenKey, sign_token};
 
 const REGION: &str = "us-east-1";
 const IAM_HOST: &str = "mydb.cluster-abc123.us-east-1.rds.amazonaws.com";
+const RESOURCE_ID: &str = "db-ABCDEFGHIJKL01234";
 const ROLE_ARN: &str = "arn:aws:iam::123456789012:role/db-gateway-proxy";
 /// A projected service-account token, as the kubelet writes it (the content is opaque here).
 const JWT: &str = "eyJhbGciOiJSUzI1NiIsImtpZCI6InRlc3QifQ.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6ZGItZ2F0ZXdheTpwcm94eSJ9.c2ln";
@@ -262,6 +263,8 @@ fn rds_route(name: &str, front: &RdsFront) -> DatabaseConfig {
             server_name: Some("localhost".into()),
             region: Some(REGION.into()),
             iam_host: Some(IAM_HOST.into()),
+            account_id: None,
+            resource_id: None,
             reuse: None,
             startup_parameters: Vec::new(),
             admin_user: None,
@@ -332,8 +335,12 @@ async fn logins_through_an_rds_front_with_refreshed_credentials_and_exact_refusa
         on("rds-plain", "team-a", "api"),
         on("rds", "team-c", "legacy"),
     ];
+    // The main route names its account and resource id, so hints name the whole ARN.
+    let mut with_ids = rds_route("rds", &good);
+    with_ids.upstream.account_id = Some(gateway::harness::aws::ACCOUNT_ID.into());
+    with_ids.upstream.resource_id = Some(RESOURCE_ID.into());
     spec.extra_databases = vec![
-        rds_route("rds", &good),
+        with_ids,
         rds_route("rds-late", &late),
         rds_route("rds-forged", &forged),
         rds_route("rds-plain", &plain),
@@ -395,15 +402,20 @@ async fn logins_through_an_rds_front_with_refreshed_credentials_and_exact_refusa
         "db-gateway: database \"rds\" refused IAM login as \"worker\": PAM authentication failed for user \"worker\""
     );
     assert!(
-        hint.starts_with("The proxy's AWS identity needs rds-db:connect on arn:aws:rds-db:us-east-1:<account>:dbuser:<resource-id>/worker"),
+        hint.starts_with("The proxy's AWS identity needs rds-db:connect on arn:aws:rds-db:us-east-1:123456789012:dbuser:db-ABCDEFGHIJKL01234/worker,"),
         "{hint}"
     );
     assert!(
         good.refused.lock().unwrap()[0].contains("does not allow rds-db:connect as \"worker\"")
     );
 
-    // Expired (the server's clock is past the token's 15 minutes).
-    let (code, message, _) = refused(&s, LATE, "api").await;
+    // Expired (the server's clock is past the token's 15 minutes). This route does not
+    // name its account and resource id: the hint has placeholders for them.
+    let (code, message, hint) = refused(&s, LATE, "api").await;
+    assert!(
+        hint.starts_with("The proxy's AWS identity needs rds-db:connect on arn:aws:rds-db:us-east-1:<account>:dbuser:<resource-id>/api,"),
+        "{hint}"
+    );
     assert_eq!(code, "28P01");
     assert_eq!(
         message,
@@ -488,7 +500,7 @@ async fn logins_through_an_rds_front_with_refreshed_credentials_and_exact_refusa
     );
     assert!(
         hint.contains(
-            "rds-db:connect on arn:aws:rds-db:<region>:<account>:dbuser:<resource-id>/api"
+            "rds-db:connect on arn:aws:rds-db:us-east-1:123456789012:dbuser:db-ABCDEFGHIJKL01234/api;"
         ),
         "{hint}"
     );

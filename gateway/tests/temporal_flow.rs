@@ -63,6 +63,8 @@ fn rds_route(front: &RdsFront) -> DatabaseConfig {
             server_name: Some("localhost".into()),
             region: Some(REGION.into()),
             iam_host: Some(IAM_HOST.into()),
+            account_id: None,
+            resource_id: None,
             reuse: None,
             startup_parameters: Vec::new(),
             admin_user: Some(ADMIN.into()),
