@@ -205,6 +205,19 @@ async fn auto_users_1_first_session_creates_grants_and_audits() {
     assert_eq!(e["roles"], serde_json::json!(["reader"]));
     assert_eq!(e["result"], "success");
     assert!(e["session_id"].is_string() && e["time"].is_string(), "{e}");
+    let text = scrape(s.proxy_admin);
+    assert_eq!(
+        metric_with(
+            &text,
+            "gateway_proxy_db_user_changes_total",
+            "action=\"create\""
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&text, "gateway_proxy_db_user_change_errors_total"),
+        Some(0.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -395,6 +408,19 @@ async fn auto_users_7_an_admin_without_createrole_gives_42501_with_a_hint() {
     assert_eq!(events[0]["event"], "db.user.create");
     assert_eq!(events[0]["result"], "error");
     assert_eq!(events[0]["error_code"], "42501");
+    let text = scrape(s.proxy_admin);
+    assert_eq!(
+        metric_with(
+            &text,
+            "gateway_proxy_db_user_change_errors_total",
+            "action=\"create\""
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&text, "gateway_proxy_db_user_changes_total"),
+        Some(0.0)
+    );
 }
 
 /// Issue 19: "20 concurrent first sessions for one user through two proxy processes all
@@ -461,6 +487,16 @@ async fn auto_users_8_twenty_first_sessions_through_two_proxies_create_the_user_
         events.iter().all(|e| e["result"] == "success"),
         "{events:?}"
     );
+    // The metric agrees: one create between the two processes.
+    let created = |admin| {
+        metric_with(
+            &scrape(admin),
+            "gateway_proxy_db_user_changes_total",
+            "action=\"create\"",
+        )
+        .unwrap()
+    };
+    assert_eq!(created(s.proxy_admin) + created(r.proxy_admin), 1.0);
     // After the last session, whichever proxy ends it, the user is retired once.
     drop(clients);
     wait_state(&s, "auto_pair", Some((false, true, vec![]))).await;

@@ -2,9 +2,10 @@
 //! `generate_db_auth_token` (vectors from `vectors/rds_token.py`), from the proxy's code and
 //! from `gateway aws rds-token` alike; credentials from the real `aws-config` provider chain
 //! (environment, IRSA web identity against a local STS, EKS Pod Identity through a local
-//! container credentials endpoint); and logins through node and proxy to a real PostgreSQL
-//! behind a local RDS-style front (`harness::rds`) that verifies each token as RDS does,
-//! with credentials that expire and are refreshed, and every refusal's exact client error.
+//! container credentials endpoint, an instance profile through a local IMDSv2); and logins
+//! through node and proxy to a real PostgreSQL behind a local RDS-style front
+//! (`harness::rds`) that verifies each token as RDS does, with credentials that expire and
+//! are refreshed, and every refusal's exact client error.
 
 mod common;
 
@@ -248,6 +249,54 @@ fn eks_pod_identity_from_a_local_container_endpoint() {
     assert!(!o.status.success());
     assert!(agent.refused.load(Ordering::SeqCst) >= 1);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A raw HTTP request to `addr`; the status line of the answer.
+fn status_of(addr: std::net::SocketAddr, request: &str) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(request.as_bytes()).unwrap();
+    let mut out = String::new();
+    let _ = c.read_to_string(&mut out);
+    out.lines().next().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn imdsv2_instance_profile_from_a_local_metadata_service() {
+    let keys = AwsKeys::default();
+    let imds = CredentialEndpoint::imds(keys.clone(), "db-gateway-node", Duration::from_secs(3600))
+        .unwrap();
+    let env = vec![
+        ("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.url("")),
+        ("AWS_EC2_METADATA_DISABLED", "false".to_owned()),
+    ];
+    let token = token_of(&cli(&env, &args_now()));
+    assert_eq!(imds.issued.load(Ordering::SeqCst), 1);
+    // The chain asked for a session token first and sent it with every read.
+    assert_eq!(imds.refused.load(Ordering::SeqCst), 0);
+    let used = verify_token(&token, &endpoint(), "app", &keys, SystemTime::now()).unwrap();
+    assert!(used.access_key_id.starts_with("ASIA"), "{used:?}");
+    assert!(token.contains("X-Amz-Security-Token=IQoJ"), "{token}");
+
+    // The local IMDS is IMDSv2-only, so the check above means something: a read without
+    // a session token, or with one it did not issue, is refused.
+    let path = "/latest/meta-data/iam/security-credentials/db-gateway-node";
+    for header in ["", "x-aws-ec2-metadata-token: forged\r\n"] {
+        let status = status_of(
+            imds.addr,
+            &format!("GET {path} HTTP/1.1\r\nHost: x\r\n{header}Connection: close\r\n\r\n"),
+        );
+        assert!(status.contains(" 401"), "{header:?}: {status}");
+    }
+    assert_eq!(imds.issued.load(Ordering::SeqCst), 1);
+
+    // IMDS down: no credentials, no token.
+    imds.failing.store(true, Ordering::SeqCst);
+    let o = cli(&env, &args_now());
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("no AWS credentials"), "{err}");
 }
 
 fn rds_route(name: &str, front: &RdsFront) -> DatabaseConfig {
