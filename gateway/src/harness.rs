@@ -39,4 +39,4 @@ pub use spec::{
     PgRoute, PodSpec, ProxySettings, ROUTE, StackSpec, TcpRoute, TransparentSpec, Workload,
     node_data_plane, role, strings,
 };
-pub use stack::Stack;
+pub use stack::{Replica, Stack};

@@ -49,15 +49,20 @@ pub enum UpstreamError {
     /// SCRAM, MD5, or a cleartext password on a route whose login is a certificate.
     #[error("server asked for a password the gateway does not hold ({0})")]
     PasswordNotHeld(&'static str),
-    /// No RDS IAM token: the credential chain failed.
-    #[error("{0}")]
-    RdsToken(rds_iam::RdsIamError),
+    /// No RDS IAM token: the credential chain failed. `arn` is the resource the proxy's
+    /// identity needs `rds-db:connect` on (for the hint).
+    #[error("{error}")]
+    RdsToken {
+        error: rds_iam::RdsIamError,
+        arn: String,
+    },
     /// RDS refused the IAM token (`PAM authentication failed`): the proxy's AWS identity
     /// lacks `rds-db:connect` for this user, or the role lacks `rds_iam`.
     #[error("server rejected the IAM token: {}", .error.message)]
     IamRejected {
         error: Box<ErrorResponse>,
-        region: String,
+        /// [`crate::config::UpstreamConfig::rds_db_user_arn`] of the login.
+        arn: String,
     },
     #[error("protocol error from server: {0}")]
     Protocol(String),
@@ -96,18 +101,18 @@ impl UpstreamError {
                 format!("db-gateway: database \"{route}\" refused login as \"{user}\": {self}"),
             )
             .with_hint(format!("The gateway holds no database password: use pg_hba.conf \"hostssl … cert\" (auth: cert), or IAM authentication on Amazon RDS (auth: rds-iam), where the role needs GRANT rds_iam TO \"{user}\" (RDS asks other roles for a password).")),
-            UpstreamError::RdsToken(_) => ErrorResponse::fatal(
+            UpstreamError::RdsToken { arn, .. } => ErrorResponse::fatal(
                 sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
                 format!("db-gateway: cannot log in to database \"{route}\" as \"{user}\": {self}"),
             )
-            .with_hint(format!("The proxy needs AWS credentials (IRSA, EKS Pod Identity, an instance profile, …) for an identity allowed rds-db:connect on arn:aws:rds-db:<region>:<account>:dbuser:<resource-id>/{user}; the proxy log says why the credential provider chain failed.")),
-            UpstreamError::IamRejected { error, region } => ErrorResponse {
+            .with_hint(format!("The proxy needs AWS credentials (IRSA, EKS Pod Identity, an instance profile, …) for an identity allowed rds-db:connect on {arn}; the proxy log says why the credential provider chain failed.")),
+            UpstreamError::IamRejected { error, arn } => ErrorResponse {
                 message: format!(
                     "db-gateway: database \"{route}\" refused IAM login as \"{user}\": {}",
                     error.message
                 ),
                 hint: Some(format!(
-                    "The proxy's AWS identity needs rds-db:connect on arn:aws:rds-db:{region}:<account>:dbuser:<resource-id>/{user}, the database needs IAM authentication enabled, and the role \"{user}\" needs GRANT rds_iam."
+                    "The proxy's AWS identity needs rds-db:connect on {arn}, the database needs IAM authentication enabled, and the role \"{user}\" needs GRANT rds_iam."
                 )),
                 ..(**error).clone()
             },
@@ -271,7 +276,10 @@ impl Upstreams {
             .token(&key)
             .await
             .map(Some)
-            .map_err(UpstreamError::RdsToken)
+            .map_err(|error| UpstreamError::RdsToken {
+                error,
+                arn: db.upstream.rds_db_user_arn(user),
+            })
     }
 
     fn client_config(
@@ -385,7 +393,7 @@ impl Upstreams {
                 UpstreamError::Rejected(error) if password.is_some() => {
                     UpstreamError::IamRejected {
                         error: Box::new(error),
-                        region: db.upstream.region.clone().unwrap_or_default(),
+                        arn: db.upstream.rds_db_user_arn(user),
                     }
                 }
                 e => e,

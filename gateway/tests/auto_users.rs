@@ -19,6 +19,7 @@ const DROP_A: usize = 6;
 const DROP_B: usize = 7;
 const AUTO_MANY: usize = 8;
 const WEAK_SVC: usize = 9;
+const AUTO_PAIR: usize = 10;
 
 fn auto_spec() -> StackSpec {
     let mut spec = spec();
@@ -36,6 +37,7 @@ fn auto_spec() -> StackSpec {
             route: "weak".into(),
             ..Workload::new("weak", "svc")
         },
+        on_auto("auto", "pair"),
     ]);
     // A route whose admin user lacks CREATEROLE.
     spec.pg_routes.push(PgRoute {
@@ -139,7 +141,11 @@ fn user_state(s: &Stack, user: &str) -> Option<(bool, bool, Vec<String>)> {
 }
 
 fn user_events(s: &Stack, user: &str) -> Vec<serde_json::Value> {
-    s.audit_events()
+    only_user(s.audit_events(), user)
+}
+
+fn only_user(events: Vec<serde_json::Value>, user: &str) -> Vec<serde_json::Value> {
+    events
         .into_iter()
         .filter(|e| {
             e["event"]
@@ -199,6 +205,19 @@ async fn auto_users_1_first_session_creates_grants_and_audits() {
     assert_eq!(e["roles"], serde_json::json!(["reader"]));
     assert_eq!(e["result"], "success");
     assert!(e["session_id"].is_string() && e["time"].is_string(), "{e}");
+    let text = scrape(s.proxy_admin);
+    assert_eq!(
+        metric_with(
+            &text,
+            "gateway_proxy_db_user_changes_total",
+            "action=\"create\""
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&text, "gateway_proxy_db_user_change_errors_total"),
+        Some(0.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -389,4 +408,107 @@ async fn auto_users_7_an_admin_without_createrole_gives_42501_with_a_hint() {
     assert_eq!(events[0]["event"], "db.user.create");
     assert_eq!(events[0]["result"], "error");
     assert_eq!(events[0]["error_code"], "42501");
+    let text = scrape(s.proxy_admin);
+    assert_eq!(
+        metric_with(
+            &text,
+            "gateway_proxy_db_user_change_errors_total",
+            "action=\"create\""
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&text, "gateway_proxy_db_user_changes_total"),
+        Some(0.0)
+    );
+}
+
+/// Issue 19: "20 concurrent first sessions for one user through two proxy processes all
+/// succeed and create it once". Two `gateway proxy` processes on the same policy and
+/// database, each with its own node agent, ten first sessions through each at once: the
+/// advisory lock in the database serializes them across the processes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_users_8_twenty_first_sessions_through_two_proxies_create_the_user_once() {
+    let s = auto_stack();
+    let r = s.start_replica(2).expect("start a second proxy and node");
+    let through = |via_replica: bool| {
+        let conn = if via_replica {
+            r.conn_string(AUTO_PAIR, "x", "app")
+        } else {
+            s.conn_string(AUTO_PAIR, "x", "app")
+        };
+        async move {
+            let (client, conn) = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            Ok::<_, tokio_postgres::Error>(client)
+        }
+    };
+    let sessions = futures_util::future::join_all((0..20).map(|i| through(i % 2 == 1))).await;
+    let mut clients = Vec::new();
+    for r in sessions {
+        let c = r.expect("every first session succeeds");
+        assert_eq!(current_user(&c).await, "auto_pair");
+        clients.push(c);
+    }
+    // Created once, in the database and in the audit logs of both proxies together.
+    assert_eq!(
+        sql(
+            &s,
+            "SELECT count(*) FROM pg_roles WHERE rolname = 'auto_pair'"
+        ),
+        "1"
+    );
+    assert_eq!(
+        user_state(&s, "auto_pair"),
+        Some((true, true, vec!["reader".into()]))
+    );
+    let (first, second) = (s.audit_events(), r.audit_events());
+    let starts = |events: &[serde_json::Value]| {
+        events
+            .iter()
+            .filter(|e| e["event"] == "db.session.start" && e["db_user"] == "auto_pair")
+            .filter(|e| e["result"] == "success")
+            .count()
+    };
+    // The sessions really were split across the two processes.
+    assert_eq!((starts(&first), starts(&second)), (10, 10));
+    let events: Vec<serde_json::Value> = only_user(first, "auto_pair")
+        .into_iter()
+        .chain(only_user(second, "auto_pair"))
+        .collect();
+    let creates = events
+        .iter()
+        .filter(|e| e["event"] == "db.user.create")
+        .count();
+    assert_eq!(creates, 1, "{events:?}");
+    assert!(
+        events.iter().all(|e| e["result"] == "success"),
+        "{events:?}"
+    );
+    // The metric agrees: one create between the two processes.
+    let created = |admin| {
+        metric_with(
+            &scrape(admin),
+            "gateway_proxy_db_user_changes_total",
+            "action=\"create\"",
+        )
+        .unwrap()
+    };
+    assert_eq!(created(s.proxy_admin) + created(r.proxy_admin), 1.0);
+    // After the last session, whichever proxy ends it, the user is retired once.
+    drop(clients);
+    wait_state(&s, "auto_pair", Some((false, true, vec![]))).await;
+    // Its audit record follows the change in the database by a moment.
+    let deactivations = || {
+        only_user(s.audit_events(), "auto_pair")
+            .into_iter()
+            .chain(only_user(r.audit_events(), "auto_pair"))
+            .filter(|e| e["event"] == "db.user.deactivate")
+            .count()
+    };
+    wait_for("the deactivation's audit record", || deactivations() >= 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(deactivations(), 1);
 }

@@ -2,9 +2,10 @@
 //! `generate_db_auth_token` (vectors from `vectors/rds_token.py`), from the proxy's code and
 //! from `gateway aws rds-token` alike; credentials from the real `aws-config` provider chain
 //! (environment, IRSA web identity against a local STS, EKS Pod Identity through a local
-//! container credentials endpoint); and logins through node and proxy to a real PostgreSQL
-//! behind a local RDS-style front (`harness::rds`) that verifies each token as RDS does,
-//! with credentials that expire and are refreshed, and every refusal's exact client error.
+//! container credentials endpoint, an instance profile through a local IMDSv2); and logins
+//! through node and proxy to a real PostgreSQL behind a local RDS-style front
+//! (`harness::rds`) that verifies each token as RDS does, with credentials that expire and
+//! are refreshed, and every refusal's exact client error.
 
 mod common;
 
@@ -23,6 +24,7 @@ use gateway::upstream::rds_iam::{TokenKey, sign_token};
 
 const REGION: &str = "us-east-1";
 const IAM_HOST: &str = "mydb.cluster-abc123.us-east-1.rds.amazonaws.com";
+const RESOURCE_ID: &str = "db-ABCDEFGHIJKL01234";
 const ROLE_ARN: &str = "arn:aws:iam::123456789012:role/db-gateway-proxy";
 /// A projected service-account token, as the kubelet writes it (the content is opaque here).
 const JWT: &str = "eyJhbGciOiJSUzI1NiIsImtpZCI6InRlc3QifQ.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6ZGItZ2F0ZXdheTpwcm94eSJ9.c2ln";
@@ -249,6 +251,54 @@ fn eks_pod_identity_from_a_local_container_endpoint() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A raw HTTP request to `addr`; the status line of the answer.
+fn status_of(addr: std::net::SocketAddr, request: &str) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(request.as_bytes()).unwrap();
+    let mut out = String::new();
+    let _ = c.read_to_string(&mut out);
+    out.lines().next().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn imdsv2_instance_profile_from_a_local_metadata_service() {
+    let keys = AwsKeys::default();
+    let imds = CredentialEndpoint::imds(keys.clone(), "db-gateway-node", Duration::from_secs(3600))
+        .unwrap();
+    let env = vec![
+        ("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.url("")),
+        ("AWS_EC2_METADATA_DISABLED", "false".to_owned()),
+    ];
+    let token = token_of(&cli(&env, &args_now()));
+    assert_eq!(imds.issued.load(Ordering::SeqCst), 1);
+    // The chain asked for a session token first and sent it with every read.
+    assert_eq!(imds.refused.load(Ordering::SeqCst), 0);
+    let used = verify_token(&token, &endpoint(), "app", &keys, SystemTime::now()).unwrap();
+    assert!(used.access_key_id.starts_with("ASIA"), "{used:?}");
+    assert!(token.contains("X-Amz-Security-Token=IQoJ"), "{token}");
+
+    // The local IMDS is IMDSv2-only, so the check above means something: a read without
+    // a session token, or with one it did not issue, is refused.
+    let path = "/latest/meta-data/iam/security-credentials/db-gateway-node";
+    for header in ["", "x-aws-ec2-metadata-token: forged\r\n"] {
+        let status = status_of(
+            imds.addr,
+            &format!("GET {path} HTTP/1.1\r\nHost: x\r\n{header}Connection: close\r\n\r\n"),
+        );
+        assert!(status.contains(" 401"), "{header:?}: {status}");
+    }
+    assert_eq!(imds.issued.load(Ordering::SeqCst), 1);
+
+    // IMDS down: no credentials, no token.
+    imds.failing.store(true, Ordering::SeqCst);
+    let o = cli(&env, &args_now());
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("no AWS credentials"), "{err}");
+}
+
 fn rds_route(name: &str, front: &RdsFront) -> DatabaseConfig {
     DatabaseConfig {
         name: name.into(),
@@ -262,6 +312,8 @@ fn rds_route(name: &str, front: &RdsFront) -> DatabaseConfig {
             server_name: Some("localhost".into()),
             region: Some(REGION.into()),
             iam_host: Some(IAM_HOST.into()),
+            account_id: None,
+            resource_id: None,
             reuse: None,
             startup_parameters: Vec::new(),
             admin_user: None,
@@ -307,6 +359,7 @@ async fn logins_through_an_rds_front_with_refreshed_credentials_and_exact_refusa
             clock_ahead: Duration::ZERO,
             plain: false,
             without_rds_iam: vec!["legacy".into()],
+            rds_iam_from_database: false,
             iam_secret_differs: false,
         };
         f(&mut o);
@@ -331,8 +384,12 @@ async fn logins_through_an_rds_front_with_refreshed_credentials_and_exact_refusa
         on("rds-plain", "team-a", "api"),
         on("rds", "team-c", "legacy"),
     ];
+    // The main route names its account and resource id, so hints name the whole ARN.
+    let mut with_ids = rds_route("rds", &good);
+    with_ids.upstream.account_id = Some(gateway::harness::aws::ACCOUNT_ID.into());
+    with_ids.upstream.resource_id = Some(RESOURCE_ID.into());
     spec.extra_databases = vec![
-        rds_route("rds", &good),
+        with_ids,
         rds_route("rds-late", &late),
         rds_route("rds-forged", &forged),
         rds_route("rds-plain", &plain),
@@ -394,15 +451,20 @@ async fn logins_through_an_rds_front_with_refreshed_credentials_and_exact_refusa
         "db-gateway: database \"rds\" refused IAM login as \"worker\": PAM authentication failed for user \"worker\""
     );
     assert!(
-        hint.starts_with("The proxy's AWS identity needs rds-db:connect on arn:aws:rds-db:us-east-1:<account>:dbuser:<resource-id>/worker"),
+        hint.starts_with("The proxy's AWS identity needs rds-db:connect on arn:aws:rds-db:us-east-1:123456789012:dbuser:db-ABCDEFGHIJKL01234/worker,"),
         "{hint}"
     );
     assert!(
         good.refused.lock().unwrap()[0].contains("does not allow rds-db:connect as \"worker\"")
     );
 
-    // Expired (the server's clock is past the token's 15 minutes).
-    let (code, message, _) = refused(&s, LATE, "api").await;
+    // Expired (the server's clock is past the token's 15 minutes). This route does not
+    // name its account and resource id: the hint has placeholders for them.
+    let (code, message, hint) = refused(&s, LATE, "api").await;
+    assert!(
+        hint.starts_with("The proxy's AWS identity needs rds-db:connect on arn:aws:rds-db:us-east-1:<account>:dbuser:<resource-id>/api,"),
+        "{hint}"
+    );
     assert_eq!(code, "28P01");
     assert_eq!(
         message,
@@ -487,7 +549,7 @@ async fn logins_through_an_rds_front_with_refreshed_credentials_and_exact_refusa
     );
     assert!(
         hint.contains(
-            "rds-db:connect on arn:aws:rds-db:<region>:<account>:dbuser:<resource-id>/api"
+            "rds-db:connect on arn:aws:rds-db:us-east-1:123456789012:dbuser:db-ABCDEFGHIJKL01234/api;"
         ),
         "{hint}"
     );

@@ -264,6 +264,14 @@ pub struct UpstreamConfig {
     /// database otherwise (an IP, a private DNS alias; default: the host part of `address`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iam_host: Option<String>,
+    /// `auth: rds-iam`, optional: the AWS account (12 digits) and the instance's resource id
+    /// (`DbiResourceId`, `db-…`; an Aurora cluster's `cluster-…`). Nothing signs with them:
+    /// they only complete the `rds-db:connect` ARN the client's hint names when RDS refuses
+    /// a login, instead of `<account>` and `<resource-id>` placeholders.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_id: Option<String>,
     /// Reuse logged-in server sessions across client sessions (off when absent).
     #[serde(default)]
     pub reuse: Option<ReuseConfig>,
@@ -376,6 +384,46 @@ impl UpstreamConfig {
     }
 }
 
+impl UpstreamConfig {
+    /// The IAM resource `rds-db:connect` must allow for a login as `user` on this route,
+    /// with placeholders for what the configuration does not say.
+    pub fn rds_db_user_arn(&self, user: &str) -> String {
+        format!(
+            "arn:aws:rds-db:{}:{}:dbuser:{}/{user}",
+            self.region.as_deref().unwrap_or("<region>"),
+            self.account_id.as_deref().unwrap_or("<account>"),
+            self.resource_id.as_deref().unwrap_or("<resource-id>"),
+        )
+    }
+
+    /// `account_id` and `resource_id` as AWS writes them.
+    fn validate_aws_ids(&self) -> Result<(), String> {
+        if let Some(a) = &self.account_id
+            && !(a.len() == 12 && a.bytes().all(|b| b.is_ascii_digit()))
+        {
+            return Err(format!(
+                "upstream.account_id {a:?} is not an AWS account id (12 digits)"
+            ));
+        }
+        if let Some(r) = &self.resource_id {
+            let rest = r
+                .strip_prefix("db-")
+                .or_else(|| r.strip_prefix("cluster-"))
+                .unwrap_or_default();
+            if rest.is_empty()
+                || !rest
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+            {
+                return Err(format!(
+                    "upstream.resource_id {r:?} is not an RDS resource id (db-… for an instance's DbiResourceId, cluster-… for an Aurora cluster's; upper-case letters and digits)"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl ProxyConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let mut cfg: Self = load_yaml(path)?;
@@ -428,10 +476,13 @@ impl ProxyConfig {
                 }
                 Protocol::Postgres
                     if u.auth != Some(UpstreamAuth::RdsIam)
-                        && (u.region.is_some() || u.iam_host.is_some()) =>
+                        && (u.region.is_some()
+                            || u.iam_host.is_some()
+                            || u.account_id.is_some()
+                            || u.resource_id.is_some()) =>
                 {
                     return Err(format!(
-                        "databases[{i}] ({}): upstream.region and upstream.iam_host only apply to auth: rds-iam",
+                        "databases[{i}] ({}): upstream.region, iam_host, account_id and resource_id only apply to auth: rds-iam",
                         d.name
                     ));
                 }
@@ -450,6 +501,8 @@ impl ProxyConfig {
                         || u.server_name.is_some()
                         || u.region.is_some()
                         || u.iam_host.is_some()
+                        || u.account_id.is_some()
+                        || u.resource_id.is_some()
                         || u.reuse.is_some()
                         || u.admin_user.is_some() =>
                 {
@@ -460,6 +513,8 @@ impl ProxyConfig {
                 }
                 _ => {}
             }
+            u.validate_aws_ids()
+                .map_err(|e| format!("databases[{i}] ({}): {e}", d.name))?;
             if let Some(p) = u
                 .startup_parameters
                 .iter()
@@ -731,6 +786,8 @@ mod tests {
             server_name: None,
             region: None,
             iam_host: None,
+            account_id: None,
+            resource_id: None,
             reuse: None,
             startup_parameters: Vec::new(),
             admin_user: None,
@@ -775,5 +832,60 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("unknown variant `disable`"), "{e}");
+    }
+
+    #[test]
+    fn rds_account_and_resource_ids_complete_the_arn_and_are_checked() {
+        let base = "listen: '127.0.0.1:0'\ntrust_domain: td\ntls: {cert: c, key: k, client_ca: ca}\ndb_client_ca: {cert: c, key: k}\nroles: []\n";
+        let load = |ids: &str| {
+            let yaml = format!(
+                "{base}databases:\n  - {{name: rds, upstream: {{address: 'db:5432', auth: rds-iam, region: ca-central-1, ca: c{ids}}}}}\n"
+            );
+            let cfg = parse_yaml::<ProxyConfig>(Path::new("p.yaml"), &yaml).unwrap();
+            cfg.validate().map(|()| cfg)
+        };
+        let cfg = load(", account_id: '123456789012', resource_id: db-ABCDEFGHIJKL01234").unwrap();
+        assert_eq!(
+            cfg.databases[0].upstream.rds_db_user_arn("bot-temporal"),
+            "arn:aws:rds-db:ca-central-1:123456789012:dbuser:db-ABCDEFGHIJKL01234/bot-temporal"
+        );
+        let aurora = load(", resource_id: cluster-ABCDEFGHIJKL01234").unwrap();
+        assert_eq!(
+            aurora.databases[0].upstream.rds_db_user_arn("u"),
+            "arn:aws:rds-db:ca-central-1:<account>:dbuser:cluster-ABCDEFGHIJKL01234/u"
+        );
+        // Unset: placeholders, as before.
+        let plain = load("").unwrap();
+        assert_eq!(
+            plain.databases[0].upstream.rds_db_user_arn("u"),
+            "arn:aws:rds-db:ca-central-1:<account>:dbuser:<resource-id>/u"
+        );
+        for (ids, want) in [
+            (
+                ", account_id: '12345678901'",
+                "is not an AWS account id (12 digits)",
+            ),
+            (
+                ", account_id: 12345678901x",
+                "is not an AWS account id (12 digits)",
+            ),
+            (", resource_id: ABCDEF", "is not an RDS resource id"),
+            (", resource_id: db-", "is not an RDS resource id"),
+            (", resource_id: db-abc/def", "is not an RDS resource id"),
+            (", resource_id: temporal-db", "is not an RDS resource id"),
+        ] {
+            let e = load(ids).unwrap_err();
+            assert!(e.starts_with("databases[0] (rds): upstream."), "{ids}: {e}");
+            assert!(e.contains(want), "{ids}: {e}");
+        }
+        // Only on rds-iam routes.
+        let yaml = format!(
+            "{base}databases:\n  - {{name: m, upstream: {{address: 'db:5432', auth: cert, ca: c, account_id: '123456789012'}}}}\n"
+        );
+        let e = parse_yaml::<ProxyConfig>(Path::new("p.yaml"), &yaml)
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(e.contains("only apply to auth: rds-iam"), "{e}");
     }
 }

@@ -1,14 +1,17 @@
 //! Local AWS credential endpoints that speak the real wire formats, for the credential
 //! provider chain of `aws-config` to fetch from: STS `AssumeRoleWithWebIdentity` (IRSA,
-//! reached through `AWS_ENDPOINT_URL_STS`) and the container credentials endpoint (EKS Pod
-//! Identity and ECS, `AWS_CONTAINER_CREDENTIALS_FULL_URI`). Each checks what the real one
-//! checks of the caller (the projected service-account token), hands out fresh temporary
+//! reached through `AWS_ENDPOINT_URL_STS`), the container credentials endpoint (EKS Pod
+//! Identity and ECS, `AWS_CONTAINER_CREDENTIALS_FULL_URI`) and the EC2 instance metadata
+//! service in its IMDSv2 form (`AWS_EC2_METADATA_SERVICE_ENDPOINT`). Each checks what the
+//! real one checks of the caller (the projected service-account token; IMDSv2's session
+//! token from `PUT /latest/api/token` on every read), hands out fresh temporary
 //! credentials and records them in [`AwsKeys`], where [`super::rds`] verifies signatures.
 
+use std::collections::HashSet;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use anyhow::Result;
@@ -43,7 +46,24 @@ struct Issuer {
     issued: Arc<AtomicUsize>,
     refused: Arc<AtomicUsize>,
     failing: Arc<AtomicBool>,
+    /// IMDSv2 session tokens handed out by `PUT /latest/api/token`.
+    imds_sessions: Arc<Mutex<HashSet<String>>>,
 }
+
+/// Which service an endpoint plays.
+#[derive(Clone, Copy)]
+enum Kind {
+    Sts,
+    Container,
+    Imds,
+}
+
+/// The IMDSv2 header that asks for a session token (its value: the token's life in seconds).
+const IMDS_TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
+/// The IMDSv2 header every read must carry.
+const IMDS_TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
+/// Where IMDS lists the instance profile's role, and serves its credentials below.
+const IMDS_CREDENTIALS_PATH: &str = "/latest/meta-data/iam/security-credentials/";
 
 impl Issuer {
     /// New temporary credentials, known to IAM from now on.
@@ -169,17 +189,87 @@ impl Issuer {
     }
 }
 
+impl Issuer {
+    /// EC2's instance metadata service, IMDSv2 only: `PUT /latest/api/token` with a TTL
+    /// header gives a session token; every `GET` must carry one (else 401, as IMDS with
+    /// `HttpTokens: required`); the role name, then its credentials, under
+    /// `/latest/meta-data/iam/security-credentials/`. `role_arn` holds the role's name.
+    async fn imds(self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        if self.failing.load(Ordering::SeqCst) {
+            return self.refuse(StatusCode::INTERNAL_SERVER_ERROR, String::new());
+        }
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let path = req.uri().path().to_owned();
+        if req.method() == hyper::Method::PUT && path == "/latest/api/token" {
+            // IMDS refuses token requests that went through a proxy, and TTLs outside 1 s to 6 h.
+            let ttl = header(IMDS_TTL_HEADER).and_then(|v| v.parse::<u64>().ok());
+            let Some(ttl) = ttl.filter(|t| (1..=21_600).contains(t)) else {
+                return self.refuse(StatusCode::BAD_REQUEST, String::new());
+            };
+            if header("x-forwarded-for").is_some() {
+                return self.refuse(StatusCode::FORBIDDEN, String::new());
+            }
+            let token = random(56);
+            self.imds_sessions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(token.clone());
+            let mut r = Response::new(Full::new(Bytes::from(token)));
+            r.headers_mut()
+                .insert(IMDS_TTL_HEADER, ttl.to_string().parse().expect("header"));
+            return r;
+        }
+        let known = header(IMDS_TOKEN_HEADER).is_some_and(|t| {
+            self.imds_sessions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&t)
+        });
+        if req.method() != hyper::Method::GET || !known {
+            return self.refuse(StatusCode::UNAUTHORIZED, String::new());
+        }
+        match path.strip_prefix(IMDS_CREDENTIALS_PATH) {
+            Some("") => Response::new(Full::new(Bytes::from(self.role_arn.clone()))),
+            Some(role) if role == self.role_arn => {
+                let (akid, key) = self.issue();
+                let json = serde_json::json!({
+                    "Code": "Success",
+                    "LastUpdated": rfc3339(None),
+                    "Type": "AWS-HMAC",
+                    "AccessKeyId": akid,
+                    "SecretAccessKey": key.secret,
+                    "Token": key.session_token,
+                    "Expiration": rfc3339(key.expires),
+                });
+                Response::new(Full::new(Bytes::from(json.to_string())))
+            }
+            _ => self.refuse(StatusCode::NOT_FOUND, String::new()),
+        }
+    }
+}
+
 impl CredentialEndpoint {
     /// STS for IRSA: `AssumeRoleWithWebIdentity` for `role_arn` with `jwt` as the web
     /// identity token. Point `AWS_ENDPOINT_URL_STS` at [`Self::url`].
     pub fn sts(keys: AwsKeys, role_arn: &str, jwt: &str, lifetime: Duration) -> Result<Self> {
-        Self::start(keys, role_arn, jwt, lifetime, false)
+        Self::start(keys, role_arn, jwt, lifetime, Kind::Sts)
+    }
+
+    /// EC2's instance metadata service (IMDSv2) with an instance profile whose role is
+    /// `role_name`. Point `AWS_EC2_METADATA_SERVICE_ENDPOINT` at [`Self::url`] (`""`).
+    pub fn imds(keys: AwsKeys, role_name: &str, lifetime: Duration) -> Result<Self> {
+        Self::start(keys, role_name, "", lifetime, Kind::Imds)
     }
 
     /// The container credentials endpoint (EKS Pod Identity agent, ECS): `token` is what
     /// `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE` holds.
     pub fn container(keys: AwsKeys, token: &str, lifetime: Duration) -> Result<Self> {
-        Self::start(keys, "", token, lifetime, true)
+        Self::start(keys, "", token, lifetime, Kind::Container)
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -191,7 +281,7 @@ impl CredentialEndpoint {
         role_arn: &str,
         token: &str,
         lifetime: Duration,
-        container: bool,
+        kind: Kind,
     ) -> Result<Self> {
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         listener.set_nonblocking(true)?;
@@ -204,6 +294,7 @@ impl CredentialEndpoint {
             issued: Arc::default(),
             refused: Arc::default(),
             failing: Arc::default(),
+            imds_sessions: Arc::default(),
         };
         let endpoint = CredentialEndpoint {
             addr,
@@ -226,10 +317,10 @@ impl CredentialEndpoint {
                         let service = hyper::service::service_fn(move |req| {
                             let issuer = issuer.clone();
                             async move {
-                                Ok::<_, Infallible>(if container {
-                                    issuer.container(req).await
-                                } else {
-                                    issuer.sts(req).await
+                                Ok::<_, Infallible>(match kind {
+                                    Kind::Container => issuer.container(req).await,
+                                    Kind::Sts => issuer.sts(req).await,
+                                    Kind::Imds => issuer.imds(req).await,
                                 })
                             }
                         });

@@ -256,6 +256,11 @@ pub struct RdsFrontOptions {
     pub plain: bool,
     /// Database users without `rds_iam`: RDS asks them for a SCRAM password instead.
     pub without_rds_iam: Vec<String>,
+    /// Decide as RDS does, from the real database: a user that is not a member of the role
+    /// `rds_iam` there (or does not exist) is asked for a SCRAM password. Tests of
+    /// automatic users set it, so a user the gateway created logs in only once it granted
+    /// `rds_iam` (the test's set-up creates that role, as RDS has one).
+    pub rds_iam_from_database: bool,
     /// IAM holds another secret for every key than the one the signer had: each
     /// signature is wrong (a forged or mis-signed token).
     pub iam_secret_differs: bool,
@@ -385,7 +390,12 @@ impl Conn {
             .find(|(k, _)| k == "user")
             .map(|(_, v)| v.clone())
             .context("no user")?;
-        if self.opts.without_rds_iam.contains(&user) {
+        let without_rds_iam = if self.opts.rds_iam_from_database {
+            !self.has_rds_iam(&user).await?
+        } else {
+            self.opts.without_rds_iam.contains(&user)
+        };
+        if without_rds_iam {
             // AuthenticationSASL offering SCRAM-SHA-256, as for any password role.
             let mut sasl = vec![b'R', 0, 0, 0, 0, 0, 0, 0, 10];
             sasl.extend_from_slice(b"SCRAM-SHA-256\0\0");
@@ -471,6 +481,60 @@ impl Conn {
         pg.write_all(&pg::encode_startup(&pairs)).await?;
         tokio::io::copy_bidirectional(&mut tls, &mut pg).await?;
         Ok(())
+    }
+}
+
+impl Conn {
+    /// Whether `user` is a member of `rds_iam` in the real database (directly or not), asked
+    /// as the superuser over the trusted unix socket.
+    async fn has_rds_iam(&self, user: &str) -> Result<bool> {
+        let (dir, port) = self
+            .backend
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .context("no backend set")?;
+        let mut pg = UnixStream::connect(dir.join(format!(".s.PGSQL.{port}"))).await?;
+        pg.write_all(&pg::encode_startup(&[
+            ("user", "postgres"),
+            ("database", "postgres"),
+        ]))
+        .await?;
+        let sql = format!(
+            "SELECT COALESCE((SELECT pg_has_role(oid, 'rds_iam', 'MEMBER') FROM pg_roles WHERE rolname = '{}'), false)",
+            user.replace('\'', "''")
+        );
+        let mut q = vec![b'Q'];
+        q.extend_from_slice(&(4 + sql.len() as u32 + 1).to_be_bytes());
+        q.extend_from_slice(sql.as_bytes());
+        q.push(0);
+        pg.write_all(&q).await?;
+        let mut buf = Vec::new();
+        let mut answer = None;
+        let mut ready = 0;
+        loop {
+            while let Some((tag, body, used)) =
+                pg::split_message(&buf, 1 << 20).map_err(|e| anyhow::anyhow!(e.message))?
+            {
+                match tag {
+                    b'E' => anyhow::bail!("rds_iam membership query failed"),
+                    // One column: length 1, then `t` or `f`.
+                    b'D' => answer = Some(body.get(6) == Some(&b't')),
+                    b'Z' => ready += 1,
+                    _ => {}
+                }
+                buf.drain(..used);
+            }
+            // The first ReadyForQuery ends the login, the second the query.
+            if ready == 2 {
+                let _ = pg.write_all(&pg::TERMINATE).await;
+                return answer.context("no answer to the rds_iam membership query");
+            }
+            let mut chunk = [0u8; 4096];
+            let n = pg.read(&mut chunk).await?;
+            anyhow::ensure!(n > 0, "PostgreSQL closed the membership query");
+            buf.extend_from_slice(&chunk[..n]);
+        }
     }
 }
 

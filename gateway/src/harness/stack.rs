@@ -21,6 +21,9 @@ use super::machine::{loopback, stop_child, temp_dir};
 use super::spec::{DEMO_TRUST_DOMAIN, PROXY_SERVER_NAME, StackSpec};
 use crate::pki::{self, CertificateAuthority, LeafSpec, SpiffeId};
 
+mod replica;
+pub use replica::Replica;
+
 /// How long a gateway process may take to report its addresses.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a stopped process may take to exit on SIGTERM before SIGKILL.
@@ -175,7 +178,8 @@ impl Stack {
     pub fn spawn_args(&self, log: &str, args: &[&str]) -> Result<Child> {
         let what = log;
         let log = std::fs::File::create(self.dir.join(format!("{log}.log")))?;
-        let env: &[(String, String)] = if what == "proxy" {
+        // The proxy's environment, for replicas (`proxy-<n>`) too.
+        let env: &[(String, String)] = if what == "proxy" || what.starts_with("proxy-") {
             &self.spec.proxy.env
         } else {
             &[]
@@ -257,37 +261,45 @@ impl Stack {
     /// that answer the records are in the file once `gateway_proxy_audit_queue_depth` is 0
     /// (waited for up to 5 s, while the proxy runs).
     pub fn audit_events(&self) -> Vec<serde_json::Value> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.proxy.is_some() && Instant::now() < deadline {
-            match self.audit_queue_depth() {
-                Some(0) | None => break,
-                Some(_) => std::thread::sleep(Duration::from_millis(10)),
-            }
-        }
-        std::fs::read_to_string(&self.audit_path)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        read_audit(
+            &self.audit_path,
+            self.proxy.is_some().then_some(self.proxy_admin),
+        )
     }
 }
 
-impl Stack {
-    /// The proxy's `gateway_proxy_audit_queue_depth`, scraped from its admin endpoint.
-    fn audit_queue_depth(&self) -> Option<u64> {
-        use std::io::{Read, Write};
-        let mut c =
-            std::net::TcpStream::connect_timeout(&self.proxy_admin, Duration::from_secs(1)).ok()?;
-        c.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        c.write_all(b"GET /metrics HTTP/1.0\r\nHost: admin\r\n\r\n")
-            .ok()?;
-        let mut text = String::new();
-        c.read_to_string(&mut text).ok()?;
-        text.lines()
-            .find_map(|l| l.strip_prefix("gateway_proxy_audit_queue_depth "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .map(|v| v as u64)
+/// The events of the audit log at `path`, once the proxy at `admin` (while it runs) has
+/// written what it queued: `gateway_proxy_audit_queue_depth` 0, waited for up to 5 s.
+fn read_audit(path: &Path, admin: Option<SocketAddr>) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while let Some(admin) = admin
+        && Instant::now() < deadline
+    {
+        match audit_queue_depth(admin) {
+            Some(0) | None => break,
+            Some(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
     }
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// A proxy's `gateway_proxy_audit_queue_depth`, scraped from its admin endpoint.
+fn audit_queue_depth(admin: SocketAddr) -> Option<u64> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(1)).ok()?;
+    c.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    c.write_all(b"GET /metrics HTTP/1.0\r\nHost: admin\r\n\r\n")
+        .ok()?;
+    let mut text = String::new();
+    c.read_to_string(&mut text).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("gateway_proxy_audit_queue_depth "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
 }
 
 impl Drop for Stack {

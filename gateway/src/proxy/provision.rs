@@ -22,6 +22,7 @@ use crate::audit::{DbUserEvent, SessionInfo};
 use crate::config::{CreateDbUserMode, DatabaseConfig, UpstreamAuth};
 use crate::pg::{self, ErrorResponse, sqlstate};
 use crate::policy::{AutoUser, Decision};
+use crate::telemetry::proxy::{DB_USER_CHANGE_ERRORS_TOTAL, DB_USER_CHANGES_TOTAL};
 use crate::upstream::{Login, UpstreamError};
 
 /// Every automatic user is a member of this role (created `NOLOGIN` when missing).
@@ -261,12 +262,18 @@ struct Report<'a> {
 impl Report<'_> {
     fn emit(
         &self,
-        action: &str,
+        action: &'static str,
         roles: &[String],
         granted: &[String],
         revoked: &[String],
         error: Option<&ErrorResponse>,
     ) {
+        let counter = if error.is_some() {
+            DB_USER_CHANGE_ERRORS_TOTAL
+        } else {
+            DB_USER_CHANGES_TOTAL
+        };
+        metrics::counter!(counter, "action" => action).increment(1);
         self.shared.audit.db_user(&DbUserEvent {
             action,
             session_id: &self.info.session_id,

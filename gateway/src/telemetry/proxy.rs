@@ -62,6 +62,13 @@ pub const RELOAD_RESULTS: [&str; 2] = ["success", "error"];
 pub const RDS_TOKENS_SIGNED_TOTAL: &str = "gateway_proxy_rds_tokens_signed_total";
 /// Failed attempts to get AWS credentials from the provider chain.
 pub const AWS_CREDENTIAL_FAILURES_TOTAL: &str = "gateway_proxy_aws_credential_failures_total";
+/// Automatic database users changed (`proxy/provision.rs`), by action.
+pub const DB_USER_CHANGES_TOTAL: &str = "gateway_proxy_db_user_changes_total";
+/// Automatic database user changes that failed, by action.
+pub const DB_USER_CHANGE_ERRORS_TOTAL: &str = "gateway_proxy_db_user_change_errors_total";
+/// `action` of [`DB_USER_CHANGES_TOTAL`] and [`DB_USER_CHANGE_ERRORS_TOTAL`] (the audit
+/// events' `db.user.<action>`).
+pub const DB_USER_ACTIONS: [&str; 4] = ["create", "update", "deactivate", "drop"];
 
 /// `result` of [`SESSIONS_TOTAL`].
 pub const SESSION_RESULTS: [&str; 3] = ["success", "denied", "error"];
@@ -221,6 +228,16 @@ pub const METRICS: &[Metric] = &[
         AWS_CREDENTIAL_FAILURES_TOTAL,
         "Failed attempts to get AWS credentials for RDS IAM tokens from the provider chain.",
     ),
+    Metric::counter(
+        DB_USER_CHANGES_TOTAL,
+        "Automatic database users changed, by action: create, update, deactivate or drop.",
+    )
+    .labelled("action", &DB_USER_ACTIONS),
+    Metric::counter(
+        DB_USER_CHANGE_ERRORS_TOTAL,
+        "Automatic database user changes that failed, by action: create, update, deactivate or drop.",
+    )
+    .labelled("action", &DB_USER_ACTIONS),
 ];
 
 /// Describes every metric of the proxy and registers its series at zero. Call once, after

@@ -129,7 +129,56 @@ fn renew_at(from: SystemTime, expires: SystemTime) -> SystemTime {
 
 struct CachedToken {
     token: Arc<str>,
+    signed_at: SystemTime,
     renew_at: SystemTime,
+    /// The last login that took it: only recently used keys are refreshed ahead of time.
+    last_used: Instant,
+}
+
+/// The background refresh of tokens: keys a login used recently get their next token
+/// signed before the cached one is due, so a session does not wait for the signing (nor,
+/// when the credentials are due too, for STS or the container endpoint).
+#[derive(Debug, Clone, Copy)]
+pub struct Refresh {
+    /// How often the cache is looked through.
+    pub tick: Duration,
+    /// A token is replaced this long before its renewal time (at most half the time from
+    /// its signing to its renewal, so short-lived credentials do not cause a re-signing
+    /// at every tick).
+    pub ahead: Duration,
+    /// Keys no login used within this long are left to expire, then forgotten.
+    pub recent: Duration,
+}
+
+/// The proxy's refresh: every 5 s, a minute ahead, for keys used within a token's life.
+pub const REFRESH: Refresh = Refresh {
+    tick: Duration::from_secs(5),
+    ahead: Duration::from_secs(60),
+    recent: RDS_TOKEN_LIFETIME,
+};
+
+/// The keys due for a background refresh at `now`, and the keys to forget (not used
+/// recently and past their renewal).
+fn due(
+    tokens: &HashMap<TokenKey, CachedToken>,
+    now: SystemTime,
+    now_mono: Instant,
+    r: &Refresh,
+) -> (Vec<TokenKey>, Vec<TokenKey>) {
+    let (mut refresh, mut forget) = (Vec::new(), Vec::new());
+    for (key, t) in tokens {
+        if now_mono.saturating_duration_since(t.last_used) > r.recent {
+            if now >= t.renew_at {
+                forget.push(key.clone());
+            }
+            continue;
+        }
+        let span = t.renew_at.duration_since(t.signed_at).unwrap_or_default();
+        if now + r.ahead.min(span / 2) >= t.renew_at {
+            refresh.push(key.clone());
+        }
+    }
+    (refresh, forget)
 }
 
 #[derive(Default)]
@@ -146,27 +195,38 @@ struct CachedCredentials {
 }
 
 /// The proxy's tokens: the provider chain on its own thread, the last credentials, and one
-/// token per [`TokenKey`], each replaced well before it (or its credentials) expires.
+/// token per [`TokenKey`], each replaced well before it (or its credentials) expires, in
+/// the background for keys in use ([`Refresh`]).
 pub struct RdsTokens {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     provider: SharedCredentialsProvider,
     runtime: tokio::runtime::Handle,
     credentials: tokio::sync::Mutex<CredentialState>,
     tokens: Mutex<HashMap<TokenKey, CachedToken>>,
 }
 
+/// A runtime on a thread of its own, for the provider chain and the background refresh.
+fn own_runtime() -> Result<tokio::runtime::Handle, RdsIamError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| RdsIamError::Credentials(format!("cannot start a runtime: {e}")))?;
+    let handle = runtime.handle().clone();
+    std::thread::Builder::new()
+        .name("aws-credentials".into())
+        .spawn(move || runtime.block_on(std::future::pending::<()>()))
+        .map_err(|e| RdsIamError::Credentials(format!("cannot start a thread: {e}")))?;
+    Ok(handle)
+}
+
 impl RdsTokens {
     /// Starts the standard credential provider chain on a thread of its own. `region` is
     /// where STS is asked for web identity credentials when `AWS_REGION` does not say.
     pub fn start(region: &str) -> Result<Self, RdsIamError> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| RdsIamError::Credentials(format!("cannot start a runtime: {e}")))?;
-        let handle = runtime.handle().clone();
-        std::thread::Builder::new()
-            .name("aws-credentials".into())
-            .spawn(move || runtime.block_on(std::future::pending::<()>()))
-            .map_err(|e| RdsIamError::Credentials(format!("cannot start a thread: {e}")))?;
+        let handle = own_runtime()?;
         let region = std::env::var("AWS_REGION")
             .or_else(|_| std::env::var("AWS_DEFAULT_REGION"))
             .unwrap_or_else(|_| region.to_owned());
@@ -179,23 +239,55 @@ impl RdsTokens {
         let provider = rx
             .recv()
             .map_err(|_| RdsIamError::Credentials("the provider chain did not start".into()))?;
-        Ok(Self {
+        Ok(Self::with_provider(provider, handle, REFRESH))
+    }
+
+    /// Tokens from `provider`, refreshed in the background on `runtime` as `refresh` says
+    /// until this value is dropped.
+    fn with_provider(
+        provider: SharedCredentialsProvider,
+        runtime: tokio::runtime::Handle,
+        refresh: Refresh,
+    ) -> Self {
+        let inner = Arc::new(Inner {
             provider,
-            runtime: handle,
+            runtime: runtime.clone(),
             credentials: tokio::sync::Mutex::new(CredentialState::default()),
             tokens: Mutex::new(HashMap::new()),
-        })
+        });
+        let weak = Arc::downgrade(&inner);
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(refresh.tick).await;
+                let Some(inner) = weak.upgrade() else { return };
+                inner.refresh_due(&refresh).await;
+            }
+        });
+        Self { inner }
     }
 
     /// A token for `key`: the cached one while it is fresh, else a new one signed now.
     pub async fn token(&self, key: &TokenKey) -> Result<Arc<str>, RdsIamError> {
-        let now = SystemTime::now();
-        if let Some(t) = self.lock_tokens().get(key)
-            && now < t.renew_at
+        if let Some(t) = self.inner.lock_tokens().get_mut(key)
+            && SystemTime::now() < t.renew_at
         {
+            t.last_used = Instant::now();
             return Ok(t.token.clone());
         }
+        self.inner.sign(key).await
+    }
+
+    /// The current credentials (see [`Inner::credentials`]).
+    pub async fn credentials(&self) -> Result<Credentials, RdsIamError> {
+        self.inner.credentials().await
+    }
+}
+
+impl Inner {
+    /// Signs a new token for `key` now and caches it.
+    async fn sign(&self, key: &TokenKey) -> Result<Arc<str>, RdsIamError> {
         let creds = self.credentials().await?;
+        let now = SystemTime::now();
         let token: Arc<str> = sign_token(key, &creds, now)?.into();
         let mut expires = now + RDS_TOKEN_LIFETIME;
         if let Some(e) = creds.expiry() {
@@ -203,21 +295,47 @@ impl RdsTokens {
         }
         metrics::counter!(RDS_TOKENS_SIGNED_TOTAL).increment(1);
         tracing::debug!(host = %key.host, port = key.port, user = %key.user, region = %key.region, access_key_id = %creds.access_key_id(), "signed an RDS IAM token");
-        self.lock_tokens().insert(
+        let mut tokens = self.lock_tokens();
+        let last_used = tokens.get(key).map_or_else(Instant::now, |t| t.last_used);
+        tokens.insert(
             key.clone(),
             CachedToken {
                 token: token.clone(),
+                signed_at: now,
                 renew_at: renew_at(now, expires),
+                last_used,
             },
         );
         Ok(token)
+    }
+
+    /// One pass of the background refresh: re-signs the due tokens (a failure leaves the
+    /// cached token; the credential failure is logged and counted where it happens) and
+    /// forgets the unused ones.
+    async fn refresh_due(&self, r: &Refresh) {
+        let (refresh, forget) = {
+            let mut tokens = self.lock_tokens();
+            let (refresh, forget) = due(&tokens, SystemTime::now(), Instant::now(), r);
+            for k in &forget {
+                tokens.remove(k);
+            }
+            (refresh, forget)
+        };
+        if !forget.is_empty() {
+            tracing::debug!(keys = forget.len(), "forgot RDS IAM tokens no login used");
+        }
+        for key in refresh {
+            if let Err(e) = self.sign(&key).await {
+                tracing::debug!(host = %key.host, user = %key.user, error = %e, "background RDS IAM token refresh failed");
+            }
+        }
     }
 
     /// The current credentials, asking the chain (one caller at a time) when the last
     /// ones are due for renewal. A failure is logged and counted; for
     /// [`AWS_CREDENTIALS_RETRY_AFTER`] it stands without asking again, and the last
     /// credentials serve as long as they have not expired.
-    pub async fn credentials(&self) -> Result<Credentials, RdsIamError> {
+    async fn credentials(&self) -> Result<Credentials, RdsIamError> {
         let mut state = self.credentials.lock().await;
         let now = SystemTime::now();
         // Credentials that have not expired yet still sign valid tokens.
@@ -353,6 +471,109 @@ mod tests {
             renew_at(t0, t0 - Duration::from_secs(1)),
             t0 - Duration::from_secs(1)
         );
+    }
+
+    fn cached(tokens: &RdsTokens, key: &TokenKey) -> Option<Arc<str>> {
+        tokens.inner.lock_tokens().get(key).map(|t| t.token.clone())
+    }
+
+    fn test_key(user: &str) -> TokenKey {
+        TokenKey {
+            host: "db.example.com".into(),
+            port: 5432,
+            user: user.into(),
+            region: "us-east-1".into(),
+        }
+    }
+
+    /// A key in use gets its next token before the cached one is due, so the next login
+    /// takes it from the cache; a key nobody used recently is not refreshed, and is
+    /// forgotten once due.
+    #[tokio::test]
+    async fn tokens_in_use_are_refreshed_ahead_of_time_in_the_background() {
+        // Credentials with 4 s left: a token is due after 2 s, refreshed from 1 s on.
+        let creds = Credentials::new(
+            "AKID",
+            "secret",
+            None,
+            Some(SystemTime::now() + Duration::from_secs(4)),
+            "test",
+        );
+        let refresh = Refresh {
+            tick: Duration::from_millis(50),
+            ahead: Duration::from_secs(60),
+            recent: Duration::from_secs(60),
+        };
+        let runtime = own_runtime().unwrap();
+        let used = RdsTokens::with_provider(
+            SharedCredentialsProvider::new(creds.clone()),
+            runtime.clone(),
+            refresh,
+        );
+        let key = test_key("app");
+        let first = used.token(&key).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let refreshed = cached(&used, &key).unwrap();
+        assert_ne!(refreshed, first, "no background refresh");
+        // Its signing time is later; the next login takes it as it is.
+        let date = |t: &str| t.split("X-Amz-Date=").nth(1).unwrap()[..16].to_owned();
+        assert!(date(&refreshed) > date(&first));
+        assert_eq!(used.token(&key).await.unwrap(), refreshed);
+
+        // Not used recently: left alone, then forgotten once due (after 3 s here).
+        let creds = Credentials::new(
+            "AKID",
+            "secret",
+            None,
+            Some(SystemTime::now() + Duration::from_secs(6)),
+            "test",
+        );
+        let idle = RdsTokens::with_provider(
+            SharedCredentialsProvider::new(creds),
+            runtime,
+            Refresh {
+                recent: Duration::ZERO,
+                ..refresh
+            },
+        );
+        let first = idle.token(&key).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(cached(&idle, &key), Some(first));
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert_eq!(cached(&idle, &key), None);
+    }
+
+    #[test]
+    fn due_keys_are_recent_and_near_renewal() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let m0 = Instant::now();
+        let entry = |signed: u64, renew: u64, used_ago: u64| CachedToken {
+            token: "t".into(),
+            signed_at: t0 + Duration::from_secs(signed),
+            renew_at: t0 + Duration::from_secs(renew),
+            last_used: m0 + Duration::from_secs(1200 - used_ago),
+        };
+        let mut tokens = HashMap::new();
+        // A full token (renewal 10 min after signing), used a minute ago.
+        tokens.insert(test_key("fresh"), entry(0, 600, 60));
+        // Its renewal is 30 s away: due (60 s ahead).
+        tokens.insert(test_key("soon"), entry(0, 630, 60));
+        // Renewal 4 s after signing (short credentials): due only 2 s ahead.
+        tokens.insert(test_key("short"), entry(597, 602, 0));
+        tokens.insert(test_key("short-due"), entry(597, 601, 0));
+        // Unused for 20 min: not refreshed; forgotten once past renewal.
+        tokens.insert(test_key("idle"), entry(0, 610, 1200));
+        tokens.insert(test_key("idle-gone"), entry(0, 500, 1200));
+        let now = t0 + Duration::from_secs(600 - 1);
+        let m_now = m0 + Duration::from_secs(1200);
+        let (mut refresh, forget) = due(&tokens, now, m_now, &REFRESH);
+        refresh.sort_by(|a, b| a.user.cmp(&b.user));
+        let users = |v: &[TokenKey]| v.iter().map(|k| k.user.clone()).collect::<Vec<_>>();
+        // `now` is 599 s: fresh renews at 600 (within 60 s): due too.
+        assert_eq!(users(&refresh), ["fresh", "short-due", "soon"]);
+        assert_eq!(users(&forget), ["idle-gone"]);
+        let (refresh, _) = due(&tokens, t0 + Duration::from_secs(500), m_now, &REFRESH);
+        assert!(refresh.is_empty(), "{:?}", users(&refresh));
     }
 
     #[test]

@@ -66,6 +66,8 @@ impl Db {
                 server_name: Some(server_name.into()),
                 region: None,
                 iam_host: None,
+                account_id: None,
+                resource_id: None,
                 reuse: None,
                 startup_parameters: Vec::new(),
                 admin_user: None,
@@ -300,6 +302,8 @@ fn a_postgres_route_without_a_ca_is_a_configuration_error() {
             server_name: None,
             region: None,
             iam_host: None,
+            account_id: None,
+            resource_id: None,
             reuse: None,
             startup_parameters: Vec::new(),
             admin_user: None,
@@ -328,4 +332,57 @@ fn only_client_parameters_are_forwarded() {
     assert!(!is_forwarded_param("user"));
     assert!(!is_forwarded_param("database"));
     assert!(!is_forwarded_param("_pq_.anything"));
+}
+
+/// The `rds-db:connect` hint names the whole ARN when the route gives the account and the
+/// resource id, and keeps placeholders for what it does not.
+#[test]
+fn rds_hints_name_the_configured_arn() {
+    let mut upstream: crate::config::UpstreamConfig = serde_norway::from_str(
+        "{address: 'db:5432', auth: rds-iam, region: ca-central-1, ca: c, account_id: '123456789012', resource_id: db-ABCDEFGHIJKL01234}",
+    )
+    .unwrap();
+    let full = "arn:aws:rds-db:ca-central-1:123456789012:dbuser:db-ABCDEFGHIJKL01234/bot-temporal";
+    let refused = UpstreamError::IamRejected {
+        error: Box::new(ErrorResponse::fatal(
+            "28P01",
+            "PAM authentication failed for user \"bot-temporal\"",
+        )),
+        arn: upstream.rds_db_user_arn("bot-temporal"),
+    }
+    .to_client("rds", "bot-temporal");
+    assert_eq!(refused.sqlstate, "28P01");
+    assert!(
+        refused.hint.as_deref().unwrap().starts_with(&format!(
+            "The proxy's AWS identity needs rds-db:connect on {full}, "
+        )),
+        "{refused:?}"
+    );
+    let no_credentials = UpstreamError::RdsToken {
+        error: super::rds_iam::RdsIamError::Credentials("none".into()),
+        arn: upstream.rds_db_user_arn("bot-temporal"),
+    }
+    .to_client("rds", "bot-temporal");
+    assert_eq!(no_credentials.sqlstate, "28000");
+    assert!(
+        no_credentials
+            .hint
+            .as_deref()
+            .unwrap()
+            .contains(&format!("allowed rds-db:connect on {full};")),
+        "{no_credentials:?}"
+    );
+    upstream.account_id = None;
+    upstream.resource_id = None;
+    let placeholders = UpstreamError::RdsToken {
+        error: super::rds_iam::RdsIamError::Credentials("none".into()),
+        arn: upstream.rds_db_user_arn("u"),
+    }
+    .to_client("rds", "u");
+    assert!(
+        placeholders.hint.as_deref().unwrap().contains(
+            "rds-db:connect on arn:aws:rds-db:ca-central-1:<account>:dbuser:<resource-id>/u;"
+        ),
+        "{placeholders:?}"
+    );
 }

@@ -78,6 +78,8 @@ pub fn spec() -> StackSpec {
                 server_name: Some("localhost".into()),
                 region: None,
                 iam_host: None,
+                account_id: None,
+                resource_id: None,
                 reuse: None,
                 startup_parameters: Vec::new(),
                 admin_user: None,
