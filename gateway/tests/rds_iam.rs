@@ -3,10 +3,10 @@
 //! from `gateway aws rds-token` alike; credentials from the real `aws-config` provider chain
 //! (environment, IRSA web identity against a local STS, EKS Pod Identity through a local
 //! container credentials endpoint, an instance profile through a local IMDSv2, a shared
-//! credentials file's named profile); and logins
-//! through node and proxy to a real PostgreSQL behind a local RDS-style front
-//! (`harness::rds`) that verifies each token as RDS does, with credentials that expire and
-//! are refreshed, and every refusal's exact client error.
+//! credentials file's named profile); and logins through node and proxy to a real
+//! PostgreSQL behind a local RDS-style front (`harness::rds`) that verifies each token as
+//! RDS does, with credentials that expire and are refreshed, and every refusal's exact
+//! client error.
 
 mod common;
 
