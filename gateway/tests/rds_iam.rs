@@ -2,10 +2,11 @@
 //! `generate_db_auth_token` (vectors from `vectors/rds_token.py`), from the proxy's code and
 //! from `gateway aws rds-token` alike; credentials from the real `aws-config` provider chain
 //! (environment, IRSA web identity against a local STS, EKS Pod Identity through a local
-//! container credentials endpoint, an instance profile through a local IMDSv2); and logins
-//! through node and proxy to a real PostgreSQL behind a local RDS-style front
-//! (`harness::rds`) that verifies each token as RDS does, with credentials that expire and
-//! are refreshed, and every refusal's exact client error.
+//! container credentials endpoint, an instance profile through a local IMDSv2, a shared
+//! credentials file's named profile); and logins through node and proxy to a real
+//! PostgreSQL behind a local RDS-style front (`harness::rds`) that verifies each token as
+//! RDS does, with credentials that expire and are refreshed, and every refusal's exact
+//! client error.
 
 mod common;
 
@@ -248,6 +249,39 @@ fn eks_pod_identity_from_a_local_container_endpoint() {
     let o = cli(&env("wrong"), &args_now());
     assert!(!o.status.success());
     assert!(agent.refused.load(Ordering::SeqCst) >= 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_shared_profile_from_the_credentials_file() {
+    let keys = AwsKeys::default();
+    keys.insert(
+        "AKIAPROFILEEXAMPLE",
+        AwsKey {
+            secret: "profile/secret+key".into(),
+            session_token: None,
+            expires: None,
+        },
+    );
+    let dir = temp_dir("db-gateway-rds-profile").unwrap();
+    let file = dir.join("credentials");
+    std::fs::write(
+        &file,
+        "[default]\naws_access_key_id = AKIADEFAULTEXAMPLE\naws_secret_access_key = not-this-one\n\n\
+         [db-gateway]\naws_access_key_id = AKIAPROFILEEXAMPLE\naws_secret_access_key = profile/secret+key\n",
+    )
+    .unwrap();
+    // `cli` points AWS_SHARED_CREDENTIALS_FILE at nothing; this overrides it.
+    let env = vec![
+        (
+            "AWS_SHARED_CREDENTIALS_FILE",
+            file.to_string_lossy().into_owned(),
+        ),
+        ("AWS_PROFILE", "db-gateway".to_owned()),
+    ];
+    let token = token_of(&cli(&env, &args_now()));
+    let used = verify_token(&token, &endpoint(), "app", &keys, SystemTime::now()).unwrap();
+    assert_eq!(used.access_key_id, "AKIAPROFILEEXAMPLE");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
