@@ -53,6 +53,12 @@ pub struct ProxyConfig {
     /// Sessions one database route may hold at once in this process (`53300` past it).
     #[serde(default = "default_max_sessions_per_route")]
     pub max_sessions_per_route: usize,
+    /// This replica's index among the proxy replicas behind one service address (0 to
+    /// 255; e.g. a StatefulSet's pod index), written into the cancel keys it issues so that
+    /// nodes listing the replicas in `proxy.replicas` send each cancel to the replica that
+    /// carries its session. Leave out with a single replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_index: Option<u8>,
     #[serde(default)]
     pub roles: Vec<RoleConfig>,
     pub databases: Vec<DatabaseConfig>,
