@@ -21,6 +21,7 @@
 //! `run` is wiring only: configuration to listeners, sockets, threads and the control
 //! runtime.
 
+mod cancel;
 mod certificates;
 mod connection;
 mod error;
@@ -61,6 +62,7 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         .with_context(|| format!("proxy.address {:?} does not resolve", cfg.proxy.address))?
         .next()
         .with_context(|| format!("proxy.address {:?} has no address", cfg.proxy.address))?;
+    let cancel_replicas = cancel::Replicas::resolve(&cfg.proxy.replicas)?;
     let proxy_name = ServerName::try_from(cfg.proxy.server_name.clone()).with_context(|| {
         format!(
             "proxy.server_name {:?} is not a DNS name or IP",
@@ -104,6 +106,7 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let plane = Arc::new(Plane {
         node_name: cfg.node_name.clone(),
         proxy_addr,
+        cancel_replicas,
         budget: Budget::new(cfg.data_plane.buffer_budget),
         warm: Arc::new(tunnel_pool::Dialer {
             proxy_addr,

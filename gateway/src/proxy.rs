@@ -121,7 +121,7 @@ pub fn prepare(cfg: ProxyConfig, local_addr: SocketAddr) -> anyhow::Result<Share
         upstreams,
         audit,
         acceptor: TlsAcceptor::from(Arc::new(server)),
-        cancels: CancelRegistry::default(),
+        cancels: CancelRegistry::for_replica(cfg.replica_index),
         limits: limits::Limits::new(cfg.max_sessions_per_identity, cfg.max_sessions_per_route),
         local_addr,
         cfg,

@@ -40,6 +40,29 @@ pub const ALPN: &[u8] = b"dbgw/1";
 /// wings coalesce to, and the least buffer budget per direction that can hold one record.
 pub const TLS_RECORD_PAYLOAD: usize = 16 * 1024;
 
+/// Cancel keys across proxy replicas (issue 20): a proxy with `replica_index` issues cancel
+/// secrets whose top [`REPLICA_BITS`] bits are its index, and a node with `proxy.replicas`
+/// sends a `CancelRequest` to the replica its secret names. Why this and not the node
+/// remembering each session's replica: sessions reach the replicas through one service
+/// address (a load balancer picks), so the node never learns where a session went, and a
+/// restarted node would have forgotten; the index in the key needs no shared state and no
+/// per-session memory. The cost: 24 of the secret's 32 bits stay random (a cancel is also
+/// honoured only from the session's own identity, and the pid must match).
+pub const REPLICA_BITS: u32 = 8;
+
+/// The most replicas a cancel can be routed among.
+pub const MAX_REPLICAS: usize = 1 << REPLICA_BITS;
+
+/// A cancel secret of replica `index`: the index on top, `random`'s low bits below.
+pub fn replica_secret(index: u8, random: u32) -> i32 {
+    ((u32::from(index) << (32 - REPLICA_BITS)) | (random >> REPLICA_BITS)) as i32
+}
+
+/// The replica index a cancel secret carries (meaningful when its proxy had one).
+pub fn replica_of(secret: i32) -> usize {
+    (secret as u32 >> (32 - REPLICA_BITS)) as usize
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
     #[error("bad preamble: {0}")]
@@ -178,6 +201,20 @@ pub fn client_config(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn issue_20_cancel_secrets_carry_their_replica() {
+        for index in [0u8, 1, 7, 255] {
+            for random in [0u32, 1, 0xffff_ffff, 0x1234_5678] {
+                assert_eq!(
+                    replica_of(replica_secret(index, random)),
+                    usize::from(index)
+                );
+            }
+        }
+        // The other 24 bits are the random ones.
+        assert_ne!(replica_secret(3, 0x100), replica_secret(3, 0x200));
+    }
 
     #[test]
     fn preamble_round_trips_and_rejects_garbage() {

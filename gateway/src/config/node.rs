@@ -194,6 +194,12 @@ pub struct ProxyEndpoint {
     pub server_name: String,
     /// CA bundle that signs the proxy's certificate (the workload CA).
     pub ca: PathBuf,
+    /// Each proxy replica's own `host:port`, in the order of their `replica_index`, when
+    /// `address` is a service in front of several: a cancel request goes to the replica
+    /// its key names (the one carrying its session), not through `address`. Empty: every
+    /// connection goes to `address`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

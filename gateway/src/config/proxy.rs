@@ -53,6 +53,12 @@ pub struct ProxyConfig {
     /// Sessions one database route may hold at once in this process (`53300` past it).
     #[serde(default = "default_max_sessions_per_route")]
     pub max_sessions_per_route: usize,
+    /// This replica's index among the proxy replicas behind one service address (0 to
+    /// 255; e.g. a StatefulSet's pod index), written into the cancel keys it issues so that
+    /// nodes listing the replicas in `proxy.replicas` send each cancel to the replica that
+    /// carries its session. Leave out with a single replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_index: Option<u8>,
     #[serde(default)]
     pub roles: Vec<RoleConfig>,
     pub databases: Vec<DatabaseConfig>,
@@ -518,10 +524,13 @@ impl ProxyConfig {
             if let Some(p) = u
                 .startup_parameters
                 .iter()
+                .filter(|p| !p.eq_ignore_ascii_case("replication"))
                 .find(|p| PRIVILEGED_STARTUP_PARAMETERS.contains(&p.to_ascii_lowercase().as_str()))
             {
+                // `replication` may be listed: it opens a walsender for the policy's user,
+                // whose privileges the database still checks (issue 20, CopyBoth).
                 return Err(format!(
-                    "databases[{i}] ({}): upstream.startup_parameters may not list \"{p}\": it changes the session's role or opens replication, which the policy decides",
+                    "databases[{i}] ({}): upstream.startup_parameters may not list \"{p}\": it changes the session's role, which the policy decides",
                     d.name
                 ));
             }
@@ -716,10 +725,11 @@ mod tests {
             )
         };
         assert_eq!(check(&extra("plan_cache_mode"), "  []\n"), Ok(()));
-        for p in ["role", "Session_Authorization", "replication"] {
+        for p in ["role", "Session_Authorization", "is_superuser"] {
             let e = check(&extra(p), "  []\n").unwrap_err();
             assert!(e.contains(&format!("may not list \"{p}\"")), "{e}");
         }
+        assert_eq!(check(&extra("replication"), "  []\n"), Ok(()));
         let e = check(
             "  - {name: main, upstream: {address: 'db:5432', ca: c}}\n",
             "  []\n",

@@ -133,6 +133,7 @@ pub fn proxy_config(spec: &StackSpec, pg_port: u16) -> ProxyConfig {
         max_sessions_per_identity: max_sessions_per_identity
             .unwrap_or(DEFAULT_MAX_SESSIONS_PER_IDENTITY),
         max_sessions_per_route: max_sessions_per_route.unwrap_or(DEFAULT_MAX_SESSIONS_PER_ROUTE),
+        replica_index: None,
         roles: spec.roles.clone(),
         databases,
     }
@@ -174,6 +175,7 @@ pub fn node_config(
             address: proxy_addr.to_string(),
             server_name: PROXY_SERVER_NAME.into(),
             ca: in_ca_dir(pki::WORKLOAD_CA_CERT),
+            replicas: Vec::new(),
         },
         data_plane: spec.data_plane.clone(),
         listeners,

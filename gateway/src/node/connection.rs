@@ -73,6 +73,8 @@ impl Listener {
 pub struct Plane {
     pub node_name: String,
     pub proxy_addr: SocketAddr,
+    /// `proxy.replicas`: where cancel requests go (`cancel.rs`).
+    pub cancel_replicas: super::cancel::Replicas,
     pub proxy_name: ServerName<'static>,
     pub dp: DataPlaneConfig,
     pub budget: Budget,
@@ -164,7 +166,8 @@ async fn life(
     };
     let target = target(routed, peer).await?;
     let started = Instant::now();
-    let tunnel = tunnel(&target, plane).await?;
+    let replica = plane.cancel_replicas.for_cancel(&initial);
+    let tunnel = tunnel(&target, plane, replica).await?;
     if tunnel.dialled {
         metrics::histogram!(telemetry::TUNNEL_HANDSHAKE_SECONDS)
             .record(started.elapsed().as_secs_f64());
@@ -283,27 +286,34 @@ struct Tunnel {
     dialled: bool,
 }
 
-/// Hop 4: a warm tunnel of this identity, or a new one.
-async fn tunnel(target: &Target<'_>, plane: &Plane) -> Result<Tunnel, NodeError> {
+/// Hop 4: a warm tunnel of this identity, or a new one; a cancel request for a given
+/// proxy replica (`replica`, from `cancel.rs`) always dials that replica.
+async fn tunnel(
+    target: &Target<'_>,
+    plane: &Plane,
+    replica: Option<SocketAddr>,
+) -> Result<Tunnel, NodeError> {
     let tls = target.tls();
-    let warm = tunnel_pool::take(tls, plane.dp.warm_tunnel_idle);
-    // Whether a warm tunnel was there or not, the next session of this identity should
-    // find one.
-    tunnel_pool::refill(tls, &plane.warm);
-    if let Some(conn) = warm {
-        return Ok(Tunnel {
-            conn,
-            dialled: false,
-        });
+    if replica.is_none() {
+        let warm = tunnel_pool::take(tls, plane.dp.warm_tunnel_idle);
+        // Whether a warm tunnel was there or not, the next session of this identity should
+        // find one.
+        tunnel_pool::refill(tls, &plane.warm);
+        if let Some(conn) = warm {
+            return Ok(Tunnel {
+                conn,
+                dialled: false,
+            });
+        }
     }
+    let proxy = replica.unwrap_or(plane.proxy_addr);
     // Boxed: the handshake's future is large and would otherwise stay part of this
     // connection's task for its whole life.
     let dial = Box::pin(TlsConn::connect(
-        plane.proxy_addr,
+        proxy,
         tls.clone(),
         plane.proxy_name.clone(),
     ));
-    let proxy = plane.proxy_addr;
     match tokio::time::timeout(plane.dp.connect_timeout, dial).await {
         Ok(Ok(conn)) => {
             tunnel_pool::handshake_done(&conn);
@@ -478,6 +488,7 @@ mod tests {
         Arc::new(Plane {
             node_name: NODE.into(),
             proxy_addr,
+            cancel_replicas: Default::default(),
             proxy_name: ServerName::try_from("gateway-proxy").unwrap(),
             budget: Budget::new(dp.buffer_budget),
             // No warm tunnels: every connection dials, so each test sees its own handshake.

@@ -43,6 +43,10 @@ pub const ALLOWED: &[&str] = &[
 /// error (not a protocol one) so the client's log says why.
 use crate::config::PRIVILEGED_STARTUP_PARAMETERS as PRIVILEGED;
 
+/// The startup parameter that opens a walsender (`replication=true|database`): refused
+/// unless the route lists it in `upstream.startup_parameters`.
+pub const REPLICATION: &str = "replication";
+
 /// Parameters the proxy itself answers or the policy decides; never forwarded as sent.
 fn is_ours(name: &str) -> bool {
     name == "user" || name == "database" || name.starts_with("_pq_.")
@@ -75,6 +79,20 @@ pub fn check<'a>(
 /// GUC names are case-insensitive, `-` and `_` alike in `options` (PostgreSQL's rule).
 fn allowed(name: &str, extra: &[String], via: &str) -> Result<(), ErrorResponse> {
     let norm = name.to_ascii_lowercase().replace('-', "_");
+    if norm == REPLICATION {
+        // The one privileged parameter a route may allow, as a startup parameter only (it is
+        // not a setting `options` could carry): a route for CDC tools that need a walsender.
+        if via == "startup" && extra.iter().any(|e| e.eq_ignore_ascii_case(REPLICATION)) {
+            return Ok(());
+        }
+        return Err(ErrorResponse::fatal(
+            sqlstate::INSUFFICIENT_PRIVILEGE,
+            format!("db-gateway: the {via} parameter \"{name}\" is not allowed through the gateway"),
+        )
+        .with_hint(
+            "Replication connections (a walsender: physical or logical streaming over CopyBoth) are refused unless the route lists \"replication\" in upstream.startup_parameters; the gateway's policy chooses the database user, which then also needs the REPLICATION attribute.",
+        ));
+    }
     if PRIVILEGED.contains(&norm.as_str()) {
         return Err(ErrorResponse::fatal(
             sqlstate::INSUFFICIENT_PRIVILEGE,
@@ -213,6 +231,26 @@ mod tests {
         let extra = ["plan_cache_mode".to_owned(), "role".to_owned()];
         assert!(check(&params(&[("plan_cache_mode", "auto")]), &extra).is_ok());
         let e = check(&params(&[("role", "x")]), &extra).unwrap_err();
+        assert_eq!(e.sqlstate, "42501");
+    }
+
+    #[test]
+    fn issue_20_replication_only_where_the_route_lists_it() {
+        let e = refused(&[("replication", "database")]);
+        assert_eq!(e.sqlstate, "42501");
+        assert!(
+            e.hint
+                .as_deref()
+                .unwrap()
+                .contains("unless the route lists \"replication\" in upstream.startup_parameters"),
+            "{e:?}"
+        );
+        let extra = ["Replication".to_owned()];
+        let asked = params(&[("replication", "database")]);
+        let out = check(&asked, &extra).unwrap();
+        assert_eq!(out, [("replication", "database")]);
+        // Listing it allows the startup parameter, not a setting in `options`.
+        let e = check(&params(&[("options", "-c replication=true")]), &extra).unwrap_err();
         assert_eq!(e.sqlstate, "42501");
     }
 }

@@ -40,6 +40,8 @@ struct Entry {
 #[derive(Default)]
 pub struct CancelRegistry {
     map: Mutex<HashMap<(i32, i32), Entry>>,
+    /// `replica_index`: written into every secret (see [`crate::tunnel::replica_secret`]).
+    replica: Option<u8>,
 }
 
 /// Removes the key when the session ends; [`CancelKey::release`] also waits for cancels
@@ -78,6 +80,14 @@ impl CancelRegistry {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// A registry whose secrets carry replica `index` (none: all 32 bits random).
+    pub fn for_replica(index: Option<u8>) -> Self {
+        Self {
+            replica: index,
+            ..Self::default()
+        }
+    }
+
     /// Issues the key for `target`: its server's pid and a fresh random secret (32 bits,
     /// as PostgreSQL's own; and a cancel is honoured only from the session's identity, so a
     /// guess can at most reach a session of the guesser's own). Two servers may share a
@@ -85,7 +95,11 @@ impl CancelRegistry {
     pub fn register(&self, target: CancelTarget) -> CancelKey<'_> {
         let mut map = self.lock();
         let key = loop {
-            let k: (i32, i32) = (target.pid, rand::random());
+            let secret = match self.replica {
+                Some(i) => crate::tunnel::replica_secret(i, rand::random()),
+                None => rand::random(),
+            };
+            let k: (i32, i32) = (target.pid, secret);
             if !map.contains_key(&k) {
                 break k;
             }
