@@ -54,6 +54,10 @@ enum Command {
         /// Overrides `audit.path` from the file (`-` is standard output).
         #[arg(long, env = "GATEWAY_AUDIT_LOG")]
         audit_log: Option<String>,
+        /// Overrides `replica_index` from the file: one ConfigMap for all replicas, each
+        /// taking its index from its StatefulSet pod index.
+        #[arg(long, env = "GATEWAY_REPLICA_INDEX")]
+        replica_index: Option<u8>,
     },
     /// Configuration tools.
     Config {
@@ -294,8 +298,12 @@ fn run(command: Command) -> anyhow::Result<()> {
             listen,
             admin_listen,
             audit_log,
+            replica_index,
         } => {
             let mut cfg = ProxyConfig::load(&config)?;
+            if replica_index.is_some() {
+                cfg.replica_index = replica_index;
+            }
             if let Some(l) = listen {
                 cfg.listen = l;
             }
