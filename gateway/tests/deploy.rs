@@ -275,6 +275,39 @@ fn ports_are_the_ones_the_processes_listen_on() {
         for (_, p) in &proxies {
             assert_eq!(port_of(&n.proxy.address), p.listen.port(), "proxy port");
         }
+        // Cancel routing: replica i's own Service selects StatefulSet pod i, and the
+        // StatefulSet has exactly as many replicas as the node lists.
+        if !n.proxy.replicas.is_empty() {
+            let sts = docs
+                .iter()
+                .map(|(_, d)| d)
+                .find(|d| {
+                    s(d, &["kind"]) == Some("StatefulSet")
+                        && s(d, &["metadata", "name"]) == Some("gateway-proxy")
+                })
+                .expect("proxy.replicas needs the gateway-proxy StatefulSet");
+            assert_eq!(
+                get(sts, &["spec", "replicas"]).and_then(Value::as_u64),
+                Some(n.proxy.replicas.len() as u64),
+                "{}: proxy.replicas and the StatefulSet's replicas differ",
+                path.display()
+            );
+            for (i, r) in n.proxy.replicas.iter().enumerate() {
+                let name = format!("gateway-proxy-{i}");
+                assert!(
+                    r.starts_with(&format!("{name}.")),
+                    "{}: proxy.replicas[{i}] {r} is not the Service {name}",
+                    path.display()
+                );
+                let svc = service(&name);
+                assert_eq!(
+                    s(&svc, &["spec", "selector", "statefulset.kubernetes.io/pod-name"]),
+                    Some(name.as_str()),
+                    "Service {name} must select pod {name} alone"
+                );
+                assert!(svc_ports(&svc).contains(&port_of(r)), "{name}: port of {r}");
+            }
+        }
         let ca = &n.interception.as_ref().expect("transparent mode").ca;
         assert!(
             svc_ports(&ca_svc).contains(&ca.address.port())
