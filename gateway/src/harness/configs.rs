@@ -161,6 +161,7 @@ pub fn node_config(
                 ..PodMeta::default()
             },
             expose: false,
+            client_tls: None,
         })
         .collect();
     NodeConfig {
@@ -186,6 +187,7 @@ fn interception(spec: &StackSpec, k: &Kernel, ca_addr: SocketAddr) -> Intercepti
         match_destination: main,
         route: ROUTE.into(),
         protocol: Protocol::Postgres,
+        client_tls: Default::default(),
     }];
     let mut destinations = Vec::new();
     for r in &spec.tcp_routes {
@@ -194,6 +196,7 @@ fn interception(spec: &StackSpec, k: &Kernel, ca_addr: SocketAddr) -> Intercepti
             match_destination: vec![dst.to_string()],
             route: r.name.clone(),
             protocol: Protocol::Tcp,
+            client_tls: Default::default(),
         });
         destinations.push(format!("{}/32:{}", k.db_addr.ip(), r.intercept_port));
     }
