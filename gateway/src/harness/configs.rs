@@ -187,7 +187,10 @@ fn interception(spec: &StackSpec, k: &Kernel, ca_addr: SocketAddr) -> Intercepti
         match_destination: main,
         route: ROUTE.into(),
         protocol: Protocol::Postgres,
-        client_tls: Default::default(),
+        client_tls: crate::config::ClientTlsConfig {
+            enabled: true,
+            server_names: vec![super::spec::DB_SERVER_NAME.into()],
+        },
     }];
     let mut destinations = Vec::new();
     for r in &spec.tcp_routes {

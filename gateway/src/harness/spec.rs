@@ -172,6 +172,12 @@ pub const NODE_CERT: &str = "node.crt";
 pub const NODE_KEY: &str = "node.key";
 
 pub const CA_SERVER_NAME: &str = "ca.db-gateway.local";
+/// The DNS name of the database route in transparent mode: its client TLS certificate
+/// carries it (with the dialled IP), and the CA's `--server-names` allows it.
+pub const DB_SERVER_NAME: &str = "db.demo.db-gateway.local";
+/// In the stack directory: the trust bundle applications verify the node's client TLS with
+/// (`sslrootcert=`): the gateway CA's root.
+pub const TRUST_BUNDLE: &str = "trust-bundle.pem";
 pub const NODE_NAME: &str = "demo-node";
 /// Port of the agent address in tests and the demo.
 pub const AGENT_PORT: u16 = 15432;
