@@ -83,8 +83,8 @@ pub fn run(opts: ServeOptions) -> anyhow::Result<()> {
         pki::load_key(&opts.tls_key)?,
         &client_ca,
     )?;
-    let server_names = self::server_names::ServerNames::parse(&opts.server_names)
-        .context("--server-names")?;
+    let server_names =
+        self::server_names::ServerNames::parse(&opts.server_names).context("--server-names")?;
     let svc = Arc::new(CaService {
         ca,
         trust_domain,

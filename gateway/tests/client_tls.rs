@@ -87,7 +87,10 @@ fn issue_20_psql_in_every_sslmode_gets_what_it_gets_directly() {
         psql_seen(&psql(k.pods[API].command("psql"), &c))
     };
     let direct = |extra: &str| {
-        let c = format!("host=127.0.0.1 port={} user=api dbname=app {extra}", s.pg.port);
+        let c = format!(
+            "host=127.0.0.1 port={} user=api dbname=app {extra}",
+            s.pg.port
+        );
         psql_seen(&psql(Command::new("psql"), &c))
     };
     let want = |tls: bool| Seen {
@@ -133,10 +136,9 @@ fn issue_20_psql_in_every_sslmode_gets_what_it_gets_directly() {
     // The node counted the handshakes.
     let metrics = scrape(s.node_admin);
     assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("gateway_node_client_tls_handshakes_total{result=\"ok\"}")
-                && !l.ends_with(" 0")),
+        metrics.lines().any(|l| l
+            .starts_with("gateway_node_client_tls_handshakes_total{result=\"ok\"}")
+            && !l.ends_with(" 0")),
         "{metrics}"
     );
 }

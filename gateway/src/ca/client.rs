@@ -51,8 +51,8 @@ pub struct IssuedServerCertificate {
 
 /// A fresh key pair and a CSR for it; the key stays here.
 fn key_and_csr() -> Result<(rcgen::KeyPair, String), ClientError> {
-    let key =
-        rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(pki::PkiError::from)?;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(pki::PkiError::from)?;
     let csr = rcgen::CertificateParams::default()
         .serialize_request(&key)
         .and_then(|c| c.pem())

@@ -102,8 +102,8 @@ mod tests {
         assert!(!none.allows_ip("10.0.0.1".parse().unwrap()));
         assert!(!none.allows_name("db.example.com"));
 
-        let l = ServerNames::parse("10.0.0.0/8, 192.0.2.7 db.example.com,*.rds.amazonaws.com")
-            .unwrap();
+        let l =
+            ServerNames::parse("10.0.0.0/8, 192.0.2.7 db.example.com,*.rds.amazonaws.com").unwrap();
         assert!(l.allows_ip("10.1.2.3".parse().unwrap()));
         assert!(l.allows_ip("::ffff:10.1.2.3".parse().unwrap()));
         assert!(l.allows_ip("192.0.2.7".parse().unwrap()));
@@ -115,7 +115,10 @@ mod tests {
         assert!(!l.allows_name("rds.amazonaws.com"));
         assert!(!l.allows_name("evilrds.amazonaws.com"));
         for bad in ["10.0.0.0/40", "*", "a*.b", "host/8", "exa mple"] {
-            assert!(ServerNames::parse(bad).is_err() || bad.contains(' '), "{bad}");
+            assert!(
+                ServerNames::parse(bad).is_err() || bad.contains(' '),
+                "{bad}"
+            );
         }
     }
 }

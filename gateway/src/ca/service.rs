@@ -71,7 +71,8 @@ impl CaService {
         // connection must not serve a node certificate past its `notAfter`.
         pki::check_validity(node_cert, std::time::SystemTime::now())
             .map_err(|e| Refusal::NotANode(e.to_string()))?;
-        pki::node_name_of(node_cert, &self.trust_domain).map_err(|e| Refusal::NotANode(e.to_string()))
+        pki::node_name_of(node_cert, &self.trust_domain)
+            .map_err(|e| Refusal::NotANode(e.to_string()))
     }
 
     /// Signs a server certificate for a node's client TLS: every name must be on the
@@ -88,7 +89,11 @@ impl CaService {
         if let Some(ip) = req.ips.iter().find(|ip| !self.server_names.allows_ip(**ip)) {
             return Err(Refusal::NameNotAllowed(ip.to_string()));
         }
-        if let Some(n) = req.dns_names.iter().find(|n| !self.server_names.allows_name(n)) {
+        if let Some(n) = req
+            .dns_names
+            .iter()
+            .find(|n| !self.server_names.allows_name(n))
+        {
             return Err(Refusal::NameNotAllowed(format!("{n:?}")));
         }
         let certificate = self
@@ -168,8 +173,7 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     let server = req.uri().path() == SERVER_CERTIFICATES_PATH;
-    if req.method() != Method::POST || !(server || req.uri().path() == WORKLOAD_CERTIFICATES_PATH)
-    {
+    if req.method() != Method::POST || !(server || req.uri().path() == WORKLOAD_CERTIFICATES_PATH) {
         return json(
             StatusCode::NOT_FOUND,
             &ErrorBody {
@@ -408,7 +412,10 @@ mod tests {
             "{:?}",
             x509.subject_alternative_name().unwrap().unwrap().value
         );
-        assert!(sans.contains("db.example.com") && !sans.contains("evil.example"), "{sans}");
+        assert!(
+            sans.contains("db.example.com") && !sans.contains("evil.example"),
+            "{sans}"
+        );
         let eku = x509.extended_key_usage().unwrap().unwrap().value;
         assert!(eku.server_auth && !eku.client_auth);
         assert_eq!(

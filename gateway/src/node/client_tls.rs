@@ -120,7 +120,10 @@ pub async fn accept(
 /// Reads inside TLS until one whole startup packet is buffered (`buf` holds what came with
 /// the handshake); `None` if the client left. An encryption request inside TLS breaks the
 /// protocol.
-pub async fn read_startup(tls: &AppTls, mut buf: Vec<u8>) -> Result<Option<Vec<u8>>, ErrorResponse> {
+pub async fn read_startup(
+    tls: &AppTls,
+    mut buf: Vec<u8>,
+) -> Result<Option<Vec<u8>>, ErrorResponse> {
     let mut cipher = Vec::with_capacity(pg::MAX_STARTUP_PACKET_LENGTH);
     loop {
         if let Some(len) = startup::whole_packet(&buf)? {
@@ -150,11 +153,7 @@ pub async fn read_startup(tls: &AppTls, mut buf: Vec<u8>) -> Result<Option<Vec<u
 }
 
 /// Application (TLS) → proxy until the application closes; then passes the close on.
-pub async fn app_to_proxy(
-    app: Rc<AppTls>,
-    tunnel: Rc<TlsConn>,
-    budget: Budget,
-) -> io::Result<u64> {
+pub async fn app_to_proxy(app: Rc<AppTls>, tunnel: Rc<TlsConn>, budget: Budget) -> io::Result<u64> {
     let mut ciphers = AdaptiveBuf::new(SMALL_READ, budget.up_read);
     let mut total = 0u64;
     let bytes_metric = metrics::counter!(telemetry::BYTES_TOTAL, "direction" => "app_to_proxy");
@@ -219,7 +218,11 @@ pub async fn proxy_to_app(
             let sent = app.send(&plain).await;
             buffer_pool::give(plain);
             if let Err(e) = sent {
-                return if is_normal_close(&e) { Ok(total) } else { Err(e) };
+                return if is_normal_close(&e) {
+                    Ok(total)
+                } else {
+                    Err(e)
+                };
             }
             delivered.set(true);
             total += len;

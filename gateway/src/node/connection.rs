@@ -216,10 +216,13 @@ impl Routed<'_> {
     /// (route, dialled IP) from the cache (a miss waits for the control runtime).
     async fn server_config(&self) -> Result<Arc<ServerConfig>, NodeError> {
         match self {
-            Self::Explicit(l) => l.client_tls.clone().ok_or_else(|| NodeError::ServerCertificate {
-                destination: l.listen.to_string(),
-                reason: "the listener has no client_tls certificate".into(),
-            }),
+            Self::Explicit(l) => l
+                .client_tls
+                .clone()
+                .ok_or_else(|| NodeError::ServerCertificate {
+                    destination: l.listen.to_string(),
+                    reason: "the listener has no client_tls certificate".into(),
+                }),
             Self::Transparent(t, d) => {
                 let Some(names) = &d.client_tls else {
                     return Err(NodeError::ServerCertificate {
@@ -908,7 +911,10 @@ mod tests {
             plane(closed_port(), Duration::from_secs(5)),
             move |s| tls_session(s, cfg, "127.0.0.1"),
         );
-        assert!(got.map(|b| b.is_empty()).unwrap_or(true), "no ALPN, no session");
+        assert!(
+            got.map(|b| b.is_empty()).unwrap_or(true),
+            "no ALPN, no session"
+        );
     }
 
     /// Issue 20: garbage after `S`, or a client that stops mid-handshake, is closed within
@@ -916,7 +922,10 @@ mod tests {
     #[test]
     fn issue_20_bad_or_stalled_tls_is_closed_in_time() {
         let pki = Pki::new("ctls-bad");
-        for garbage in [&b"\x16\x03\x01\x00\x05hello-not-tls"[..], &b"\x16\x03\x01\x02\x00"[..]] {
+        for garbage in [
+            &b"\x16\x03\x01\x00\x05hello-not-tls"[..],
+            &b"\x16\x03\x01\x02\x00"[..],
+        ] {
             let t0 = std::time::Instant::now();
             let got = run(
                 Endpoint::Explicit(tls_listener(&pki, &pki)),

@@ -201,7 +201,11 @@ impl Control {
         r
     }
 
-    async fn try_fetch(&self, key: &Key, tls: &ClientTls) -> Result<Fetched, ServerCertificateError> {
+    async fn try_fetch(
+        &self,
+        key: &Key,
+        tls: &ClientTls,
+    ) -> Result<Fetched, ServerCertificateError> {
         let now = SystemTime::now();
         let issued = self
             .ca

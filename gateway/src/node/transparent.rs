@@ -24,9 +24,9 @@ use anyhow::Context;
 use rustls_pki_types::{CertificateDer, ServerName};
 
 use super::certificates::{Certificates, Fetcher};
-use super::server_certificates::{ServerCertificates, ServerFetcher};
 use super::error::NodeError;
 use super::interface::ensure_local_address;
+use super::server_certificates::{ServerCertificates, ServerFetcher};
 use crate::config::{InterceptionConfig, NodeConfig};
 use crate::ebpf::{self, Interception, OrigDst, OrigDsts};
 use crate::identity::lookup::Lookups;
