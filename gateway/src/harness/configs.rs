@@ -161,7 +161,10 @@ pub fn node_config(
                 ..PodMeta::default()
             },
             expose: false,
-            client_tls: None,
+            client_tls: w.client_tls.then(|| IdentityFiles {
+                cert: super::spec::LISTENER_TLS_CERT.into(),
+                key: super::spec::LISTENER_TLS_KEY.into(),
+            }),
         })
         .collect();
     NodeConfig {

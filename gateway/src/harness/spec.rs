@@ -31,7 +31,14 @@ pub struct Workload {
     pub route: String,
     /// The listener's protocol (a `tcp` listener needs a [`TcpRoute`] of that name).
     pub protocol: Protocol,
+    /// Client TLS on the listener, with [`LISTENER_TLS_CERT`] (a server certificate for
+    /// 127.0.0.1 and localhost from the workload CA, so the stack's trust bundle verifies it).
+    pub client_tls: bool,
 }
+
+/// In the stack directory: the explicit listeners' client TLS certificate and key.
+pub const LISTENER_TLS_CERT: &str = "listener-tls.crt";
+pub const LISTENER_TLS_KEY: &str = "listener-tls.key";
 
 impl Workload {
     pub fn new(namespace: &str, service_account: &str) -> Self {
@@ -40,6 +47,7 @@ impl Workload {
             service_account: service_account.into(),
             route: ROUTE.into(),
             protocol: Protocol::Postgres,
+            client_tls: false,
         }
     }
 

@@ -104,6 +104,14 @@ impl Stack {
             pki::write_secret(&dir.join(format!("workload-{i}.key")), &k)?;
         }
 
+        if spec.workloads.iter().any(|w| w.client_tls) {
+            let (c, k) = workload_ca.issue(
+                &LeafSpec::server(vec!["localhost".into()], vec!["127.0.0.1".parse()?]),
+                day,
+            )?;
+            pki::write_public(&dir.join(super::spec::LISTENER_TLS_CERT), &c)?;
+            pki::write_secret(&dir.join(super::spec::LISTENER_TLS_KEY), &k)?;
+        }
         let trust_bundle = dir.join(TRUST_BUNDLE);
         pki::write_public(&trust_bundle, workload_ca.cert_pem())?;
         let audit_path = dir.join("audit.jsonl");
