@@ -19,6 +19,7 @@
 //! client.
 
 pub mod client;
+pub mod server_names;
 pub mod service;
 pub mod wire;
 
@@ -52,6 +53,10 @@ pub struct ServeOptions {
     /// Lifetime of workload certificates (renewed by nodes at half-life).
     #[arg(long, env = "GATEWAY_CERT_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
     pub ttl: Duration,
+    /// What server certificates (client TLS at the nodes) may name: IPs, CIDRs, DNS names,
+    /// `*.suffix`, comma-separated. Empty (the default) issues none.
+    #[arg(long, env = "GATEWAY_SERVER_NAMES", default_value = "")]
+    pub server_names: String,
 }
 
 /// `gateway ca serve`: runs until SIGTERM/SIGINT.
@@ -78,11 +83,14 @@ pub fn run(opts: ServeOptions) -> anyhow::Result<()> {
         pki::load_key(&opts.tls_key)?,
         &client_ca,
     )?;
+    let server_names =
+        self::server_names::ServerNames::parse(&opts.server_names).context("--server-names")?;
     let svc = Arc::new(CaService {
         ca,
         trust_domain,
         ttl: opts.ttl,
         pods: Box::new(inventory),
+        server_names,
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

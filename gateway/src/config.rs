@@ -19,8 +19,8 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 
 pub use node::{
-    CaEndpoint, DataPlaneConfig, IdentityConfig, IdentityFiles, InterceptionConfig,
-    KubernetesSource, ListenerConfig, NodeConfig, ProxyEndpoint, RouteConfig,
+    CaEndpoint, ClientTlsConfig, DataPlaneConfig, IdentityConfig, IdentityFiles,
+    InterceptionConfig, KubernetesSource, ListenerConfig, NodeConfig, ProxyEndpoint, RouteConfig,
 };
 pub use proxy::{
     AuditConfig, AuditWhenFull, CaFiles, CreateDbUserMode, DatabaseConfig, DatabaseSelector,

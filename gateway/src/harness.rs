@@ -35,8 +35,8 @@ pub use machine::{
     stop_children, temp_dir,
 };
 pub use spec::{
-    AGENT_PORT, CA_SERVER_NAME, DEMO_TRUST_DOMAIN, NODE_NAME, NODE_THREADS, PROXY_SERVER_NAME,
-    PgRoute, PodSpec, ProxySettings, ROUTE, StackSpec, TcpRoute, TransparentSpec, Workload,
-    node_data_plane, role, strings,
+    AGENT_PORT, CA_SERVER_NAME, DB_SERVER_NAME, DEMO_TRUST_DOMAIN, NODE_NAME, NODE_THREADS,
+    PROXY_SERVER_NAME, PgRoute, PodSpec, ProxySettings, ROUTE, StackSpec, TcpRoute,
+    TransparentSpec, Workload, node_data_plane, role, strings,
 };
 pub use stack::{Replica, Stack};

@@ -23,10 +23,12 @@
 
 mod cancel;
 mod certificates;
+mod client_tls;
 mod connection;
 mod error;
 mod interface;
 mod relay;
+mod server_certificates;
 mod startup;
 mod tls;
 mod transparent;
@@ -81,6 +83,7 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         Some(i) => {
             let setup = transparent::setup(&cfg, i, &proxy_ca)?;
             control.spawn(setup.fetcher.run());
+            control.spawn(setup.server_fetcher.run());
             (Some(Arc::new(setup.transparent)), Some(setup.interception))
         }
         None => (None, None),
@@ -186,6 +189,18 @@ fn explicit_listeners(
             .with_context(|| format!("listeners[{i}].identity.cert"))?;
         let tls = crate::tunnel::client_config(chain, key, proxy_ca)
             .with_context(|| format!("listeners[{i}]"))?;
+        let client_tls = match &l.client_tls {
+            None => None,
+            Some(files) => Some(Arc::new(
+                client_tls::server_config(
+                    pki::load_certs(&files.cert)
+                        .with_context(|| format!("listeners[{i}].client_tls.cert"))?,
+                    pki::load_key(&files.key)
+                        .with_context(|| format!("listeners[{i}].client_tls.key"))?,
+                )
+                .with_context(|| format!("listeners[{i}].client_tls"))?,
+            )),
+        };
         tracing::info!(listen = %l.listen, route = %l.route, identity = %id, "listener");
         listeners.push(Arc::new(Listener {
             listen: l.listen,
@@ -194,6 +209,7 @@ fn explicit_listeners(
             pod: l.pod.clone(),
             tls: Arc::new(tls),
             identity_cert: l.identity.cert.clone(),
+            client_tls,
         }));
     }
     Ok(listeners)

@@ -136,6 +136,15 @@ pub struct Route {
     /// A `databases[].name` of the proxy's policy.
     pub name: String,
     pub protocol: Protocol,
+    /// Client TLS at the node: `None` answers `SSLRequest` with `N`.
+    pub client_tls: Option<std::sync::Arc<ClientTls>>,
+}
+
+/// A route's client TLS: the DNS names its server certificates carry besides the IP the
+/// application dialled.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientTls {
+    pub server_names: Vec<String>,
 }
 
 /// The node's transparent routes in configuration order: the first pattern that matches
@@ -155,6 +164,18 @@ impl RouteTable {
         name: &str,
         protocol: Protocol,
     ) -> Result<(), DestinationError> {
+        self.add_with_tls(patterns, name, protocol, None)
+    }
+
+    /// [`Self::add`] for a route with client TLS (`Some`, its certificate's DNS names).
+    pub fn add_with_tls<'a>(
+        &mut self,
+        patterns: impl IntoIterator<Item = &'a str>,
+        name: &str,
+        protocol: Protocol,
+        client_tls: Option<ClientTls>,
+    ) -> Result<(), DestinationError> {
+        let client_tls = client_tls.map(std::sync::Arc::new);
         let added = patterns
             .into_iter()
             .map(|p| {
@@ -162,6 +183,7 @@ impl RouteTable {
                     destination: parse_destination(p)?,
                     name: name.to_owned(),
                     protocol,
+                    client_tls: client_tls.clone(),
                 })
             })
             .collect::<Result<Vec<_>, DestinationError>>()?;

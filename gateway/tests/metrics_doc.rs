@@ -247,8 +247,30 @@ async fn request_certificate(s: &Stack, pod_uid: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_readme_metric_is_scraped_from_its_process_and_every_scraped_metric_has_help() {
     let rows = readme_table(README);
-    let mut s = stack();
+    // One more listener, with client TLS (issue 20): its handshake metrics get a sample.
+    let mut spec = spec();
+    spec.workloads.push(gateway::harness::Workload {
+        client_tls: true,
+        ..gateway::harness::Workload::new("team-a", "api")
+    });
+    let tls_listener = spec.workloads.len() - 1;
+    let mut s = Stack::start(spec).expect("start the local gateway stack");
     let (ca_admin, pod_uid) = start_ca(&mut s);
+    let a = s.listeners[tls_listener];
+    let o = std::process::Command::new("psql")
+        .arg(format!(
+            "host={} port={} user=api dbname=app sslmode=verify-full sslrootcert={}",
+            a.ip(),
+            a.port(),
+            s.trust_bundle.display()
+        ))
+        .args([
+            "-XAtc",
+            "select ssl from pg_stat_ssl where pid = pg_backend_pid()",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
     // One real session through the node (tunnel dial, TLS handshake, upstream login,
     // bytes both ways), and one certificate from the CA.

@@ -32,9 +32,15 @@ pub fn run(_opts: &Options) -> Result<()> {
     crate::deny::run()?;
     no_harness()?;
     rds_token_vectors()?;
+    // tests/client_tls.rs runs another language's driver with TLS: psycopg with the libpq
+    // (17 or later, for sslnegotiation=direct) of its binary wheel, from PyPI.
+    let psycopg = workspace_root()?.join("target/xtask-psycopg");
+    crate::pip_install("psycopg", PSYCOPG, &psycopg)?;
     step(
         "test",
-        cargo().args(["test", "--workspace", "--no-fail-fast"]),
+        cargo()
+            .args(["test", "--workspace", "--no-fail-fast"])
+            .env("DBGW_PSYCOPG", &psycopg),
     )?;
     // Proves the harness: every path and scenario runs and every figure is measured (the
     // harness asserts that; it never asserts a speed).
@@ -45,6 +51,9 @@ pub fn run(_opts: &Options) -> Result<()> {
     println!("==> all steps passed");
     Ok(())
 }
+
+/// The pinned psycopg of `gateway/tests/client_tls.rs` (its binary wheel bundles libpq 18).
+const PSYCOPG: &str = "psycopg[binary]==3.3.9";
 
 /// The pinned botocore of `gateway/tests/vectors/rds_token.py`: the vectors the RDS IAM
 /// tests compare against must be what botocore makes today, not what it made once.

@@ -11,7 +11,10 @@ use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 
-use super::wire::{CertificateRequest, CertificateResponse, ErrorBody, WORKLOAD_CERTIFICATES_PATH};
+use super::wire::{
+    CertificateRequest, CertificateResponse, ErrorBody, SERVER_CERTIFICATES_PATH,
+    ServerCertificateRequest, WORKLOAD_CERTIFICATES_PATH,
+};
 use crate::pki::{self, SpiffeId};
 
 /// An answer is a certificate chain of a few KiB; anything bigger is not one.
@@ -39,7 +42,26 @@ pub struct IssuedCertificate {
     pub spiffe_id: SpiffeId,
 }
 
-/// The node's side: asks the CA for a pod's workload certificate.
+/// A server certificate (client TLS at the node) with its private key, which never leaves
+/// this process.
+pub struct IssuedServerCertificate {
+    pub chain: Vec<rustls_pki_types::CertificateDer<'static>>,
+    pub key: rustls_pki_types::PrivateKeyDer<'static>,
+}
+
+/// A fresh key pair and a CSR for it; the key stays here.
+fn key_and_csr() -> Result<(rcgen::KeyPair, String), ClientError> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(pki::PkiError::from)?;
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .and_then(|c| c.pem())
+        .map_err(pki::PkiError::from)?;
+    Ok((key, csr))
+}
+
+/// The node's side: asks the CA for a pod's workload certificate, or a server certificate.
+#[derive(Clone)]
 pub struct CaClient {
     pub addr: SocketAddr,
     pub server_name: ServerName<'static>,
@@ -52,19 +74,54 @@ impl CaClient {
         &self,
         pod_uid: Option<&str>,
     ) -> Result<IssuedCertificate, ClientError> {
-        use rustls_pki_types::pem::PemObject;
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-            .map_err(pki::PkiError::from)?;
-        let csr = rcgen::CertificateParams::default()
-            .serialize_request(&key)
-            .and_then(|c| c.pem())
-            .map_err(pki::PkiError::from)?;
+        let (key, csr) = key_and_csr()?;
         let body = serde_json::to_vec(&CertificateRequest {
             pod_uid: pod_uid.map(str::to_owned),
             csr,
         })
         .map_err(|e| ClientError::Http(e.to_string()))?;
+        let chain = self.post(WORKLOAD_CERTIFICATES_PATH, body).await?;
+        let first = chain
+            .first()
+            .ok_or_else(|| ClientError::Http("no certificate in answer".into()))?;
+        let spiffe_id = pki::spiffe_id_of(first)?;
+        let key = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        Ok(IssuedCertificate {
+            chain,
+            key,
+            spiffe_id,
+        })
+    }
 
+    /// A server certificate for `dns_names` and `ips` (client TLS at the node); the CA
+    /// refuses names its list does not allow.
+    pub async fn server_certificate(
+        &self,
+        dns_names: &[String],
+        ips: &[std::net::IpAddr],
+    ) -> Result<IssuedServerCertificate, ClientError> {
+        let (key, csr) = key_and_csr()?;
+        let body = serde_json::to_vec(&ServerCertificateRequest {
+            dns_names: dns_names.to_vec(),
+            ips: ips.to_vec(),
+            csr,
+        })
+        .map_err(|e| ClientError::Http(e.to_string()))?;
+        let chain = self.post(SERVER_CERTIFICATES_PATH, body).await?;
+        if chain.is_empty() {
+            return Err(ClientError::Http("no certificate in answer".into()));
+        }
+        let key = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        Ok(IssuedServerCertificate { chain, key })
+    }
+
+    /// One request over a fresh mutual-TLS connection; the answer's certificate chain.
+    async fn post(
+        &self,
+        path: &'static str,
+        body: Vec<u8>,
+    ) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, ClientError> {
+        use rustls_pki_types::pem::PemObject;
         let tcp = TcpStream::connect(self.addr)
             .await
             .map_err(|source| ClientError::Connect {
@@ -83,7 +140,7 @@ impl CaClient {
                 .await
                 .map_err(|e| ClientError::Http(e.to_string()))?;
         tokio::spawn(conn);
-        let req = Request::post(WORKLOAD_CERTIFICATES_PATH)
+        let req = Request::post(path)
             .header(hyper::header::HOST, "gateway-ca")
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))
@@ -106,19 +163,10 @@ impl CaClient {
         }
         let r: CertificateResponse =
             serde_json::from_slice(&bytes).map_err(|e| ClientError::Http(e.to_string()))?;
-        let chain: Vec<_> =
+        Ok(
             rustls_pki_types::CertificateDer::pem_slice_iter(r.certificate.as_bytes())
                 .filter_map(Result::ok)
-                .collect();
-        let first = chain
-            .first()
-            .ok_or_else(|| ClientError::Http("no certificate in answer".into()))?;
-        let spiffe_id = pki::spiffe_id_of(first)?;
-        let key = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
-        Ok(IssuedCertificate {
-            chain,
-            key,
-            spiffe_id,
-        })
+                .collect(),
+        )
     }
 }

@@ -12,10 +12,14 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 use tokio::net::TcpListener;
 
-use super::wire::{CertificateRequest, CertificateResponse, ErrorBody, WORKLOAD_CERTIFICATES_PATH};
+use super::server_names::ServerNames;
+use super::wire::{
+    CertificateRequest, CertificateResponse, ErrorBody, SERVER_CERTIFICATES_PATH,
+    ServerCertificateRequest, WORKLOAD_CERTIFICATES_PATH,
+};
 use crate::pki::{self, CertificateAuthority, LeafSpec, SpiffeId};
 use crate::pod::PodDirectory;
-use crate::telemetry::ca::{CERTIFICATES_ISSUED, REFUSALS};
+use crate::telemetry::ca::{CERTIFICATES_ISSUED, REFUSALS, SERVER_CERTIFICATES_ISSUED};
 
 /// A CSR is well under 1 KiB; anything bigger is not one.
 const MAX_REQUEST_BODY: usize = 16 * 1024;
@@ -31,6 +35,8 @@ pub struct CaService {
     pub trust_domain: String,
     pub ttl: Duration,
     pub pods: Box<dyn PodDirectory>,
+    /// What server certificates for nodes may name (deny by default).
+    pub server_names: ServerNames,
 }
 
 /// Why the CA refuses a request; the message goes back to the node and into the CA log.
@@ -50,22 +56,69 @@ pub enum Refusal {
     },
     #[error("bad request: {0}")]
     BadRequest(String),
+    #[error("{0} is not in the CA's --server-names")]
+    NameNotAllowed(String),
 }
 
 impl CaService {
+    /// The asking node's name, from a certificate that is valid now.
+    fn node_of(
+        &self,
+        node_cert: Option<&rustls_pki_types::CertificateDer<'_>>,
+    ) -> Result<String, Refusal> {
+        let node_cert = node_cert.ok_or_else(|| Refusal::NotANode("no certificate".into()))?;
+        // Per request, not only per handshake: a resumed TLS session or a kept-alive
+        // connection must not serve a node certificate past its `notAfter`.
+        pki::check_validity(node_cert, std::time::SystemTime::now())
+            .map_err(|e| Refusal::NotANode(e.to_string()))?;
+        pki::node_name_of(node_cert, &self.trust_domain)
+            .map_err(|e| Refusal::NotANode(e.to_string()))
+    }
+
+    /// Signs a server certificate for a node's client TLS: every name must be on the
+    /// `--server-names` list, and only the CSR's public key is taken.
+    pub fn issue_server(
+        &self,
+        node_cert: Option<&rustls_pki_types::CertificateDer<'_>>,
+        req: &ServerCertificateRequest,
+    ) -> Result<CertificateResponse, Refusal> {
+        let node = self.node_of(node_cert)?;
+        if req.dns_names.is_empty() && req.ips.is_empty() {
+            return Err(Refusal::BadRequest("no name asked for".into()));
+        }
+        if let Some(ip) = req.ips.iter().find(|ip| !self.server_names.allows_ip(**ip)) {
+            return Err(Refusal::NameNotAllowed(ip.to_string()));
+        }
+        if let Some(n) = req
+            .dns_names
+            .iter()
+            .find(|n| !self.server_names.allows_name(n))
+        {
+            return Err(Refusal::NameNotAllowed(format!("{n:?}")));
+        }
+        let certificate = self
+            .ca
+            .issue_for_csr(
+                &LeafSpec::server(req.dns_names.clone(), req.ips.clone()),
+                &req.csr,
+                self.ttl,
+            )
+            .map_err(|e| Refusal::BadRequest(e.to_string()))?;
+        metrics::counter!(SERVER_CERTIFICATES_ISSUED).increment(1);
+        tracing::info!(%node, names = ?req.dns_names, ips = ?req.ips, "server certificate issued");
+        Ok(CertificateResponse {
+            certificate,
+            spiffe_id: String::new(),
+        })
+    }
+
     /// Decides and signs one request from the node `node_cert` identifies.
     pub fn issue(
         &self,
         node_cert: Option<&rustls_pki_types::CertificateDer<'_>>,
         req: &CertificateRequest,
     ) -> Result<CertificateResponse, Refusal> {
-        let node_cert = node_cert.ok_or_else(|| Refusal::NotANode("no certificate".into()))?;
-        // Per request, not only per handshake: a resumed TLS session or a kept-alive
-        // connection must not serve a node certificate past its `notAfter`.
-        pki::check_validity(node_cert, std::time::SystemTime::now())
-            .map_err(|e| Refusal::NotANode(e.to_string()))?;
-        let node = pki::node_name_of(node_cert, &self.trust_domain)
-            .map_err(|e| Refusal::NotANode(e.to_string()))?;
+        let node = self.node_of(node_cert)?;
         let id = match &req.pod_uid {
             None => {
                 let host = self.pods.host().ok_or(Refusal::NoHostIdentity)?;
@@ -119,11 +172,14 @@ async fn handle(
     node_cert: Option<rustls_pki_types::CertificateDer<'static>>,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
-    if req.method() != Method::POST || req.uri().path() != WORKLOAD_CERTIFICATES_PATH {
+    let server = req.uri().path() == SERVER_CERTIFICATES_PATH;
+    if req.method() != Method::POST || !(server || req.uri().path() == WORKLOAD_CERTIFICATES_PATH) {
         return json(
             StatusCode::NOT_FOUND,
             &ErrorBody {
-                error: format!("only POST {WORKLOAD_CERTIFICATES_PATH}"),
+                error: format!(
+                    "only POST {WORKLOAD_CERTIFICATES_PATH} or {SERVER_CERTIFICATES_PATH}"
+                ),
             },
         );
     }
@@ -141,13 +197,19 @@ async fn handle(
             );
         }
     };
-    let result = serde_json::from_slice::<CertificateRequest>(&body)
-        .map_err(|e| Refusal::BadRequest(e.to_string()))
-        .and_then(|r| svc.issue(node_cert.as_ref(), &r));
+    let result = if server {
+        serde_json::from_slice::<ServerCertificateRequest>(&body)
+            .map_err(|e| Refusal::BadRequest(e.to_string()))
+            .and_then(|r| svc.issue_server(node_cert.as_ref(), &r))
+    } else {
+        serde_json::from_slice::<CertificateRequest>(&body)
+            .map_err(|e| Refusal::BadRequest(e.to_string()))
+            .and_then(|r| svc.issue(node_cert.as_ref(), &r))
+    };
     match result {
         Ok(resp) => json(StatusCode::OK, &resp),
         Err(refusal) => {
-            tracing::warn!(%refusal, "workload certificate refused");
+            tracing::warn!(%refusal, server, "certificate refused");
             metrics::counter!(REFUSALS).increment(1);
             let status = match refusal {
                 Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -250,6 +312,7 @@ mod tests {
             trust_domain: "td".into(),
             ttl: Duration::from_secs(3600),
             pods,
+            server_names: ServerNames::parse("10.0.0.0/8,db.example.com").unwrap(),
         }
     }
 
@@ -324,6 +387,59 @@ mod tests {
             svc.issue(Some(&node1), &host).unwrap_err(),
             Refusal::NoHostIdentity
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Issue 20: server certificates only for names the CA's list allows, only to nodes,
+    /// with the names the CA checked (not the CSR's) and server usage.
+    #[test]
+    fn issue_20_server_certificates_only_for_listed_names() {
+        let dir = std::env::temp_dir().join(format!("dbgw-ca-server-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let svc = service(&dir);
+        let node1 = node_cert(&svc, &LeafSpec::node("td", "node-1"));
+        let req = |dns: &[&str], ips: &[&str]| ServerCertificateRequest {
+            dns_names: dns.iter().map(|s| s.to_string()).collect(),
+            ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
+            csr: csr(),
+        };
+        let ok = svc
+            .issue_server(Some(&node1), &req(&["db.example.com"], &["10.0.3.7"]))
+            .unwrap();
+        let cert = CertificateDer::from_pem_slice(ok.certificate.as_bytes()).unwrap();
+        let (_, x509) = x509_parser::parse_x509_certificate(&cert).unwrap();
+        let sans = format!(
+            "{:?}",
+            x509.subject_alternative_name().unwrap().unwrap().value
+        );
+        assert!(
+            sans.contains("db.example.com") && !sans.contains("evil.example"),
+            "{sans}"
+        );
+        let eku = x509.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && !eku.client_auth);
+        assert_eq!(
+            svc.issue_server(Some(&node1), &req(&["other.example.com"], &["10.0.3.7"]))
+                .unwrap_err(),
+            Refusal::NameNotAllowed("\"other.example.com\"".into())
+        );
+        assert_eq!(
+            svc.issue_server(Some(&node1), &req(&[], &["192.0.2.1"]))
+                .unwrap_err(),
+            Refusal::NameNotAllowed("192.0.2.1".into())
+        );
+        assert!(matches!(
+            svc.issue_server(Some(&node1), &req(&[], &[])),
+            Err(Refusal::BadRequest(_))
+        ));
+        let workload = node_cert(
+            &svc,
+            &LeafSpec::workload(&SpiffeId::new("td", "team-a", "api")),
+        );
+        assert!(matches!(
+            svc.issue_server(Some(&workload), &req(&[], &["10.0.3.7"])),
+            Err(Refusal::NotANode(_))
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

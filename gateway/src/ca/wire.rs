@@ -4,6 +4,17 @@
 use serde::{Deserialize, Serialize};
 
 pub const WORKLOAD_CERTIFICATES_PATH: &str = "/v1/workload-certificates";
+/// Server certificates for client TLS at the node (the original destinations it serves).
+pub const SERVER_CERTIFICATES_PATH: &str = "/v1/server-certificates";
+
+/// A node asks for a server certificate naming `dns_names` and `ips`; the CA issues it only
+/// if its `--server-names` list allows every one.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ServerCertificateRequest {
+    pub dns_names: Vec<String>,
+    pub ips: Vec<std::net::IpAddr>,
+    pub csr: String,
+}
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct CertificateRequest {

@@ -123,6 +123,38 @@ pub struct RouteConfig {
     /// `tcp` relays the connection as plain bytes (the proxy's route must be `tcp` too).
     #[serde(default)]
     pub protocol: Protocol,
+    /// TLS between the application and the node (`postgres` routes; on by default).
+    #[serde(default, skip_serializing_if = "ClientTlsConfig::is_default")]
+    pub client_tls: ClientTlsConfig,
+}
+
+/// A transparent route's client TLS: `SSLRequest` answered `S` and the application's TLS
+/// terminated at the node with a certificate from the CA for the dialled IP and
+/// `server_names`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientTlsConfig {
+    /// `false` answers `SSLRequest` with `N`, as a server without TLS does.
+    pub enabled: bool,
+    /// DNS names the route's certificate carries besides the dialled IP: the names the
+    /// applications' connection strings use (libpq's SNI and `verify-full` check them).
+    /// The CA must allow each (`gateway ca serve --server-names`).
+    pub server_names: Vec<String>,
+}
+
+impl Default for ClientTlsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            server_names: Vec::new(),
+        }
+    }
+}
+
+impl ClientTlsConfig {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -267,6 +299,11 @@ pub struct ListenerConfig {
     /// can reach, or when the network in front of it is the access control.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub expose: bool,
+    /// The server certificate (and key) the listener presents to applications that ask
+    /// for TLS (`SSLRequest`, or PostgreSQL 17's direct TLS); without it `SSLRequest` is
+    /// answered `N`. It should name the address the applications dial.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_tls: Option<IdentityFiles>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -284,6 +321,10 @@ impl NodeConfig {
         for l in &mut cfg.listeners {
             resolve(&base, &mut l.identity.cert);
             resolve(&base, &mut l.identity.key);
+            if let Some(t) = &mut l.client_tls {
+                resolve(&base, &mut t.cert);
+                resolve(&base, &mut t.key);
+            }
         }
         if let Some(i) = &mut cfg.interception {
             if let Some(p) = &mut i.identity.inventory {
@@ -317,6 +358,15 @@ impl NodeConfig {
                 for d in &r.match_destination {
                     parse_destination(d)
                         .map_err(|e| format!("interception.routes[{n}].match_destination: {e}"))?;
+                }
+                for name in &r.client_tls.server_names {
+                    if rustls_pki_types::DnsName::try_from(name.as_str()).is_err()
+                        || name.parse::<std::net::IpAddr>().is_ok()
+                    {
+                        return Err(format!(
+                            "interception.routes[{n}].client_tls.server_names: {name:?} is not a DNS name (the dialled IP is always in the certificate)"
+                        ));
+                    }
                 }
             }
             for d in &i.destinations {

@@ -166,6 +166,10 @@ pub fn node_config(
                 ..PodMeta::default()
             },
             expose: false,
+            client_tls: w.client_tls.then(|| IdentityFiles {
+                cert: super::spec::LISTENER_TLS_CERT.into(),
+                key: super::spec::LISTENER_TLS_KEY.into(),
+            }),
         })
         .collect();
     NodeConfig {
@@ -192,6 +196,10 @@ fn interception(spec: &StackSpec, k: &Kernel, ca_addr: SocketAddr) -> Intercepti
         match_destination: main,
         route: ROUTE.into(),
         protocol: Protocol::Postgres,
+        client_tls: crate::config::ClientTlsConfig {
+            enabled: true,
+            server_names: vec![super::spec::DB_SERVER_NAME.into()],
+        },
     }];
     let mut destinations = Vec::new();
     for r in &spec.tcp_routes {
@@ -200,6 +208,7 @@ fn interception(spec: &StackSpec, k: &Kernel, ca_addr: SocketAddr) -> Intercepti
             match_destination: vec![dst.to_string()],
             route: r.name.clone(),
             protocol: Protocol::Tcp,
+            client_tls: Default::default(),
         });
         destinations.push(format!("{}/32:{}", k.db_addr.ip(), r.intercept_port));
     }

@@ -37,6 +37,10 @@ pub fn run(keep: bool, explicit: bool) -> Result<()> {
     );
     eprintln!("  node agent admin http://{}/metrics", stack.node_admin);
     eprintln!("  audit log {}", stack.audit_path.display());
+    eprintln!(
+        "  trust bundle {} (sslrootcert= for sslmode=verify-ca/verify-full)",
+        stack.trust_bundle.display()
+    );
     let (ready, pod) = match &stack.kernel {
         Some(k) => {
             let conn = format!(

@@ -31,7 +31,14 @@ pub struct Workload {
     pub route: String,
     /// The listener's protocol (a `tcp` listener needs a [`TcpRoute`] of that name).
     pub protocol: Protocol,
+    /// Client TLS on the listener, with [`LISTENER_TLS_CERT`] (a server certificate for
+    /// 127.0.0.1 and localhost from the workload CA, so the stack's trust bundle verifies it).
+    pub client_tls: bool,
 }
+
+/// In the stack directory: the explicit listeners' client TLS certificate and key.
+pub const LISTENER_TLS_CERT: &str = "listener-tls.crt";
+pub const LISTENER_TLS_KEY: &str = "listener-tls.key";
 
 impl Workload {
     pub fn new(namespace: &str, service_account: &str) -> Self {
@@ -40,6 +47,7 @@ impl Workload {
             service_account: service_account.into(),
             route: ROUTE.into(),
             protocol: Protocol::Postgres,
+            client_tls: false,
         }
     }
 
@@ -172,6 +180,12 @@ pub const NODE_CERT: &str = "node.crt";
 pub const NODE_KEY: &str = "node.key";
 
 pub const CA_SERVER_NAME: &str = "ca.db-gateway.local";
+/// The DNS name of the database route in transparent mode: its client TLS certificate
+/// carries it (with the dialled IP), and the CA's `--server-names` allows it.
+pub const DB_SERVER_NAME: &str = "db.demo.db-gateway.local";
+/// In the stack directory: the trust bundle applications verify the node's client TLS with
+/// (`sslrootcert=`): the gateway CA's root.
+pub const TRUST_BUNDLE: &str = "trust-bundle.pem";
 pub const NODE_NAME: &str = "demo-node";
 /// Port of the agent address in tests and the demo.
 pub const AGENT_PORT: u16 = 15432;

@@ -18,7 +18,7 @@ use super::configs::{self, write_yaml};
 use super::kernel::Kernel;
 use super::localdb::{self, LocalPostgres, LocalPostgresOptions};
 use super::machine::{loopback, stop_child, temp_dir};
-use super::spec::{DEMO_TRUST_DOMAIN, PROXY_SERVER_NAME, StackSpec};
+use super::spec::{DB_SERVER_NAME, DEMO_TRUST_DOMAIN, PROXY_SERVER_NAME, StackSpec, TRUST_BUNDLE};
 use crate::pki::{self, CertificateAuthority, LeafSpec, SpiffeId};
 
 mod replica;
@@ -50,6 +50,9 @@ pub struct Stack {
     pub kernel: Option<Kernel>,
     /// Keep the directory (logs, configs, audit) when dropped.
     pub keep_dir: bool,
+    /// What applications verify the node's client TLS with (`sslrootcert=`): the gateway
+    /// CA's root, as the `db-gateway-trust-bundle` ConfigMap publishes it.
+    pub trust_bundle: PathBuf,
     spec: StackSpec,
 }
 
@@ -104,6 +107,16 @@ impl Stack {
             pki::write_secret(&dir.join(format!("workload-{i}.key")), &k)?;
         }
 
+        if spec.workloads.iter().any(|w| w.client_tls) {
+            let (c, k) = workload_ca.issue(
+                &LeafSpec::server(vec!["localhost".into()], vec!["127.0.0.1".parse()?]),
+                day,
+            )?;
+            pki::write_public(&dir.join(super::spec::LISTENER_TLS_CERT), &c)?;
+            pki::write_secret(&dir.join(super::spec::LISTENER_TLS_KEY), &k)?;
+        }
+        let trust_bundle = dir.join(TRUST_BUNDLE);
+        pki::write_public(&trust_bundle, workload_ca.cert_pem())?;
         let audit_path = dir.join("audit.jsonl");
         let proxy_config = dir.join("proxy.yaml");
         let node_config = dir.join("node.yaml");
@@ -124,6 +137,7 @@ impl Stack {
             ca_addr: loopback(0),
             kernel: None,
             keep_dir: std::env::var_os("GATEWAY_KEEP_TEST_DIR").is_some(),
+            trust_bundle,
             spec,
         };
         stack.start_proxy()?;
@@ -201,6 +215,13 @@ impl Stack {
     /// (Re)starts the CA service that signs workload certificates for the node.
     pub fn start_ca(&mut self) -> Result<()> {
         let d = |f: &str| self.dir.join(f).to_string_lossy().into_owned();
+        // Server certificates (client TLS at the node) for the database's addresses and
+        // name only.
+        let mut names = vec![DB_SERVER_NAME.to_owned()];
+        if let Some(k) = &self.kernel {
+            names.push(k.db_addr.ip().to_string());
+            names.extend(k.db_addr_v6.map(|a| a.ip().to_string()));
+        }
         let args = [
             "ca".to_owned(),
             "serve".to_owned(),
@@ -216,6 +237,8 @@ impl Stack {
             d("ca-server.key"),
             "--inventory".to_owned(),
             d("inventory.yaml"),
+            "--server-names".to_owned(),
+            names.join(","),
         ];
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut child = self.spawn_args("ca", &args)?;

@@ -31,9 +31,9 @@ use crate::pki::SpiffeId;
 use crate::telemetry::node as telemetry;
 
 /// First wait after a failed background renewal; doubles up to [`MAX_RETRY`].
-const FIRST_RETRY: Duration = Duration::from_secs(5);
+pub(super) const FIRST_RETRY: Duration = Duration::from_secs(5);
 /// Longest wait between background renewal attempts (DESIGN.md: backoff at most 150 s).
-const MAX_RETRY: Duration = Duration::from_secs(150);
+pub(super) const MAX_RETRY: Duration = Duration::from_secs(150);
 
 /// Why no certificate: the text after `no workload certificate for <id>: ` in the client's
 /// error.
@@ -327,7 +327,7 @@ impl Control {
 }
 
 /// How long until `t` (zero once it passed).
-fn until(t: SystemTime) -> Duration {
+pub(super) fn until(t: SystemTime) -> Duration {
     t.duration_since(SystemTime::now()).unwrap_or_default()
 }
 
@@ -409,6 +409,8 @@ mod tests {
             trust_domain: TD.into(),
             ttl,
             pods: Box::new(Pods(lookups.clone())),
+            server_names: crate::ca::server_names::ServerNames::parse("127.0.0.0/8,db.test")
+                .unwrap(),
         });
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();

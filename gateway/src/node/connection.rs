@@ -3,8 +3,9 @@
 //! 1. **route**: an explicit listener knows its route; a transparent connection asks the
 //!    kernel and the resolver first ([`Transparent::decide`]), since the route picks the
 //!    protocol;
-//! 2. **negotiate** (`postgres` routes): `SSLRequest`/`GSSENCRequest` answered `N` (the
-//!    tunnel is the encryption), the startup packet read within `startup_timeout`;
+//! 2. **negotiate** (`postgres` routes): `GSSENCRequest` answered `N`; `SSLRequest` `S` on
+//!    a route with client TLS (then a rustls server handshake, `client_tls`), `N`
+//!    otherwise; the startup packet read within `startup_timeout`;
 //! 3. **target**: the identity to tunnel as: the listener's certificate, or the workload's
 //!    from the certificate cache;
 //! 4. **tunnel**: a warm one of that identity (`tunnel_pool`) or a fresh mTLS dial to the
@@ -21,7 +22,7 @@
 //! relay. A transparent connection reads shared state through read locks only (resolver,
 //! certificate cache); a certificate miss waits for the control runtime.
 
-use std::cell::Cell;
+use std::cell::{Cell, OnceCell};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -29,13 +30,14 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use rustls::ClientConfig;
+use rustls::{ClientConfig, ServerConfig};
 use rustls_pki_types::ServerName;
 use tokio_uring::net::{TcpListener, TcpStream};
 
+use super::client_tls::{self, AppTls};
 use super::error::NodeError;
 use super::relay::{self, Budget};
-use super::startup;
+use super::startup::{self, Negotiated};
 use super::tls::{ConnectError, TlsConn};
 use super::transparent::{Decided, Transparent};
 use super::tunnel_pool;
@@ -54,6 +56,8 @@ pub struct Listener {
     pub pod: PodMeta,
     pub tls: Arc<ClientConfig>,
     pub identity_cert: PathBuf,
+    /// Client TLS with the listener's server certificate (`None`: `SSLRequest` gets `N`).
+    pub client_tls: Option<Arc<ServerConfig>>,
 }
 
 impl Listener {
@@ -65,6 +69,7 @@ impl Listener {
             pod: self.pod.clone(),
             tls: self.tls.clone(),
             identity_cert: self.identity_cert.clone(),
+            client_tls: self.client_tls.clone(),
         }
     }
 }
@@ -144,20 +149,30 @@ pub async fn serve(app: TcpStream, peer: SocketAddr, endpoint: Endpoint, plane: 
     // Behind an `Rc` at once: both relay directions share it, and a 1.1 KiB value kept in
     // this future would stay in the task for the session's life.
     let app = Rc::new(app);
-    if let Err(e) = life(&app, peer, routed, &plane).await {
-        refuse(&app, protocol, &e, &plane.node_name).await;
+    // Set once the client's TLS is up: from then on everything to the client is sealed.
+    let secured = OnceCell::new();
+    if let Err(e) = life(&app, &secured, peer, routed, &plane).await {
+        match secured.get() {
+            Some(tls) => {
+                metrics::counter!(telemetry::ERRORS_TOTAL, "kind" => e.kind()).increment(1);
+                client_tls::refuse(tls, &e.to_client(&plane.node_name)).await;
+            }
+            None => refuse(&app, protocol, &e, &plane.node_name).await,
+        }
     }
 }
 
 /// Hops 2 to 6; `Ok` also when the client left before its startup packet.
 async fn life(
     app: &Rc<TcpStream>,
+    secured: &OnceCell<Rc<AppTls>>,
     peer: SocketAddr,
     routed: Routed<'_>,
     plane: &Plane,
 ) -> Result<(), NodeError> {
     let initial = match routed.protocol() {
-        Protocol::Postgres => match negotiate(app, plane).await? {
+        // Boxed: the TLS handshake's future is large and done before the relay starts.
+        Protocol::Postgres => match Box::pin(negotiate(app, secured, &routed, plane)).await? {
             Some(bytes) => bytes,
             None => return Ok(()),
         },
@@ -174,7 +189,7 @@ async fn life(
     }
     let tunnel = tunnel.conn;
     preamble(&tunnel, &target, peer, &initial, plane).await?;
-    relay(app, tunnel, &target, peer, plane).await
+    relay(app, secured.get(), tunnel, &target, peer, plane).await
 }
 
 /// Hop 1: the route, and so the protocol to speak (and to refuse in).
@@ -190,6 +205,49 @@ enum Routed<'a> {
 }
 
 impl Routed<'_> {
+    /// Whether `SSLRequest` gets `S` (and a ClientHello is taken): a `postgres` route with
+    /// client TLS. A refused connection is told in the clear.
+    fn offers_tls(&self) -> bool {
+        match self {
+            Self::Explicit(l) => l.client_tls.is_some(),
+            Self::Transparent(_, d) => d.client_tls.is_some(),
+            Self::Refused(..) => false,
+        }
+    }
+
+    /// The server certificate for this connection: the listener's, or the CA's for the
+    /// (route, dialled IP) from the cache (a miss waits for the control runtime).
+    async fn server_config(&self) -> Result<Arc<ServerConfig>, NodeError> {
+        match self {
+            Self::Explicit(l) => l
+                .client_tls
+                .clone()
+                .ok_or_else(|| NodeError::ServerCertificate {
+                    destination: l.listen.to_string(),
+                    reason: "the listener has no client_tls certificate".into(),
+                }),
+            Self::Transparent(t, d) => {
+                let Some(names) = &d.client_tls else {
+                    return Err(NodeError::ServerCertificate {
+                        destination: d.orig.dst.to_string(),
+                        reason: "client TLS is off on this route".into(),
+                    });
+                };
+                t.server_certs
+                    .config_for(&d.route, d.orig.dst.ip(), names)
+                    .await
+                    .map_err(|e| NodeError::ServerCertificate {
+                        destination: d.orig.dst.to_string(),
+                        reason: e.to_string(),
+                    })
+            }
+            Self::Refused(e, _) => Err(NodeError::ServerCertificate {
+                destination: "a refused connection".into(),
+                reason: e.to_string(),
+            }),
+        }
+    }
+
     fn protocol(&self) -> Protocol {
         match self {
             Self::Explicit(l) => l.protocol,
@@ -211,11 +269,59 @@ async fn route(endpoint: &Endpoint, peer: SocketAddr) -> Routed<'_> {
     }
 }
 
-/// Hop 2: the client's first packets; `None` if the client left.
-async fn negotiate(app: &TcpStream, plane: &Plane) -> Result<Option<Vec<u8>>, NodeError> {
-    match tokio::time::timeout(plane.dp.startup_timeout, startup::negotiate(app)).await {
+/// Hop 2: the client's first packets, in the clear or inside the TLS it asked for (then
+/// `secured` holds it); `None` if the client left or its TLS failed. All of it within
+/// `startup_timeout`.
+async fn negotiate(
+    app: &Rc<TcpStream>,
+    secured: &OnceCell<Rc<AppTls>>,
+    routed: &Routed<'_>,
+    plane: &Plane,
+) -> Result<Option<Vec<u8>>, NodeError> {
+    let timeout = plane.dp.startup_timeout;
+    let deadline = Instant::now() + timeout;
+    fn by<F: std::future::Future>(deadline: Instant, f: F) -> tokio::time::Timeout<F> {
+        tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), f)
+    }
+    let offers_tls = routed.offers_tls();
+    let first = match by(deadline, startup::negotiate(app, offers_tls)).await {
+        Ok(r) => r.map_err(NodeError::BadStartup)?,
+        Err(_) => return Err(NodeError::StartupTimeout(timeout)),
+    };
+    let (early, direct) = match first {
+        None => return Ok(None),
+        Some(Negotiated::Plain(bytes)) => return Ok(Some(bytes)),
+        Some(Negotiated::SslRequest) => (Vec::new(), false),
+        Some(Negotiated::Direct(early)) => (early, true),
+    };
+    let config = match by(deadline, routed.server_config()).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            client_tls::count_failure("no_certificate");
+            // After an SSLRequest the client reads an ErrorResponse in the clear, as from
+            // a server that cannot serve TLS; a direct client only understands TLS.
+            if direct {
+                tracing::info!(reason = %e, "direct TLS refused: no server certificate");
+                let _ = app.shutdown(std::net::Shutdown::Both);
+                return Ok(None);
+            }
+            return Err(e);
+        }
+        Err(_) => return Err(NodeError::StartupTimeout(timeout)),
+    };
+    if !direct {
+        let (res, _) = app.write_all(b"S".to_vec()).await;
+        if res.is_err() {
+            return Ok(None);
+        }
+    }
+    let Some((tls, plain)) = client_tls::accept(app, config, &early, direct, deadline).await else {
+        return Ok(None);
+    };
+    let tls = secured.get_or_init(|| tls);
+    match by(deadline, client_tls::read_startup(tls, plain)).await {
         Ok(r) => r.map_err(NodeError::BadStartup),
-        Err(_) => Err(NodeError::StartupTimeout(plane.dp.startup_timeout)),
+        Err(_) => Err(NodeError::StartupTimeout(timeout)),
     }
 }
 
@@ -367,19 +473,35 @@ async fn preamble(
 /// client; later ones are only counted.
 async fn relay(
     app: &Rc<TcpStream>,
+    secured: Option<&Rc<AppTls>>,
     tunnel: Rc<TlsConn>,
     target: &Target<'_>,
     peer: SocketAddr,
     plane: &Plane,
 ) -> Result<(), NodeError> {
-    let up = tokio_uring::spawn(relay::app_to_proxy(
-        app.clone(),
-        tunnel.clone(),
-        plane.budget,
-        plane.dp.max_flush_delay,
-    ));
     let delivered = Cell::new(false);
-    let down = relay::proxy_to_app(app.clone(), tunnel, plane.budget, &delivered).await;
+    let (up, down) = match secured {
+        None => {
+            let up = tokio_uring::spawn(relay::app_to_proxy(
+                app.clone(),
+                tunnel.clone(),
+                plane.budget,
+                plane.dp.max_flush_delay,
+            ));
+            let down = relay::proxy_to_app(app.clone(), tunnel, plane.budget, &delivered).await;
+            (up, down)
+        }
+        Some(tls) => {
+            let up = tokio_uring::spawn(client_tls::app_to_proxy(
+                tls.clone(),
+                tunnel.clone(),
+                plane.budget,
+            ));
+            let down =
+                client_tls::proxy_to_app(tls.clone(), tunnel, plane.budget, &delivered).await;
+            (up, down)
+        }
+    };
     up.abort();
     match down {
         Ok(_) => Ok(()),
@@ -476,6 +598,7 @@ mod tests {
             },
             tls: Arc::new(crate::tunnel::client_config(chain, key, &proxy_ca.roots).unwrap()),
             identity_cert: "/etc/dbgw/api.crt".into(),
+            client_tls: None,
         })
     }
 
@@ -712,5 +835,144 @@ mod tests {
             text.contains("Check the workload certificate /etc/dbgw/api.crt (issued by"),
             "{text}"
         );
+    }
+
+    /// `listener` with client TLS: a server certificate for 127.0.0.1 and `db.test`.
+    fn tls_listener(workload: &Pki, proxy_ca: &Pki) -> Arc<Listener> {
+        let l = listener(Protocol::Postgres, workload, proxy_ca);
+        let (chain, key) = workload.leaf(&LeafSpec::server(
+            vec!["db.test".into()],
+            vec!["127.0.0.1".parse().unwrap()],
+        ));
+        let mut l = Arc::try_unwrap(l).ok().unwrap();
+        l.client_tls = Some(Arc::new(client_tls::server_config(chain, key).unwrap()));
+        Arc::new(l)
+    }
+
+    /// A client's TLS config trusting `pki`, offering `alpn`.
+    fn tls_client(pki: &Pki, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(pki.roots[0].clone()).unwrap();
+        let mut c = rustls::ClientConfig::builder_with_provider(crate::tunnel::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        c.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+        Arc::new(c)
+    }
+
+    /// TLS on `s` (after `S`, or direct), verifying `name`; the startup packet inside it,
+    /// then everything until the server closes.
+    fn tls_session(
+        s: std::net::TcpStream,
+        cfg: Arc<rustls::ClientConfig>,
+        name: &str,
+    ) -> std::io::Result<Vec<u8>> {
+        let conn =
+            rustls::ClientConnection::new(cfg, ServerName::try_from(name.to_owned()).unwrap())
+                .unwrap();
+        let mut t = rustls::StreamOwned::new(conn, s);
+        t.write_all(&startup_packet())?;
+        let mut out = Vec::new();
+        t.read_to_end(&mut out)?;
+        Ok(out)
+    }
+
+    /// Issue 20: `SSLRequest` gets `S` on a route with client TLS; the startup packet goes
+    /// to the proxy from inside TLS and the proxy's answer comes back sealed.
+    #[test]
+    fn issue_20_ssl_request_gets_s_and_the_session_runs_inside_tls() {
+        let pki = Pki::new("ctls");
+        let (addr, proxy) = proxy(&pki, &pki);
+        let cfg = tls_client(&pki, &[]);
+        let got = run(
+            Endpoint::Explicit(tls_listener(&pki, &pki)),
+            plane(addr, Duration::from_secs(5)),
+            move |mut s| {
+                s.write_all(&SSL_REQUEST).unwrap();
+                let mut a = [0u8; 1];
+                s.read_exact(&mut a).unwrap();
+                assert_eq!(&a, b"S");
+                tls_session(s, cfg, "db.test").unwrap()
+            },
+        );
+        assert_eq!(got, b"hello");
+        assert!(proxy.join().unwrap().is_some());
+    }
+
+    /// Issue 20: PostgreSQL 17's direct TLS: a ClientHello with ALPN `postgresql` as the
+    /// first bytes is served; without ALPN the node closes, as PostgreSQL does.
+    #[test]
+    fn issue_20_direct_tls_needs_alpn_postgresql() {
+        let pki = Pki::new("ctls-direct");
+        let (addr, proxy) = proxy(&pki, &pki);
+        let cfg = tls_client(&pki, &[b"postgresql"]);
+        let got = run(
+            Endpoint::Explicit(tls_listener(&pki, &pki)),
+            plane(addr, Duration::from_secs(5)),
+            move |s| tls_session(s, cfg, "127.0.0.1").unwrap(),
+        );
+        assert_eq!(got, b"hello");
+        assert!(proxy.join().unwrap().is_some());
+
+        let cfg = tls_client(&pki, &[]);
+        let got = run(
+            Endpoint::Explicit(tls_listener(&pki, &pki)),
+            plane(closed_port(), Duration::from_secs(5)),
+            move |s| tls_session(s, cfg, "127.0.0.1"),
+        );
+        assert!(
+            got.map(|b| b.is_empty()).unwrap_or(true),
+            "no ALPN, no session"
+        );
+    }
+
+    /// Issue 20: garbage after `S`, or a client that stops mid-handshake, is closed within
+    /// the startup timeout; `GSSENCRequest` still gets `N`.
+    #[test]
+    fn issue_20_bad_or_stalled_tls_is_closed_in_time() {
+        let pki = Pki::new("ctls-bad");
+        for garbage in [
+            &b"\x16\x03\x01\x00\x05hello-not-tls"[..],
+            &b"\x16\x03\x01\x02\x00"[..],
+        ] {
+            let t0 = std::time::Instant::now();
+            let got = run(
+                Endpoint::Explicit(tls_listener(&pki, &pki)),
+                plane(closed_port(), Duration::from_millis(500)),
+                move |mut s| {
+                    const GSSENC: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30];
+                    s.write_all(&GSSENC).unwrap();
+                    let mut a = [0u8; 1];
+                    s.read_exact(&mut a).unwrap();
+                    assert_eq!(&a, b"N");
+                    s.write_all(&SSL_REQUEST).unwrap();
+                    s.read_exact(&mut a).unwrap();
+                    assert_eq!(&a, b"S");
+                    s.write_all(garbage).unwrap();
+                    let mut out = Vec::new();
+                    let _ = s.read_to_end(&mut out);
+                    out
+                },
+            );
+            assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+            // At most a TLS alert, never a PostgreSQL message in the clear.
+            assert!(got.is_empty() || got[0] == 0x15, "{got:?}");
+        }
+    }
+
+    /// A listener without client TLS answers `N`, as before.
+    #[test]
+    fn issue_20_without_client_tls_ssl_request_gets_n() {
+        let pki = Pki::new("ctls-off");
+        let (addr, proxy) = proxy(&pki, &pki);
+        let got = run(
+            Endpoint::Explicit(listener(Protocol::Postgres, &pki, &pki)),
+            plane(addr, Duration::from_secs(5)),
+            postgres_client,
+        );
+        assert_eq!(got, b"hello");
+        assert!(proxy.join().unwrap().is_some());
     }
 }

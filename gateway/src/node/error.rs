@@ -31,6 +31,10 @@ pub enum NodeError {
     Unidentified(IdentityError),
     #[error("no workload certificate for {spiffe_id}: {reason}")]
     Certificate { spiffe_id: SpiffeId, reason: String },
+    /// Client TLS: the CA gave no server certificate for the dialled address (told in the
+    /// clear, as PostgreSQL answers an `SSLRequest` it cannot serve).
+    #[error("no server certificate for {destination}: {reason}")]
+    ServerCertificate { destination: String, reason: String },
     #[error("cannot reach the proxy at {proxy}: {source}")]
     ProxyUnreachable {
         proxy: SocketAddr,
@@ -63,7 +67,7 @@ impl NodeError {
             | Self::NotIntercepted(_)
             | Self::NoRoute(_)
             | Self::Unidentified(_) => "identity",
-            Self::Certificate { .. } => "certificate",
+            Self::Certificate { .. } | Self::ServerCertificate { .. } => "certificate",
             Self::ProxyUnreachable { .. } => "proxy_unreachable",
             Self::ProxyTimeout { .. } => "proxy_timeout",
             Self::TunnelTls { .. } => "tunnel_tls",
@@ -94,6 +98,10 @@ impl NodeError {
             Self::Certificate { .. } => (
                 sqlstate::UNABLE_TO_ESTABLISH_CONNECTION,
                 Some("The node agent could not get a certificate from the gateway CA; see the agent and CA logs.".to_owned()),
+            ),
+            Self::ServerCertificate { .. } => (
+                sqlstate::UNABLE_TO_ESTABLISH_CONNECTION,
+                Some("The gateway CA issues server certificates only for names on its --server-names list; see the agent and CA logs, or connect with sslmode=disable.".to_owned()),
             ),
             Self::ProxyUnreachable { .. } => (
                 sqlstate::UNABLE_TO_ESTABLISH_CONNECTION,

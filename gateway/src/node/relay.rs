@@ -21,7 +21,7 @@ use crate::tunnel::is_normal_close;
 
 /// The read an idle connection keeps posted: a PostgreSQL query or an echo fits, and
 /// 10 000 idle connections pin 40 MiB of these, not 640 MiB.
-const SMALL_READ: usize = 2048;
+pub(super) const SMALL_READ: usize = 2048;
 
 /// How much a direction may hold, derived from the configured budget.
 #[derive(Debug, Clone, Copy)]

@@ -2,24 +2,27 @@
 //! (`read_tls` / `process_new_packets` / `write_tls`), and the socket I/O is done with
 //! owned buffers, which is what io_uring's completion model needs.
 //!
-//! Both relay directions share one `ClientConnection` (one task each on the same thread,
-//! hence `RefCell`). Sealing records and writing them to the socket happen under one async
+//! One type for both ends: the tunnel's client side (`TlsConn<ClientConnection>`) and the
+//! application's TLS that the node terminates (`TlsConn<ServerConnection>`, see
+//! `client_tls`). Both relay directions share one connection (one task each on the same
+//! thread, hence `RefCell`). Sealing records and writing them to the socket happen under one async
 //! lock: two tasks writing records out of order would break the TLS sequence numbers.
 
 use std::cell::RefCell;
 use std::io::{self, BufRead, Write};
 use std::net::SocketAddr;
+use std::ops::DerefMut;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use rustls::{ClientConfig, ClientConnection};
+use rustls::{ClientConfig, ClientConnection, ConnectionCommon, ServerConnection, SideData};
 use rustls_pki_types::ServerName;
 use tokio_uring::net::TcpStream;
 
-pub struct TlsConn {
+pub struct TlsConn<C = ClientConnection> {
     sock: Rc<TcpStream>,
-    tls: RefCell<ClientConnection>,
+    tls: RefCell<C>,
     /// Sealed records waiting for the socket; the lock orders writers.
     out: tokio::sync::Mutex<Vec<u8>>,
 }
@@ -28,7 +31,7 @@ fn tls_err(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
-impl TlsConn {
+impl TlsConn<ClientConnection> {
     /// Whether this tunnel's handshake resumed an earlier TLS session (no certificates
     /// exchanged, no signatures made).
     pub fn resumed(&self) -> bool {
@@ -51,11 +54,51 @@ impl TlsConn {
             // Grows to what sealing needs; an idle connection's stays small.
             out: tokio::sync::Mutex::new(Vec::new()),
         };
-        conn.handshake().await.map_err(ConnectError::Tls)?;
+        conn.handshake(&mut Vec::new(), "proxy")
+            .await
+            .map_err(ConnectError::Tls)?;
         Ok(conn)
     }
+}
 
-    async fn handshake(&self) -> io::Result<()> {
+impl TlsConn<ServerConnection> {
+    /// The application's side, on its accepted socket: `tls` is not handshaken yet. The
+    /// socket stays shared with the caller, which may still write to it in the clear.
+    pub fn accept(sock: Rc<TcpStream>, tls: ServerConnection) -> Self {
+        Self {
+            sock,
+            tls: RefCell::new(tls),
+            out: tokio::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Shuts the socket both ways (a client whose TLS broke gets no more).
+    pub fn shutdown(&self) {
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// The ALPN protocol both sides agreed on.
+    pub fn alpn_is(&self, protocol: &[u8]) -> bool {
+        self.tls.borrow().alpn_protocol() == Some(protocol)
+    }
+
+    /// Feeds bytes already read from the socket (a ClientHello read while looking at the
+    /// first bytes) to rustls; plaintext cannot come before the handshake.
+    pub fn ingest_early(&self, cipher: &[u8]) -> io::Result<()> {
+        let mut plain = Vec::new();
+        self.ingest(cipher, &mut plain).map(|_| ())
+    }
+}
+
+impl<C, D> TlsConn<C>
+where
+    C: DerefMut<Target = ConnectionCommon<D>>,
+    D: SideData,
+{
+    /// Completes the handshake; application data that arrived with the peer's last
+    /// handshake flight (a client's startup packet after its Finished) is appended to
+    /// `plain`. `peer` names the other side in the error for a close.
+    pub async fn handshake(&self, plain: &mut Vec<u8>, peer: &str) -> io::Result<()> {
         let mut buf = Vec::with_capacity(16 * 1024);
         loop {
             self.flush().await?;
@@ -68,12 +111,11 @@ impl TlsConn {
             if res? == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
-                    "proxy closed the connection during the TLS handshake",
+                    format!("{peer} closed the connection during the TLS handshake"),
                 ));
             }
-            let mut plain = Vec::new();
-            if let Err(e) = self.ingest(&buf, &mut plain) {
-                // Send our alert (if any) before giving up, so the proxy logs why.
+            if let Err(e) = self.ingest(&buf, plain) {
+                // Send our alert (if any) before giving up, so the peer logs why.
                 let _ = self.flush().await;
                 return Err(e);
             }

@@ -26,6 +26,7 @@ use rustls_pki_types::{CertificateDer, ServerName};
 use super::certificates::{Certificates, Fetcher};
 use super::error::NodeError;
 use super::interface::ensure_local_address;
+use super::server_certificates::{ServerCertificates, ServerFetcher};
 use crate::config::{InterceptionConfig, NodeConfig};
 use crate::ebpf::{self, Interception, OrigDst, OrigDsts};
 use crate::identity::lookup::Lookups;
@@ -33,7 +34,7 @@ use crate::identity::pod_path::KubeletCgroups;
 use crate::identity::{IdentityError, Resolver, Workload};
 use crate::pki;
 use crate::pod::{HostIdentity, PodDirectory};
-use crate::route::{DestinationError, Protocol, RouteTable, parse_destination};
+use crate::route::{ClientTls, DestinationError, Protocol, RouteTable, parse_destination};
 use crate::telemetry::node as telemetry;
 
 /// Everything transparent connections share (one per node, used by every data thread).
@@ -42,6 +43,8 @@ pub struct Transparent {
     pub lookups: Lookups,
     pub routes: RouteTable,
     pub certs: Certificates,
+    /// Server certificates for client TLS, by (route, dialled IP).
+    pub server_certs: ServerCertificates,
     pub unknown_pod_wait: Duration,
 }
 
@@ -52,6 +55,8 @@ pub struct Setup {
     pub interception: Interception,
     /// To run on the control runtime.
     pub fetcher: Fetcher,
+    /// To run on the control runtime too: server certificates for client TLS.
+    pub server_fetcher: ServerFetcher,
 }
 
 /// A connection's target, decided from kernel facts.
@@ -60,6 +65,8 @@ pub struct Decided {
     pub route: String,
     pub protocol: Protocol,
     pub workload: Workload,
+    /// The route's client TLS (`None`: `SSLRequest` gets `N`).
+    pub client_tls: Option<Arc<ClientTls>>,
 }
 
 impl Transparent {
@@ -68,10 +75,14 @@ impl Transparent {
     ) -> Result<RouteTable, DestinationError> {
         let mut table = RouteTable::default();
         for r in config {
-            table.add(
+            let tls = (r.protocol.is_postgres() && r.client_tls.enabled).then(|| ClientTls {
+                server_names: r.client_tls.server_names.clone(),
+            });
+            table.add_with_tls(
                 r.match_destination.iter().map(String::as_str),
                 &r.route,
                 r.protocol,
+                tls,
             )?;
         }
         Ok(table)
@@ -102,6 +113,7 @@ impl Transparent {
             route: route.name.clone(),
             protocol: route.protocol,
             workload,
+            client_tls: route.client_tls.clone(),
         })
     }
 
@@ -207,6 +219,7 @@ pub fn setup(
             .with_context(|| format!("interception.ca.server_name {:?}", i.ca.server_name))?,
         tls: Arc::new(node_tls),
     };
+    let (server_certs, server_fetcher) = ServerCertificates::new(ca.clone(), i.ca.timeout);
     let (certs, fetcher) = Certificates::new(ca, i.ca.timeout, proxy_ca.to_vec());
     Ok(Setup {
         transparent: Transparent {
@@ -215,10 +228,12 @@ pub fn setup(
             routes: Transparent::routes_from(&i.routes)
                 .map_err(|e| anyhow::anyhow!("interception.routes: {e}"))?,
             certs,
+            server_certs,
             unknown_pod_wait: i.identity.unknown_pod_wait,
         },
         interception,
         fetcher,
+        server_fetcher,
     })
 }
 

@@ -8,6 +8,8 @@ pub const CERTIFICATES_ISSUED: &str = "gateway_ca_certificates_issued_total";
 /// Requests refused: not a node, unknown pod, pod on another node, no host identity, bad
 /// request (`ca::service`).
 pub const REFUSALS: &str = "gateway_ca_refusals_total";
+/// Server certificates signed for nodes' client TLS (`ca::service`).
+pub const SERVER_CERTIFICATES_ISSUED: &str = "gateway_ca_server_certificates_issued_total";
 
 /// Every metric of the CA: kind, HELP text, and the label values of labelled counters.
 pub const METRICS: &[Metric] = &[
@@ -17,7 +19,11 @@ pub const METRICS: &[Metric] = &[
     ),
     Metric::counter(
         REFUSALS,
-        "Certificate requests the CA refused (not a node, unknown pod, pod on another node, no host identity, bad request).",
+        "Certificate requests the CA refused (not a node, unknown pod, pod on another node, no host identity, name not allowed, bad request).",
+    ),
+    Metric::counter(
+        SERVER_CERTIFICATES_ISSUED,
+        "Server certificates the CA signed for nodes' client TLS (names on --server-names only).",
     ),
 ];
 

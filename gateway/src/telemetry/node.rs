@@ -29,6 +29,12 @@ pub const IDENTITY_FAILURES_TOTAL: &str = "gateway_node_identity_failures_total"
 pub const CERTIFICATE_FAILURES_TOTAL: &str = "gateway_node_certificate_failures_total";
 /// Workload certificates fetched from the CA.
 pub const CERTIFICATES_FETCHED_TOTAL: &str = "gateway_node_certificates_fetched_total";
+/// Client TLS handshakes (application to node), by `result` (one of [`CLIENT_TLS_RESULTS`]).
+pub const CLIENT_TLS_HANDSHAKES_TOTAL: &str = "gateway_node_client_tls_handshakes_total";
+/// Seconds from the first TLS byte to a finished client TLS handshake.
+pub const CLIENT_TLS_HANDSHAKE_SECONDS: &str = "gateway_node_client_tls_handshake_seconds";
+/// Server certificates (client TLS) fetched from the CA, by `result` (`fetched`, `failed`).
+pub const SERVER_CERTIFICATES_TOTAL: &str = "gateway_node_server_certificates_total";
 
 /// Walks of the cgroup tree for cgroup ids not seen before (rate-limited, off the data plane).
 pub const CGROUP_WALKS_TOTAL: &str = "gateway_node_cgroup_walks_total";
@@ -49,6 +55,10 @@ pub const ERROR_KINDS: &[&str] = &[
 ];
 /// Label values of [`TUNNEL_HANDSHAKES_TOTAL`]'s `kind`.
 pub const HANDSHAKE_KINDS: &[&str] = &["full", "resumed"];
+/// Label values of [`CLIENT_TLS_HANDSHAKES_TOTAL`]'s `result`.
+pub const CLIENT_TLS_RESULTS: &[&str] = &["ok", "error", "no_alpn", "no_certificate", "timeout"];
+/// Label values of [`SERVER_CERTIFICATES_TOTAL`]'s `result`.
+pub const SERVER_CERTIFICATE_RESULTS: &[&str] = &["fetched", "failed"];
 /// Label values of [`BYTES_TOTAL`]'s `direction`.
 pub const DIRECTIONS: &[&str] = &["app_to_proxy", "proxy_to_app"];
 /// Label values of [`WARM_TUNNELS_TOTAL`]'s `result`.
@@ -97,6 +107,20 @@ pub const METRICS: &[Metric] = &[
         CERTIFICATES_FETCHED_TOTAL,
         "Workload certificates fetched from the CA.",
     ),
+    Metric::counter(
+        CLIENT_TLS_HANDSHAKES_TOTAL,
+        "Client TLS handshakes (application to node), by result.",
+    )
+    .labelled("result", CLIENT_TLS_RESULTS),
+    Metric::histogram(
+        CLIENT_TLS_HANDSHAKE_SECONDS,
+        "Time of successful client TLS handshakes (application to node).",
+    ),
+    Metric::counter(
+        SERVER_CERTIFICATES_TOTAL,
+        "Server certificates for client TLS requested from the CA, by result.",
+    )
+    .labelled("result", SERVER_CERTIFICATE_RESULTS),
     Metric::counter(
         CGROUP_WALKS_TOTAL,
         "Walks of the cgroup tree for cgroup ids not seen before.",
