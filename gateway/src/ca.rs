@@ -19,6 +19,7 @@
 //! client.
 
 pub mod client;
+pub mod join;
 pub mod service;
 pub mod wire;
 
@@ -52,6 +53,9 @@ pub struct ServeOptions {
     /// Lifetime of workload certificates (renewed by nodes at half-life).
     #[arg(long, env = "GATEWAY_CERT_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
     pub ttl: Duration,
+    /// Node joins (`ca::join`).
+    #[command(flatten)]
+    pub join: join::JoinOptions,
 }
 
 /// `gateway ca serve`: runs until SIGTERM/SIGINT.
@@ -78,6 +82,12 @@ pub fn run(opts: ServeOptions) -> anyhow::Result<()> {
         pki::load_key(&opts.tls_key)?,
         &client_ca,
     )?;
+    let joins = opts.join.build(&opts.dir, &trust_domain)?;
+    let join_tls = join::server_config(
+        pki::load_certs(&opts.tls_cert)?,
+        pki::load_key(&opts.tls_key)?,
+        &client_ca,
+    )?;
     let svc = Arc::new(CaService {
         ca,
         trust_domain,
@@ -93,6 +103,10 @@ pub fn run(opts: ServeOptions) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("failed to bind CA listen address {}", opts.listen))?;
         let local = listener.local_addr()?;
+        if let (Some(joins), Some(addr)) = (joins, opts.join.join_listen) {
+            let local = join::spawn(joins, addr, join_tls).await?;
+            println!("JOIN {local}");
+        }
         tracing::info!(listen = %local, admin = %admin_addr, "CA service ready");
         println!("ADMIN {admin_addr}");
         println!("LISTENING {local}");

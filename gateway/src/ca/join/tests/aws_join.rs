@@ -1,0 +1,1 @@
+//! `aws-iam` joins: placeholder until the local STS lands.
