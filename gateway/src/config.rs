@@ -19,7 +19,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 
 pub use node::{
-    CaEndpoint, DataPlaneConfig, IdentityConfig, IdentityFiles, InterceptionConfig,
+    CaEndpoint, DataPlaneConfig, IdentityConfig, IdentityFiles, InterceptionConfig, JoinConfig,
     KubernetesSource, ListenerConfig, NodeConfig, ProxyEndpoint, RouteConfig,
 };
 pub use proxy::{

@@ -25,6 +25,7 @@ mod certificates;
 mod connection;
 mod error;
 mod interface;
+mod node_certificate;
 mod relay;
 mod startup;
 mod tls;
@@ -52,7 +53,7 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     crate::telemetry::node::describe();
     let readiness = Readiness::default();
     let not_ready = readiness.block("listeners bound");
-    let admin_addr = admin::spawn(cfg.admin_listen, metrics, readiness)?;
+    let admin_addr = admin::spawn(cfg.admin_listen, metrics, readiness.clone())?;
 
     let proxy_addr = cfg
         .proxy
@@ -77,7 +78,7 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         .build()?;
     let (transparent, mut interception) = match &cfg.interception {
         Some(i) => {
-            let setup = transparent::setup(&cfg, i, &proxy_ca)?;
+            let setup = transparent::setup(&cfg, i, &proxy_ca, &control, &readiness)?;
             control.spawn(setup.fetcher.run());
             (Some(Arc::new(setup.transparent)), Some(setup.interception))
         }
