@@ -189,7 +189,7 @@ enum CaCommand {
         ttl: Duration,
     },
     /// Serve workload certificates to node agents, for pods on the asking node only.
-    Serve(gateway::ca::ServeOptions),
+    Serve(Box<gateway::ca::ServeOptions>),
     /// Join tokens for `token` node joins (`gateway ca serve --join-tokens DIR`).
     Token {
         #[command(subcommand)]
@@ -396,7 +396,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                     workload_ca(&dir)?.issue(&LeafSpec::node(td.trim(), &node_name), ttl)?;
                 write_pair(&out, &cert, &key)
             }
-            CaCommand::Serve(opts) => gateway::ca::run(opts),
+            CaCommand::Serve(opts) => gateway::ca::run(*opts),
             CaCommand::Token {
                 command:
                     TokenCommand::Create {

@@ -345,8 +345,8 @@ pub fn server_config(
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .and_then(|b| {
-            Ok(b.with_client_cert_verifier(verifier)
-                .with_single_cert(chain, key)?)
+            b.with_client_cert_verifier(verifier)
+                .with_single_cert(chain, key)
         })
         .map_err(|e| JoinError::BadRequest(e.to_string()))?;
     // No resumption: every connection shows the certificate it has now (a renewal), or none.
