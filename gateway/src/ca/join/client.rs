@@ -305,16 +305,12 @@ impl JoinClient {
             loop {
                 match self.join().await {
                     Ok(next) => {
-                        metrics::counter!(crate::telemetry::node::CERTIFICATES_FETCHED_TOTAL)
-                            .increment(1);
                         tracing::info!(node = %self.node_name, not_after = %humantime::format_rfc3339_seconds(next.not_after), "node certificate renewed");
                         joined = next;
                         degraded = None;
                         break;
                     }
                     Err(e) => {
-                        metrics::counter!(crate::telemetry::node::CERTIFICATE_FAILURES_TOTAL)
-                            .increment(1);
                         tracing::warn!(node = %self.node_name, %e, retry_in = ?retry, "node certificate renewal failed");
                         let now = SystemTime::now();
                         if degraded.is_none() && now + retry >= degraded_at {
