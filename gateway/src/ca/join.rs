@@ -40,6 +40,7 @@ use tokio::net::TcpListener;
 
 use super::wire::ErrorBody;
 use crate::pki::{self, CertificateAuthority, LeafSpec};
+use crate::telemetry::ca::{JOIN_REFUSALS_TOTAL, JOINS_TOTAL};
 
 pub const JOIN_PATH: &str = "/v1/join";
 pub const CHALLENGE_PATH: &str = "/v1/join/challenge";
@@ -203,6 +204,22 @@ impl Joins {
     /// certificate. `peer_node` is the node name of a valid node certificate the request
     /// came with (a renewal), if any.
     pub async fn join(
+        &self,
+        req: &JoinRequest,
+        peer_node: Option<&str>,
+    ) -> Result<JoinResponse, JoinError> {
+        let method = req.proof.method();
+        let r = self.decide(req, peer_node).await;
+        let name = if r.is_ok() {
+            JOINS_TOTAL
+        } else {
+            JOIN_REFUSALS_TOTAL
+        };
+        metrics::counter!(name, "method" => method).increment(1);
+        r
+    }
+
+    async fn decide(
         &self,
         req: &JoinRequest,
         peer_node: Option<&str>,
