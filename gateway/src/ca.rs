@@ -19,6 +19,7 @@
 //! client.
 
 pub mod client;
+pub mod join;
 pub mod server_names;
 pub mod service;
 pub mod wire;
@@ -57,6 +58,9 @@ pub struct ServeOptions {
     /// `*.suffix`, comma-separated. Empty (the default) issues none.
     #[arg(long, env = "GATEWAY_SERVER_NAMES", default_value = "")]
     pub server_names: String,
+    /// Node joins (`ca::join`).
+    #[command(flatten)]
+    pub join: join::JoinOptions,
 }
 
 /// `gateway ca serve`: runs until SIGTERM/SIGINT.
@@ -85,6 +89,12 @@ pub fn run(opts: ServeOptions) -> anyhow::Result<()> {
     )?;
     let server_names =
         self::server_names::ServerNames::parse(&opts.server_names).context("--server-names")?;
+    let joins = opts.join.build(&opts.dir, &trust_domain)?;
+    let join_tls = join::server_config(
+        pki::load_certs(&opts.tls_cert)?,
+        pki::load_key(&opts.tls_key)?,
+        &client_ca,
+    )?;
     let svc = Arc::new(CaService {
         ca,
         trust_domain,
@@ -101,6 +111,10 @@ pub fn run(opts: ServeOptions) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("failed to bind CA listen address {}", opts.listen))?;
         let local = listener.local_addr()?;
+        if let (Some(joins), Some(addr)) = (joins, opts.join.join_listen) {
+            let local = join::spawn(joins, addr, join_tls).await?;
+            println!("JOIN {local}");
+        }
         tracing::info!(listen = %local, admin = %admin_addr, "CA service ready");
         println!("ADMIN {admin_addr}");
         println!("LISTENING {local}");

@@ -20,7 +20,8 @@ use serde::de::DeserializeOwned;
 
 pub use node::{
     CaEndpoint, ClientTlsConfig, DataPlaneConfig, IdentityConfig, IdentityFiles,
-    InterceptionConfig, KubernetesSource, ListenerConfig, NodeConfig, ProxyEndpoint, RouteConfig,
+    InterceptionConfig, JoinConfig, KubernetesSource, ListenerConfig, NodeConfig, ProxyEndpoint,
+    RouteConfig,
 };
 pub use proxy::{
     AuditConfig, AuditWhenFull, CaFiles, CreateDbUserMode, DatabaseConfig, DatabaseSelector,

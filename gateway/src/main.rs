@@ -193,7 +193,12 @@ enum CaCommand {
         ttl: Duration,
     },
     /// Serve workload certificates to node agents, for pods on the asking node only.
-    Serve(gateway::ca::ServeOptions),
+    Serve(Box<gateway::ca::ServeOptions>),
+    /// Join tokens for `token` node joins (`gateway ca serve --join-tokens DIR`).
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Issue a server certificate from the workload CA (the proxy's, or a database's).
     IssueServer {
         #[arg(long, env = "GATEWAY_CA_DIR")]
@@ -206,6 +211,24 @@ enum CaCommand {
         out: PathBuf,
         #[arg(long, env = "GATEWAY_CERT_TTL", default_value = "720h", value_parser = humantime::parse_duration)]
         ttl: Duration,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Make a join token for one node name; prints the token (stored only hashed).
+    Create {
+        /// The token directory `gateway ca serve --join-tokens` reads.
+        #[arg(long, env = "GATEWAY_JOIN_TOKENS")]
+        tokens: PathBuf,
+        #[arg(long, env = "GATEWAY_NODE_NAME")]
+        node_name: String,
+        /// How long the token may be used to join.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Only the first join may use it (the node renews with its certificate).
+        #[arg(long)]
+        one_time: bool,
     },
 }
 
@@ -381,7 +404,20 @@ fn run(command: Command) -> anyhow::Result<()> {
                     workload_ca(&dir)?.issue(&LeafSpec::node(td.trim(), &node_name), ttl)?;
                 write_pair(&out, &cert, &key)
             }
-            CaCommand::Serve(opts) => gateway::ca::run(opts),
+            CaCommand::Serve(opts) => gateway::ca::run(*opts),
+            CaCommand::Token {
+                command:
+                    TokenCommand::Create {
+                        tokens,
+                        node_name,
+                        ttl,
+                        one_time,
+                    },
+            } => {
+                let token = gateway::ca::join::token::create(&tokens, &node_name, ttl, one_time)?;
+                println!("{token}");
+                Ok(())
+            }
             CaCommand::IssueServer {
                 dir,
                 dns,

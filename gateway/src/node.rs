@@ -27,6 +27,7 @@ mod client_tls;
 mod connection;
 mod error;
 mod interface;
+mod node_certificate;
 mod relay;
 mod server_certificates;
 mod startup;
@@ -55,7 +56,7 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     crate::telemetry::node::describe();
     let readiness = Readiness::default();
     let not_ready = readiness.block("listeners bound");
-    let admin_addr = admin::spawn(cfg.admin_listen, metrics, readiness)?;
+    let admin_addr = admin::spawn(cfg.admin_listen, metrics, readiness.clone())?;
 
     let proxy_addr = cfg
         .proxy
@@ -81,7 +82,7 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         .build()?;
     let (transparent, mut interception) = match &cfg.interception {
         Some(i) => {
-            let setup = transparent::setup(&cfg, i, &proxy_ca)?;
+            let setup = transparent::setup(&cfg, i, &proxy_ca, &control, &readiness)?;
             control.spawn(setup.fetcher.run());
             control.spawn(setup.server_fetcher.run());
             (Some(Arc::new(setup.transparent)), Some(setup.interception))

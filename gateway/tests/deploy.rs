@@ -301,7 +301,10 @@ fn ports_are_the_ones_the_processes_listen_on() {
                 );
                 let svc = service(&name);
                 assert_eq!(
-                    s(&svc, &["spec", "selector", "statefulset.kubernetes.io/pod-name"]),
+                    s(
+                        &svc,
+                        &["spec", "selector", "statefulset.kubernetes.io/pod-name"]
+                    ),
                     Some(name.as_str()),
                     "Service {name} must select pod {name} alone"
                 );

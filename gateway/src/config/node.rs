@@ -204,13 +204,60 @@ pub struct CaEndpoint {
     pub server_name: String,
     /// CA bundle for the CA service's own certificate.
     pub ca: PathBuf,
-    /// The node's certificate (`spiffe://<td>/node/<name>`) and key.
+    /// The node's certificate (`spiffe://<td>/node/<name>`) and key, from files; or
+    /// `join` instead.
+    #[serde(default)]
     pub node_cert: PathBuf,
+    #[serde(default)]
     pub node_key: PathBuf,
+    /// Join the CA for the node certificate (key in memory only, renewed at half-life)
+    /// instead of `node_cert`/`node_key`.
+    #[serde(default)]
+    pub join: Option<JoinConfig>,
     /// How long one certificate request may take (connect, TLS, answer); past it the
     /// request fails, so a stuck CA never holds connections longer than this.
     #[serde(default = "default_ca_timeout", with = "human_duration")]
     pub timeout: Duration,
+}
+
+/// How the node proves itself to the CA's join listener (`gateway ca serve --join-listen`);
+/// the CA's name and bundle are `interception.ca`'s.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum JoinConfig {
+    /// A `gateway ca token create` token in a file.
+    Token {
+        address: SocketAddr,
+        token_file: PathBuf,
+    },
+    /// The agent's projected service-account token (made for the CA's audience).
+    Kubernetes {
+        address: SocketAddr,
+        #[serde(default = "default_sa_token_file")]
+        token_file: PathBuf,
+    },
+    /// An STS `GetCallerIdentity` request signed with the node's AWS credentials.
+    AwsIam {
+        address: SocketAddr,
+        region: String,
+        /// Default: the region's STS endpoint.
+        #[serde(default)]
+        sts_endpoint: Option<String>,
+    },
+}
+
+impl JoinConfig {
+    pub fn address(&self) -> SocketAddr {
+        match self {
+            JoinConfig::Token { address, .. }
+            | JoinConfig::Kubernetes { address, .. }
+            | JoinConfig::AwsIam { address, .. } => *address,
+        }
+    }
+}
+
+fn default_sa_token_file() -> PathBuf {
+    PathBuf::from("/var/run/secrets/tokens/gateway-ca")
 }
 
 fn default_node_admin() -> SocketAddr {
@@ -331,8 +378,15 @@ impl NodeConfig {
                 resolve(&base, p);
             }
             resolve(&base, &mut i.ca.ca);
-            resolve(&base, &mut i.ca.node_cert);
-            resolve(&base, &mut i.ca.node_key);
+            if !i.ca.node_cert.as_os_str().is_empty() {
+                resolve(&base, &mut i.ca.node_cert);
+                resolve(&base, &mut i.ca.node_key);
+            }
+            match &mut i.ca.join {
+                Some(JoinConfig::Token { token_file, .. })
+                | Some(JoinConfig::Kubernetes { token_file, .. }) => resolve(&base, token_file),
+                _ => {}
+            }
         }
         let check = cfg.validate();
         invalid_at(path, check).map(|()| cfg)
@@ -435,6 +489,12 @@ fn validate_interception(i: &InterceptionConfig) -> Result<(), String> {
             "interception.identity.cgroup_walk_interval: {:?} is above {MAX_CGROUP_WALK_INTERVAL:?}; a new pod's first connection waits for the walk",
             i.identity.cgroup_walk_interval
         ));
+    }
+    let files = !i.ca.node_cert.as_os_str().is_empty() || !i.ca.node_key.as_os_str().is_empty();
+    if files == i.ca.join.is_some() {
+        return Err(
+            "interception.ca: give either node_cert and node_key, or join (not both)".into(),
+        );
     }
     if i.ca.timeout.is_zero() {
         return Err("interception.ca.timeout: must be more than 0".into());
@@ -582,5 +642,45 @@ mod tests {
                 (r, w) => panic!("{text}: {r:?}, wanted {w:?}"),
             }
         }
+    }
+
+    #[test]
+    fn the_node_certificate_comes_from_files_or_a_join_not_both() {
+        let base = "proxy: {address: a, server_name: b, ca: c}\ninterception:\n  routes: [{match_destination: ['10.0.0.1:5432'], route: main}]\n  identity: {trust_domain: td, inventory: i}\n";
+        let check = |ca: &str| {
+            parse_yaml::<NodeConfig>(
+                Path::new("n.yaml"),
+                &format!("{base}  ca: {{address: '127.0.0.1:1', server_name: ca, ca: c{ca}}}\n"),
+            )
+            .map_err(|e| e.to_string())
+            .and_then(|c| c.validate())
+        };
+        assert_eq!(check(", node_cert: n, node_key: k"), Ok(()));
+        assert_eq!(
+            check(", join: {method: token, address: '127.0.0.1:2', token_file: t}"),
+            Ok(())
+        );
+        assert_eq!(
+            check(", join: {method: kubernetes, address: '127.0.0.1:2'}"),
+            Ok(())
+        );
+        assert_eq!(
+            check(", join: {method: aws-iam, address: '127.0.0.1:2', region: eu-west-1}"),
+            Ok(())
+        );
+        for bad in [
+            "",
+            ", node_cert: n, node_key: k, join: {method: token, address: '127.0.0.1:2', token_file: t}",
+        ] {
+            let e = check(bad).unwrap_err();
+            assert!(
+                e.contains("either node_cert and node_key, or join"),
+                "{bad}: {e}"
+            );
+        }
+        let e = check(", join: {method: token, address: '127.0.0.1:2'}").unwrap_err();
+        assert!(e.contains("token_file"), "{e}");
+        let e = check(", join: {method: psk, address: '127.0.0.1:2'}").unwrap_err();
+        assert!(e.contains("psk"), "{e}");
     }
 }

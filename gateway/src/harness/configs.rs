@@ -238,6 +238,7 @@ fn interception(spec: &StackSpec, k: &Kernel, ca_addr: SocketAddr) -> Intercepti
             ca: in_ca_dir(pki::WORKLOAD_CA_CERT),
             node_cert: NODE_CERT.into(),
             node_key: NODE_KEY.into(),
+            join: None,
             timeout: crate::config::DEFAULT_CA_TIMEOUT,
         },
     }

@@ -141,6 +141,8 @@ pub fn setup(
     cfg: &NodeConfig,
     i: &InterceptionConfig,
     proxy_ca: &[CertificateDer<'static>],
+    control: &tokio::runtime::Runtime,
+    readiness: &crate::admin::Readiness,
 ) -> anyhow::Result<Setup> {
     let SocketAddr::V4(agent_v4) = i.agent_address else {
         anyhow::bail!(
@@ -208,11 +210,8 @@ pub fn setup(
     let lookups = Lookups::spawn(resolver, i.identity.cgroup_walk_interval)
         .context("start the cgroup lookup thread")?;
     let ca_roots = pki::load_certs(&i.ca.ca).context("interception.ca.ca")?;
-    let node_tls = crate::tunnel::client_config(
-        pki::load_certs(&i.ca.node_cert).context("interception.ca.node_cert")?,
-        pki::load_key(&i.ca.node_key).context("interception.ca.node_key")?,
-        &ca_roots,
-    )?;
+    let node_tls =
+        super::node_certificate::ca_tls(&cfg.node_name, &i.ca, &ca_roots, control, readiness)?;
     let ca = crate::ca::client::CaClient {
         addr: i.ca.address,
         server_name: ServerName::try_from(i.ca.server_name.clone())

@@ -11,6 +11,13 @@ pub const REFUSALS: &str = "gateway_ca_refusals_total";
 /// Server certificates signed for nodes' client TLS (`ca::service`).
 pub const SERVER_CERTIFICATES_ISSUED: &str = "gateway_ca_server_certificates_issued_total";
 
+/// Node certificates issued by joins, by method (`ca::join`).
+pub const JOINS_TOTAL: &str = "gateway_ca_joins_total";
+/// Joins refused, by method (`ca::join`).
+pub const JOIN_REFUSALS_TOTAL: &str = "gateway_ca_join_refusals_total";
+/// The join methods, as the `method` label says them.
+pub const JOIN_METHODS: [&str; 3] = ["token", "kubernetes", "aws-iam"];
+
 /// Every metric of the CA: kind, HELP text, and the label values of labelled counters.
 pub const METRICS: &[Metric] = &[
     Metric::counter(
@@ -25,6 +32,16 @@ pub const METRICS: &[Metric] = &[
         SERVER_CERTIFICATES_ISSUED,
         "Server certificates the CA signed for nodes' client TLS (names on --server-names only).",
     ),
+    Metric::counter(
+        JOINS_TOTAL,
+        "Node certificates the CA issued to joining or renewing nodes, by join method.",
+    )
+    .labelled("method", &JOIN_METHODS),
+    Metric::counter(
+        JOIN_REFUSALS_TOTAL,
+        "Node joins the CA refused, by join method.",
+    )
+    .labelled("method", &JOIN_METHODS),
 ];
 
 /// Describes every metric of the ca and registers its series at zero. Call once, after

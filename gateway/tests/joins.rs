@@ -1,0 +1,164 @@
+//! Node joins through the real binary: `gateway ca token create`, `gateway ca serve
+//! --join-listen --join-tokens`, a node that joins with the token (the library's
+//! `JoinClient`, as the node agent runs it) and then gets a pod's workload certificate from
+//! the same CA with the joined certificate; the token's second use is refused.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::gateway_bin;
+use gateway::ca::join::client::{JoinClient, NodeIdentity, Prover, Schedule, client_config};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn run(args: &[&str]) -> String {
+    let o = Command::new(gateway_bin()).args(args).output().unwrap();
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn a_node_joins_with_a_one_time_token_and_gets_its_pods_certificates() {
+    let dir = std::env::temp_dir().join(format!("dbgw-joins-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = |n: &str| dir.join(n).to_str().unwrap().to_owned();
+    run(&["ca", "init", "--dir", &p("ca"), "--trust-domain", "td"]);
+    run(&[
+        "ca",
+        "issue-server",
+        "--dir",
+        &p("ca"),
+        "--dns",
+        "gateway-ca",
+        "--out",
+        &p("server"),
+    ]);
+    std::fs::write(
+        p("inventory.yaml"),
+        "pods:\n  - {uid: 0f9c1a2b-3c4d-4e5f-8a9b-0c1d2e3f4a5b, namespace: team-a, name: api-0, service_account: api, node: node-1}\n",
+    )
+    .unwrap();
+    let token = run(&[
+        "ca",
+        "token",
+        "create",
+        "--tokens",
+        &p("tokens"),
+        "--node-name",
+        "node-1",
+        "--ttl",
+        "10m",
+        "--one-time",
+    ]);
+    std::fs::write(p("token"), &token).unwrap();
+    assert!(!std::fs::read_dir(p("tokens")).unwrap().any(|e| {
+        std::fs::read_to_string(e.unwrap().path())
+            .unwrap()
+            .contains(token.trim())
+    }));
+
+    let mut child = Command::new(gateway_bin())
+        .args([
+            "ca",
+            "serve",
+            "--dir",
+            &p("ca"),
+            "--tls-cert",
+            &p("server.crt"),
+            "--tls-key",
+            &p("server.key"),
+            "--inventory",
+            &p("inventory.yaml"),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--join-listen",
+            "127.0.0.1:0",
+            "--join-tokens",
+            &p("tokens"),
+            "--node-cert-ttl",
+            "10m",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let ca = Killed(child);
+    let (mut join_addr, mut listen) = (None, None);
+    for line in stdout.lines() {
+        let line = line.unwrap();
+        if let Some(a) = line.strip_prefix("JOIN ") {
+            join_addr = Some(a.parse().unwrap());
+        }
+        if let Some(a) = line.strip_prefix("LISTENING ") {
+            listen = Some(a.parse().unwrap());
+            break;
+        }
+    }
+    let (join_addr, listen) = (join_addr.expect("JOIN line"), listen.unwrap());
+
+    let roots: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(dir.join("ca/workload-ca.crt"))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+    let node = |name: &str| {
+        let identity = Arc::new(NodeIdentity::default());
+        JoinClient {
+            addr: join_addr,
+            server_name: ServerName::try_from("gateway-ca").unwrap(),
+            tls: Arc::new(client_config(&roots, identity.clone()).unwrap()),
+            identity,
+            node_name: name.into(),
+            prover: Prover::Token(dir.join("token")),
+            timeout: Duration::from_secs(10),
+            schedule: Schedule::default(),
+        }
+    };
+    let node1 = node("node-1");
+    let joined = node1.join().await.unwrap();
+    assert_eq!(
+        gateway::pki::node_name_of(&joined.key.cert[0], "td").unwrap(),
+        "node-1"
+    );
+
+    // The joined certificate gets the node's pod its workload certificate.
+    let workload = gateway::ca::client::CaClient {
+        addr: listen,
+        server_name: ServerName::try_from("gateway-ca").unwrap(),
+        tls: node1.tls.clone(),
+    };
+    let issued = workload
+        .workload_certificate(Some("0f9c1a2b-3c4d-4e5f-8a9b-0c1d2e3f4a5b"))
+        .await
+        .unwrap();
+    assert_eq!(issued.spiffe_id.to_string(), "spiffe://td/ns/team-a/sa/api");
+
+    // The token was for one join: a second node (no certificate) is refused.
+    let e = node("node-1").join().await.unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "the CA refused the join: token join refused: one-time join token already used"
+    );
+    drop(ca);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
