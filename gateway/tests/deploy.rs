@@ -211,7 +211,11 @@ fn ports_are_the_ones_the_processes_listen_on() {
         let args = args(&c);
         let env = env(&c);
         let mut listening = BTreeSet::new();
-        for var in ["GATEWAY_LISTEN", "GATEWAY_ADMIN_LISTEN"] {
+        for var in [
+            "GATEWAY_LISTEN",
+            "GATEWAY_ADMIN_LISTEN",
+            "GATEWAY_JOIN_LISTEN",
+        ] {
             if let Some(v) = env.get(var) {
                 listening.insert(port_of(v));
             }
@@ -312,6 +316,15 @@ fn ports_are_the_ones_the_processes_listen_on() {
             }
         }
         let ca = &n.interception.as_ref().expect("transparent mode").ca;
+        if let Some(join) = &ca.join {
+            assert!(
+                svc_ports(&ca_svc).contains(&join.address().port())
+                    && s(&ca_svc, &["spec", "clusterIP"]) == Some(&join.address().ip().to_string()),
+                "{}: interception.ca.join.address {} is not the gateway-ca Service's clusterIP and a port of it",
+                path.display(),
+                join.address()
+            );
+        }
         assert!(
             svc_ports(&ca_svc).contains(&ca.address.port())
                 && s(&ca_svc, &["spec", "clusterIP"]) == Some(&ca.address.ip().to_string()),
