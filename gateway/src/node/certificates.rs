@@ -31,9 +31,9 @@ use crate::pki::SpiffeId;
 use crate::telemetry::node as telemetry;
 
 /// First wait after a failed background renewal; doubles up to [`MAX_RETRY`].
-pub(super) const FIRST_RETRY: Duration = Duration::from_secs(5);
+const FIRST_RETRY: Duration = Duration::from_secs(5);
 /// Longest wait between background renewal attempts (DESIGN.md: backoff at most 150 s).
-pub(super) const MAX_RETRY: Duration = Duration::from_secs(150);
+const MAX_RETRY: Duration = Duration::from_secs(150);
 
 /// Why no certificate: the text after `no workload certificate for <id>: ` in the client's
 /// error.
@@ -94,11 +94,12 @@ struct Control {
     inflight: Mutex<HashMap<SpiffeId, Vec<Reply>>>,
 }
 
-/// A certificate just fetched and cached.
-struct Fetched {
-    config: Arc<ClientConfig>,
-    renew_at: SystemTime,
-    expiry: SystemTime,
+/// A certificate just fetched and cached (`C`: the rustls config built on it), in this cache
+/// and in `server_certificates`'.
+pub(super) struct Fetched<C> {
+    pub(super) config: Arc<C>,
+    pub(super) renew_at: SystemTime,
+    pub(super) expiry: SystemTime,
 }
 
 impl Certificates {
@@ -233,7 +234,7 @@ impl Control {
         &self,
         id: &SpiffeId,
         pod_uid: Option<&str>,
-    ) -> Result<Fetched, CertificateError> {
+    ) -> Result<Fetched<ClientConfig>, CertificateError> {
         let r = tokio::time::timeout(self.ca_timeout, self.try_fetch(id, pod_uid))
             .await
             .unwrap_or(Err(CertificateError::Timeout(self.ca_timeout)));
@@ -248,7 +249,7 @@ impl Control {
         &self,
         id: &SpiffeId,
         pod_uid: Option<&str>,
-    ) -> Result<Fetched, CertificateError> {
+    ) -> Result<Fetched<ClientConfig>, CertificateError> {
         let now = SystemTime::now();
         let issued = self.ca.workload_certificate(pod_uid).await?;
         if issued.spiffe_id != *id {
@@ -282,40 +283,24 @@ impl Control {
         })
     }
 
-    /// Renews `id` at half-life for as long as `f` (then each renewal) is the cached entry;
-    /// another fetch that replaced it keeps its own renewal. A renewal that keeps failing
-    /// until the certificate expires drops the entry (the next connection asks again).
-    async fn keep_renewed(&self, id: &SpiffeId, pod_uid: Option<&str>, mut f: Fetched) {
-        loop {
-            tokio::time::sleep(until(f.renew_at)).await;
-            let mut retry = FIRST_RETRY;
-            loop {
-                if !self.is_cached(id, &f.config) {
-                    return;
+    /// Renews `id` at half-life for as long as `f` (then each renewal) is the cached entry
+    /// ([`keep_renewed`]).
+    async fn keep_renewed(&self, id: &SpiffeId, pod_uid: Option<&str>, f: Fetched<ClientConfig>) {
+        keep_renewed(
+            f,
+            |config| self.is_cached(id, config),
+            move || self.fetch(id, pod_uid),
+            |config| {
+                let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
+                if cache
+                    .get(id)
+                    .is_some_and(|e| Arc::ptr_eq(&e.config, config))
+                {
+                    cache.remove(id);
                 }
-                match self.fetch(id, pod_uid).await {
-                    Ok(next) => {
-                        f = next;
-                        break;
-                    }
-                    Err(_) if SystemTime::now() + retry < f.expiry => {
-                        tokio::time::sleep(retry).await;
-                        retry = (retry * 2).min(MAX_RETRY);
-                    }
-                    Err(_) => {
-                        tokio::time::sleep(until(f.expiry)).await;
-                        let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
-                        if cache
-                            .get(id)
-                            .is_some_and(|e| Arc::ptr_eq(&e.config, &f.config))
-                        {
-                            cache.remove(id);
-                        }
-                        return;
-                    }
-                }
-            }
-        }
+            },
+        )
+        .await;
     }
 
     fn is_cached(&self, id: &SpiffeId, config: &Arc<ClientConfig>) -> bool {
@@ -326,8 +311,48 @@ impl Control {
     }
 }
 
+/// The renewal loop of both certificate caches: sleeps until `f.renew_at`, then fetches a
+/// replacement for as long as `is_current` says `f` (then each renewal) is still the cached
+/// entry (another fetch that replaced it keeps its own renewal). A failed fetch is retried
+/// after [`FIRST_RETRY`], doubling up to [`MAX_RETRY`], while that still ends before the
+/// certificate expires; otherwise it waits for the expiry and calls `expired` (which drops
+/// the entry if it is still this one, so the next connection asks again).
+pub(super) async fn keep_renewed<C, E, Fut>(
+    mut f: Fetched<C>,
+    is_current: impl Fn(&Arc<C>) -> bool,
+    mut fetch: impl FnMut() -> Fut,
+    expired: impl FnOnce(&Arc<C>),
+) where
+    Fut: std::future::Future<Output = Result<Fetched<C>, E>>,
+{
+    loop {
+        tokio::time::sleep(until(f.renew_at)).await;
+        let mut retry = FIRST_RETRY;
+        loop {
+            if !is_current(&f.config) {
+                return;
+            }
+            match fetch().await {
+                Ok(next) => {
+                    f = next;
+                    break;
+                }
+                Err(_) if SystemTime::now() + retry < f.expiry => {
+                    tokio::time::sleep(retry).await;
+                    retry = (retry * 2).min(MAX_RETRY);
+                }
+                Err(_) => {
+                    tokio::time::sleep(until(f.expiry)).await;
+                    expired(&f.config);
+                    return;
+                }
+            }
+        }
+    }
+}
+
 /// How long until `t` (zero once it passed).
-pub(super) fn until(t: SystemTime) -> Duration {
+fn until(t: SystemTime) -> Duration {
     t.duration_since(SystemTime::now()).unwrap_or_default()
 }
 

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 use rustls::ServerConfig;
 use tokio::sync::{mpsc, oneshot};
 
-use super::certificates::{FIRST_RETRY, MAX_RETRY, until};
+use super::certificates;
 use super::client_tls;
 use crate::ca::client::{CaClient, ClientError};
 use crate::route::ClientTls;
@@ -71,11 +71,7 @@ struct Control {
     inflight: Mutex<HashMap<Key, Vec<Reply>>>,
 }
 
-struct Fetched {
-    config: Arc<ServerConfig>,
-    renew_at: SystemTime,
-    expiry: SystemTime,
-}
+type Fetched = certificates::Fetched<ServerConfig>;
 
 impl ServerCertificates {
     pub fn new(ca: CaClient, ca_timeout: Duration) -> (Self, ServerFetcher) {
@@ -234,39 +230,24 @@ impl Control {
         })
     }
 
-    /// Renews at half-life while `f` (then each renewal) is the cached entry; retries with
-    /// backoff, and drops the entry when it expires unrenewed.
-    async fn keep_renewed(&self, key: &Key, tls: &ClientTls, mut f: Fetched) {
-        loop {
-            tokio::time::sleep(until(f.renew_at)).await;
-            let mut retry = FIRST_RETRY;
-            loop {
-                if !self.is_cached(key, &f.config) {
-                    return;
+    /// Renews at half-life while `f` (then each renewal) is the cached entry
+    /// ([`certificates::keep_renewed`]).
+    async fn keep_renewed(&self, key: &Key, tls: &ClientTls, f: Fetched) {
+        certificates::keep_renewed(
+            f,
+            |config| self.is_cached(key, config),
+            move || self.fetch(key, tls),
+            |config| {
+                let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
+                if cache
+                    .get(key)
+                    .is_some_and(|e| Arc::ptr_eq(&e.config, config))
+                {
+                    cache.remove(key);
                 }
-                match self.fetch(key, tls).await {
-                    Ok(next) => {
-                        f = next;
-                        break;
-                    }
-                    Err(_) if SystemTime::now() + retry < f.expiry => {
-                        tokio::time::sleep(retry).await;
-                        retry = (retry * 2).min(MAX_RETRY);
-                    }
-                    Err(_) => {
-                        tokio::time::sleep(until(f.expiry)).await;
-                        let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
-                        if cache
-                            .get(key)
-                            .is_some_and(|e| Arc::ptr_eq(&e.config, &f.config))
-                        {
-                            cache.remove(key);
-                        }
-                        return;
-                    }
-                }
-            }
-        }
+            },
+        )
+        .await;
     }
 
     fn is_cached(&self, key: &Key, config: &Arc<ServerConfig>) -> bool {
