@@ -27,7 +27,6 @@ pub mod kubernetes;
 pub mod token;
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -47,7 +46,6 @@ pub const CHALLENGE_PATH: &str = "/v1/join/challenge";
 
 /// A join request is a CSR, a proof (a JWT, or a signed STS request) and a name: a few KiB.
 const MAX_REQUEST_BODY: usize = 64 * 1024;
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an `aws-iam` challenge may wait for its join.
 const CHALLENGE_TTL: Duration = Duration::from_secs(300);
 /// Challenges outstanding at once; past it the oldest are dropped (a flood of challenge
@@ -372,47 +370,18 @@ pub fn server_config(
     Ok(cfg)
 }
 
-/// Serves joins until the listener fails.
+/// Serves joins until the listener fails. A client certificate is optional here; one that
+/// rustls verified against the workload CA is still checked for its validity and its node
+/// name per request (a kept-alive connection outlives it).
 pub async fn serve(joins: Arc<Joins>, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    loop {
-        let Ok((tcp, peer)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let acceptor = acceptor.clone();
-        let joins = joins.clone();
-        tokio::spawn(async move {
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::info!(%peer, %e, "join: tls handshake refused");
-                    return;
-                }
-                Err(_) => return,
-            };
-            // A certificate rustls verified against the workload CA; still checked for its
-            // validity and its node name per request (a kept-alive connection outlives it).
-            let peer_cert = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .map(|c| c.clone().into_owned());
-            let td = joins.trust_domain.clone();
-            let service = hyper::service::service_fn(move |req| {
-                let joins = joins.clone();
-                let peer_node = peer_cert.as_ref().and_then(|c| {
-                    pki::check_validity(c, SystemTime::now()).ok()?;
-                    pki::node_name_of(c, &td).ok()
-                });
-                async move { Ok::<_, Infallible>(handle(joins, peer_node, req).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
+    super::service::serve_https("join", listener, tls, move |peer_cert, req| {
+        let peer_node = peer_cert.as_ref().and_then(|c| {
+            pki::check_validity(c, SystemTime::now()).ok()?;
+            pki::node_name_of(c, &joins.trust_domain).ok()
         });
-    }
+        handle(joins.clone(), peer_node, req)
+    })
+    .await
 }
 
 /// `gateway ca serve`'s join flags.

@@ -9,6 +9,7 @@ use std::time::Duration;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
+use rustls_pki_types::CertificateDer;
 use serde::Serialize;
 use tokio::net::TcpListener;
 
@@ -228,6 +229,29 @@ async fn handle(
 /// Serves until the listener fails; every connection must present a client certificate
 /// from the workload CA (checked by rustls), and its node name is read per request.
 pub async fn serve(svc: Arc<CaService>, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
+    serve_https("ca", listener, tls, move |node_cert, req| {
+        handle(svc.clone(), node_cert, req)
+    })
+    .await
+}
+
+/// The accept loop of the CA's HTTPS listeners (certificates here, joins in `join`): a TLS
+/// handshake bounded by [`HANDSHAKE_TIMEOUT`], then HTTP/1.1 on the connection, each request
+/// answered by `handle` with the client certificate rustls verified (if the listener asks
+/// for one). `what` names the listener in the log.
+pub(super) async fn serve_https<H, Fut>(
+    what: &'static str,
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    handle: H,
+) where
+    H: Fn(Option<CertificateDer<'static>>, Request<Incoming>) -> Fut
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
         let Ok((tcp, peer)) = listener.accept().await else {
@@ -235,26 +259,25 @@ pub async fn serve(svc: Arc<CaService>, listener: TcpListener, tls: Arc<rustls::
             continue;
         };
         let acceptor = acceptor.clone();
-        let svc = svc.clone();
+        let handle = handle.clone();
         tokio::spawn(async move {
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
-                    tracing::info!(%peer, %e, "ca: tls handshake refused");
+                    tracing::info!(%peer, %e, "{what}: tls handshake refused");
                     return;
                 }
                 Err(_) => return,
             };
-            let node_cert = stream
+            let peer_cert = stream
                 .get_ref()
                 .1
                 .peer_certificates()
                 .and_then(|c| c.first())
                 .map(|c| c.clone().into_owned());
             let service = hyper::service::service_fn(move |req| {
-                let svc = svc.clone();
-                let node_cert = node_cert.clone();
-                async move { Ok::<_, Infallible>(handle(svc, node_cert, req).await) }
+                let answer = handle(peer_cert.clone(), req);
+                async move { Ok::<_, Infallible>(answer.await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)

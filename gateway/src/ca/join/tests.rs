@@ -1,6 +1,7 @@
 //! Joins over the real wire: the CA's join listener (HTTPS) on loopback, the node's
 //! [`client::JoinClient`], and the workload endpoint that takes the joined certificate.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
