@@ -8,6 +8,8 @@
 
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
@@ -43,6 +45,15 @@ pub struct Options {
     /// Bytes to COPY.
     #[arg(long, default_value_t = 64 << 20)]
     pub bytes: u64,
+    /// TLS to the server (the connection string says `sslmode=require`): the CA
+    /// certificates (PEM) that verify it, by name or IP address like `verify-full`.
+    #[arg(long)]
+    pub tls_root: Option<PathBuf>,
+    /// A client certificate and key (PEM) for servers that log in by certificate.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -241,20 +252,66 @@ fn idle(o: &Options) -> Result<Report> {
     })
 }
 
-async fn connect(conn: &str) -> Result<Client> {
-    let (client, connection) = tokio_postgres::connect(conn, NoTls)
-        .await
-        .with_context(|| format!("failed to connect ({conn})"))?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
+/// How the PostgreSQL kinds connect: plain, or TLS with rustls (what the gateway's own
+/// hops use, so a TLS path's figures compare one TLS stack with itself).
+#[derive(Clone)]
+enum Tls {
+    None,
+    Rustls(tokio_postgres_rustls::MakeRustlsConnect),
+}
+
+impl Tls {
+    fn from_options(o: &Options) -> Result<Self> {
+        let Some(root) = &o.tls_root else {
+            return Ok(Self::None);
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for c in gateway::pki::load_certs(root)? {
+            roots.add(c)?;
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+        let config = match (&o.tls_cert, &o.tls_key) {
+            (Some(cert), Some(key)) => builder.with_client_auth_cert(
+                gateway::pki::load_certs(cert)?,
+                gateway::pki::load_key(key)?,
+            )?,
+            _ => builder.with_no_client_auth(),
+        };
+        Ok(Self::Rustls(tokio_postgres_rustls::MakeRustlsConnect::new(
+            config,
+        )))
+    }
+}
+
+async fn connect(conn: &str, tls: &Tls) -> Result<Client> {
+    let context = || format!("failed to connect ({conn})");
+    let (client, connection) = match tls {
+        Tls::None => {
+            let (c, connection) = tokio_postgres::connect(conn, NoTls)
+                .await
+                .with_context(context)?;
+            (c, tokio::spawn(connection))
+        }
+        Tls::Rustls(t) => {
+            let (c, connection) = tokio_postgres::connect(conn, t.clone())
+                .await
+                .with_context(context)?;
+            (c, tokio::spawn(connection))
+        }
+    };
+    drop(connection);
     Ok(client)
 }
 
 async fn run(o: &Options) -> Result<Report> {
+    let tls = &Tls::from_options(o)?;
     match o.kind {
         Kind::Latency => {
-            let c = connect(&o.conn).await?;
+            let c = connect(&o.conn, tls).await?;
             let stmt = c.prepare("SELECT 1").await?;
             let (c, stmt) = (&c, &stmt);
             timed(o, 0, || async move {
@@ -268,7 +325,7 @@ async fn run(o: &Options) -> Result<Report> {
             timed(o, 0, || async {
                 // Set-up latency: TCP connect to ReadyForQuery.
                 let t = Instant::now();
-                let c = connect(&o.conn).await?;
+                let c = connect(&o.conn, tls).await?;
                 let took = t.elapsed();
                 c.simple_query("").await?;
                 Ok(took)
@@ -276,7 +333,7 @@ async fn run(o: &Options) -> Result<Report> {
             .await
         }
         Kind::CopyOut => {
-            let c = connect(&o.conn).await?;
+            let c = connect(&o.conn, tls).await?;
             // Warm-up: a small COPY through the same connection.
             copy_out(&c, (o.bytes / 16).max(LINE as u64)).await?;
             warm()?;
@@ -291,7 +348,7 @@ async fn run(o: &Options) -> Result<Report> {
             })
         }
         Kind::CopyIn => {
-            let c = connect(&o.conn).await?;
+            let c = connect(&o.conn, tls).await?;
             copy_in(&c, (o.bytes / 16).max(LINE as u64)).await?;
             c.batch_execute("TRUNCATE copy_sink").await?;
             warm()?;

@@ -12,13 +12,15 @@ use gateway::harness::{
     PgRoute, PodSpec, ProxySettings, Stack, StackSpec, TcpRoute, TransparentSpec, Workload,
     node_data_plane, role,
 };
-use gateway::pki::{self, CertificateAuthority, SpiffeId};
+use gateway::pki::{self, CertificateAuthority, LeafSpec, SpiffeId};
 
 use crate::peers::{self, Peer};
 
 pub const USER: &str = "bench";
 pub const DATABASE: &str = "bench";
 const NAMESPACE: &str = "bench";
+/// Certificates the run issues live as long as any run can.
+const DAY: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 const SERVICE_ACCOUNT: &str = "bench";
 
 /// `bench` may log in as `bench` on database `bench` over both PostgreSQL routes, and use
@@ -49,6 +51,12 @@ fn reuse() -> ReuseConfig {
 }
 const REUSE_SCENARIOS: &[&str] = &["connect-select-8", "setup-1"];
 
+/// The node listener that terminates the client's TLS (`gateway-tls`), and the scenarios
+/// both TLS paths run: what the extra TLS leg costs on long sessions, on bulk data, and on a
+/// new connection's set-up.
+const TLS_LISTENER: usize = 3;
+const TLS_SCENARIOS: &[&str] = &["select-8", "copy-out", "copy-in", "setup-1"];
+
 /// The `tcp` route to the echo server, and the port pods dial it on (the database's
 /// address, intercepted like 5432).
 const ECHO_ROUTE: &str = "echo";
@@ -71,20 +79,71 @@ pub struct DataPath {
     pub description: String,
     /// Only these scenarios (all when `None`).
     pub scenarios: Option<&'static [&'static str]>,
+    /// The client speaks TLS to the first hop (verified like `verify-full`).
+    pub tls: Option<ClientTls>,
+    /// The path its ratios are taken against: `direct`, or `direct-tls` for the gateway's
+    /// TLS path (the comparison is of the extra leg, not of TLS itself).
+    pub baseline: &'static str,
+}
+
+/// A TLS path's client files.
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    /// The CA certificates that verify the server.
+    pub root: PathBuf,
+    /// Certificate and key, for a server that logs in by certificate (PostgreSQL itself,
+    /// as the proxy logs in to it).
+    pub identity: Option<(PathBuf, PathBuf)>,
 }
 
 impl DataPath {
     pub fn runs(&self, scenario: &str) -> bool {
         self.scenarios.is_none_or(|s| s.contains(&scenario))
     }
-}
 
-impl DataPath {
     pub fn conn_string(&self) -> String {
+        let sslmode = if self.tls.is_some() {
+            "require"
+        } else {
+            "disable"
+        };
         format!(
-            "host={} port={} user={USER} dbname={DATABASE} sslmode=disable",
+            "host={} port={} user={USER} dbname={DATABASE} sslmode={sslmode}",
             self.host, self.port
         )
+    }
+
+    /// libpq's environment for this path (pgbench): TLS verified by name or address.
+    pub fn libpq_env(&self) -> Vec<(&'static str, PathBuf)> {
+        let Some(t) = &self.tls else {
+            return vec![("PGSSLMODE", "disable".into())];
+        };
+        let mut env = vec![
+            ("PGSSLMODE", "verify-full".into()),
+            ("PGSSLROOTCERT", t.root.clone()),
+        ];
+        if let Some((cert, key)) = &t.identity {
+            env.push(("PGSSLCERT", cert.clone()));
+            env.push(("PGSSLKEY", key.clone()));
+        }
+        env
+    }
+
+    /// The bench client's TLS flags (see [`crate::client::Options`]).
+    pub fn client_tls_args(&self) -> Vec<String> {
+        let Some(t) = &self.tls else {
+            return Vec::new();
+        };
+        let mut args = vec!["--tls-root".into(), t.root.display().to_string()];
+        if let Some((cert, key)) = &t.identity {
+            args.extend([
+                "--tls-cert".into(),
+                cert.display().to_string(),
+                "--tls-key".into(),
+                key.display().to_string(),
+            ]);
+        }
+        args
     }
 }
 
@@ -149,6 +208,10 @@ impl Env {
                 ),
             )?,
         )?;
+        let db_client = CertificateAuthority::load(
+            &stack.ca_dir.join(pki::DB_CLIENT_CA_CERT),
+            &stack.ca_dir.join(pki::DB_CLIENT_CA_KEY),
+        )?;
         let stunnel = peers::stunnel_pair(&work_dir, &certs, &[pg, echo])?;
         let haproxy = peers::haproxy_pair(&work_dir, &certs, &[pg, echo], threads)?;
 
@@ -166,7 +229,29 @@ impl Env {
             tunnel_pids: Vec::new(),
             description: "client → PostgreSQL (TCP loopback, no TLS)".into(),
             scenarios: None,
+            tls: None,
+            baseline: "direct",
         }];
+        // PostgreSQL's own TLS, logged in by certificate like the proxy: what an application
+        // with `sslmode=verify-full` pays without the gateway.
+        let (cert, key) = db_client.issue(&LeafSpec::db_client(USER), DAY)?;
+        let (cert_path, key_path) = (
+            work_dir.join("direct-tls.crt"),
+            work_dir.join("direct-tls.key"),
+        );
+        pki::write_public(&cert_path, &cert)?;
+        pki::write_secret(&key_path, &key)?;
+        paths.push(DataPath {
+            name: "direct-tls".into(),
+            description: "client → TLS 1.3 (rustls or libpq) → PostgreSQL, certificate login"
+                .into(),
+            scenarios: Some(TLS_SCENARIOS),
+            tls: Some(ClientTls {
+                root: stack.trust_bundle.clone(),
+                identity: Some((cert_path, key_path)),
+            }),
+            ..paths[0].clone()
+        });
         let l = stack.listeners[0];
         let gateway = DataPath {
             name: "gateway".into(),
@@ -178,8 +263,26 @@ impl Env {
             description: "client → node explicit listener → mTLS 1.3 → proxy → TLS → PostgreSQL"
                 .into(),
             scenarios: None,
+            tls: None,
+            baseline: "direct",
         };
         paths.push(gateway.clone());
+        // The client's own TLS, terminated by the node (a short-lived server certificate the
+        // client verifies with the gateway's trust bundle).
+        let l = stack.listeners[TLS_LISTENER];
+        paths.push(DataPath {
+            name: "gateway-tls".into(),
+            host: l.ip().to_string(),
+            port: l.port(),
+            description: "client → TLS 1.3 → node (client TLS terminated) → mTLS 1.3 → proxy → TLS → PostgreSQL; ratios against `direct-tls`".into(),
+            scenarios: Some(TLS_SCENARIOS),
+            tls: Some(ClientTls {
+                root: stack.trust_bundle.clone(),
+                identity: None,
+            }),
+            baseline: "direct-tls",
+            ..gateway.clone()
+        });
         // The same hops with `upstream.reuse` on: only where a new session's server login
         // is what is measured (long sessions are the `gateway` path's figures).
         let l = stack.listeners[REUSE_LISTENER];
@@ -205,6 +308,8 @@ impl Env {
                     "client in pod netns → connect4 rewrite → node → mTLS 1.3 → proxy → TLS → PostgreSQL"
                         .into(),
                 scenarios: None,
+                tls: None,
+                baseline: "direct",
             });
         }
         for (name, peer) in [("stunnel", &stunnel), ("haproxy", &haproxy)] {
@@ -219,6 +324,8 @@ impl Env {
                     "client → {name} client → mTLS 1.3 (ECDSA P-256) → {name} server → PostgreSQL"
                 ),
                 scenarios: None,
+                tls: None,
+                baseline: "direct",
             });
         }
         Ok(Self {
@@ -248,6 +355,10 @@ fn spec(gateway_bin: &Path, transparent: bool, echo: SocketAddr, threads: u16) -
             Workload::tcp(NAMESPACE, SERVICE_ACCOUNT, ECHO_ROUTE),
             Workload {
                 route: REUSE_ROUTE.into(),
+                ..Workload::new(NAMESPACE, SERVICE_ACCOUNT)
+            },
+            Workload {
+                client_tls: true,
                 ..Workload::new(NAMESPACE, SERVICE_ACCOUNT)
             },
         ],

@@ -43,7 +43,7 @@ async fn pgbench(
         // Both cores; pgbench caps threads at the client count.
         .args(["-j", &w.clients.min(2).to_string()])
         .args(["-T", &seconds.to_string()])
-        .env("PGSSLMODE", "disable");
+        .envs(path.libpq_env());
     if w.select_only {
         cmd.arg("-S");
     }

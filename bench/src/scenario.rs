@@ -339,6 +339,7 @@ async fn run_client(
     };
     let mut cmd = env.command(p, me);
     cmd.args(["client", kind_arg, "--conn", &p.conn_string()])
+        .args(p.client_tls_args())
         .args(["--addr", &p.tcp_addr])
         .args(["--warmup", &plan.warmup_s.to_string()])
         .args(["--seconds", &plan.measure_s.to_string()])

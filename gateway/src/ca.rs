@@ -48,9 +48,19 @@ pub struct ServeOptions {
     pub tls_cert: std::path::PathBuf,
     #[arg(long, env = "GATEWAY_TLS_KEY")]
     pub tls_key: std::path::PathBuf,
-    /// Static pod inventory: which pod runs on which node as whom.
-    #[arg(long, env = "GATEWAY_INVENTORY")]
-    pub inventory: std::path::PathBuf,
+    /// Static pod inventory: which pod runs on which node as whom (bare hosts, tests).
+    #[arg(
+        long,
+        env = "GATEWAY_INVENTORY",
+        required_unless_present = "kubernetes_pods",
+        conflicts_with = "kubernetes_pods"
+    )]
+    pub inventory: Option<std::path::PathBuf>,
+    /// Learn pods from the Kubernetes API (a watch of every pod, as the in-cluster service
+    /// account or $KUBECONFIG; needs `get`, `list`, `watch` on pods): a node gets workload
+    /// certificates only for pods the API server places on it.
+    #[arg(long, env = "GATEWAY_KUBERNETES_PODS")]
+    pub kubernetes_pods: bool,
     /// Lifetime of workload certificates (renewed by nodes at half-life).
     #[arg(long, env = "GATEWAY_CERT_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
     pub ttl: Duration,
@@ -68,10 +78,10 @@ pub fn run(opts: ServeOptions) -> anyhow::Result<()> {
     use anyhow::Context;
     let metrics = crate::admin::install_metrics()?;
     crate::telemetry::ca::describe();
-    // The directory is an inventory today; a Kubernetes one records the watch's metrics.
+    // A Kubernetes directory records the watch's metrics.
     crate::telemetry::identity::describe();
     let readiness = crate::admin::Readiness::default();
-    let admin_addr = crate::admin::spawn(opts.admin_listen, metrics, readiness)?;
+    let admin_addr = crate::admin::spawn(opts.admin_listen, metrics, readiness.clone())?;
     let trust_domain = std::fs::read_to_string(opts.dir.join("trust-domain"))
         .with_context(|| format!("{} holds no CA (run `gateway ca init`)", opts.dir.display()))?
         .trim()
@@ -80,7 +90,6 @@ pub fn run(opts: ServeOptions) -> anyhow::Result<()> {
         &opts.dir.join(pki::WORKLOAD_CA_CERT),
         &opts.dir.join(pki::WORKLOAD_CA_KEY),
     )?;
-    let inventory = crate::identity::inventory::Inventory::load(&opts.inventory)?;
     let client_ca = pki::load_certs(&opts.dir.join(pki::WORKLOAD_CA_CERT))?;
     let tls = crate::tunnel::server_config(
         pki::load_certs(&opts.tls_cert)?,
@@ -95,17 +104,18 @@ pub fn run(opts: ServeOptions) -> anyhow::Result<()> {
         pki::load_key(&opts.tls_key)?,
         &client_ca,
     )?;
-    let svc = Arc::new(CaService {
-        ca,
-        trust_domain,
-        ttl: opts.ttl,
-        pods: Box::new(inventory),
-        server_names,
-    });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
+    let pods = pod_directory(&opts, &rt, &readiness)?;
+    let svc = Arc::new(CaService {
+        ca,
+        trust_domain,
+        ttl: opts.ttl,
+        pods,
+        server_names,
+    });
     rt.block_on(async move {
         let listener = TcpListener::bind(opts.listen)
             .await
@@ -124,4 +134,32 @@ pub fn run(opts: ServeOptions) -> anyhow::Result<()> {
         }
         anyhow::Ok(())
     })
+}
+
+/// The CA's pod directory: the static inventory, or a watch of every pod of the cluster.
+/// The watch keeps `/readyz` failing until its first complete list is in (before that
+/// every pod is unknown and every request would be refused).
+fn pod_directory(
+    opts: &ServeOptions,
+    rt: &tokio::runtime::Runtime,
+    readiness: &crate::admin::Readiness,
+) -> anyhow::Result<Box<dyn crate::pod::PodDirectory>> {
+    use anyhow::Context;
+    if let Some(path) = &opts.inventory {
+        return Ok(Box::new(crate::identity::inventory::Inventory::load(path)?));
+    }
+    let client = rt.block_on(kube::Client::try_default()).context(
+        "Kubernetes client for --kubernetes-pods (in-cluster service account or $KUBECONFIG)",
+    )?;
+    let pods = crate::identity::kube::KubePods::spawn_cluster(client, rt.handle());
+    let blocked = readiness.block("pod list from the Kubernetes API");
+    let watch = Arc::clone(&pods);
+    rt.spawn(async move {
+        while !watch.is_ready() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tracing::info!(pods = watch.len(), "pod directory ready");
+        drop(blocked);
+    });
+    Ok(Box::new(pods))
 }

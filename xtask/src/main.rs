@@ -71,7 +71,13 @@ fn workspace_root() -> Result<PathBuf> {
 
 /// `cargo` as the one running us (`$CARGO`), so toolchain overrides carry over.
 fn cargo() -> Process {
-    Process::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+    let mut p = Process::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    // A CI checkout is built once: incremental caches would only fill the disk (they were
+    // 30 GB of a 75 GB target directory, and a CI run once died of a full disk).
+    if std::env::var_os("CI").is_some() && std::env::var_os("CARGO_INCREMENTAL").is_none() {
+        p.env("CARGO_INCREMENTAL", "0");
+    }
+    p
 }
 
 /// Runs one named step in the workspace root, printing a header first.

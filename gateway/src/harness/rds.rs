@@ -52,6 +52,12 @@ impl AwsKeys {
         self.lock().get(access_key_id).cloned()
     }
 
+    /// When the credentials issued last stop signing: tests wait on it, not on a guess of
+    /// when the gateway renews.
+    pub fn latest_expiry(&self) -> Option<SystemTime> {
+        self.lock().values().filter_map(|k| k.expires).max()
+    }
+
     /// Every secret key and session token issued, for tests that look for leaks.
     pub fn all_secrets(&self) -> Vec<String> {
         self.lock()

@@ -1,9 +1,11 @@
 //! Pod metadata from the Kubernetes API: a list+watch of the pods scheduled on this node,
 //! kept in memory so that identity lookups on the data path never wait for the network.
 //!
-//! Only pods with `spec.nodeName=<node>` are requested. A node agent has no business
-//! knowing other nodes' pods, and the field selector keeps both the API server's work and
-//! our memory proportional to one node (a few hundred pods), not the cluster.
+//! A node agent requests only pods with `spec.nodeName=<node>`: it has no business knowing
+//! other nodes' pods, and the field selector keeps both the API server's work and its
+//! memory proportional to one node (a few hundred pods), not the cluster. The CA watches
+//! every pod ([`KubePods::spawn_cluster`]): it is the one that decides which node a pod is
+//! on, from `spec.nodeName` as the API server has it.
 //!
 //! The list, the watch, resuming a broken watch from the last `resourceVersion` (and
 //! re-listing when the server answers 410 Gone) are `kube::runtime::watcher`'s; this module
@@ -62,9 +64,24 @@ impl KubePods {
         host: Option<HostIdentity>,
         handle: &tokio::runtime::Handle,
     ) -> Arc<Self> {
+        Self::start(client, Some(node.to_owned()), host, handle)
+    }
+
+    /// Watches every pod of the cluster (the CA's directory: each pod carries the node the
+    /// API server placed it on, and the CA signs only for the node that asks for it).
+    pub fn spawn_cluster(client: kube::Client, handle: &tokio::runtime::Handle) -> Arc<Self> {
+        Self::start(client, None, None, handle)
+    }
+
+    fn start(
+        client: kube::Client,
+        node: Option<String>,
+        host: Option<HostIdentity>,
+        handle: &tokio::runtime::Handle,
+    ) -> Arc<Self> {
         let state = Arc::new(State::default());
         let task = handle
-            .spawn(watch(client, node.to_owned(), Arc::clone(&state)))
+            .spawn(watch(client, node, Arc::clone(&state)))
             .abort_handle();
         Arc::new(Self { state, host, task })
     }
@@ -156,9 +173,14 @@ impl State {
 /// Runs the watch for good. Errors (API server down, 403, a broken stream) are logged and
 /// retried after the runtime's default backoff (0.8 s doubling to 30 s, with jitter, the
 /// client-go reflector's numbers), so a flapping API server is not hammered.
-async fn watch(client: kube::Client, node: String, state: Arc<State>) {
+async fn watch(client: kube::Client, node: Option<String>, state: Arc<State>) {
     let api: Api<KubePod> = Api::all(client);
-    let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+    let mut config = watcher::Config::default();
+    if let Some(node) = &node {
+        config = config.fields(&format!("spec.nodeName={node}"));
+    }
+    // For the logs: this node's pods, or the cluster's.
+    let node = node.unwrap_or_else(|| "*".into());
     let mut events = std::pin::pin!(watcher::watcher(api, config).default_backoff());
     // Pods of a list in progress. The map is replaced only when the list is complete, so
     // a re-list (after 410 Gone) neither empties the map meanwhile nor keeps pods that
@@ -301,6 +323,9 @@ mod tests {
     }
 
     struct Shared {
+        /// The field selector every request must carry (a node agent's), or `None` for
+        /// the CA's watch, which must carry none.
+        selector: Option<&'static str>,
         /// Every request's `path?query`, in order.
         requests: Mutex<Vec<String>>,
         /// List answers, consumed one per list request; 500 when none is left.
@@ -316,10 +341,20 @@ mod tests {
 
     impl FakeApiServer {
         async fn start() -> Self {
+            Self::serving(Some(SELECTOR)).await
+        }
+
+        /// A server for the CA's cluster-wide watch.
+        async fn start_cluster() -> Self {
+            Self::serving(None).await
+        }
+
+        async fn serving(selector: Option<&'static str>) -> Self {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
             let (tx, watches) = mpsc::unbounded_channel();
             let shared = Arc::new(Shared {
+                selector,
                 requests: Mutex::new(Vec::new()),
                 lists: Mutex::new(VecDeque::new()),
                 watches: tx,
@@ -439,9 +474,11 @@ mod tests {
             .map(|pq| pq.as_str().to_owned())
             .unwrap_or_default();
         shared.requests.lock().unwrap().push(path_query.clone());
-        if req.uri().path() != "/api/v1/pods"
-            || !path_query.split(['?', '&']).any(|kv| kv == SELECTOR)
-        {
+        let selected = match shared.selector {
+            Some(selector) => path_query.split(['?', '&']).any(|kv| kv == selector),
+            None => param(&path_query, "fieldSelector").is_none(),
+        };
+        if req.uri().path() != "/api/v1/pods" || !selected {
             return json_response(StatusCode::BAD_REQUEST, &status(400, "BadRequest"));
         }
         if param(&path_query, "watch") == Some("true") {
@@ -585,6 +622,39 @@ mod tests {
         assert_eq!(watch.resource_version(), Some("10"));
         assert_eq!(param(&watch.query, "watch"), Some("true"));
         server.assert_only_this_node_requested();
+    }
+
+    /// The CA's directory: every pod of the cluster, each with the node the API server
+    /// placed it on (none yet for an unscheduled pod), from requests without a selector.
+    #[tokio::test]
+    async fn the_cluster_watch_holds_every_node_s_pods() {
+        let mut server = FakeApiServer::start_cluster().await;
+        let mut elsewhere = pod(UID_B, "db-0", "8", json!({}), &[]);
+        elsewhere["spec"]["nodeName"] = json!("node-2");
+        server.push_list(
+            "10",
+            vec![pod(UID_A, "api-7d9f", "9", json!({}), &[]), elsewhere],
+        );
+        let pods = KubePods::spawn_cluster(server.client(), &tokio::runtime::Handle::current());
+        assert!(wait_ready(&pods).await);
+        let node = |uid: &str| PodDirectory::pod(&*pods, uid).map(|p| p.node);
+        assert_eq!(node(UID_A).as_deref(), Some(NODE));
+        assert_eq!(node(UID_B).as_deref(), Some("node-2"));
+        assert_eq!(pods.host(), None);
+
+        const UID_C: &str = "33333333-4444-5555-6666-777777777777";
+        let mut pending = pod(UID_C, "job-x", "11", json!({}), &[]);
+        pending["spec"].as_object_mut().unwrap().remove("nodeName");
+        let watch = server.next_watch().await;
+        watch.send("ADDED", pending);
+        eventually(&pods, UID_C, |p| p.is_some()).await;
+        assert_eq!(node(UID_C).as_deref(), Some(""), "not scheduled: no node");
+        let requests = server.requests();
+        assert!(requests.len() >= 2, "{requests:?}");
+        for r in &requests {
+            assert!(r.starts_with("/api/v1/pods?"), "{r}");
+            assert_eq!(param(r, "fieldSelector"), None, "{r}");
+        }
     }
 
     #[tokio::test]

@@ -12,7 +12,7 @@ pub const KUBE_WATCH_ERRORS: &str = "gateway_kube_watch_errors_total";
 /// Every metric of the identity: kind, HELP text, and the label values of labelled counters.
 pub const METRICS: &[Metric] = &[Metric::counter(
     KUBE_WATCH_ERRORS,
-    "Failed list or watch calls for this node's pods on the Kubernetes API (each retried after a backoff).",
+    "Failed list or watch calls for pods on the Kubernetes API (a node's own, or every pod for the CA; each retried after a backoff).",
 )];
 
 /// Describes every metric of workload identity and registers its series at zero. Call once

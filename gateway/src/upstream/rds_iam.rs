@@ -157,14 +157,15 @@ pub const REFRESH: Refresh = Refresh {
     recent: RDS_TOKEN_LIFETIME,
 };
 
-/// The keys due for a background refresh at `now`, and the keys to forget (not used
-/// recently and past their renewal).
+/// The keys due for a background refresh at `now`, each with how far ahead of its renewal
+/// it is refreshed (credentials due within that are renewed too), and the keys to forget
+/// (not used recently and past their renewal).
 fn due(
     tokens: &HashMap<TokenKey, CachedToken>,
     now: SystemTime,
     now_mono: Instant,
     r: &Refresh,
-) -> (Vec<TokenKey>, Vec<TokenKey>) {
+) -> (Vec<(TokenKey, Duration)>, Vec<TokenKey>) {
     let (mut refresh, mut forget) = (Vec::new(), Vec::new());
     for (key, t) in tokens {
         if now_mono.saturating_duration_since(t.last_used) > r.recent {
@@ -174,8 +175,9 @@ fn due(
             continue;
         }
         let span = t.renew_at.duration_since(t.signed_at).unwrap_or_default();
-        if now + r.ahead.min(span / 2) >= t.renew_at {
-            refresh.push(key.clone());
+        let ahead = r.ahead.min(span / 2);
+        if now + ahead >= t.renew_at {
+            refresh.push((key.clone(), ahead));
         }
     }
     (refresh, forget)
@@ -274,19 +276,21 @@ impl RdsTokens {
             t.last_used = Instant::now();
             return Ok(t.token.clone());
         }
-        self.inner.sign(key).await
+        self.inner.sign(key, Duration::ZERO).await
     }
 
     /// The current credentials (see [`Inner::credentials`]).
     pub async fn credentials(&self) -> Result<Credentials, RdsIamError> {
-        self.inner.credentials().await
+        Ok(self.inner.credentials(Duration::ZERO).await?.0)
     }
 }
 
 impl Inner {
-    /// Signs a new token for `key` now and caches it.
-    async fn sign(&self, key: &TokenKey) -> Result<Arc<str>, RdsIamError> {
-        let creds = self.credentials().await?;
+    /// Signs a new token for `key` now and caches it, with credentials renewed first when
+    /// they are due within `ahead`. The token is due when they are: a token never outlives
+    /// the renewal of the credentials that signed it.
+    async fn sign(&self, key: &TokenKey, ahead: Duration) -> Result<Arc<str>, RdsIamError> {
+        let (creds, creds_renew_at) = self.credentials(ahead).await?;
         let now = SystemTime::now();
         let token: Arc<str> = sign_token(key, &creds, now)?.into();
         let mut expires = now + RDS_TOKEN_LIFETIME;
@@ -302,7 +306,8 @@ impl Inner {
             CachedToken {
                 token: token.clone(),
                 signed_at: now,
-                renew_at: renew_at(now, expires),
+                renew_at: creds_renew_at
+                    .map_or(renew_at(now, expires), |r| r.min(renew_at(now, expires))),
                 last_used,
             },
         );
@@ -324,18 +329,22 @@ impl Inner {
         if !forget.is_empty() {
             tracing::debug!(keys = forget.len(), "forgot RDS IAM tokens no login used");
         }
-        for key in refresh {
-            if let Err(e) = self.sign(&key).await {
+        for (key, ahead) in refresh {
+            if let Err(e) = self.sign(&key, ahead).await {
                 tracing::debug!(host = %key.host, user = %key.user, error = %e, "background RDS IAM token refresh failed");
             }
         }
     }
 
-    /// The current credentials, asking the chain (one caller at a time) when the last
-    /// ones are due for renewal. A failure is logged and counted; for
-    /// [`AWS_CREDENTIALS_RETRY_AFTER`] it stands without asking again, and the last
-    /// credentials serve as long as they have not expired.
-    async fn credentials(&self) -> Result<Credentials, RdsIamError> {
+    /// The current credentials and when they are due for renewal, asking the chain (one
+    /// caller at a time) when the last ones are due within `ahead` (zero for a session, a
+    /// little more for the background refresh, so a session does not wait for STS). A
+    /// failure is logged and counted; for [`AWS_CREDENTIALS_RETRY_AFTER`] it stands without
+    /// asking again, and the last credentials serve as long as they have not expired.
+    async fn credentials(
+        &self,
+        ahead: Duration,
+    ) -> Result<(Credentials, Option<SystemTime>), RdsIamError> {
         let mut state = self.credentials.lock().await;
         let now = SystemTime::now();
         // Credentials that have not expired yet still sign valid tokens.
@@ -344,12 +353,12 @@ impl Inner {
                 .last
                 .as_ref()
                 .filter(|c| c.creds.expiry().is_none_or(|x| now < x))
-                .map(|c| c.creds.clone())
+                .map(|c| (c.creds.clone(), c.renew_at))
         };
         if let Some(c) = state.last.as_ref()
-            && c.renew_at.is_none_or(|r| now < r)
+            && c.renew_at.is_none_or(|r| now + ahead < r)
         {
-            return Ok(c.creds.clone());
+            return Ok((c.creds.clone(), c.renew_at));
         }
         if let Some((at, e)) = &state.failed
             && at.elapsed() < AWS_CREDENTIALS_RETRY_AFTER
@@ -371,12 +380,13 @@ impl Inner {
         match result {
             Ok(creds) => {
                 tracing::info!(access_key_id = %creds.access_key_id(), expires = ?creds.expiry().map(humantime::format_rfc3339_seconds), "got AWS credentials");
+                let renew = creds.expiry().map(|e| renew_at(now, e));
                 state.last = Some(CachedCredentials {
-                    renew_at: creds.expiry().map(|e| renew_at(now, e)),
+                    renew_at: renew,
                     creds: creds.clone(),
                 });
                 state.failed = None;
-                Ok(creds)
+                Ok((creds, renew))
             }
             Err(e) => {
                 metrics::counter!(AWS_CREDENTIAL_FAILURES_TOTAL).increment(1);
@@ -567,13 +577,20 @@ mod tests {
         let now = t0 + Duration::from_secs(600 - 1);
         let m_now = m0 + Duration::from_secs(1200);
         let (mut refresh, forget) = due(&tokens, now, m_now, &REFRESH);
-        refresh.sort_by(|a, b| a.user.cmp(&b.user));
+        refresh.sort_by(|a, b| a.0.user.cmp(&b.0.user));
         let users = |v: &[TokenKey]| v.iter().map(|k| k.user.clone()).collect::<Vec<_>>();
-        // `now` is 599 s: fresh renews at 600 (within 60 s): due too.
-        assert_eq!(users(&refresh), ["fresh", "short-due", "soon"]);
+        // `now` is 599 s: fresh renews at 600 (within 60 s): due too. Each is refreshed as
+        // far ahead as its credentials are renewed: 60 s, or half of a short span.
+        assert_eq!(
+            refresh
+                .iter()
+                .map(|(k, ahead)| (k.user.as_str(), ahead.as_millis()))
+                .collect::<Vec<_>>(),
+            [("fresh", 60_000), ("short-due", 2_000), ("soon", 60_000)]
+        );
         assert_eq!(users(&forget), ["idle-gone"]);
         let (refresh, _) = due(&tokens, t0 + Duration::from_secs(500), m_now, &REFRESH);
-        assert!(refresh.is_empty(), "{:?}", users(&refresh));
+        assert!(refresh.is_empty(), "{refresh:?}");
     }
 
     #[test]
