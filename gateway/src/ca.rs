@@ -20,6 +20,7 @@
 
 pub mod client;
 pub mod join;
+pub mod rate_limit;
 pub mod server_names;
 pub mod service;
 pub mod wire;
@@ -68,6 +69,12 @@ pub struct ServeOptions {
     /// `*.suffix`, comma-separated. Empty (the default) issues none.
     #[arg(long, env = "GATEWAY_SERVER_NAMES", default_value = "")]
     pub server_names: String,
+    /// Certificate requests per second one node may make in the long run (`429` beyond).
+    #[arg(long, env = "GATEWAY_NODE_RATE", default_value_t = 20.0)]
+    pub node_rate: f64,
+    /// Certificate requests one node may make at once (a node starting many pods).
+    #[arg(long, env = "GATEWAY_NODE_BURST", default_value_t = 200)]
+    pub node_burst: u32,
     /// Node joins (`ca::join`).
     #[command(flatten)]
     pub join: join::JoinOptions,
@@ -115,6 +122,7 @@ pub fn run(opts: ServeOptions) -> anyhow::Result<()> {
         ttl: opts.ttl,
         pods,
         server_names,
+        limits: rate_limit::NodeLimits::new(opts.node_rate, opts.node_burst),
     });
     rt.block_on(async move {
         let listener = TcpListener::bind(opts.listen)

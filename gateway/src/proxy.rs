@@ -34,6 +34,7 @@ mod reuse;
 mod tcp;
 #[cfg(test)]
 mod testing;
+mod tls_reload;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -48,7 +49,6 @@ use tokio_rustls::TlsAcceptor;
 use crate::admin::{self, Readiness};
 use crate::audit::AuditLog;
 use crate::config::ProxyConfig;
-use crate::pki::{self, CertificateAuthority};
 use crate::policy::Policy;
 use crate::telemetry::proxy::{ACCEPT_ERRORS_TOTAL, LIMIT_REFUSALS_TOTAL, OPEN_CONNECTIONS};
 use crate::upstream::Upstreams;
@@ -63,12 +63,20 @@ pub struct Shared {
     pub policy: arc_swap::ArcSwap<Policy>,
     pub upstreams: Upstreams,
     pub audit: AuditLog,
-    pub acceptor: TlsAcceptor,
+    /// The server TLS settings, swapped when their files change ([`tls_reload`]).
+    pub tls: arc_swap::ArcSwap<rustls::ServerConfig>,
     pub cancels: CancelRegistry,
     /// Sessions per identity and per route (`max_sessions_per_*`).
     pub limits: Arc<limits::Limits>,
     /// Address sessions are accepted on, for the audit log.
     pub local_addr: SocketAddr,
+}
+
+impl Shared {
+    /// The acceptor for a new connection, with the TLS files as they are now.
+    pub fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.tls.load_full())
+    }
 }
 
 /// Counts live connections (sessions, and tunnels still in their handshake or waiting for
@@ -107,12 +115,8 @@ impl Drop for SessionGuard {
 pub fn prepare(cfg: ProxyConfig, local_addr: SocketAddr) -> anyhow::Result<Shared> {
     let policy = Policy::compile(&cfg.roles, &cfg.databases)
         .map_err(|e| anyhow::anyhow!("invalid policy: {e}"))?;
-    let chain = pki::load_certs(&cfg.tls.cert)?;
-    let key = pki::load_key(&cfg.tls.key)?;
-    let client_ca = pki::load_certs(&cfg.tls.client_ca)?;
-    let server = crate::tunnel::server_config(chain, key, &client_ca).context("tls settings")?;
-    let db_ca = CertificateAuthority::load(&cfg.db_client_ca.cert, &cfg.db_client_ca.key)
-        .context("database-client CA")?;
+    let server = tls_reload::server_config(&cfg)?;
+    let db_ca = tls_reload::db_client_ca(&cfg)?;
     let upstreams = Upstreams::new(db_ca, cfg.db_client_cert_ttl, &cfg.databases)?;
     let audit = AuditLog::from_config(&cfg.audit)
         .with_context(|| format!("failed to open audit log {}", cfg.audit.path))?;
@@ -120,7 +124,7 @@ pub fn prepare(cfg: ProxyConfig, local_addr: SocketAddr) -> anyhow::Result<Share
         policy: arc_swap::ArcSwap::from_pointee(policy),
         upstreams,
         audit,
-        acceptor: TlsAcceptor::from(Arc::new(server)),
+        tls: arc_swap::ArcSwap::from_pointee(server),
         cancels: CancelRegistry::for_replica(cfg.replica_index),
         limits: limits::Limits::new(cfg.max_sessions_per_identity, cfg.max_sessions_per_route),
         local_addr,
@@ -179,6 +183,7 @@ pub fn run(cfg: ProxyConfig, config_path: Option<std::path::PathBuf>) -> anyhow:
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
+            rt.spawn(tls_reload::watch(watched.clone()));
             match config_path {
                 Some(path) => rt.block_on(reload::watch(watched, path, admin::shutdown_signal())),
                 None => rt.block_on(admin::shutdown_signal()),

@@ -175,7 +175,9 @@ type ConfigCache = HashMap<(String, String), (SystemTime, Arc<ClientConfig>)>;
 /// TLS client settings per (database, user), renewed at half the certificate's life so
 /// that TLS session resumption keeps working between logins.
 pub struct Upstreams {
-    ca: CertificateAuthority,
+    /// Swapped when its files change (`proxy/tls_reload.rs`); a login signs with the one
+    /// it loaded.
+    ca: arc_swap::ArcSwap<CertificateAuthority>,
     ttl: Duration,
     roots: HashMap<String, Arc<RootCertStore>>,
     configs: Mutex<ConfigCache>,
@@ -186,6 +188,16 @@ pub struct Upstreams {
 }
 
 impl Upstreams {
+    /// From now on, logins sign with `ca` (a reloaded database-client CA): the client
+    /// certificates the old one signed are forgotten.
+    pub fn set_ca(&self, ca: CertificateAuthority) {
+        self.ca.store(Arc::new(ca));
+        self.configs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
     pub fn new(
         ca: CertificateAuthority,
         ttl: Duration,
@@ -240,7 +252,7 @@ impl Upstreams {
             }
         }
         Ok(Self {
-            ca,
+            ca: arc_swap::ArcSwap::from_pointee(ca),
             ttl,
             roots,
             configs: Mutex::new(HashMap::new()),
@@ -306,7 +318,10 @@ impl Upstreams {
                 db: db.name.clone(),
                 reason: "no CA loaded".into(),
             })?;
-        let (cert, key_pair) = self.ca.issue_der(&LeafSpec::db_client(user), self.ttl)?;
+        let (cert, key_pair) = self
+            .ca
+            .load()
+            .issue_der(&LeafSpec::db_client(user), self.ttl)?;
         let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pair.serialize_der()));
         let cfg = ClientConfig::builder_with_provider(crate::tunnel::crypto_provider())
             .with_safe_default_protocol_versions()

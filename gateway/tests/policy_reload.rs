@@ -113,3 +113,87 @@ async fn policy_reloads_on_sighup_and_a_broken_file_keeps_the_last_good_one() {
         "28000"
     );
 }
+
+/// The proxy's TLS files reload without a restart: a renewed server certificate is taken;
+/// a key that does not load is refused and counted while the last good set serves on; a
+/// database-client CA the server does not trust makes new logins fail while an open
+/// session goes on, and the trusted one back makes them work again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_files_reload_without_a_restart_and_sessions_keep_theirs() {
+    use gateway::pki::{self, CertificateAuthority, LeafSpec};
+    let s = stack();
+    let tls_reloads = |r: &str| result_count(s.proxy_admin, "gateway_proxy_tls_reloads_total", r);
+    // Waits for a reload with `result` after `before` of them, then one more check interval
+    // so that files written one after the other are all in.
+    let wait = |r: &'static str, before: f64| {
+        let tls_reloads = &tls_reloads;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while tls_reloads(r) <= before {
+                assert!(Instant::now() < deadline, "no {r} TLS reload counted");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+        }
+    };
+    let open = connect(&s, TEAM_A_API, "api", "app").await.unwrap();
+
+    // A renewed server certificate (and its new key).
+    let workload_ca = CertificateAuthority::load(
+        &s.ca_dir.join(pki::WORKLOAD_CA_CERT),
+        &s.ca_dir.join(pki::WORKLOAD_CA_KEY),
+    )
+    .unwrap();
+    let (cert, key) = workload_ca
+        .issue(
+            &LeafSpec::server(vec![gateway::harness::PROXY_SERVER_NAME.into()], vec![]),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+    let before = tls_reloads("success");
+    std::fs::write(s.dir.join("proxy.key"), &key).unwrap();
+    std::fs::write(s.dir.join("proxy.crt"), &cert).unwrap();
+    wait("success", before).await;
+    connect(&s, TEAM_A_API, "api", "app")
+        .await
+        .expect("a session after the new certificate");
+
+    // A key that is not one: refused, counted, the last good set serves on.
+    let errors = tls_reloads("error");
+    std::fs::write(s.dir.join("proxy.key"), "not a key\n").unwrap();
+    wait("error", errors).await;
+    connect(&s, TEAM_A_API, "api", "app")
+        .await
+        .expect("a session on the last good set");
+    let before = tls_reloads("success");
+    std::fs::write(s.dir.join("proxy.key"), &key).unwrap();
+    wait("success", before).await;
+
+    // A database-client CA PostgreSQL does not trust: new logins fail, the open session
+    // goes on; the trusted CA back, logins work again.
+    let files = [pki::DB_CLIENT_CA_CERT, pki::DB_CLIENT_CA_KEY];
+    let trusted: Vec<String> = files
+        .iter()
+        .map(|f| std::fs::read_to_string(s.ca_dir.join(f)).unwrap())
+        .collect();
+    let other = s.dir.join("other-ca");
+    pki::init_ca(&other, "elsewhere").unwrap();
+    let before = tls_reloads("success");
+    for f in files {
+        std::fs::copy(other.join(f), s.ca_dir.join(f)).unwrap();
+    }
+    wait("success", before).await;
+    let e = connect(&s, TEAM_A_API, "api", "app").await.unwrap_err();
+    assert!(e.as_db_error().is_some(), "{e}");
+    open.simple_query("SELECT 1")
+        .await
+        .expect("the open session keeps its login");
+    let before = tls_reloads("success");
+    for (f, pem) in files.iter().zip(&trusted) {
+        std::fs::write(s.ca_dir.join(f), pem).unwrap();
+    }
+    wait("success", before).await;
+    connect(&s, TEAM_A_API, "api", "app")
+        .await
+        .expect("logins with the trusted CA again");
+}

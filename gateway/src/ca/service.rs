@@ -13,6 +13,7 @@ use rustls_pki_types::CertificateDer;
 use serde::Serialize;
 use tokio::net::TcpListener;
 
+use super::rate_limit::NodeLimits;
 use super::server_names::ServerNames;
 use super::wire::{
     CertificateRequest, CertificateResponse, ErrorBody, SERVER_CERTIFICATES_PATH,
@@ -38,6 +39,8 @@ pub struct CaService {
     pub pods: Box<dyn PodDirectory>,
     /// What server certificates for nodes may name (deny by default).
     pub server_names: ServerNames,
+    /// Requests per node (both kinds of certificate).
+    pub limits: NodeLimits,
 }
 
 /// Why the CA refuses a request; the message goes back to the node and into the CA log.
@@ -59,6 +62,8 @@ pub enum Refusal {
     BadRequest(String),
     #[error("{0} is not in the CA's --server-names")]
     NameNotAllowed(String),
+    #[error("node {node} asks too often; retry in {}", humantime::format_duration(*retry_after))]
+    RateLimited { node: String, retry_after: Duration },
 }
 
 impl CaService {
@@ -83,7 +88,7 @@ impl CaService {
         node_cert: Option<&rustls_pki_types::CertificateDer<'_>>,
         req: &ServerCertificateRequest,
     ) -> Result<CertificateResponse, Refusal> {
-        let node = self.node_of(node_cert)?;
+        let node = self.limited_node(node_cert)?;
         if req.dns_names.is_empty() && req.ips.is_empty() {
             return Err(Refusal::BadRequest("no name asked for".into()));
         }
@@ -113,13 +118,28 @@ impl CaService {
         })
     }
 
+    /// The asking node, if it may ask now ([`NodeLimits`]).
+    fn limited_node(
+        &self,
+        node_cert: Option<&rustls_pki_types::CertificateDer<'_>>,
+    ) -> Result<String, Refusal> {
+        let node = self.node_of(node_cert)?;
+        self.limits
+            .take(&node)
+            .map_err(|retry_after| Refusal::RateLimited {
+                node: node.clone(),
+                retry_after: Duration::from_millis(retry_after.as_millis().max(1) as u64),
+            })?;
+        Ok(node)
+    }
+
     /// Decides and signs one request from the node `node_cert` identifies.
     pub fn issue(
         &self,
         node_cert: Option<&rustls_pki_types::CertificateDer<'_>>,
         req: &CertificateRequest,
     ) -> Result<CertificateResponse, Refusal> {
-        let node = self.node_of(node_cert)?;
+        let node = self.limited_node(node_cert)?;
         let id = match &req.pod_uid {
             None => {
                 let host = self.pods.host().ok_or(Refusal::NoHostIdentity)?;
@@ -214,14 +234,22 @@ async fn handle(
             metrics::counter!(REFUSALS).increment(1);
             let status = match refusal {
                 Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
+                Refusal::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
                 _ => StatusCode::FORBIDDEN,
             };
-            json(
+            let mut resp = json(
                 status,
                 &ErrorBody {
                     error: refusal.to_string(),
                 },
-            )
+            );
+            if let Refusal::RateLimited { retry_after, .. } = refusal {
+                resp.headers_mut().insert(
+                    hyper::header::RETRY_AFTER,
+                    hyper::header::HeaderValue::from(retry_after.as_secs_f64().ceil() as u64),
+                );
+            }
+            resp
         }
     }
 }
@@ -336,6 +364,7 @@ mod tests {
             ttl: Duration::from_secs(3600),
             pods,
             server_names: ServerNames::parse("10.0.0.0/8,db.example.com").unwrap(),
+            limits: NodeLimits::new(1000.0, 1000),
         }
     }
 
@@ -349,6 +378,40 @@ mod tests {
         // A greedy CSR asking for a SAN of its own: the CA must ignore it.
         let params = rcgen::CertificateParams::new(vec!["evil.example".to_owned()]).unwrap();
         params.serialize_request(&key).unwrap().pem().unwrap()
+    }
+
+    /// A node past its burst is refused with 429's reason and when to retry; another node
+    /// is not held up by it.
+    #[test]
+    fn a_node_asking_too_often_is_limited_alone() {
+        let dir = std::env::temp_dir().join(format!("dbgw-ca-limit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut svc = service(&dir);
+        svc.limits = NodeLimits::new(0.5, 2);
+        let node1 = node_cert(&svc, &LeafSpec::node("td", "node-1"));
+        let node2 = node_cert(&svc, &LeafSpec::node("td", "node-2"));
+        let req = CertificateRequest {
+            pod_uid: Some("uid-1".into()),
+            csr: csr(),
+        };
+        svc.issue(Some(&node1), &req).unwrap();
+        svc.issue(Some(&node1), &req).unwrap();
+        let e = svc.issue(Some(&node1), &req).unwrap_err();
+        assert!(
+            matches!(&e, Refusal::RateLimited { node, retry_after } if node == "node-1" && *retry_after <= Duration::from_secs(2)),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string()
+                .starts_with("node node-1 asks too often; retry in "),
+            "{e}"
+        );
+        // node-2's pod is on node-1: refused for that, not for node-1's rate.
+        assert!(matches!(
+            svc.issue(Some(&node2), &req).unwrap_err(),
+            Refusal::WrongNode { .. }
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -13,9 +13,15 @@
 //! (`interception.ca.timeout`): a stuck CA fails the waiting connections, it never holds
 //! them.
 //!
-//! The fetcher then keeps each identity it fetched renewed at half-life in the background
-//! (retrying with backoff until the certificate expires), so connections keep finding the
-//! cache fresh. Open sessions keep the configuration they started with.
+//! The fetcher then keeps each identity it fetched renewed at about half-life (±10 %, so
+//! the certificates of many pods fetched together do not come due together) in the
+//! background (retrying with backoff until the certificate expires), so connections keep
+//! finding the cache fresh. Open sessions keep the configuration they started with.
+//!
+//! Revocation by deletion: once the pod a certificate was fetched for is gone from the
+//! node's pod directory, its key and certificate are dropped (checked every
+//! [`POD_CHECK_EVERY`]) and no longer renewed; another pod of the same identity fetches its
+//! own on its next connection.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -28,12 +34,23 @@ use tokio::sync::{mpsc, oneshot};
 use crate::ca::client::{CaClient, ClientError};
 use crate::identity::Workload;
 use crate::pki::SpiffeId;
+use crate::pod::PodDirectory;
 use crate::telemetry::node as telemetry;
 
 /// First wait after a failed background renewal; doubles up to [`MAX_RETRY`].
 const FIRST_RETRY: Duration = Duration::from_secs(5);
 /// Longest wait between background renewal attempts (DESIGN.md: backoff at most 150 s).
 const MAX_RETRY: Duration = Duration::from_secs(150);
+/// How often a renewal loop looks whether its certificate is still wanted (its pod still
+/// on the node).
+const POD_CHECK_EVERY: Duration = Duration::from_secs(2);
+
+/// When a certificate valid from `now` until `expiry` is renewed: at about half its life,
+/// ±10 %.
+pub(super) fn renew_at(now: SystemTime, expiry: SystemTime) -> SystemTime {
+    let life = expiry.duration_since(now).unwrap_or_default();
+    now + life.mul_f64(0.5 * (0.9 + rand::random::<f64>() * 0.2))
+}
 
 /// Why no certificate: the text after `no workload certificate for <id>: ` in the client's
 /// error.
@@ -89,6 +106,8 @@ struct Control {
     /// Bound of one CA request.
     ca_timeout: Duration,
     proxy_ca: Vec<CertificateDer<'static>>,
+    /// The node's pods: a certificate whose pod is gone is dropped, not renewed.
+    pods: Option<Arc<dyn PodDirectory>>,
     /// Identities being fetched, with the connections waiting for each (single flight).
     /// Locked only on the control runtime, never across an await.
     inflight: Mutex<HashMap<SpiffeId, Vec<Reply>>>,
@@ -104,11 +123,13 @@ pub(super) struct Fetched<C> {
 
 impl Certificates {
     /// The cache, and the fetcher to run on the control runtime ([`Fetcher::run`]); each CA
-    /// request may take at most `ca_timeout`.
+    /// request may take at most `ca_timeout`. With `pods`, certificates of pods that leave
+    /// it are dropped.
     pub fn new(
         ca: CaClient,
         ca_timeout: Duration,
         proxy_ca: Vec<CertificateDer<'static>>,
+        pods: Option<Arc<dyn PodDirectory>>,
     ) -> (Self, Fetcher) {
         let cache = Cache::default();
         let (tx, rx) = mpsc::unbounded_channel();
@@ -119,6 +140,7 @@ impl Certificates {
                 ca,
                 ca_timeout,
                 proxy_ca,
+                pods,
                 inflight: Mutex::default(),
             }),
         };
@@ -259,7 +281,7 @@ impl Control {
             .map(|(_, c)| c.validity().not_after.timestamp())
             .unwrap_or(0);
         let expiry = SystemTime::UNIX_EPOCH + Duration::from_secs(not_after.max(0) as u64);
-        let renew_at = now + expiry.duration_since(now).unwrap_or_default() / 2;
+        let renew_at = renew_at(now, expiry);
         let config = Arc::new(crate::tunnel::client_config(
             issued.chain,
             issued.key,
@@ -284,11 +306,11 @@ impl Control {
     }
 
     /// Renews `id` at half-life for as long as `f` (then each renewal) is the cached entry
-    /// ([`keep_renewed`]).
+    /// ([`keep_renewed`]) and its pod is on the node.
     async fn keep_renewed(&self, id: &SpiffeId, pod_uid: Option<&str>, f: Fetched<ClientConfig>) {
         keep_renewed(
             f,
-            |config| self.is_cached(id, config),
+            |config| self.is_cached(id, config) && !self.drop_if_pod_gone(id, pod_uid, config),
             move || self.fetch(id, pod_uid),
             |config| {
                 let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
@@ -303,6 +325,31 @@ impl Control {
         .await;
     }
 
+    /// Drops `config` (if it is still `id`'s entry) when the pod it was fetched for has
+    /// left the node's pod directory; returns whether it did.
+    fn drop_if_pod_gone(
+        &self,
+        id: &SpiffeId,
+        pod_uid: Option<&str>,
+        config: &Arc<ClientConfig>,
+    ) -> bool {
+        let (Some(pods), Some(uid)) = (&self.pods, pod_uid) else {
+            return false;
+        };
+        if pods.pod(uid).is_some() {
+            return false;
+        }
+        let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
+        if cache
+            .get(id)
+            .is_some_and(|e| Arc::ptr_eq(&e.config, config))
+        {
+            cache.remove(id);
+        }
+        tracing::info!(spiffe_id = %id, pod_uid = uid, "pod gone: dropped its workload certificate and key");
+        true
+    }
+
     fn is_cached(&self, id: &SpiffeId, config: &Arc<ClientConfig>) -> bool {
         let cache = self.cache.read().unwrap_or_else(|e| e.into_inner());
         cache
@@ -312,8 +359,10 @@ impl Control {
 }
 
 /// The renewal loop of both certificate caches: sleeps until `f.renew_at`, then fetches a
-/// replacement for as long as `is_current` says `f` (then each renewal) is still the cached
-/// entry (another fetch that replaced it keeps its own renewal). A failed fetch is retried
+/// replacement for as long as `is_current` says `f` (then each renewal) is still wanted:
+/// the cached entry (another fetch that replaced it keeps its own renewal), and for
+/// workload certificates, of a pod still on the node. It is asked every
+/// [`POD_CHECK_EVERY`] while the loop waits, too. A failed fetch is retried
 /// after [`FIRST_RETRY`], doubling up to [`MAX_RETRY`], while that still ends before the
 /// certificate expires; otherwise it waits for the expiry and calls `expired` (which drops
 /// the entry if it is still this one, so the next connection asks again).
@@ -326,7 +375,12 @@ pub(super) async fn keep_renewed<C, E, Fut>(
     Fut: std::future::Future<Output = Result<Fetched<C>, E>>,
 {
     loop {
-        tokio::time::sleep(until(f.renew_at)).await;
+        while SystemTime::now() < f.renew_at {
+            tokio::time::sleep(until(f.renew_at).min(POD_CHECK_EVERY)).await;
+            if !is_current(&f.config) {
+                return;
+            }
+        }
         let mut retry = FIRST_RETRY;
         loop {
             if !is_current(&f.config) {
@@ -409,6 +463,15 @@ mod tests {
     /// A real CA service on loopback and a fetcher, both on a control thread of their own
     /// (as in the node); returns the data plane's handle and the CA's lookup count.
     fn start(name: &str, ttl: Duration) -> (Certificates, Arc<AtomicUsize>) {
+        start_with(name, ttl, None)
+    }
+
+    /// [`start`], with the node's own pod directory.
+    fn start_with(
+        name: &str,
+        ttl: Duration,
+        pods: Option<Arc<dyn PodDirectory>>,
+    ) -> (Certificates, Arc<AtomicUsize>) {
         let dir = std::env::temp_dir().join(format!("dbgw-certs-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         pki::init_ca(&dir, TD).unwrap();
@@ -436,6 +499,7 @@ mod tests {
             pods: Box::new(Pods(lookups.clone())),
             server_names: crate::ca::server_names::ServerNames::parse("127.0.0.0/8,db.test")
                 .unwrap(),
+            limits: crate::ca::rate_limit::NodeLimits::new(1000.0, 1000),
         });
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
@@ -445,7 +509,7 @@ mod tests {
             server_name: ServerName::try_from("gateway-ca").unwrap(),
             tls: Arc::new(node_tls),
         };
-        let (certs, fetcher) = Certificates::new(client, Duration::from_secs(10), roots);
+        let (certs, fetcher) = Certificates::new(client, Duration::from_secs(10), roots, pods);
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -490,9 +554,9 @@ mod tests {
                 let cache = certs.cache.read().unwrap();
                 let e = &cache[&api()];
                 let left = e.renew_at.duration_since(SystemTime::now()).unwrap();
-                // 600 s certificates renew at about half-life.
+                // 600 s certificates renew at about half-life (±10 %).
                 assert!(
-                    left > Duration::from_secs(280) && left <= Duration::from_secs(300),
+                    left > Duration::from_secs(260) && left <= Duration::from_secs(330),
                     "{left:?}"
                 );
             }
@@ -530,6 +594,51 @@ mod tests {
             !Arc::ptr_eq(&first, &now),
             "the cache holds the renewed certificate"
         );
+    }
+
+    /// The node's view of its pods: `uid-1` until `gone` is set.
+    struct NodePods(Arc<std::sync::atomic::AtomicBool>);
+
+    impl PodDirectory for NodePods {
+        fn pod(&self, uid: &str) -> Option<Pod> {
+            (uid == "uid-1" && !self.0.load(Ordering::SeqCst)).then(|| Pod {
+                uid: uid.into(),
+                namespace: "team-a".into(),
+                service_account: "api".into(),
+                name: "api-0".into(),
+                node: NODE.into(),
+                labels: Default::default(),
+                host_network: false,
+                containers: None,
+            })
+        }
+        fn host(&self) -> Option<&HostIdentity> {
+            None
+        }
+    }
+
+    /// Revocation by deletion: once the pod is gone from the node's directory, its
+    /// certificate and key leave the cache within a check interval, long before renewal,
+    /// and the CA is not asked again.
+    #[test]
+    fn a_deleted_pods_certificate_is_dropped_and_not_renewed() {
+        let gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let pods: Arc<dyn PodDirectory> = Arc::new(NodePods(gone.clone()));
+        let (certs, lookups) = start_with("deleted", HOUR, Some(pods));
+        tokio_uring::start(certs.config_for(&workload(api(), "uid-1"))).unwrap();
+        assert!(cached(&certs.cache, &api(), SystemTime::now()).is_some());
+        std::thread::sleep(POD_CHECK_EVERY + Duration::from_millis(500));
+        assert!(
+            cached(&certs.cache, &api(), SystemTime::now()).is_some(),
+            "kept while the pod runs"
+        );
+        gone.store(true, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + POD_CHECK_EVERY * 3;
+        while cached(&certs.cache, &api(), SystemTime::now()).is_some() {
+            assert!(std::time::Instant::now() < deadline, "still cached");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(lookups.load(Ordering::SeqCst), 1, "no renewal");
     }
 
     #[test]
@@ -579,6 +688,7 @@ mod tests {
             },
             Duration::from_secs(10),
             Vec::new(),
+            None,
         );
         drop(fetcher);
         tokio_uring::start(async {
@@ -627,6 +737,7 @@ mod tests {
             },
             Duration::from_millis(300),
             Vec::new(),
+            None,
         );
         std::thread::spawn(move || {
             tokio::runtime::Builder::new_current_thread()

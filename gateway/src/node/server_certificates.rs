@@ -211,7 +211,7 @@ impl Control {
             .map(|(_, c)| c.validity().not_after.timestamp())
             .unwrap_or(0);
         let expiry = SystemTime::UNIX_EPOCH + Duration::from_secs(not_after.max(0) as u64);
-        let renew_at = now + expiry.duration_since(now).unwrap_or_default() / 2;
+        let renew_at = certificates::renew_at(now, expiry);
         let config = Arc::new(client_tls::server_config(issued.chain, issued.key)?);
         self.cache
             .write()

@@ -194,16 +194,16 @@ pub fn setup(
         .with_context(|| format!("interception on cgroup {}", attach_to.display()))?;
 
     let cgroups = crate::identity::cgroup::CgroupPaths::new(cgroup2);
-    let pods: Box<dyn PodDirectory> = match (&i.identity.inventory, &i.identity.kubernetes) {
-        (Some(path), _) => Box::new(crate::identity::inventory::Inventory::load(path)?),
-        (None, Some(k)) => Box::new(kube_pods(&cfg.node_name, k.host.clone(), k.ready_timeout)?),
+    let pods: Arc<dyn PodDirectory> = match (&i.identity.inventory, &i.identity.kubernetes) {
+        (Some(path), _) => Arc::new(crate::identity::inventory::Inventory::load(path)?),
+        (None, Some(k)) => kube_pods(&cfg.node_name, k.host.clone(), k.ready_timeout)?,
         (None, None) => anyhow::bail!("interception.identity: no pod source configured"),
     };
     let kubelet = KubeletCgroups::new(&i.identity.kubelet_cgroup_roots)?;
     let resolver = Resolver::from_directory(
         cgroups,
         kubelet,
-        pods,
+        Box::new(pods.clone()),
         &i.identity.trust_domain,
         &cfg.node_name,
     )?;
@@ -219,7 +219,8 @@ pub fn setup(
         tls: Arc::new(node_tls),
     };
     let (server_certs, server_fetcher) = ServerCertificates::new(ca.clone(), i.ca.timeout);
-    let (certs, fetcher) = Certificates::new(ca, i.ca.timeout, proxy_ca.to_vec());
+    // Certificates of pods that leave the directory are dropped (revocation by deletion).
+    let (certs, fetcher) = Certificates::new(ca, i.ca.timeout, proxy_ca.to_vec(), Some(pods));
     Ok(Setup {
         transparent: Transparent {
             orig_dsts,

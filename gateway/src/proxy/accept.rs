@@ -270,7 +270,7 @@ async fn open(
     let mut started = Instant::now();
     let timeout = shared.cfg.tls_handshake_timeout;
     // Boxed, like every large set-up step: freed as soon as it is done.
-    let accept = Box::pin(shared.acceptor.accept(tcp));
+    let accept = Box::pin(shared.acceptor().accept(tcp));
     let tls = match tokio::time::timeout(timeout, accept).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {

@@ -185,7 +185,7 @@ pub(super) async fn tunnel(
 ) -> (Client, tokio_rustls::client::TlsStream<TcpStream>) {
     let (accepted, _, dialled) = tcp_pair().await;
     let (server, client) = tokio::join!(
-        shared.acceptor.accept(accepted),
+        shared.acceptor().accept(accepted),
         node_tls(connector, dialled)
     );
     (server.unwrap(), client.unwrap())

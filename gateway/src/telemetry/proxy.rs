@@ -54,6 +54,8 @@ pub const LIMIT_REFUSALS_TOTAL: &str = "gateway_proxy_limit_refusals_total";
 pub const UPSTREAM_LOGIN_TIMEOUTS_TOTAL: &str = "gateway_proxy_upstream_login_timeouts_total";
 /// Policy reloads by `result` (`success`, `error`).
 pub const CONFIG_RELOADS_TOTAL: &str = "gateway_proxy_config_reloads_total";
+/// Reloads of the proxy's own TLS files and database-client CA by `result`.
+pub const TLS_RELOADS_TOTAL: &str = "gateway_proxy_tls_reloads_total";
 /// The loaded configuration file's SHA-256 (label `sha256`, value 1).
 pub const CONFIG_INFO: &str = "gateway_proxy_config_info";
 /// `result` of [`CONFIG_RELOADS_TOTAL`].
@@ -213,6 +215,11 @@ pub const METRICS: &[Metric] = &[
     Metric::counter(
         CONFIG_RELOADS_TOTAL,
         "Policy reloads (SIGHUP or a changed file) by result: success, or error (the last good policy stays).",
+    )
+    .labelled("result", &RELOAD_RESULTS),
+    Metric::counter(
+        TLS_RELOADS_TOTAL,
+        "Reloads of the proxy's TLS files (server certificate, key, client CA) and database-client CA after they changed, by result: success, or error (the last good ones stay).",
     )
     .labelled("result", &RELOAD_RESULTS),
     Metric::gauge(

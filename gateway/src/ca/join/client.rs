@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::Request;
 use hyper::body::Bytes;
+use hyper::client::conn::http1::SendRequest;
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -186,11 +187,14 @@ impl JoinClient {
                     source,
                 })
         };
+        // Challenge and join on one connection: behind a Service, the CA replica that
+        // issued the challenge is the one that checks it (challenges are not shared).
+        let mut ca = self.connect().await?;
         let proof = match &self.prover {
             Prover::Token(p) => Proof::Token { token: read(p)? },
             Prover::Kubernetes(p) => Proof::Kubernetes { token: read(p)? },
             Prover::AwsIam(signer) => {
-                let (status, body) = self.post(CHALLENGE_PATH, Vec::new()).await?;
+                let (status, body) = post(&mut ca, CHALLENGE_PATH, Vec::new()).await?;
                 let c: ChallengeResponse = answer(status, &body)?;
                 let request = signer
                     .sign(&c.challenge)
@@ -209,7 +213,7 @@ impl JoinClient {
         })
         .map_err(|e| JoinClientError::Http(e.to_string()))?;
         let received = SystemTime::now();
-        let (status, bytes) = self.post(JOIN_PATH, body).await?;
+        let (status, bytes) = post(&mut ca, JOIN_PATH, body).await?;
         let r: JoinResponse = answer(status, &bytes)?;
         let chain: Vec<CertificateDer<'static>> =
             CertificateDer::pem_slice_iter(r.certificate.as_bytes())
@@ -252,7 +256,8 @@ impl JoinClient {
         })
     }
 
-    async fn post(&self, path: &str, body: Vec<u8>) -> Result<(u16, Bytes), JoinClientError> {
+    /// An HTTP/1.1 connection to the CA's join listener, kept alive for several requests.
+    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, JoinClientError> {
         let connect = |e: String| JoinClientError::Connect {
             addr: self.addr,
             reason: e,
@@ -265,24 +270,12 @@ impl JoinClient {
             .await
             .map_err(|e| connect(e.to_string()))?;
         let http = |e: hyper::Error| JoinClientError::Http(e.to_string());
-        let (mut sender, conn) =
+        let (sender, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
                 .await
                 .map_err(http)?;
         tokio::spawn(conn);
-        let req = Request::post(path)
-            .header(hyper::header::HOST, "gateway-ca")
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| JoinClientError::Http(e.to_string()))?;
-        let resp = sender.send_request(req).await.map_err(http)?;
-        let status = resp.status().as_u16();
-        let bytes = Limited::new(resp.into_body(), MAX_RESPONSE_BODY)
-            .collect()
-            .await
-            .map_err(|e| JoinClientError::Http(e.to_string()))?
-            .to_bytes();
-        Ok((status, bytes))
+        Ok(sender)
     }
 
     /// Renews `joined` at about half-life (±10 % jitter) for as long as the process runs.
@@ -328,6 +321,29 @@ impl JoinClient {
             }
         }
     }
+}
+
+/// One request on `ca`'s connection.
+async fn post(
+    ca: &mut SendRequest<Full<Bytes>>,
+    path: &str,
+    body: Vec<u8>,
+) -> Result<(u16, Bytes), JoinClientError> {
+    let http = |e: hyper::Error| JoinClientError::Http(e.to_string());
+    ca.ready().await.map_err(http)?;
+    let req = Request::post(path)
+        .header(hyper::header::HOST, "gateway-ca")
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| JoinClientError::Http(e.to_string()))?;
+    let resp = ca.send_request(req).await.map_err(http)?;
+    let status = resp.status().as_u16();
+    let bytes = Limited::new(resp.into_body(), MAX_RESPONSE_BODY)
+        .collect()
+        .await
+        .map_err(|e| JoinClientError::Http(e.to_string()))?
+        .to_bytes();
+    Ok((status, bytes))
 }
 
 async fn sleep_until(t: SystemTime) {

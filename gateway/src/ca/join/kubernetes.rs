@@ -10,6 +10,9 @@
 //! a token without node claims is refused unless `--join-k8s-pod-lookup` lets the CA get
 //! the pod (RBAC `pods/get`) and take its `spec.nodeName` (and the pod's uid must be the
 //! token's).
+//!
+//! With `--join-k8s-token-review` the API server checks the token instead of the keys
+//! (`kubernetes/review.rs`): it trusts the API server, and also sees tokens of deleted pods.
 
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -21,6 +24,8 @@ use serde::Deserialize;
 
 use super::glob_match;
 use super::http::Outbound;
+
+mod review;
 
 /// A fetched key set is used this long before it is fetched again.
 const KEYS_MAX_AGE: Duration = Duration::from_secs(600);
@@ -62,6 +67,10 @@ pub enum KubeJoinError {
     Keys(String),
     #[error("pod lookup: {0}")]
     PodLookup(String),
+    #[error("the API server rejected the token: {0}")]
+    Rejected(String),
+    #[error("token review failed: {0}")]
+    Review(String),
 }
 
 /// `gateway ca serve`'s `kubernetes` join flags.
@@ -84,6 +93,11 @@ pub struct KubeJoinOptions {
     /// (in-cluster credentials or `$KUBECONFIG`) and take its `spec.nodeName`.
     #[arg(long, env = "GATEWAY_JOIN_K8S_POD_LOOKUP")]
     pub join_k8s_pod_lookup: bool,
+    /// Check tokens with a TokenReview on the API server (in-cluster credentials or
+    /// `$KUBECONFIG`; RBAC `tokenreviews create`) instead of the cluster's keys: also refuses
+    /// tokens of pods deleted since.
+    #[arg(long, env = "GATEWAY_JOIN_K8S_TOKEN_REVIEW")]
+    pub join_k8s_token_review: bool,
     /// Extra CA bundle for the issuer's HTTPS (besides the system's roots).
     #[arg(long, env = "GATEWAY_JOIN_K8S_ISSUER_CA")]
     pub join_k8s_issuer_ca: Option<PathBuf>,
@@ -91,7 +105,10 @@ pub struct KubeJoinOptions {
 
 impl KubeJoinOptions {
     pub fn build(&self) -> anyhow::Result<Option<KubeVerifier>> {
-        if self.join_k8s_issuer.is_none() && self.join_k8s_jwks.is_none() {
+        if self.join_k8s_issuer.is_none()
+            && self.join_k8s_jwks.is_none()
+            && !self.join_k8s_token_review
+        {
             return Ok(None);
         }
         anyhow::ensure!(
@@ -102,25 +119,14 @@ impl KubeJoinOptions {
             Some(p) => crate::pki::load_certs(p)?,
             None => Vec::new(),
         };
-        let keys = match &self.join_k8s_jwks {
-            Some(p) => KeySource::File(p.clone()),
-            None => {
-                KeySource::Discovery(self.join_k8s_issuer.clone().expect("issuer or jwks is set"))
-            }
+        let keys = match (&self.join_k8s_jwks, &self.join_k8s_issuer) {
+            _ if self.join_k8s_token_review => KeySource::TokenReview(kube_client()?),
+            (Some(p), _) => KeySource::File(p.clone()),
+            (None, Some(issuer)) => KeySource::Discovery(issuer.clone()),
+            (None, None) => unreachable!("checked above"),
         };
         let pod_lookup = if self.join_k8s_pod_lookup {
-            let client = std::thread::scope(|s| {
-                s.spawn(|| {
-                    tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()?
-                        .block_on(kube::Client::try_default())
-                        .map_err(anyhow::Error::from)
-                })
-                .join()
-                .expect("client thread")
-            })?;
-            Some(client)
+            Some(kube_client()?)
         } else {
             None
         };
@@ -135,9 +141,30 @@ impl KubeJoinOptions {
     }
 }
 
+/// The client of the API server the CA runs against (in-cluster or `$KUBECONFIG`), made
+/// on a thread of its own: `build` runs before the CA's runtime exists.
+fn kube_client() -> anyhow::Result<kube::Client> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(kube::Client::try_default())
+                .map_err(anyhow::Error::from)
+        })
+        .join()
+        .expect("client thread")
+    })
+}
+
+/// Where a token's signature is checked.
 pub enum KeySource {
+    /// The issuer's OIDC discovery document names the key set.
     Discovery(String),
+    /// A key set in a file.
     File(PathBuf),
+    /// No keys: the API server reviews the token.
+    TokenReview(kube::Client),
 }
 
 struct Cached {
@@ -204,6 +231,34 @@ impl KubeVerifier {
 
     /// Verifies `token` and that it lets `node_name` join.
     pub async fn verify(&self, token: &str, node_name: &str) -> Result<(), KubeJoinError> {
+        let k = match &self.keys {
+            KeySource::TokenReview(client) => review::review(client, token, &self.audience).await?,
+            _ => self.claims(token).await?,
+        };
+        let who = format!("{}/{}", k.namespace, k.serviceaccount.name);
+        if !self.allow.iter().any(|g| glob_match(g, &who)) {
+            return Err(KubeJoinError::NotAllowed {
+                namespace: k.namespace,
+                service_account: k.serviceaccount.name,
+            });
+        }
+        let token_node = match (&k.node, &self.pod_lookup, &k.pod) {
+            (Some(n), _, _) => n.name.clone(),
+            (None, Some(client), Some(pod)) => node_of_pod(client, &k.namespace, pod).await?,
+            _ => return Err(KubeJoinError::NoNodeClaims),
+        };
+        if token_node != node_name {
+            return Err(KubeJoinError::OtherNode {
+                token_for: token_node,
+                asked: node_name.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The token's claims, once its signature, expiry, audience and issuer check out
+    /// against the cluster's keys.
+    async fn claims(&self, token: &str) -> Result<KubeClaims, KubeJoinError> {
         let header = decode_header(token).map_err(|e| KubeJoinError::Malformed(e.to_string()))?;
         if !matches!(header.alg, Algorithm::RS256 | Algorithm::ES256) {
             return Err(KubeJoinError::Algorithm(header.alg));
@@ -233,28 +288,9 @@ impl KubeVerifier {
                 }
             })?
             .claims;
-        let k = claims
+        claims
             .kubernetes
-            .ok_or_else(|| KubeJoinError::Invalid("no kubernetes.io claims".into()))?;
-        let who = format!("{}/{}", k.namespace, k.serviceaccount.name);
-        if !self.allow.iter().any(|g| glob_match(g, &who)) {
-            return Err(KubeJoinError::NotAllowed {
-                namespace: k.namespace,
-                service_account: k.serviceaccount.name,
-            });
-        }
-        let token_node = match (&k.node, &self.pod_lookup, &k.pod) {
-            (Some(n), _, _) => n.name.clone(),
-            (None, Some(client), Some(pod)) => node_of_pod(client, &k.namespace, pod).await?,
-            _ => return Err(KubeJoinError::NoNodeClaims),
-        };
-        if token_node != node_name {
-            return Err(KubeJoinError::OtherNode {
-                token_for: token_node,
-                asked: node_name.to_owned(),
-            });
-        }
-        Ok(())
+            .ok_or_else(|| KubeJoinError::Invalid("no kubernetes.io claims".into()))
     }
 
     /// The key `kid` from the cached set, fetching the set when it is old or lacks the key.
@@ -290,6 +326,7 @@ impl KubeVerifier {
     async fn fetch(&self) -> Result<JwkSet, KubeJoinError> {
         let bad = |e: String| KubeJoinError::Keys(e);
         let bytes = match &self.keys {
+            KeySource::TokenReview(_) => return Err(bad("no keys: tokens are reviewed".into())),
             KeySource::File(p) => std::fs::read(p)
                 .map_err(|e| bad(format!("{}: {e}", p.display())))?
                 .into(),

@@ -199,6 +199,7 @@ async fn a_token_join_gets_a_node_certificate_the_workload_endpoint_accepts() {
         ttl: HOUR,
         pods: Box::new(OnePod),
         server_names: Default::default(),
+        limits: crate::ca::rate_limit::NodeLimits::new(100.0, 100),
     });
     let (server_pem, server_key) = svc
         .ca

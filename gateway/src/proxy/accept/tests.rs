@@ -95,7 +95,7 @@ async fn a_certificate_from_another_ca_is_refused_in_the_handshake() {
     // The handshake error is counted as an unknown issuer.
     let (accepted, _, dialled) = testing::tcp_pair().await;
     let (server, _) = tokio::join!(
-        shared.acceptor.accept(accepted),
+        shared.acceptor().accept(accepted),
         testing::node_tls(&connector, dialled)
     );
     let Err(e) = server else {

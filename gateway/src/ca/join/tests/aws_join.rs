@@ -298,3 +298,51 @@ async fn aws_iam_joins_are_checked_by_sts_the_allow_rules_and_the_nodes_instance
             .contains("the challenge header is not the challenge")
     );
 }
+
+/// A Service in front of CA replicas: each connection to the next replica, round robin.
+async fn round_robin(replicas: [std::net::SocketAddr; 2]) -> std::net::SocketAddr {
+    let service = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = service.local_addr().unwrap();
+    tokio::spawn(async move {
+        for i in 0usize.. {
+            let (mut client, _) = service.accept().await.unwrap();
+            let replica = replicas[i % replicas.len()];
+            tokio::spawn(async move {
+                let mut ca = tokio::net::TcpStream::connect(replica).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut ca).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Two CA replicas behind a Service, each with challenges of its own (nothing shared):
+/// every join succeeds, because a node asks for its challenge and joins on one
+/// connection, so the replica that issued the challenge is the one that checks it.
+#[tokio::test]
+async fn aws_iam_joins_through_two_replicas_behind_a_service() {
+    let d = dir("aws-replicas");
+    let sts_url = format!("{}/", sts().await);
+    let verifier = || {
+        AwsVerifier::new(
+            &sts_url,
+            vec![ACCOUNT.into()],
+            vec!["arn:aws:sts::123456789012:assumed-role/eks-node/*".into()],
+            None,
+            Outbound::new(&[], Duration::from_secs(5)),
+        )
+        .unwrap()
+    };
+    let r0 = start(&d, HOUR, None, None, Some(verifier())).await;
+    let r1 = start(&d, HOUR, None, None, Some(verifier())).await;
+    let service = round_robin([r0.addr, r1.addr]).await;
+    for _ in 0..4 {
+        let mut node = client(
+            &r0,
+            "node-1",
+            Prover::AwsIam(signer(&sts_url, "AKIDNODE1", "secret-node-1")),
+        );
+        node.addr = service;
+        assert_eq!(node_of(&node.join().await.unwrap()), "node-1");
+    }
+}

@@ -3,6 +3,7 @@
 //! for the pod lookup.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -322,5 +323,148 @@ async fn a_token_without_node_claims_joins_through_the_pod_lookup_only_on_the_po
     assert_eq!(
         try_join(&r, &d, "node-2", &t).await.unwrap_err(),
         "kubernetes join refused: token is for node \"node-1\", not \"node-2\""
+    );
+}
+
+/// An API server's `TokenReview` endpoint, checking what the real one checks: the
+/// signature against the cluster's keys, expiry, the issuer, the requested audiences, and
+/// that the pod the token is bound to still exists (`deleted` turns that off).
+async fn token_review_api(jwks: Value, iss: String, deleted: Arc<AtomicBool>) -> String {
+    use jsonwebtoken::jwk::JwkSet;
+    use jsonwebtoken::{DecodingKey, Validation, decode, decode_header};
+    let set: JwkSet = serde_json::from_value(jwks).unwrap();
+    http_server(Arc::new(move |s: &Seen| {
+        if s.method != "POST" || !s.path.starts_with("/apis/authentication.k8s.io/v1/tokenreviews")
+        {
+            return (404, json!({"kind": "Status", "code": 404}).to_string());
+        }
+        let asked: Value = serde_json::from_slice(&s.body).unwrap();
+        let token = asked["spec"]["token"].as_str().unwrap_or_default();
+        let audiences: Vec<String> =
+            serde_json::from_value(asked["spec"]["audiences"].clone()).unwrap_or_default();
+        let checked = (|| {
+            let h = decode_header(token).map_err(|e| e.to_string())?;
+            let jwk = set
+                .find(h.kid.as_deref().unwrap_or_default())
+                .ok_or("no such key")?;
+            let mut v = Validation::new(h.alg);
+            v.set_audience(&audiences);
+            v.set_issuer(&[&iss]);
+            let c = decode::<Value>(token, &DecodingKey::from_jwk(jwk).unwrap(), &v)
+                .map_err(|e| e.to_string())?
+                .claims;
+            if deleted.load(Ordering::SeqCst) {
+                return Err("service account token has been invalidated".to_owned());
+            }
+            Ok::<_, String>(c)
+        })();
+        let status = match checked {
+            Err(e) => json!({"user": {}, "error": format!("[invalid bearer token, {e}]")}),
+            Ok(c) => {
+                let k = &c["kubernetes.io"];
+                let mut extra = json!({
+                    "authentication.kubernetes.io/credential-id": ["JTI=0b9a1c2d"],
+                    "authentication.kubernetes.io/pod-name": [k["pod"]["name"]],
+                    "authentication.kubernetes.io/pod-uid": [k["pod"]["uid"]],
+                });
+                if !k["node"].is_null() {
+                    extra["authentication.kubernetes.io/node-name"] = json!([k["node"]["name"]]);
+                    extra["authentication.kubernetes.io/node-uid"] = json!([k["node"]["uid"]]);
+                }
+                json!({
+                    "authenticated": true,
+                    "user": {
+                        "username": c["sub"],
+                        "uid": k["serviceaccount"]["uid"],
+                        "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{}", k["namespace"].as_str().unwrap()), "system:authenticated"],
+                        "extra": extra,
+                    },
+                    "audiences": audiences,
+                })
+            }
+        };
+        (
+            201,
+            json!({
+                "kind": "TokenReview",
+                "apiVersion": "authentication.k8s.io/v1",
+                "metadata": {"creationTimestamp": null},
+                "spec": asked["spec"],
+                "status": status,
+            })
+            .to_string(),
+        )
+    }))
+    .await
+}
+
+/// `--join-k8s-token-review`: the API server vouches for the token; the node still comes
+/// from the pod binding, and a token whose pod was deleted no longer joins.
+#[tokio::test]
+async fn token_review_joins_and_refuses_a_deleted_pods_token() {
+    let d = dir("kube-review");
+    let k = keys();
+    let iss = issuer(k.jwks.clone()).await;
+    let deleted = Arc::new(AtomicBool::new(false));
+    let api = token_review_api(k.jwks.clone(), iss.clone(), deleted.clone()).await;
+    let client = ::kube::Client::try_from(::kube::Config::new(api.parse().unwrap())).unwrap();
+    let review = KubeVerifier::new(
+        KeySource::TokenReview(client),
+        None,
+        AUD.into(),
+        vec!["db-gateway/node-agent".into()],
+        None,
+        Outbound::new(&[], Duration::from_secs(5)),
+    );
+    let r = start(&d, HOUR, None, Some(review), None).await;
+    let good = claims(&iss, AUD, "db-gateway", "node-agent", Some("node-1"), 600);
+    let t = sign(Algorithm::ES256, "ec-1", &k.ec, &good);
+    assert_eq!(try_join(&r, &d, "node-1", &t).await.unwrap(), "node-1");
+    assert_eq!(
+        try_join(&r, &d, "node-2", &t).await.unwrap_err(),
+        "kubernetes join refused: token is for node \"node-1\", not \"node-2\""
+    );
+    let other_sa = claims(&iss, AUD, "default", "default", Some("node-1"), 600);
+    assert_eq!(
+        try_join(
+            &r,
+            &d,
+            "node-1",
+            &sign(Algorithm::ES256, "ec-1", &k.ec, &other_sa)
+        )
+        .await
+        .unwrap_err(),
+        "kubernetes join refused: service account default/default is not allowed to join"
+    );
+    let forged = sign(Algorithm::ES256, "ec-1", &k.forger, &good);
+    let e = try_join(&r, &d, "node-1", &forged).await.unwrap_err();
+    assert!(
+        e.starts_with(
+            "kubernetes join refused: the API server rejected the token: [invalid bearer token, "
+        ),
+        "{e}"
+    );
+    let other_aud = claims(
+        &iss,
+        "https://kubernetes.default.svc",
+        "db-gateway",
+        "node-agent",
+        Some("node-1"),
+        600,
+    );
+    let e = try_join(
+        &r,
+        &d,
+        "node-1",
+        &sign(Algorithm::RS256, "rsa-1", &k.rsa, &other_aud),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.contains("the API server rejected the token"), "{e}");
+    // The agent's pod is deleted: its token, still unexpired and well signed, is refused.
+    deleted.store(true, Ordering::SeqCst);
+    assert_eq!(
+        try_join(&r, &d, "node-1", &t).await.unwrap_err(),
+        "kubernetes join refused: the API server rejected the token: [invalid bearer token, service account token has been invalidated]"
     );
 }
