@@ -385,6 +385,7 @@ fn spec(gateway_bin: &Path, transparent: bool, echo: SocketAddr, threads: u16) -
             pods: vec![PodSpec::new(NAMESPACE, "bench-0", SERVICE_ACCOUNT)],
             host_identity: None,
             ipv6: false,
+            join: false,
         }),
         // `direct` and the TLS peers' server ends log in over plain TCP; TLS logins still
         // fall through to the certificate rule, so the gateway's upstream is unchanged.

@@ -29,6 +29,7 @@ fn stack() -> Stack {
         pods: vec![PodSpec::new("team-a", "api-0", "api")],
         host_identity: None,
         ipv6: false,
+        join: false,
     });
     Stack::start(spec).expect("transparent stack")
 }

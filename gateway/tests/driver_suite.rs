@@ -219,6 +219,7 @@ fn spec() -> StackSpec {
             pods: vec![PodSpec::new("drivers", "pg8000-0", "pg8000")],
             host_identity: None,
             ipv6: false,
+            join: false,
         }),
         setup_sql: vec![
             "CREATE ROLE pg8000 SUPERUSER LOGIN".into(),

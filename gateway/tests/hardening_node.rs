@@ -45,6 +45,7 @@ fn stack_with(pods: &[(&str, &str, &str)], threads: usize) -> Stack {
             .collect(),
         host_identity: None,
         ipv6: false,
+        join: false,
     });
     Stack::start(spec).expect("transparent stack")
 }

@@ -162,3 +162,55 @@ async fn a_node_joins_with_a_one_time_token_and_gets_its_pods_certificates() {
     drop(ca);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The node agent joins by itself — a one-time token and the CA's join listener, no node
+/// certificate file in its configuration — then serves a pod: the pod dials the database's
+/// ordinary address and its session reaches PostgreSQL as its policy user, on a workload
+/// certificate the joined node got from the CA.
+#[test]
+fn a_joined_node_agent_serves_a_pods_session() {
+    use gateway::harness::{PodSpec, Stack, TransparentSpec};
+    if !gateway::harness::root_or_skip("a joined node agent with a pod (CAP_BPF, CAP_NET_ADMIN)") {
+        return;
+    }
+    let mut spec = common::spec();
+    spec.workloads.clear();
+    spec.transparent = Some(TransparentSpec {
+        pods: vec![PodSpec::new("team-a", "api-0", "api")],
+        host_identity: None,
+        ipv6: false,
+        join: true,
+    });
+    let s = Stack::start(spec).expect("a stack whose node joins");
+    let node_config = std::fs::read_to_string(&s.node_config).unwrap();
+    assert!(
+        node_config.contains("method: token") && !node_config.contains("node.crt"),
+        "{node_config}"
+    );
+    let k = s.kernel.as_ref().unwrap();
+    let out = k.pods[0]
+        .command("psql")
+        .arg(format!(
+            "host={} port=5432 user=api dbname=app sslmode=disable connect_timeout=5",
+            k.db_addr.ip()
+        ))
+        .args(["-XAtc", "select current_user"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\nnode log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        s.log("node")
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "api");
+    let node_log = s.log("node");
+    assert!(node_log.contains("joined the CA"), "{node_log}");
+    let ca_log = s.log("ca");
+    assert!(
+        ca_log
+            .lines()
+            .any(|l| l.contains("node joined") && l.contains("token")),
+        "{ca_log}"
+    );
+}

@@ -59,6 +59,7 @@ fn transparent_stack() -> Stack {
         ],
         host_identity: None,
         ipv6: true,
+        join: false,
     });
     Stack::start(spec).expect("transparent stack")
 }

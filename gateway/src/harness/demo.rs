@@ -125,6 +125,7 @@ pub fn spec(gateway_bin: std::path::PathBuf, transparent: bool) -> StackSpec {
             pods: vec![PodSpec::new("demo", "app-0", "app")],
             host_identity: None,
             ipv6: false,
+            join: false,
         }),
         setup_sql: vec![
             "CREATE ROLE app LOGIN".into(),

@@ -171,6 +171,9 @@ pub struct TransparentSpec {
     pub host_identity: Option<(String, String)>,
     /// Also give the database, the agent and every namespaced pod an IPv6 address.
     pub ipv6: bool,
+    /// The node gets its certificate by a token join (`gateway ca token create`, the CA's
+    /// join listener) instead of from `node.crt`.
+    pub join: bool,
 }
 
 /// In the stack directory (transparent mode): the CA service's pod inventory, and the node's
@@ -178,6 +181,10 @@ pub struct TransparentSpec {
 pub const INVENTORY: &str = "inventory.yaml";
 pub const NODE_CERT: &str = "node.crt";
 pub const NODE_KEY: &str = "node.key";
+/// In the stack directory (transparent mode with `join`): the CA's hashed join tokens, and
+/// the node's token.
+pub const JOIN_TOKENS: &str = "join-tokens";
+pub const JOIN_TOKEN: &str = "join-token";
 
 pub const CA_SERVER_NAME: &str = "ca.db-gateway.local";
 /// The DNS name of the database route in transparent mode: its client TLS certificate

@@ -47,6 +47,8 @@ pub struct Stack {
     /// The CA service (transparent mode).
     pub ca: Option<Child>,
     pub ca_addr: SocketAddr,
+    /// The CA's join listener, when the node joins (`TransparentSpec::join`).
+    pub join_addr: Option<SocketAddr>,
     pub kernel: Option<Kernel>,
     /// Keep the directory (logs, configs, audit) when dropped.
     pub keep_dir: bool,
@@ -135,6 +137,7 @@ impl Stack {
             node_config,
             ca: None,
             ca_addr: loopback(0),
+            join_addr: None,
             kernel: None,
             keep_dir: std::env::var_os("GATEWAY_KEEP_TEST_DIR").is_some(),
             trust_bundle,
@@ -163,12 +166,21 @@ impl Stack {
     }
 
     pub fn start_node(&mut self) -> Result<()> {
-        let config = configs::node_config(
+        let mut config = configs::node_config(
             &self.spec,
             self.proxy_addr,
             self.kernel.as_ref(),
             self.ca_addr,
         );
+        // A joining node has no certificate files: only its token.
+        if let (Some(i), Some(address)) = (config.interception.as_mut(), self.join_addr) {
+            i.ca.node_cert = Default::default();
+            i.ca.node_key = Default::default();
+            i.ca.join = Some(crate::config::JoinConfig::Token {
+                address,
+                token_file: self.dir.join(super::spec::JOIN_TOKEN),
+            });
+        }
         write_yaml(&self.node_config, &config)?;
         let mut child = self.spawn("node", &self.node_config)?;
         let started = wait_for_startup(
@@ -222,7 +234,11 @@ impl Stack {
             names.push(k.db_addr.ip().to_string());
             names.extend(k.db_addr_v6.map(|a| a.ip().to_string()));
         }
-        let args = [
+        let join = self.spec.transparent.as_ref().is_some_and(|t| t.join);
+        if join {
+            self.create_join_token()?;
+        }
+        let mut args = vec![
             "ca".to_owned(),
             "serve".to_owned(),
             "--dir".to_owned(),
@@ -240,11 +256,56 @@ impl Stack {
             "--server-names".to_owned(),
             names.join(","),
         ];
+        if join {
+            args.extend([
+                "--join-listen".to_owned(),
+                "127.0.0.1:0".to_owned(),
+                "--join-tokens".to_owned(),
+                d(super::spec::JOIN_TOKENS),
+            ]);
+        }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut child = self.spawn_args("ca", &args)?;
         let started = wait_for_startup(&self.dir.join("ca.log"), "ca", &mut child, 1);
         self.ca = Some(child);
         self.ca_addr = started?.1[0];
+        // `JOIN <addr>` comes before `LISTENING`.
+        self.join_addr = self
+            .log("ca")
+            .lines()
+            .find_map(|l| l.strip_prefix("JOIN "))
+            .and_then(|a| a.trim().parse().ok());
+        anyhow::ensure!(
+            self.join_addr.is_some() || !join,
+            "the CA printed no JOIN line"
+        );
+        Ok(())
+    }
+
+    /// A one-time join token for the stack's node, made by `gateway ca token create` (the
+    /// CA keeps its hash, the node the token).
+    fn create_join_token(&self) -> Result<()> {
+        let out = Command::new(&self.spec.gateway_bin)
+            .args(["ca", "token", "create", "--tokens"])
+            .arg(self.dir.join(super::spec::JOIN_TOKENS))
+            .args([
+                "--node-name",
+                super::spec::NODE_NAME,
+                "--ttl",
+                "10m",
+                "--one-time",
+            ])
+            .output()
+            .context("gateway ca token create")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "gateway ca token create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        pki::write_secret(
+            &self.dir.join(super::spec::JOIN_TOKEN),
+            &String::from_utf8_lossy(&out.stdout),
+        )?;
         Ok(())
     }
 
