@@ -2,7 +2,8 @@
 //! that speaks the Kubernetes list/watch wire format (JSON `PodList`, a chunked watch of
 //! `{"type", "object"}` lines), reached through a kubeconfig as in a cluster: the CA is not
 //! ready until its first pod list is in; a node gets workload certificates only for pods
-//! the API server places on it; a pod deleted in the API is refused from then on.
+//! the API server places on it: a pod scheduled later is served, a pod deleted or moved to
+//! another node is refused from then on.
 
 mod common;
 
@@ -293,6 +294,26 @@ async fn the_ca_signs_only_for_pods_the_api_server_places_on_the_asking_node() {
             "the watch's events never applied"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The later pod moves to node-2 (a MODIFIED event with another spec.nodeName): node-1
+    // may no longer get its certificate.
+    let moved = pod(LATER, "api-2", "node-2", "13");
+    api.lock().unwrap().event("MODIFIED", moved);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match node1.workload_certificate(Some(LATER)).await {
+            Err(e) => {
+                assert_eq!(
+                    e.to_string(),
+                    format!("CA refused: pod {LATER} runs on node node-2, not on node-1")
+                );
+                break;
+            }
+            Ok(_) => {
+                assert!(Instant::now() < deadline, "the move never applied");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
     }
     // Every request was the cluster-wide pod list or watch, as the CA's RBAC allows.
     for r in &api.lock().unwrap().requests {

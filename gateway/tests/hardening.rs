@@ -346,6 +346,16 @@ async fn hardening_08_node_caps_connections_per_process() {
             "gateway_node_connection_refusals_total",
         )
     };
+    // Both held in their places before the third comes: the node's threads accept from
+    // their own queues, so without this the third may be taken before one of them.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while metric(&scrape(s.node_admin), "gateway_node_active_connections") < Some(2.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the node never held the two connections"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
         let mut third = std::net::TcpStream::connect(node).unwrap();

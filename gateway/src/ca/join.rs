@@ -449,5 +449,22 @@ pub async fn spawn(
     Ok(local)
 }
 
+/// The client of the API server the CA runs against (in-cluster or `$KUBECONFIG`), for the
+/// join methods that ask it; made on a thread of its own, since the join options are built
+/// before the CA's runtime exists.
+fn kube_client() -> anyhow::Result<kube::Client> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(kube::Client::try_default())
+                .map_err(anyhow::Error::from)
+        })
+        .join()
+        .expect("client thread")
+    })
+}
+
 #[cfg(test)]
 mod tests;

@@ -24,6 +24,7 @@
 //! own on its next connection.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -97,6 +98,8 @@ pub struct Certificates {
 pub struct Fetcher {
     requests: mpsc::UnboundedReceiver<Request>,
     control: Arc<Control>,
+    /// The file the proxy CA bundle came from, watched for changes ([`Fetcher::watch_bundle`]).
+    bundle: Option<PathBuf>,
 }
 
 /// What the fetcher's tasks share (on the control runtime only).
@@ -105,7 +108,8 @@ struct Control {
     ca: CaClient,
     /// Bound of one CA request.
     ca_timeout: Duration,
-    proxy_ca: Vec<CertificateDer<'static>>,
+    /// Replaced when its file changes (a CA root rotation's overlap bundle).
+    proxy_ca: RwLock<Vec<CertificateDer<'static>>>,
     /// The node's pods: a certificate whose pod is gone is dropped, not renewed.
     pods: Option<Arc<dyn PodDirectory>>,
     /// Identities being fetched, with the connections waiting for each (single flight).
@@ -139,10 +143,11 @@ impl Certificates {
                 cache: cache.clone(),
                 ca,
                 ca_timeout,
-                proxy_ca,
+                proxy_ca: RwLock::new(proxy_ca),
                 pods,
                 inflight: Mutex::default(),
             }),
+            bundle: None,
         };
         (
             Self {
@@ -184,11 +189,27 @@ fn cached(cache: &Cache, id: &SpiffeId, now: SystemTime) -> Option<Arc<ClientCon
 }
 
 impl Fetcher {
+    /// Watches `path` (where the proxy CA bundle was read from) while [`Fetcher::run`] runs.
+    pub fn watch_bundle(mut self, path: PathBuf) -> Self {
+        self.bundle = Some(path);
+        self
+    }
+
     /// Serves requests until every [`Certificates`] handle is gone. Must run on a tokio
     /// runtime (the CA client is hyper over tokio); each request is fetched in a task of its
     /// own, so a slow CA answer for one pod does not hold up another, and that task then
     /// keeps the identity renewed.
     pub async fn run(mut self) {
+        if let Some(path) = self.bundle.take() {
+            let watch = tokio::spawn(self.control.clone().watch_bundle(path));
+            self.serve().await;
+            watch.abort();
+        } else {
+            self.serve().await;
+        }
+    }
+
+    async fn serve(&mut self) {
         while let Some(req) = self.requests.recv().await {
             let Request {
                 spiffe_id,
@@ -251,6 +272,45 @@ impl Fetcher {
 }
 
 impl Control {
+    /// Reloads the proxy CA bundle when its file changes (checked every
+    /// [`POD_CHECK_EVERY`]): during a CA root rotation the bundle gains the new root, then
+    /// loses the old one. The cache is emptied, so new connections fetch certificates whose
+    /// client settings trust the new bundle (open sessions keep theirs). A file that does
+    /// not load, or holds no certificate, leaves the bundle as it was.
+    async fn watch_bundle(self: Arc<Self>, path: PathBuf) {
+        let stamp = |p: &PathBuf| {
+            std::fs::metadata(p)
+                .ok()
+                .and_then(|m| Some((m.modified().ok()?, m.len())))
+        };
+        let mut seen = stamp(&path);
+        loop {
+            tokio::time::sleep(POD_CHECK_EVERY).await;
+            let now = stamp(&path);
+            if now == seen {
+                continue;
+            }
+            seen = now;
+            match crate::pki::load_certs(&path) {
+                Ok(roots) if !roots.is_empty() => {
+                    let n = roots.len();
+                    *self.proxy_ca.write().unwrap_or_else(|e| e.into_inner()) = roots;
+                    self.cache
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .clear();
+                    tracing::info!(bundle = %path.display(), roots = n, "proxy CA bundle reloaded");
+                }
+                Ok(_) => {
+                    tracing::warn!(bundle = %path.display(), "proxy CA bundle changed but holds no certificate; the last one stays")
+                }
+                Err(e) => {
+                    tracing::warn!(bundle = %path.display(), %e, "proxy CA bundle changed but did not load; the last one stays")
+                }
+            }
+        }
+    }
+
     /// Asks the CA for `id`'s certificate and caches it.
     async fn fetch(
         &self,
@@ -285,7 +345,7 @@ impl Control {
         let config = Arc::new(crate::tunnel::client_config(
             issued.chain,
             issued.key,
-            &self.proxy_ca,
+            &self.proxy_ca.read().unwrap_or_else(|e| e.into_inner()),
         )?);
         metrics::counter!(telemetry::CERTIFICATES_FETCHED_TOTAL).increment(1);
         self.cache
@@ -431,19 +491,24 @@ mod tests {
     /// certificate request).
     struct Pods(Arc<AtomicUsize>);
 
+    /// `team-a/api` on this node, as `uid-1`; no other pod.
+    fn api_pod(uid: &str) -> Option<Pod> {
+        (uid == "uid-1").then(|| Pod {
+            uid: uid.into(),
+            namespace: "team-a".into(),
+            service_account: "api".into(),
+            name: "api-0".into(),
+            node: NODE.into(),
+            labels: Default::default(),
+            host_network: false,
+            containers: None,
+        })
+    }
+
     impl PodDirectory for Pods {
         fn pod(&self, uid: &str) -> Option<Pod> {
             self.0.fetch_add(1, Ordering::SeqCst);
-            (uid == "uid-1").then(|| Pod {
-                uid: uid.into(),
-                namespace: "team-a".into(),
-                service_account: "api".into(),
-                name: "api-0".into(),
-                node: NODE.into(),
-                labels: Default::default(),
-                host_network: false,
-                containers: None,
-            })
+            api_pod(uid)
         }
         fn host(&self) -> Option<&HostIdentity> {
             None
@@ -463,7 +528,7 @@ mod tests {
     /// A real CA service on loopback and a fetcher, both on a control thread of their own
     /// (as in the node); returns the data plane's handle and the CA's lookup count.
     fn start(name: &str, ttl: Duration) -> (Certificates, Arc<AtomicUsize>) {
-        start_with(name, ttl, None)
+        start_with(name, ttl, None, None)
     }
 
     /// [`start`], with the node's own pod directory.
@@ -471,6 +536,7 @@ mod tests {
         name: &str,
         ttl: Duration,
         pods: Option<Arc<dyn PodDirectory>>,
+        bundle: Option<PathBuf>,
     ) -> (Certificates, Arc<AtomicUsize>) {
         let dir = std::env::temp_dir().join(format!("dbgw-certs-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -510,6 +576,10 @@ mod tests {
             tls: Arc::new(node_tls),
         };
         let (certs, fetcher) = Certificates::new(client, Duration::from_secs(10), roots, pods);
+        let fetcher = match bundle {
+            Some(b) => fetcher.watch_bundle(b),
+            None => fetcher,
+        };
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -601,16 +671,7 @@ mod tests {
 
     impl PodDirectory for NodePods {
         fn pod(&self, uid: &str) -> Option<Pod> {
-            (uid == "uid-1" && !self.0.load(Ordering::SeqCst)).then(|| Pod {
-                uid: uid.into(),
-                namespace: "team-a".into(),
-                service_account: "api".into(),
-                name: "api-0".into(),
-                node: NODE.into(),
-                labels: Default::default(),
-                host_network: false,
-                containers: None,
-            })
+            api_pod(uid).filter(|_| !self.0.load(Ordering::SeqCst))
         }
         fn host(&self) -> Option<&HostIdentity> {
             None
@@ -624,7 +685,7 @@ mod tests {
     fn a_deleted_pods_certificate_is_dropped_and_not_renewed() {
         let gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let pods: Arc<dyn PodDirectory> = Arc::new(NodePods(gone.clone()));
-        let (certs, lookups) = start_with("deleted", HOUR, Some(pods));
+        let (certs, lookups) = start_with("deleted", HOUR, Some(pods), None);
         tokio_uring::start(certs.config_for(&workload(api(), "uid-1"))).unwrap();
         assert!(cached(&certs.cache, &api(), SystemTime::now()).is_some());
         std::thread::sleep(POD_CHECK_EVERY + Duration::from_millis(500));
@@ -639,6 +700,45 @@ mod tests {
             std::thread::sleep(Duration::from_millis(50));
         }
         assert_eq!(lookups.load(Ordering::SeqCst), 1, "no renewal");
+    }
+
+    /// A CA root rotation's overlap: the proxy CA bundle gains a root; the node empties its
+    /// cache and fetches again with the new bundle; a bundle that does not load changes
+    /// nothing.
+    #[test]
+    fn a_changed_proxy_bundle_is_reloaded_and_a_broken_one_ignored() {
+        let dir = std::env::temp_dir().join(format!("dbgw-bundle-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let bundle = dir.join("proxy-ca.pem");
+        pki::init_ca(&dir.join("old"), TD).unwrap();
+        pki::init_ca(&dir.join("new"), TD).unwrap();
+        let root =
+            |d: &str| std::fs::read_to_string(dir.join(d).join(pki::WORKLOAD_CA_CERT)).unwrap();
+        std::fs::write(&bundle, root("old")).unwrap();
+        let (certs, lookups) = start_with("bundle", HOUR, None, Some(bundle.clone()));
+        let w = workload(api(), "uid-1");
+        tokio_uring::start(certs.config_for(&w)).unwrap();
+        let wait_empty = || {
+            let deadline = std::time::Instant::now() + POD_CHECK_EVERY * 3;
+            while cached(&certs.cache, &api(), SystemTime::now()).is_some() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the cache was not emptied"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        };
+        // Broken: nothing changes.
+        std::fs::write(&bundle, "not a certificate\n").unwrap();
+        std::thread::sleep(POD_CHECK_EVERY * 2);
+        assert!(cached(&certs.cache, &api(), SystemTime::now()).is_some());
+        // Both roots: reloaded, fetched again on the next connection.
+        std::fs::write(&bundle, root("old") + &root("new")).unwrap();
+        wait_empty();
+        tokio_uring::start(certs.config_for(&w)).unwrap();
+        assert_eq!(lookups.load(Ordering::SeqCst), 2);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -221,6 +221,8 @@ pub fn setup(
     let (server_certs, server_fetcher) = ServerCertificates::new(ca.clone(), i.ca.timeout);
     // Certificates of pods that leave the directory are dropped (revocation by deletion).
     let (certs, fetcher) = Certificates::new(ca, i.ca.timeout, proxy_ca.to_vec(), Some(pods));
+    // The bundle that verifies the proxy reloads when its file changes (root rotation).
+    let fetcher = fetcher.watch_bundle(cfg.proxy.ca.clone());
     Ok(Setup {
         transparent: Transparent {
             orig_dsts,

@@ -102,17 +102,7 @@ impl AwsJoinOptions {
             "aws-iam joins need --join-aws-allow-account and --join-aws-allow-arn"
         );
         let nodes = if self.join_aws_node_check {
-            Some(std::thread::scope(|s| {
-                s.spawn(|| {
-                    tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()?
-                        .block_on(kube::Client::try_default())
-                        .map_err(anyhow::Error::from)
-                })
-                .join()
-                .expect("client thread")
-            })?)
+            Some(super::kube_client()?)
         } else {
             None
         };

@@ -22,8 +22,8 @@ use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
 use serde::Deserialize;
 
-use super::glob_match;
 use super::http::Outbound;
+use super::{glob_match, kube_client};
 
 mod review;
 
@@ -139,22 +139,6 @@ impl KubeJoinOptions {
             Outbound::new(&extra, Duration::from_secs(10)),
         )))
     }
-}
-
-/// The client of the API server the CA runs against (in-cluster or `$KUBECONFIG`), made
-/// on a thread of its own: `build` runs before the CA's runtime exists.
-fn kube_client() -> anyhow::Result<kube::Client> {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?
-                .block_on(kube::Client::try_default())
-                .map_err(anyhow::Error::from)
-        })
-        .join()
-        .expect("client thread")
-    })
 }
 
 /// Where a token's signature is checked.
