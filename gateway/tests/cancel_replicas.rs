@@ -54,11 +54,13 @@ fn two_replicas(s: &mut Stack) -> Replicas {
         cfg.audit.path = format!("audit-{index}.jsonl");
         let path = s.dir.join(format!("proxy-{index}.yaml"));
         std::fs::write(&path, serde_norway::to_string(&cfg).unwrap()).unwrap();
-        let log = format!("proxy-{index}");
-        let child = s
-            .spawn_args(&log, &["proxy", "--config", &path.to_string_lossy()])
+        let (child, admin, listening) = s
+            .spawn_started(
+                &format!("proxy-{index}"),
+                &["proxy", "--config", &path.to_string_lossy()],
+                1,
+            )
             .unwrap();
-        let (admin, listening) = started(s, &log, 1);
         children.push(child);
         addrs.push(listening[0]);
         admins.push(admin);
@@ -75,14 +77,14 @@ fn two_replicas(s: &mut Stack) -> Replicas {
     cfg.proxy.replicas = addrs.iter().map(ToString::to_string).collect();
     let path = s.dir.join("node-replicas.yaml");
     std::fs::write(&path, serde_norway::to_string(&cfg).unwrap()).unwrap();
-    s.node = Some(
-        s.spawn_args(
+    let (node, _, listening) = s
+        .spawn_started(
             "node-replicas",
             &["node", "--config", &path.to_string_lossy()],
+            cfg.listeners.len(),
         )
-        .unwrap(),
-    );
-    let (_, listening) = started(s, "node-replicas", cfg.listeners.len());
+        .unwrap();
+    s.node = Some(node);
     let second = children.pop().unwrap();
     s.proxy = children.pop();
     Replicas {
@@ -91,30 +93,6 @@ fn two_replicas(s: &mut Stack) -> Replicas {
         listener: listening[0],
         stop,
         service_down,
-    }
-}
-
-/// The `ADMIN` address and `n` `LISTENING` addresses a process printed in `<log>.log`.
-fn started(s: &Stack, log: &str, n: usize) -> (SocketAddr, Vec<SocketAddr>) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let text = s.log(log);
-        let admin = text
-            .lines()
-            .find_map(|l| l.strip_prefix("ADMIN "))
-            .and_then(|a| a.trim().parse().ok());
-        let listening: Vec<SocketAddr> = text
-            .lines()
-            .filter_map(|l| l.strip_prefix("LISTENING "))
-            .filter_map(|l| l.split_whitespace().next()?.parse().ok())
-            .collect();
-        if let Some(admin) = admin
-            && listening.len() >= n
-        {
-            return (admin, listening);
-        }
-        assert!(Instant::now() < deadline, "{log} did not start:\n{text}");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

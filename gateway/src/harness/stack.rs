@@ -200,6 +200,29 @@ impl Stack {
         self.spawn_args(what, &[what, "--config", &config.to_string_lossy()])
     }
 
+    /// Starts `gateway <args>` (see [`Stack::spawn_args`]) and waits for its `ADMIN` and
+    /// `listeners` `LISTENING` lines; a process that does not start is stopped.
+    pub fn spawn_started(
+        &self,
+        log: &str,
+        args: &[&str],
+        listeners: usize,
+    ) -> Result<(Child, SocketAddr, Vec<SocketAddr>)> {
+        let mut child = self.spawn_args(log, args)?;
+        match wait_for_startup(
+            &self.dir.join(format!("{log}.log")),
+            log,
+            &mut child,
+            listeners,
+        ) {
+            Ok((admin, listening)) => Ok((child, admin, listening)),
+            Err(e) => {
+                stop_child(&mut child, STOP_GRACE);
+                Err(e)
+            }
+        }
+    }
+
     /// Starts `gateway <args>` with its output in `<log>.log` in the stack directory.
     pub fn spawn_args(&self, log: &str, args: &[&str]) -> Result<Child> {
         let what = log;

@@ -35,17 +35,11 @@ impl Stack {
         proxy_cfg.audit.path = format!("audit-{n}.jsonl");
         let proxy_yaml = self.dir.join(format!("proxy-{n}.yaml"));
         write_yaml(&proxy_yaml, &proxy_cfg)?;
-        let log = format!("proxy-{n}");
-        let mut proxy =
-            self.spawn_args(&log, &["proxy", "--config", &proxy_yaml.to_string_lossy()])?;
-        let started = wait_for_startup(&self.dir.join(format!("{log}.log")), &log, &mut proxy, 1);
-        let (proxy_admin, listening) = match started {
-            Ok(s) => s,
-            Err(e) => {
-                stop_child(&mut proxy, STOP_GRACE);
-                return Err(e);
-            }
-        };
+        let (proxy, proxy_admin, listening) = self.spawn_started(
+            &format!("proxy-{n}"),
+            &["proxy", "--config", &proxy_yaml.to_string_lossy()],
+            1,
+        )?;
         let mut replica = Replica {
             proxy: Some(proxy),
             node: None,
