@@ -8,12 +8,11 @@
 mod common;
 
 use std::convert::Infallible;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::gateway_bin;
+use common::{gateway_bin, run_gateway, start_printing_addresses};
 use gateway::ca::client::CaClient;
 use gateway::pki::{self, CertificateAuthority, LeafSpec};
 use http_body_util::combinators::UnsyncBoxBody;
@@ -26,24 +25,6 @@ use tokio::sync::mpsc;
 
 const ON_NODE_1: &str = "0f9c1a2b-3c4d-4e5f-8a9b-0c1d2e3f4a5b";
 const ON_NODE_2: &str = "11111111-2222-3333-4444-555555555555";
-
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn run(args: &[&str]) {
-    let o = Command::new(gateway_bin()).args(args).output().unwrap();
-    assert!(
-        o.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
 
 fn pod(uid: &str, name: &str, node: &str, rv: &str) -> Value {
     json!({
@@ -154,8 +135,8 @@ async fn the_ca_signs_only_for_pods_the_api_server_places_on_the_asking_node() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let p = |n: &str| dir.join(n).to_str().unwrap().to_owned();
-    run(&["ca", "init", "--dir", &p("ca"), "--trust-domain", "td"]);
-    run(&[
+    run_gateway(&["ca", "init", "--dir", &p("ca"), "--trust-domain", "td"]);
+    run_gateway(&[
         "ca",
         "issue-server",
         "--dir",
@@ -181,7 +162,8 @@ async fn the_ca_signs_only_for_pods_the_api_server_places_on_the_asking_node() {
     )
     .unwrap();
 
-    let mut child = Command::new(gateway_bin())
+    let mut serve = Command::new(gateway_bin());
+    serve
         .args([
             "ca",
             "serve",
@@ -198,24 +180,9 @@ async fn the_ca_signs_only_for_pods_the_api_server_places_on_the_asking_node() {
             "127.0.0.1:0",
         ])
         .env("KUBECONFIG", p("kubeconfig"))
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = BufReader::new(child.stdout.take().unwrap());
-    let _ca = Killed(child);
-    let (mut admin, mut listen) = (None, None);
-    for line in stdout.lines() {
-        let line = line.unwrap();
-        if let Some(a) = line.strip_prefix("ADMIN ") {
-            admin = Some(a.parse().unwrap());
-        }
-        if let Some(a) = line.strip_prefix("LISTENING ") {
-            listen = Some(a.parse().unwrap());
-            break;
-        }
-    }
-    let (admin, listen) = (admin.expect("ADMIN line"), listen.unwrap());
+        .env_remove("KUBERNETES_SERVICE_HOST");
+    let (_ca, printed) = start_printing_addresses(serve);
+    let (admin, listen) = (printed["ADMIN"], printed["LISTENING"]);
 
     // The API server fails its lists: the CA is up but not ready, and says why.
     tokio::time::sleep(Duration::from_millis(1500)).await;

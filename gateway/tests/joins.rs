@@ -5,34 +5,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::gateway_bin;
+use common::{gateway_bin, run_gateway, start_printing_addresses};
 use gateway::ca::join::client::{JoinClient, NodeIdentity, Prover, Schedule, client_config};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
-
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn run(args: &[&str]) -> String {
-    let o = Command::new(gateway_bin()).args(args).output().unwrap();
-    assert!(
-        o.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
-}
 
 #[tokio::test]
 async fn a_node_joins_with_a_one_time_token_and_gets_its_pods_certificates() {
@@ -40,8 +20,8 @@ async fn a_node_joins_with_a_one_time_token_and_gets_its_pods_certificates() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let p = |n: &str| dir.join(n).to_str().unwrap().to_owned();
-    run(&["ca", "init", "--dir", &p("ca"), "--trust-domain", "td"]);
-    run(&[
+    run_gateway(&["ca", "init", "--dir", &p("ca"), "--trust-domain", "td"]);
+    run_gateway(&[
         "ca",
         "issue-server",
         "--dir",
@@ -56,7 +36,7 @@ async fn a_node_joins_with_a_one_time_token_and_gets_its_pods_certificates() {
         "pods:\n  - {uid: 0f9c1a2b-3c4d-4e5f-8a9b-0c1d2e3f4a5b, namespace: team-a, name: api-0, service_account: api, node: node-1}\n",
     )
     .unwrap();
-    let token = run(&[
+    let token = run_gateway(&[
         "ca",
         "token",
         "create",
@@ -75,46 +55,31 @@ async fn a_node_joins_with_a_one_time_token_and_gets_its_pods_certificates() {
             .contains(token.trim())
     }));
 
-    let mut child = Command::new(gateway_bin())
-        .args([
-            "ca",
-            "serve",
-            "--dir",
-            &p("ca"),
-            "--tls-cert",
-            &p("server.crt"),
-            "--tls-key",
-            &p("server.key"),
-            "--inventory",
-            &p("inventory.yaml"),
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--join-listen",
-            "127.0.0.1:0",
-            "--join-tokens",
-            &p("tokens"),
-            "--node-cert-ttl",
-            "10m",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = BufReader::new(child.stdout.take().unwrap());
-    let ca = Killed(child);
-    let (mut join_addr, mut listen) = (None, None);
-    for line in stdout.lines() {
-        let line = line.unwrap();
-        if let Some(a) = line.strip_prefix("JOIN ") {
-            join_addr = Some(a.parse().unwrap());
-        }
-        if let Some(a) = line.strip_prefix("LISTENING ") {
-            listen = Some(a.parse().unwrap());
-            break;
-        }
-    }
-    let (join_addr, listen) = (join_addr.expect("JOIN line"), listen.unwrap());
+    let mut serve = Command::new(gateway_bin());
+    serve.args([
+        "ca",
+        "serve",
+        "--dir",
+        &p("ca"),
+        "--tls-cert",
+        &p("server.crt"),
+        "--tls-key",
+        &p("server.key"),
+        "--inventory",
+        &p("inventory.yaml"),
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--join-listen",
+        "127.0.0.1:0",
+        "--join-tokens",
+        &p("tokens"),
+        "--node-cert-ttl",
+        "10m",
+    ]);
+    let (ca, printed) = start_printing_addresses(serve);
+    let (join_addr, listen) = (printed["JOIN"], printed["LISTENING"]);
 
     let roots: Vec<CertificateDer<'static>> =
         CertificateDer::pem_file_iter(dir.join("ca/workload-ca.crt"))

@@ -230,3 +230,52 @@ pub async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A process killed and reaped when dropped.
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `gateway <args>` to completion and returns its standard output; a failure fails
+/// the test with its standard error.
+pub fn run_gateway(args: &[&str]) -> String {
+    let o = std::process::Command::new(gateway_bin())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// Starts `cmd` with its standard output piped and reads the addresses it prints before
+/// `LISTENING` (`ADMIN`, `JOIN`, then `LISTENING`), by name.
+pub fn start_printing_addresses(
+    mut cmd: std::process::Command,
+) -> (Killed, std::collections::HashMap<String, SocketAddr>) {
+    use std::io::BufRead;
+    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let process = Killed(child);
+    let mut printed = std::collections::HashMap::new();
+    for line in stdout.lines() {
+        let line = line.unwrap();
+        if let Some((name, addr)) = line.split_once(' ')
+            && let Ok(addr) = addr.trim().parse()
+        {
+            printed.insert(name.to_owned(), addr);
+            if name == "LISTENING" {
+                break;
+            }
+        }
+    }
+    (process, printed)
+}
