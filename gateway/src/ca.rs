@@ -12,6 +12,8 @@
 //! - `ca/service.rs`: the signing decision ([`service::CaService::issue`]) and the HTTP
 //!   server;
 //! - `ca/client.rs`: the client the node agent asks with ([`client::CaClient`]);
+//! - `ca/reload.rs`: the signing root, root bundle and server certificate, reloaded when
+//!   their files change (a root rotation needs no restart);
 //! - here: [`run`], the wiring of `gateway ca serve`.
 //!
 //! Imports the ground floor (`pki`, `pod`, `identity::inventory`, `tunnel`'s TLS settings,
@@ -21,6 +23,7 @@
 pub mod client;
 pub mod join;
 pub mod rate_limit;
+pub mod reload;
 pub mod server_names;
 pub mod service;
 pub mod wire;
@@ -32,7 +35,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 use self::service::{CaService, serve};
-use crate::pki::{self, CertificateAuthority};
 
 /// What `gateway ca serve` needs: its command-line flags, each with a `GATEWAY_*`
 /// environment fallback.
@@ -93,31 +95,22 @@ pub fn run(opts: ServeOptions) -> anyhow::Result<()> {
         .with_context(|| format!("{} holds no CA (run `gateway ca init`)", opts.dir.display()))?
         .trim()
         .to_owned();
-    let ca = CertificateAuthority::load(
-        &opts.dir.join(pki::WORKLOAD_CA_CERT),
-        &opts.dir.join(pki::WORKLOAD_CA_KEY),
-    )?;
-    let client_ca = pki::load_certs(&opts.dir.join(pki::WORKLOAD_CA_CERT))?;
-    let tls = crate::tunnel::server_config(
-        pki::load_certs(&opts.tls_cert)?,
-        pki::load_key(&opts.tls_key)?,
-        &client_ca,
-    )?;
+    let files = reload::CaFiles {
+        dir: opts.dir.clone(),
+        tls_cert: opts.tls_cert.clone(),
+        tls_key: opts.tls_key.clone(),
+    };
+    let live = reload::Live::new(files.load()?);
     let server_names =
         self::server_names::ServerNames::parse(&opts.server_names).context("--server-names")?;
-    let joins = opts.join.build(&opts.dir, &trust_domain)?;
-    let join_tls = join::server_config(
-        pki::load_certs(&opts.tls_cert)?,
-        pki::load_key(&opts.tls_key)?,
-        &client_ca,
-    )?;
+    let joins = opts.join.build(&live.signing, &trust_domain)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     let pods = pod_directory(&opts, &rt, &readiness)?;
     let svc = Arc::new(CaService {
-        ca,
+        ca: live.signing.clone(),
         trust_domain,
         ttl: opts.ttl,
         pods,
@@ -130,14 +123,15 @@ pub fn run(opts: ServeOptions) -> anyhow::Result<()> {
             .with_context(|| format!("failed to bind CA listen address {}", opts.listen))?;
         let local = listener.local_addr()?;
         if let (Some(joins), Some(addr)) = (joins, opts.join.join_listen) {
-            let local = join::spawn(joins, addr, join_tls).await?;
+            let local = join::spawn(joins, addr, live.join_tls.clone()).await?;
             println!("JOIN {local}");
         }
         tracing::info!(listen = %local, admin = %admin_addr, "CA service ready");
         println!("ADMIN {admin_addr}");
         println!("LISTENING {local}");
+        tokio::spawn(reload::watch(files, live.clone()));
         tokio::select! {
-            _ = serve(svc, listener, Arc::new(tls)) => {}
+            _ = serve(svc, listener, live.tls.clone()) => {}
             _ = crate::admin::shutdown_signal() => tracing::info!("shutdown signal: CA service exiting"),
         }
         anyhow::Ok(())

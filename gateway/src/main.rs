@@ -192,6 +192,14 @@ enum CaCommand {
         #[arg(long, env = "GATEWAY_CERT_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
         ttl: Duration,
     },
+    /// Rotate the workload CA's root without ending a session: `prepare` (new root, bundle
+    /// of both), `activate` (the new root signs), `finish` (bundle of the new root only).
+    Rotate {
+        #[arg(value_enum)]
+        step: RotateStep,
+        #[arg(long, env = "GATEWAY_CA_DIR")]
+        dir: PathBuf,
+    },
     /// Serve workload certificates to node agents, for pods on the asking node only.
     Serve(Box<gateway::ca::ServeOptions>),
     /// Join tokens for `token` node joins (`gateway ca serve --join-tokens DIR`).
@@ -212,6 +220,13 @@ enum CaCommand {
         #[arg(long, env = "GATEWAY_CERT_TTL", default_value = "720h", value_parser = humantime::parse_duration)]
         ttl: Duration,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RotateStep {
+    Prepare,
+    Activate,
+    Finish,
 }
 
 #[derive(Subcommand)]
@@ -403,6 +418,29 @@ fn run(command: Command) -> anyhow::Result<()> {
                 let (cert, key) =
                     workload_ca(&dir)?.issue(&LeafSpec::node(td.trim(), &node_name), ttl)?;
                 write_pair(&out, &cert, &key)
+            }
+            CaCommand::Rotate { step, dir } => {
+                use gateway::pki::rotate;
+                let (done, next) = match step {
+                    RotateStep::Prepare => (
+                        rotate::prepare(&dir)?,
+                        "publish the bundle to every verifier (proxy tls.client_ca, node proxy.ca and interception.ca.ca, the trust-bundle ConfigMap), wait until all have reloaded it, then run `activate`",
+                    ),
+                    RotateStep::Activate => (
+                        rotate::activate(&dir)?,
+                        "the new root signs now; issue the proxy's and the CA's server certificates again, and run `finish` once the longest certificate lifetime has passed",
+                    ),
+                    RotateStep::Finish => (
+                        rotate::finish(&dir)?,
+                        "publish the bundle again; the old root is trusted nowhere once every verifier has reloaded it",
+                    ),
+                };
+                println!(
+                    "{} holds {} root(s): {next}",
+                    done.bundle.display(),
+                    done.roots_in_bundle
+                );
+                Ok(())
             }
             CaCommand::Serve(opts) => gateway::ca::run(*opts),
             CaCommand::Token {

@@ -16,10 +16,16 @@ use rcgen::{
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 
 mod files;
+pub mod rotate;
+pub mod watch;
 pub use files::{write_public, write_secret};
 
 pub const WORKLOAD_CA_CERT: &str = "workload-ca.crt";
 pub const WORKLOAD_CA_KEY: &str = "workload-ca.key";
+/// Every root that verifiers trust for workload, node and server certificates: the signing
+/// root alone, or during a rotation ([`rotate`]) the old and the new one. Proxies (`tls.client_ca`),
+/// nodes (`proxy.ca`, `interception.ca.ca`) and the CA itself read this file, not the root.
+pub const WORKLOAD_BUNDLE: &str = "workload-bundle.crt";
 pub const DB_CLIENT_CA_CERT: &str = "db-client-ca.crt";
 pub const DB_CLIENT_CA_KEY: &str = "db-client-ca.key";
 const TRUST_DOMAIN_FILE: &str = "trust-domain";
@@ -205,6 +211,9 @@ pub fn init_ca(dir: &Path, trust_domain: &str) -> Result<(), PkiError> {
         let cert = ca_params(&cn)?.self_signed(&key)?;
         write_secret(&dir.join(key_file), &key.serialize_pem())?;
         write_public(&dir.join(cert_file), &cert.pem())?;
+        if cert_file == WORKLOAD_CA_CERT {
+            write_public(&dir.join(WORKLOAD_BUNDLE), &cert.pem())?;
+        }
     }
     write_public(&dir.join(TRUST_DOMAIN_FILE), &format!("{trust_domain}\n"))
 }
@@ -228,6 +237,20 @@ impl CertificateAuthority {
             path: key.to_owned(),
             reason: e.to_string(),
         })?;
+        // A key of another certificate would sign leaves nothing verifies (a rotation's
+        // files caught half-replaced, a Secret edited by hand): refuse the pair instead.
+        let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+        let (_, x509) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+        if x509.public_key().raw
+            != rcgen::PublicKeyData::subject_public_key_info(&key_pair).as_slice()
+        {
+            return Err(PkiError::BadKey {
+                path: key.to_owned(),
+                reason: format!("it is not the key of {}", cert.display()),
+            });
+        }
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key_pair)?;
         Ok(Self { cert_pem, issuer })
     }

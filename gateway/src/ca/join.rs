@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
 use super::wire::ErrorBody;
-use crate::pki::{self, CertificateAuthority, LeafSpec};
+use crate::pki::{self, LeafSpec};
 use crate::telemetry::ca::{JOIN_REFUSALS_TOTAL, JOINS_TOTAL};
 
 pub const JOIN_PATH: &str = "/v1/join";
@@ -119,7 +119,7 @@ pub enum JoinError {
 
 /// The join side of `gateway ca serve`.
 pub struct Joins {
-    pub ca: CertificateAuthority,
+    pub ca: super::reload::Signing,
     pub trust_domain: String,
     /// Lifetime of node certificates.
     pub ttl: Duration,
@@ -246,8 +246,8 @@ impl Joins {
                 a.verify(challenge, request, &req.node_name).await?;
             }
         }
-        let certificate = self
-            .ca
+        let ca = self.ca.load();
+        let certificate = ca
             .issue_for_csr(
                 &LeafSpec::node(&self.trust_domain, &req.node_name),
                 &req.csr,
@@ -257,7 +257,7 @@ impl Joins {
         tracing::info!(node = %req.node_name, method = req.proof.method(), renewal = peer_node.is_some(), "node joined");
         Ok(JoinResponse {
             certificate,
-            ca: self.ca.cert_pem().to_owned(),
+            ca: ca.cert_pem().to_owned(),
         })
     }
 }
@@ -373,7 +373,7 @@ pub fn server_config(
 /// Serves joins until the listener fails. A client certificate is optional here; one that
 /// rustls verified against the workload CA is still checked for its validity and its node
 /// name per request (a kept-alive connection outlives it).
-pub async fn serve(joins: Arc<Joins>, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
+pub async fn serve(joins: Arc<Joins>, listener: TcpListener, tls: super::reload::Tls) {
     super::service::serve_https("join", listener, tls, move |peer_cert, req| {
         let peer_node = peer_cert.as_ref().and_then(|c| {
             pki::check_validity(c, SystemTime::now()).ok()?;
@@ -407,18 +407,14 @@ impl JoinOptions {
     /// The join service these flags describe, or `None` without `--join-listen`.
     pub fn build(
         &self,
-        ca_dir: &std::path::Path,
+        ca: &super::reload::Signing,
         trust_domain: &str,
     ) -> anyhow::Result<Option<Arc<Joins>>> {
         if self.join_listen.is_none() {
             return Ok(None);
         }
-        let ca = CertificateAuthority::load(
-            &ca_dir.join(pki::WORKLOAD_CA_CERT),
-            &ca_dir.join(pki::WORKLOAD_CA_KEY),
-        )?;
         let joins = Joins {
-            ca,
+            ca: ca.clone(),
             trust_domain: trust_domain.to_owned(),
             ttl: self.node_cert_ttl,
             tokens: self.join_tokens.clone().map(token::TokenStore::new),
@@ -438,14 +434,14 @@ impl JoinOptions {
 pub async fn spawn(
     joins: Arc<Joins>,
     addr: SocketAddr,
-    tls: rustls::ServerConfig,
+    tls: super::reload::Tls,
 ) -> anyhow::Result<SocketAddr> {
     use anyhow::Context;
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("failed to bind join listen address {addr}"))?;
     let local = listener.local_addr()?;
-    tokio::spawn(serve(joins, listener, Arc::new(tls)));
+    tokio::spawn(serve(joins, listener, tls));
     Ok(local)
 }
 

@@ -19,7 +19,7 @@ use super::wire::{
     CertificateRequest, CertificateResponse, ErrorBody, SERVER_CERTIFICATES_PATH,
     ServerCertificateRequest, WORKLOAD_CERTIFICATES_PATH,
 };
-use crate::pki::{self, CertificateAuthority, LeafSpec, SpiffeId};
+use crate::pki::{self, LeafSpec, SpiffeId};
 use crate::pod::PodDirectory;
 use crate::telemetry::ca::{CERTIFICATES_ISSUED, REFUSALS, SERVER_CERTIFICATES_ISSUED};
 
@@ -33,7 +33,8 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 /// The CA service: its key, its trust domain, how long certificates live, and the pod
 /// directory that says which node each pod runs on.
 pub struct CaService {
-    pub ca: CertificateAuthority,
+    /// The signing root; a rotation's `activate` swaps it while requests go on.
+    pub ca: super::reload::Signing,
     pub trust_domain: String,
     pub ttl: Duration,
     pub pods: Box<dyn PodDirectory>,
@@ -104,6 +105,7 @@ impl CaService {
         }
         let certificate = self
             .ca
+            .load()
             .issue_for_csr(
                 &LeafSpec::server(req.dns_names.clone(), req.ips.clone()),
                 &req.csr,
@@ -162,6 +164,7 @@ impl CaService {
         };
         let certificate = self
             .ca
+            .load()
             .issue_for_csr(
                 &LeafSpec::workload(&id).on_node(&self.trust_domain, &node),
                 &req.csr,
@@ -256,7 +259,7 @@ async fn handle(
 
 /// Serves until the listener fails; every connection must present a client certificate
 /// from the workload CA (checked by rustls), and its node name is read per request.
-pub async fn serve(svc: Arc<CaService>, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
+pub async fn serve(svc: Arc<CaService>, listener: TcpListener, tls: super::reload::Tls) {
     serve_https("ca", listener, tls, move |node_cert, req| {
         handle(svc.clone(), node_cert, req)
     })
@@ -270,7 +273,7 @@ pub async fn serve(svc: Arc<CaService>, listener: TcpListener, tls: Arc<rustls::
 pub(super) async fn serve_https<H, Fut>(
     what: &'static str,
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: super::reload::Tls,
     handle: H,
 ) where
     H: Fn(Option<CertificateDer<'static>>, Request<Incoming>) -> Fut
@@ -280,13 +283,14 @@ pub(super) async fn serve_https<H, Fut>(
         + 'static,
     Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
         let Ok((tcp, peer)) = listener.accept().await else {
             tokio::time::sleep(ACCEPT_RETRY).await;
             continue;
         };
-        let acceptor = acceptor.clone();
+        // The settings of now: a reload (new bundle, new server certificate) applies from
+        // the next connection.
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.load_full());
         let handle = handle.clone();
         tokio::spawn(async move {
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -353,13 +357,13 @@ mod tests {
 
     fn service_over(dir: &std::path::Path, pods: Box<dyn PodDirectory>) -> CaService {
         pki::init_ca(dir, "td").unwrap();
-        let ca = CertificateAuthority::load(
+        let ca = crate::pki::CertificateAuthority::load(
             &dir.join(pki::WORKLOAD_CA_CERT),
             &dir.join(pki::WORKLOAD_CA_KEY),
         )
         .unwrap();
         CaService {
-            ca,
+            ca: std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(ca)),
             trust_domain: "td".into(),
             ttl: Duration::from_secs(3600),
             pods,
@@ -369,7 +373,7 @@ mod tests {
     }
 
     fn node_cert(svc: &CaService, leaf: &LeafSpec) -> CertificateDer<'static> {
-        let (pem, _) = svc.ca.issue(leaf, Duration::from_secs(60)).unwrap();
+        let (pem, _) = svc.ca.load().issue(leaf, Duration::from_secs(60)).unwrap();
         CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
     }
 
@@ -537,6 +541,7 @@ mod tests {
         let now = std::time::SystemTime::now();
         let (pem, _) = svc
             .ca
+            .load()
             .issue_between(
                 &LeafSpec::node("td", "node-1"),
                 now - Duration::from_secs(60),

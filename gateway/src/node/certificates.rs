@@ -278,19 +278,12 @@ impl Control {
     /// client settings trust the new bundle (open sessions keep theirs). A file that does
     /// not load, or holds no certificate, leaves the bundle as it was.
     async fn watch_bundle(self: Arc<Self>, path: PathBuf) {
-        let stamp = |p: &PathBuf| {
-            std::fs::metadata(p)
-                .ok()
-                .and_then(|m| Some((m.modified().ok()?, m.len())))
-        };
-        let mut seen = stamp(&path);
+        let mut stamps = crate::pki::watch::Stamps::new(vec![path.clone()]);
         loop {
             tokio::time::sleep(POD_CHECK_EVERY).await;
-            let now = stamp(&path);
-            if now == seen {
+            if !stamps.changed() {
                 continue;
             }
-            seen = now;
             match crate::pki::load_certs(&path) {
                 Ok(roots) if !roots.is_empty() => {
                     let n = roots.len();
@@ -559,7 +552,7 @@ mod tests {
             crate::tunnel::client_config(pem_certs(&node_pem), pem_key(&node_key), &roots).unwrap();
         let lookups = Arc::new(AtomicUsize::new(0));
         let svc = Arc::new(CaService {
-            ca,
+            ca: Arc::new(arc_swap::ArcSwap::from_pointee(ca)),
             trust_domain: TD.into(),
             ttl,
             pods: Box::new(Pods(lookups.clone())),
@@ -587,7 +580,11 @@ mod tests {
                 .unwrap();
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                tokio::spawn(serve(svc, listener, Arc::new(server_tls)));
+                tokio::spawn(serve(
+                    svc,
+                    listener,
+                    Arc::new(arc_swap::ArcSwap::from_pointee(server_tls)),
+                ));
                 fetcher.run().await;
             });
         });

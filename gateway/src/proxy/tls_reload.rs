@@ -9,12 +9,11 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use super::Shared;
 use super::reload::WATCH_INTERVAL;
 use crate::config::ProxyConfig;
-use crate::pki::{self, CertificateAuthority};
+use crate::pki::{self, CertificateAuthority, watch::Stamps};
 use crate::telemetry::proxy::TLS_RELOADS_TOTAL;
 
 /// The proxy's server TLS settings from the files `cfg` names.
@@ -33,19 +32,6 @@ pub fn db_client_ca(cfg: &ProxyConfig) -> anyhow::Result<CertificateAuthority> {
         .context("database-client CA")
 }
 
-/// Modification time and size of each file: what changes when a file (or the symlink a
-/// Kubernetes volume swaps) is replaced.
-fn stamp(paths: &[PathBuf]) -> Vec<Option<(SystemTime, u64)>> {
-    paths
-        .iter()
-        .map(|p| {
-            std::fs::metadata(p)
-                .ok()
-                .and_then(|m| Some((m.modified().ok()?, m.len())))
-        })
-        .collect()
-}
-
 /// Runs for as long as the process: reloads the server TLS files and the database-client
 /// CA when their stamps move.
 pub async fn watch(shared: Arc<Shared>) {
@@ -59,21 +45,17 @@ pub async fn watch(shared: Arc<Shared>) {
         PathBuf::from(&cfg.db_client_ca.cert),
         PathBuf::from(&cfg.db_client_ca.key),
     ];
-    let (mut server_seen, mut ca_seen) = (stamp(&server_files), stamp(&ca_files));
+    let (mut server_files, mut ca_files) = (Stamps::new(server_files), Stamps::new(ca_files));
     let mut tick = tokio::time::interval(WATCH_INTERVAL);
     loop {
         tick.tick().await;
-        let now = stamp(&server_files);
-        if now != server_seen {
-            server_seen = now;
+        if server_files.changed() {
             counted(
                 "server TLS files",
                 server_config(cfg).map(|c| shared.tls.store(Arc::new(c))),
             );
         }
-        let now = stamp(&ca_files);
-        if now != ca_seen {
-            ca_seen = now;
+        if ca_files.changed() {
             counted(
                 "database-client CA",
                 db_client_ca(cfg).map(|ca| shared.upstreams.set_ca(ca)),

@@ -15,6 +15,10 @@ pub const SERVER_CERTIFICATES_ISSUED: &str = "gateway_ca_server_certificates_iss
 pub const JOINS_TOTAL: &str = "gateway_ca_joins_total";
 /// Joins refused, by method (`ca::join`).
 pub const JOIN_REFUSALS_TOTAL: &str = "gateway_ca_join_refusals_total";
+/// Reloads of the CA's signing root, root bundle and server certificate (`ca::reload`).
+pub const RELOADS_TOTAL: &str = "gateway_ca_reloads_total";
+/// `result` of [`RELOADS_TOTAL`].
+pub const RELOAD_RESULTS: [&str; 2] = ["success", "error"];
 /// The join methods, as the `method` label says them.
 pub const JOIN_METHODS: [&str; 3] = ["token", "kubernetes", "aws-iam"];
 
@@ -42,6 +46,11 @@ pub const METRICS: &[Metric] = &[
         "Node joins the CA refused, by join method.",
     )
     .labelled("method", &JOIN_METHODS),
+    Metric::counter(
+        RELOADS_TOTAL,
+        "Reloads of the CA's signing root and key, root bundle and server certificate after a file changed, by result: success, or error (the last good ones stay).",
+    )
+    .labelled("result", &RELOAD_RESULTS),
 ];
 
 /// Describes every metric of the ca and registers its series at zero. Call once, after

@@ -76,7 +76,7 @@ pub async fn start(
     )
     .unwrap();
     let joins = Arc::new(Joins {
-        ca,
+        ca: Arc::new(arc_swap::ArcSwap::from_pointee(ca)),
         trust_domain: TD.into(),
         ttl,
         tokens,
@@ -86,7 +86,11 @@ pub async fn start(
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(serve(joins.clone(), listener, Arc::new(tls)));
+    let server = tokio::spawn(serve(
+        joins.clone(),
+        listener,
+        Arc::new(arc_swap::ArcSwap::from_pointee(tls)),
+    ));
     Running {
         addr,
         roots,
@@ -194,7 +198,7 @@ async fn a_token_join_gets_a_node_certificate_the_workload_endpoint_accepts() {
     // The joined certificate is a node identity the workload endpoint serves.
     let ca = load_ca(&d);
     let svc = Arc::new(crate::ca::service::CaService {
-        ca,
+        ca: Arc::new(arc_swap::ArcSwap::from_pointee(ca)),
         trust_domain: TD.into(),
         ttl: HOUR,
         pods: Box::new(OnePod),
@@ -203,6 +207,7 @@ async fn a_token_join_gets_a_node_certificate_the_workload_endpoint_accepts() {
     });
     let (server_pem, server_key) = svc
         .ca
+        .load()
         .issue(&LeafSpec::server(vec!["gateway-ca".into()], vec![]), HOUR)
         .unwrap();
     let tls = crate::tunnel::server_config(
@@ -213,7 +218,11 @@ async fn a_token_join_gets_a_node_certificate_the_workload_endpoint_accepts() {
     .unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(crate::ca::service::serve(svc, listener, Arc::new(tls)));
+    tokio::spawn(crate::ca::service::serve(
+        svc,
+        listener,
+        Arc::new(arc_swap::ArcSwap::from_pointee(tls)),
+    ));
     let workload = crate::ca::client::CaClient {
         addr,
         server_name: ServerName::try_from("gateway-ca").unwrap(),
