@@ -27,6 +27,7 @@ mod client_tls;
 mod connection;
 mod error;
 mod interface;
+mod listener_certs;
 mod node_certificate;
 mod relay;
 mod server_certificates;
@@ -80,6 +81,9 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let control = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    if !listeners.is_empty() {
+        control.spawn(listener_certs::watch(cfg.clone(), listeners.clone()));
+    }
     let (transparent, mut interception) = match &cfg.interception {
         Some(i) => {
             let setup = transparent::setup(&cfg, i, &proxy_ca, &control, &readiness)?;
@@ -182,33 +186,16 @@ fn explicit_listeners(
 ) -> anyhow::Result<Vec<Arc<Listener>>> {
     let mut listeners = Vec::new();
     for (i, l) in cfg.listeners.iter().enumerate() {
-        let chain = pki::load_certs(&l.identity.cert)
-            .with_context(|| format!("listeners[{i}].identity.cert"))?;
-        let key = pki::load_key(&l.identity.key)
-            .with_context(|| format!("listeners[{i}].identity.key"))?;
-        let id = pki::spiffe_id_of(&chain[0])
-            .with_context(|| format!("listeners[{i}].identity.cert"))?;
-        let tls = crate::tunnel::client_config(chain, key, proxy_ca)
-            .with_context(|| format!("listeners[{i}]"))?;
-        let client_tls = match &l.client_tls {
-            None => None,
-            Some(files) => Some(Arc::new(
-                client_tls::server_config(
-                    pki::load_certs(&files.cert)
-                        .with_context(|| format!("listeners[{i}].client_tls.cert"))?,
-                    pki::load_key(&files.key)
-                        .with_context(|| format!("listeners[{i}].client_tls.key"))?,
-                )
-                .with_context(|| format!("listeners[{i}].client_tls"))?,
-            )),
-        };
+        let (tls, id) = listener_certs::tunnel_tls(i, l, proxy_ca)?;
+        let client_tls =
+            listener_certs::client_tls(i, l)?.map(|c| Arc::new(arc_swap::ArcSwap::from_pointee(c)));
         tracing::info!(listen = %l.listen, route = %l.route, identity = %id, "listener");
         listeners.push(Arc::new(Listener {
             listen: l.listen,
             route: l.route.clone(),
             protocol: l.protocol,
             pod: l.pod.clone(),
-            tls: Arc::new(tls),
+            tls: Arc::new(arc_swap::ArcSwap::from_pointee(tls)),
             identity_cert: l.identity.cert.clone(),
             client_tls,
         }));

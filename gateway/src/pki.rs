@@ -531,6 +531,14 @@ pub fn check_validity(cert: &CertificateDer<'_>, now: SystemTime) -> Result<Dura
     Ok(Duration::from_secs((not_after - now) as u64))
 }
 
+/// When `cert` ends.
+pub fn not_after(cert: &CertificateDer<'_>) -> Result<SystemTime, PkiError> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert)
+        .map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+    Ok(SystemTime::UNIX_EPOCH
+        + Duration::from_secs(x509.validity().not_after.timestamp().max(0) as u64))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

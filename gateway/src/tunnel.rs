@@ -13,7 +13,10 @@
 //! Shared by both wings; imports only the vocabulary the preamble is written in (`route`,
 //! `pod`).
 
+mod roots;
 mod sessions;
+
+pub use roots::ReloadableRoots;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -91,7 +91,13 @@ async fn a_node_joins_with_a_one_time_token_and_gets_its_pods_certificates() {
         JoinClient {
             addr: join_addr,
             server_name: ServerName::try_from("gateway-ca").unwrap(),
-            tls: Arc::new(client_config(&roots, identity.clone()).unwrap()),
+            tls: Arc::new(
+                client_config(
+                    Arc::new(gateway::tunnel::ReloadableRoots::new(&roots).unwrap()),
+                    identity.clone(),
+                )
+                .unwrap(),
+            ),
             identity,
             node_name: name.into(),
             prover: Prover::Token(dir.join("token")),

@@ -32,6 +32,7 @@ use rustls::ClientConfig;
 use rustls_pki_types::CertificateDer;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::admin::{BlockReady, Readiness};
 use crate::ca::client::{CaClient, ClientError};
 use crate::identity::Workload;
 use crate::pki::SpiffeId;
@@ -115,6 +116,8 @@ struct Control {
     /// Identities being fetched, with the connections waiting for each (single flight).
     /// Locked only on the control runtime, never across an await.
     inflight: Mutex<HashMap<SpiffeId, Vec<Reply>>>,
+    /// Degraded while a certificate goes unrenewed past three quarters of its life.
+    readiness: Option<Readiness>,
 }
 
 /// A certificate just fetched and cached (`C`: the rustls config built on it), in this cache
@@ -134,6 +137,7 @@ impl Certificates {
         ca_timeout: Duration,
         proxy_ca: Vec<CertificateDer<'static>>,
         pods: Option<Arc<dyn PodDirectory>>,
+        readiness: Option<Readiness>,
     ) -> (Self, Fetcher) {
         let cache = Cache::default();
         let (tx, rx) = mpsc::unbounded_channel();
@@ -146,6 +150,7 @@ impl Certificates {
                 proxy_ca: RwLock::new(proxy_ca),
                 pods,
                 inflight: Mutex::default(),
+                readiness,
             }),
             bundle: None,
         };
@@ -284,23 +289,14 @@ impl Control {
             if !stamps.changed() {
                 continue;
             }
-            match crate::pki::load_certs(&path) {
-                Ok(roots) if !roots.is_empty() => {
-                    let n = roots.len();
-                    *self.proxy_ca.write().unwrap_or_else(|e| e.into_inner()) = roots;
-                    self.cache
-                        .write()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .clear();
-                    tracing::info!(bundle = %path.display(), roots = n, "proxy CA bundle reloaded");
-                }
-                Ok(_) => {
-                    tracing::warn!(bundle = %path.display(), "proxy CA bundle changed but holds no certificate; the last one stays")
-                }
-                Err(e) => {
-                    tracing::warn!(bundle = %path.display(), %e, "proxy CA bundle changed but did not load; the last one stays")
-                }
-            }
+            let r = crate::pki::load_certs(&path).map(|roots| {
+                *self.proxy_ca.write().unwrap_or_else(|e| e.into_inner()) = roots;
+                self.cache
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clear();
+            });
+            super::node_certificate::counted("proxy.ca", &path, r.map_err(Into::into));
         }
     }
 
@@ -361,8 +357,13 @@ impl Control {
     /// Renews `id` at half-life for as long as `f` (then each renewal) is the cached entry
     /// ([`keep_renewed`]) and its pod is on the node.
     async fn keep_renewed(&self, id: &SpiffeId, pod_uid: Option<&str>, f: Fetched<ClientConfig>) {
+        let degraded = self
+            .readiness
+            .as_ref()
+            .map(|r| (r, format!("workload certificate for {id}")));
         keep_renewed(
             f,
+            degraded,
             |config| self.is_cached(id, config) && !self.drop_if_pod_gone(id, pod_uid, config),
             move || self.fetch(id, pod_uid),
             |config| {
@@ -421,12 +422,16 @@ impl Control {
 /// the entry if it is still this one, so the next connection asks again).
 pub(super) async fn keep_renewed<C, E, Fut>(
     mut f: Fetched<C>,
+    degraded: Option<(&Readiness, String)>,
     is_current: impl Fn(&Arc<C>) -> bool,
     mut fetch: impl FnMut() -> Fut,
     expired: impl FnOnce(&Arc<C>),
 ) where
     Fut: std::future::Future<Output = Result<Fetched<C>, E>>,
 {
+    // Held while renewals fail past three quarters of the certificate's life: `/readyz`
+    // says so before the certificate ends, while it still serves.
+    let mut blocked: Option<BlockReady> = None;
     loop {
         while SystemTime::now() < f.renew_at {
             tokio::time::sleep(until(f.renew_at).min(POD_CHECK_EVERY)).await;
@@ -442,16 +447,34 @@ pub(super) async fn keep_renewed<C, E, Fut>(
             match fetch().await {
                 Ok(next) => {
                     f = next;
+                    blocked = None;
                     break;
                 }
-                Err(_) if SystemTime::now() + retry < f.expiry => {
-                    tokio::time::sleep(retry).await;
-                    retry = (retry * 2).min(MAX_RETRY);
-                }
                 Err(_) => {
-                    tokio::time::sleep(until(f.expiry)).await;
-                    expired(&f.config);
-                    return;
+                    // Half-way from the renewal time to the end: three quarters of the life.
+                    let degraded_at =
+                        f.renew_at + f.expiry.duration_since(f.renew_at).unwrap_or_default() / 2;
+                    if let (None, Some((readiness, what))) = (&blocked, &degraded)
+                        && SystemTime::now() + retry >= degraded_at
+                    {
+                        tokio::time::sleep(until(degraded_at)).await;
+                        let expires = humantime::format_rfc3339_seconds(f.expiry);
+                        tracing::error!(%expires, "{what} not renewed: readiness degraded");
+                        blocked = Some(
+                            readiness
+                                .block(&format!("degraded: {what} not renewed, expires {expires}")),
+                        );
+                    }
+                    if SystemTime::now() + retry < f.expiry {
+                        tokio::time::sleep(retry).await;
+                        retry = (retry * 2).min(MAX_RETRY);
+                    } else {
+                        // The certificate served until its end; the next connection asks
+                        // the CA again (and readiness is no longer about this one).
+                        tokio::time::sleep(until(f.expiry)).await;
+                        expired(&f.config);
+                        return;
+                    }
                 }
             }
         }
@@ -568,7 +591,8 @@ mod tests {
             server_name: ServerName::try_from("gateway-ca").unwrap(),
             tls: Arc::new(node_tls),
         };
-        let (certs, fetcher) = Certificates::new(client, Duration::from_secs(10), roots, pods);
+        let (certs, fetcher) =
+            Certificates::new(client, Duration::from_secs(10), roots, pods, None);
         let fetcher = match bundle {
             Some(b) => fetcher.watch_bundle(b),
             None => fetcher,
@@ -604,6 +628,56 @@ mod tests {
 
     fn api() -> SpiffeId {
         SpiffeId::new(TD, "team-a", "api")
+    }
+
+    #[test]
+    fn readiness_degrades_before_an_unrenewed_certificate_ends() {
+        let readiness = Readiness::default();
+        let now = SystemTime::now();
+        let f = Fetched {
+            config: Arc::new(()),
+            renew_at: now,
+            expiry: now + Duration::from_secs(3),
+        };
+        let ended = std::sync::atomic::AtomicBool::new(false);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let renewal = keep_renewed(
+                f,
+                Some((&readiness, "workload certificate for x".to_owned())),
+                |_| true,
+                || async { Err::<Fetched<()>, _>("the CA is down") },
+                |_| ended.store(true, std::sync::atomic::Ordering::SeqCst),
+            );
+            let watch = async {
+                // Renewal was due at half-life (now), so three quarters of the life is
+                // half-way to the end: 1.5 s from now.
+                tokio::time::sleep(Duration::from_millis(1000)).await;
+                let early = readiness.pending();
+                tokio::time::sleep(Duration::from_millis(1000)).await;
+                (
+                    early,
+                    readiness.pending(),
+                    ended.load(std::sync::atomic::Ordering::SeqCst),
+                )
+            };
+            let ((early, late, ended_late), ()) = tokio::join!(watch, renewal);
+            assert!(early.is_empty(), "{early:?}");
+            assert_eq!(late.len(), 1, "{late:?}");
+            assert!(
+                late[0].starts_with("degraded: workload certificate for x not renewed, expires"),
+                "{late:?}"
+            );
+            assert!(!ended_late, "still serving at 2 s");
+        });
+        assert!(ended.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(
+            readiness.pending().is_empty(),
+            "the certificate is gone, and so is its state"
+        );
     }
 
     #[test]
@@ -786,6 +860,7 @@ mod tests {
             Duration::from_secs(10),
             Vec::new(),
             None,
+            None,
         );
         drop(fetcher);
         tokio_uring::start(async {
@@ -834,6 +909,7 @@ mod tests {
             },
             Duration::from_millis(300),
             Vec::new(),
+            None,
             None,
         );
         std::thread::spawn(move || {

@@ -54,10 +54,12 @@ pub struct Listener {
     pub route: String,
     pub protocol: Protocol,
     pub pod: PodMeta,
-    pub tls: Arc<ClientConfig>,
+    /// The tunnel's client settings; swapped when the certificate files change
+    /// (`listener_certs`).
+    pub tls: super::listener_certs::LiveClient,
     pub identity_cert: PathBuf,
     /// Client TLS with the listener's server certificate (`None`: `SSLRequest` gets `N`).
-    pub client_tls: Option<Arc<ServerConfig>>,
+    pub client_tls: Option<super::listener_certs::LiveServer>,
 }
 
 impl Listener {
@@ -219,13 +221,12 @@ impl Routed<'_> {
     /// (route, dialled IP) from the cache (a miss waits for the control runtime).
     async fn server_config(&self) -> Result<Arc<ServerConfig>, NodeError> {
         match self {
-            Self::Explicit(l) => l
-                .client_tls
-                .clone()
-                .ok_or_else(|| NodeError::ServerCertificate {
+            Self::Explicit(l) => l.client_tls.as_ref().map(|c| c.load_full()).ok_or_else(|| {
+                NodeError::ServerCertificate {
                     destination: l.listen.to_string(),
                     reason: "the listener has no client_tls certificate".into(),
-                }),
+                }
+            }),
             Self::Transparent(t, d) => {
                 let Some(names) = &d.client_tls else {
                     return Err(NodeError::ServerCertificate {
@@ -335,10 +336,10 @@ enum Target<'a> {
 }
 
 impl Target<'_> {
-    fn tls(&self) -> &Arc<ClientConfig> {
+    fn tls(&self) -> Arc<ClientConfig> {
         match self {
-            Self::Explicit(l) => &l.tls,
-            Self::Transparent { tls, .. } => tls,
+            Self::Explicit(l) => l.tls.load_full(),
+            Self::Transparent { tls, .. } => tls.clone(),
         }
     }
 
@@ -401,10 +402,10 @@ async fn tunnel(
 ) -> Result<Tunnel, NodeError> {
     let tls = target.tls();
     if replica.is_none() {
-        let warm = tunnel_pool::take(tls, plane.dp.warm_tunnel_idle);
+        let warm = tunnel_pool::take(&tls, plane.dp.warm_tunnel_idle);
         // Whether a warm tunnel was there or not, the next session of this identity should
         // find one.
-        tunnel_pool::refill(tls, &plane.warm);
+        tunnel_pool::refill(&tls, &plane.warm);
         if let Some(conn) = warm {
             return Ok(Tunnel {
                 conn,
@@ -596,7 +597,9 @@ mod tests {
                 name: Some("api-0".into()),
                 ..PodMeta::default()
             },
-            tls: Arc::new(crate::tunnel::client_config(chain, key, &proxy_ca.roots).unwrap()),
+            tls: Arc::new(arc_swap::ArcSwap::from_pointee(
+                crate::tunnel::client_config(chain, key, &proxy_ca.roots).unwrap(),
+            )),
             identity_cert: "/etc/dbgw/api.crt".into(),
             client_tls: None,
         })
@@ -845,7 +848,9 @@ mod tests {
             vec!["127.0.0.1".parse().unwrap()],
         ));
         let mut l = Arc::try_unwrap(l).ok().unwrap();
-        l.client_tls = Some(Arc::new(client_tls::server_config(chain, key).unwrap()));
+        l.client_tls = Some(Arc::new(arc_swap::ArcSwap::from_pointee(
+            client_tls::server_config(chain, key).unwrap(),
+        )));
         Arc::new(l)
     }
 

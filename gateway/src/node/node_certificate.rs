@@ -4,37 +4,52 @@
 //! reason if it cannot), keeps the key in memory only, and then renews it on the control
 //! runtime (`ca::join::client::JoinClient::keep_renewed`: half-life with jitter, backoff
 //! capped at 150 s, readiness degraded before the cached certificate ends).
+//!
+//! Either way the TLS client to the CA takes, at each handshake, the roots and the node
+//! certificate of that moment: the roots (`interception.ca.ca`) and the node certificate
+//! files reload when they change ([`watch_files`]), so a CA root rotation or a renewed
+//! certificate file needs no restart.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
 use rustls::ClientConfig;
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::ServerName;
 
 use crate::admin::Readiness;
 use crate::ca::join::client::{JoinClient, NodeIdentity, Prover, Schedule, client_config};
 use crate::config::{CaEndpoint, JoinConfig};
-use crate::pki;
+use crate::pki::{self, watch::Stamps};
+use crate::telemetry::node::TLS_RELOADS_TOTAL;
+use crate::tunnel::ReloadableRoots;
 
-/// The TLS client configuration for the CA, with the node certificate in it (files), or
-/// behind a resolver the renewal task keeps current (join; the renewal is spawned on
-/// `control`).
+/// How often the files are looked at.
+const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The TLS client configuration for the CA: the node certificate from files, or behind a
+/// resolver the renewal task keeps current (join; the renewal is spawned on `control`).
+/// The file watcher is spawned on `control` too.
 pub fn ca_tls(
     node_name: &str,
     ca: &CaEndpoint,
-    ca_roots: &[CertificateDer<'static>],
     control: &tokio::runtime::Runtime,
     readiness: &Readiness,
 ) -> anyhow::Result<ClientConfig> {
-    let Some(join) = &ca.join else {
-        return Ok(crate::tunnel::client_config(
-            pki::load_certs(&ca.node_cert).context("interception.ca.node_cert")?,
-            pki::load_key(&ca.node_key).context("interception.ca.node_key")?,
-            ca_roots,
-        )?);
-    };
+    let roots = Arc::new(
+        ReloadableRoots::new(&pki::load_certs(&ca.ca).context("interception.ca.ca")?)
+            .context("interception.ca.ca")?,
+    );
     let identity = Arc::new(NodeIdentity::default());
-    let tls = Arc::new(client_config(ca_roots, identity.clone())?);
+    let tls = Arc::new(client_config(roots.clone(), identity.clone())?);
+    let Some(join) = &ca.join else {
+        identity
+            .set_from_files(&ca.node_cert, &ca.node_key)
+            .context("interception.ca.node_cert / node_key")?;
+        control.spawn(watch_files(ca.clone(), roots, Some(identity)));
+        return Ok(Arc::unwrap_or_clone(tls));
+    };
+    control.spawn(watch_files(ca.clone(), roots, None));
     let prover = match join {
         JoinConfig::Token { token_file, .. } => Prover::Token(token_file.clone()),
         JoinConfig::Kubernetes { token_file, .. } => Prover::Kubernetes(token_file.clone()),
@@ -72,4 +87,48 @@ pub fn ca_tls(
     let readiness = readiness.clone();
     control.spawn(async move { client.keep_renewed(first, readiness).await });
     Ok(Arc::unwrap_or_clone(tls))
+}
+
+/// Reloads `interception.ca.ca` into `roots`, and the node certificate files into
+/// `identity` (file mode), when they change. A file that does not load leaves the last good
+/// one in place (logged, counted in `gateway_node_tls_reloads_total{result="error"}`).
+async fn watch_files(
+    ca: CaEndpoint,
+    roots: Arc<ReloadableRoots>,
+    identity: Option<Arc<NodeIdentity>>,
+) {
+    let mut bundle = Stamps::new(vec![ca.ca.clone()]);
+    let cert_files: Vec<PathBuf> = match identity {
+        Some(_) => vec![ca.node_cert.clone(), ca.node_key.clone()],
+        None => Vec::new(),
+    };
+    let mut certs = Stamps::new(cert_files);
+    loop {
+        tokio::time::sleep(WATCH_EVERY).await;
+        if bundle.changed() {
+            let r = pki::load_certs(&ca.ca)
+                .map_err(anyhow::Error::from)
+                .and_then(|c| Ok(roots.set(&c)?));
+            counted("interception.ca.ca", &ca.ca, r);
+        }
+        if let Some(identity) = identity.as_ref().filter(|_| certs.changed()) {
+            let r = identity
+                .set_from_files(&ca.node_cert, &ca.node_key)
+                .map(drop)
+                .map_err(anyhow::Error::from);
+            counted("interception.ca.node_cert", &ca.node_cert, r);
+        }
+    }
+}
+
+/// Logs and counts one reload of the node's files (every watcher of the node uses it).
+pub fn counted(what: &str, path: &std::path::Path, result: anyhow::Result<()>) {
+    let label = if result.is_ok() { "success" } else { "error" };
+    metrics::counter!(TLS_RELOADS_TOTAL, "result" => label).increment(1);
+    match result {
+        Ok(()) => tracing::info!(file = %path.display(), "{what} reloaded"),
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %format!("{e:#}"), "{what} changed but did not load; the last good one stays")
+        }
+    }
 }

@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::certificates;
 use super::client_tls;
+use crate::admin::Readiness;
 use crate::ca::client::{CaClient, ClientError};
 use crate::route::ClientTls;
 use crate::telemetry::node as telemetry;
@@ -69,12 +70,18 @@ struct Control {
     ca_timeout: Duration,
     /// Keys being fetched, with the connections waiting for each (single flight).
     inflight: Mutex<HashMap<Key, Vec<Reply>>>,
+    /// Degraded while a certificate goes unrenewed past three quarters of its life.
+    readiness: Option<Readiness>,
 }
 
 type Fetched = certificates::Fetched<ServerConfig>;
 
 impl ServerCertificates {
-    pub fn new(ca: CaClient, ca_timeout: Duration) -> (Self, ServerFetcher) {
+    pub fn new(
+        ca: CaClient,
+        ca_timeout: Duration,
+        readiness: Option<Readiness>,
+    ) -> (Self, ServerFetcher) {
         let cache = Cache::default();
         let (tx, rx) = mpsc::unbounded_channel();
         let control = Arc::new(Control {
@@ -82,6 +89,7 @@ impl ServerCertificates {
             ca,
             ca_timeout,
             inflight: Mutex::default(),
+            readiness,
         });
         (
             Self {
@@ -233,8 +241,15 @@ impl Control {
     /// Renews at half-life while `f` (then each renewal) is the cached entry
     /// ([`certificates::keep_renewed`]).
     async fn keep_renewed(&self, key: &Key, tls: &ClientTls, f: Fetched) {
+        let degraded = self.readiness.as_ref().map(|r| {
+            (
+                r,
+                format!("server certificate for route {} at {}", key.0, key.1),
+            )
+        });
         certificates::keep_renewed(
             f,
+            degraded,
             |config| self.is_cached(key, config),
             move || self.fetch(key, tls),
             |config| {

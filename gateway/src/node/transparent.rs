@@ -32,7 +32,6 @@ use crate::ebpf::{self, Interception, OrigDst, OrigDsts};
 use crate::identity::lookup::Lookups;
 use crate::identity::pod_path::KubeletCgroups;
 use crate::identity::{IdentityError, Resolver, Workload};
-use crate::pki;
 use crate::pod::{HostIdentity, PodDirectory};
 use crate::route::{ClientTls, DestinationError, Protocol, RouteTable, parse_destination};
 use crate::telemetry::node as telemetry;
@@ -209,18 +208,23 @@ pub fn setup(
     )?;
     let lookups = Lookups::spawn(resolver, i.identity.cgroup_walk_interval)
         .context("start the cgroup lookup thread")?;
-    let ca_roots = pki::load_certs(&i.ca.ca).context("interception.ca.ca")?;
-    let node_tls =
-        super::node_certificate::ca_tls(&cfg.node_name, &i.ca, &ca_roots, control, readiness)?;
+    let node_tls = super::node_certificate::ca_tls(&cfg.node_name, &i.ca, control, readiness)?;
     let ca = crate::ca::client::CaClient {
         addr: i.ca.address,
         server_name: ServerName::try_from(i.ca.server_name.clone())
             .with_context(|| format!("interception.ca.server_name {:?}", i.ca.server_name))?,
         tls: Arc::new(node_tls),
     };
-    let (server_certs, server_fetcher) = ServerCertificates::new(ca.clone(), i.ca.timeout);
+    let (server_certs, server_fetcher) =
+        ServerCertificates::new(ca.clone(), i.ca.timeout, Some(readiness.clone()));
     // Certificates of pods that leave the directory are dropped (revocation by deletion).
-    let (certs, fetcher) = Certificates::new(ca, i.ca.timeout, proxy_ca.to_vec(), Some(pods));
+    let (certs, fetcher) = Certificates::new(
+        ca,
+        i.ca.timeout,
+        proxy_ca.to_vec(),
+        Some(pods),
+        Some(readiness.clone()),
+    );
     // The bundle that verifies the proxy reloads when its file changes (root rotation).
     let fetcher = fetcher.watch_bundle(cfg.proxy.ca.clone());
     Ok(Setup {

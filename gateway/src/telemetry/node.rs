@@ -29,6 +29,11 @@ pub const IDENTITY_FAILURES_TOTAL: &str = "gateway_node_identity_failures_total"
 pub const CERTIFICATE_FAILURES_TOTAL: &str = "gateway_node_certificate_failures_total";
 /// Workload certificates fetched from the CA.
 pub const CERTIFICATES_FETCHED_TOTAL: &str = "gateway_node_certificates_fetched_total";
+/// Reloads of the node's trust and certificate files (`interception.ca.ca`, node
+/// certificate files, `proxy.ca`, explicit listeners' workload certificates), by `result`.
+pub const TLS_RELOADS_TOTAL: &str = "gateway_node_tls_reloads_total";
+/// Label values of [`TLS_RELOADS_TOTAL`]'s `result`.
+pub const RELOAD_RESULTS: &[&str] = &["success", "error"];
 /// Client TLS handshakes (application to node), by `result` (one of [`CLIENT_TLS_RESULTS`]).
 pub const CLIENT_TLS_HANDSHAKES_TOTAL: &str = "gateway_node_client_tls_handshakes_total";
 /// Seconds from the first TLS byte to a finished client TLS handshake.
@@ -121,6 +126,11 @@ pub const METRICS: &[Metric] = &[
         "Server certificates for client TLS requested from the CA, by result.",
     )
     .labelled("result", SERVER_CERTIFICATE_RESULTS),
+    Metric::counter(
+        TLS_RELOADS_TOTAL,
+        "Reloads of the node's CA bundle, node certificate files, proxy CA bundle and explicit listeners' certificates after a file changed, by result: success, or error (the last good ones stay).",
+    )
+    .labelled("result", RELOAD_RESULTS),
     Metric::counter(
         CGROUP_WALKS_TOTAL,
         "Walks of the cgroup tree for cgroup ids not seen before.",

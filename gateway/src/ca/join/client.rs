@@ -61,6 +61,31 @@ impl NodeIdentity {
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some((key, not_after));
     }
 
+    /// Takes a node certificate and key from files (`gateway ca issue-node`), for nodes that
+    /// do not join; called again when the files change.
+    pub fn set_from_files(
+        &self,
+        cert: &std::path::Path,
+        key: &std::path::Path,
+    ) -> Result<SystemTime, PkiError> {
+        let chain = crate::pki::load_certs(cert)?;
+        let not_after = crate::pki::not_after(&chain[0])?;
+        let signing = crate::tunnel::crypto_provider()
+            .key_provider
+            .load_private_key(crate::pki::load_key(key)?)
+            .map_err(|e| PkiError::BadKey {
+                path: key.to_owned(),
+                reason: e.to_string(),
+            })?;
+        let certified = CertifiedKey::new(chain, signing);
+        certified.keys_match().map_err(|e| PkiError::BadKey {
+            path: key.to_owned(),
+            reason: format!("not the key of {}: {e}", cert.display()),
+        })?;
+        self.set(Arc::new(certified), not_after);
+        Ok(not_after)
+    }
+
     /// The certificate if it is still valid at `now`.
     pub fn current(&self, now: SystemTime) -> Option<Arc<CertifiedKey>> {
         let c = self.current.read().unwrap_or_else(|e| e.into_inner());
@@ -85,20 +110,18 @@ impl rustls::client::ResolvesClientCert for NodeIdentity {
 }
 
 /// TLS 1.3 to the CA (its join listener and its workload endpoint), the CA verified against
-/// `roots`, the client certificate whatever `identity` holds at handshake time.
+/// whatever `roots` holds at handshake time (a rotation's bundle is taken without a new
+/// config), the client certificate whatever `identity` holds then.
 pub fn client_config(
-    roots: &[CertificateDer<'static>],
+    roots: Arc<crate::tunnel::ReloadableRoots>,
     identity: Arc<NodeIdentity>,
 ) -> Result<rustls::ClientConfig, JoinClientError> {
     let bad = |e: String| JoinClientError::BadCertificate(e);
-    let mut store = rustls::RootCertStore::empty();
-    for c in roots {
-        store.add(c.clone()).map_err(|e| bad(e.to_string()))?;
-    }
     let mut cfg = rustls::ClientConfig::builder_with_provider(crate::tunnel::crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| bad(e.to_string()))?
-        .with_root_certificates(store)
+        .dangerous()
+        .with_custom_certificate_verifier(roots)
         .with_client_cert_resolver(identity);
     cfg.alpn_protocols = vec![crate::tunnel::ALPN.to_vec()];
     // A resumed session would present the identity of the session it resumes (none, on
@@ -285,11 +308,13 @@ impl JoinClient {
     pub async fn keep_renewed(&self, mut joined: Joined, readiness: Readiness) {
         let mut degraded: Option<BlockReady> = None;
         loop {
-            let life = joined
+            let total = joined
                 .not_after
                 .duration_since(joined.received)
-                .unwrap_or_default()
-                .saturating_sub(self.schedule.leeway);
+                .unwrap_or_default();
+            // A minute of leeway on an hour; a quarter of the life on certificates shorter
+            // than four minutes (else a short TTL would renew without pause).
+            let life = total.saturating_sub(self.schedule.leeway.min(total / 4));
             let jitter = 0.9 + rand::random::<f64>() * 0.2;
             let renew_at = joined.received + life.mul_f64(0.5 * jitter);
             let degraded_at = joined.received + life.mul_f64(self.schedule.degraded_after);

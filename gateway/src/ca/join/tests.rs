@@ -104,7 +104,13 @@ pub fn client(r: &Running, node: &str, prover: Prover) -> JoinClient {
     JoinClient {
         addr: r.addr,
         server_name: ServerName::try_from("gateway-ca").unwrap(),
-        tls: Arc::new(client::client_config(&r.roots, identity.clone()).unwrap()),
+        tls: Arc::new(
+            client::client_config(
+                Arc::new(crate::tunnel::ReloadableRoots::new(&r.roots).unwrap()),
+                identity.clone(),
+            )
+            .unwrap(),
+        ),
         identity,
         node_name: node.into(),
         prover,
