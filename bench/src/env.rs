@@ -386,6 +386,7 @@ fn spec(gateway_bin: &Path, transparent: bool, echo: SocketAddr, threads: u16) -
             host_identity: None,
             ipv6: false,
             join: false,
+            ..TransparentSpec::default()
         }),
         // `direct` and the TLS peers' server ends log in over plain TCP; TLS logins still
         // fall through to the certificate rule, so the gateway's upstream is unchanged.

@@ -30,6 +30,7 @@ fn stack() -> Stack {
         host_identity: None,
         ipv6: false,
         join: false,
+        ..TransparentSpec::default()
     });
     Stack::start(spec).expect("transparent stack")
 }

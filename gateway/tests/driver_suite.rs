@@ -220,6 +220,7 @@ fn spec() -> StackSpec {
             host_identity: None,
             ipv6: false,
             join: false,
+            ..TransparentSpec::default()
         }),
         setup_sql: vec![
             "CREATE ROLE pg8000 SUPERUSER LOGIN".into(),

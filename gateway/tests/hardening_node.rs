@@ -46,6 +46,7 @@ fn stack_with(pods: &[(&str, &str, &str)], threads: usize) -> Stack {
         host_identity: None,
         ipv6: false,
         join: false,
+        ..TransparentSpec::default()
     });
     Stack::start(spec).expect("transparent stack")
 }

@@ -151,6 +151,7 @@ fn a_joined_node_agent_serves_a_pods_session() {
         host_identity: None,
         ipv6: false,
         join: true,
+        ..TransparentSpec::default()
     });
     let s = Stack::start(spec).expect("a stack whose node joins");
     let node_config = std::fs::read_to_string(&s.node_config).unwrap();

@@ -60,6 +60,7 @@ fn transparent_stack() -> Stack {
         host_identity: None,
         ipv6: true,
         join: false,
+        ..TransparentSpec::default()
     });
     Stack::start(spec).expect("transparent stack")
 }

@@ -58,7 +58,7 @@ pub fn proxy_config(spec: &StackSpec, pg_port: u16) -> ProxyConfig {
                 address: loopback(pg_port).to_string(),
                 auth: Some(UpstreamAuth::Cert),
                 tls: UpstreamTlsMode::VerifyFull,
-                ca: Some(in_ca_dir(pki::WORKLOAD_CA_CERT)),
+                ca: Some(super::spec::DB_SERVER_CA.into()),
                 server_name: Some("localhost".into()),
                 region: None,
                 iam_host: None,
@@ -112,7 +112,7 @@ pub fn proxy_config(spec: &StackSpec, pg_port: u16) -> ProxyConfig {
         tls: ProxyTls {
             cert: "proxy.crt".into(),
             key: "proxy.key".into(),
-            client_ca: in_ca_dir(pki::WORKLOAD_CA_CERT),
+            client_ca: in_ca_dir(pki::WORKLOAD_BUNDLE),
         },
         db_client_ca: CaFiles {
             cert: in_ca_dir(pki::DB_CLIENT_CA_CERT),
@@ -178,7 +178,7 @@ pub fn node_config(
         proxy: ProxyEndpoint {
             address: proxy_addr.to_string(),
             server_name: PROXY_SERVER_NAME.into(),
-            ca: in_ca_dir(pki::WORKLOAD_CA_CERT),
+            ca: in_ca_dir(pki::WORKLOAD_BUNDLE),
             replicas: Vec::new(),
         },
         data_plane: spec.data_plane.clone(),
@@ -235,7 +235,7 @@ fn interception(spec: &StackSpec, k: &Kernel, ca_addr: SocketAddr) -> Intercepti
         ca: CaEndpoint {
             address: ca_addr,
             server_name: CA_SERVER_NAME.into(),
-            ca: in_ca_dir(pki::WORKLOAD_CA_CERT),
+            ca: in_ca_dir(pki::WORKLOAD_BUNDLE),
             node_cert: NODE_CERT.into(),
             node_key: NODE_KEY.into(),
             join: None,
@@ -346,7 +346,7 @@ mod tests {
         assert_eq!(proxy.audit.path, dir.join("audit.jsonl").to_str().unwrap());
         assert_eq!(
             proxy.tls.client_ca,
-            dir.join("ca").join(pki::WORKLOAD_CA_CERT)
+            dir.join("ca").join(pki::WORKLOAD_BUNDLE)
         );
         assert_eq!(proxy.roles.len(), 1);
         assert_eq!(proxy.roles[0].db_users, ["{{ .service_account }}"]);

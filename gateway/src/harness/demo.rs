@@ -126,6 +126,7 @@ pub fn spec(gateway_bin: std::path::PathBuf, transparent: bool) -> StackSpec {
             host_identity: None,
             ipv6: false,
             join: false,
+            ..TransparentSpec::default()
         }),
         setup_sql: vec![
             "CREATE ROLE app LOGIN".into(),

@@ -174,6 +174,8 @@ pub struct TransparentSpec {
     /// The node gets its certificate by a token join (`gateway ca token create`, the CA's
     /// join listener) instead of from `node.crt`.
     pub join: bool,
+    /// More flags for `gateway ca serve` (e.g. `--ttl 8s --node-cert-ttl 8s`).
+    pub ca_args: Vec<String>,
 }
 
 /// In the stack directory (transparent mode): the CA service's pod inventory, and the node's
@@ -187,6 +189,10 @@ pub const JOIN_TOKENS: &str = "join-tokens";
 pub const JOIN_TOKEN: &str = "join-token";
 
 pub const CA_SERVER_NAME: &str = "ca.db-gateway.local";
+/// In the stack directory: the root the local PostgreSQL's server certificate chains to
+/// (the workload root the stack started with; a copy, so that rotating the workload
+/// root does not change what the proxy verifies the database by).
+pub const DB_SERVER_CA: &str = "db-server-ca.crt";
 /// The DNS name of the database route in transparent mode: its client TLS certificate
 /// carries it (with the dialled IP), and the CA's `--server-names` allows it.
 pub const DB_SERVER_NAME: &str = "db.demo.db-gateway.local";

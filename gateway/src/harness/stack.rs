@@ -117,6 +117,7 @@ impl Stack {
             pki::write_public(&dir.join(super::spec::LISTENER_TLS_CERT), &c)?;
             pki::write_secret(&dir.join(super::spec::LISTENER_TLS_KEY), &k)?;
         }
+        pki::write_public(&dir.join(super::spec::DB_SERVER_CA), workload_ca.cert_pem())?;
         let trust_bundle = dir.join(TRUST_BUNDLE);
         pki::write_public(&trust_bundle, workload_ca.cert_pem())?;
         let audit_path = dir.join("audit.jsonl");
@@ -286,6 +287,9 @@ impl Stack {
                 "--join-tokens".to_owned(),
                 d(super::spec::JOIN_TOKENS),
             ]);
+        }
+        if let Some(t) = &self.spec.transparent {
+            args.extend(t.ca_args.iter().cloned());
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut child = self.spawn_args("ca", &args)?;

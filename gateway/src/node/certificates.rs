@@ -39,6 +39,11 @@ use crate::pki::SpiffeId;
 use crate::pod::PodDirectory;
 use crate::telemetry::node as telemetry;
 
+/// A certificate is not handed to a new connection in its last second: the tunnel's
+/// handshake must still find it valid at the proxy.
+pub(super) const SERVE_MARGIN: Duration = Duration::from_secs(1);
+/// Least wait between renewal attempts near a certificate's end.
+const MIN_RETRY: Duration = Duration::from_millis(100);
 /// First wait after a failed background renewal; doubles up to [`MAX_RETRY`].
 const FIRST_RETRY: Duration = Duration::from_secs(5);
 /// Longest wait between background renewal attempts (DESIGN.md: backoff at most 150 s).
@@ -75,7 +80,10 @@ pub enum CertificateError {
 }
 
 struct Entry {
-    renew_at: SystemTime,
+    /// Connections take the certificate until then ([`SERVE_MARGIN`] before its end);
+    /// renewing it is the background task's job, so a CA that is down past the renewal
+    /// time leaves new sessions working.
+    usable_until: SystemTime,
     config: Arc<ClientConfig>,
 }
 
@@ -189,7 +197,7 @@ fn cached(cache: &Cache, id: &SpiffeId, now: SystemTime) -> Option<Arc<ClientCon
     let cache = cache.read().unwrap_or_else(|e| e.into_inner());
     cache
         .get(id)
-        .filter(|e| now < e.renew_at)
+        .filter(|e| now < e.usable_until)
         .map(|e| e.config.clone())
 }
 
@@ -343,7 +351,7 @@ impl Control {
             .insert(
                 id.clone(),
                 Entry {
-                    renew_at,
+                    usable_until: expiry - SERVE_MARGIN,
                     config: config.clone(),
                 },
             );
@@ -416,10 +424,12 @@ impl Control {
 /// replacement for as long as `is_current` says `f` (then each renewal) is still wanted:
 /// the cached entry (another fetch that replaced it keeps its own renewal), and for
 /// workload certificates, of a pod still on the node. It is asked every
-/// [`POD_CHECK_EVERY`] while the loop waits, too. A failed fetch is retried
-/// after [`FIRST_RETRY`], doubling up to [`MAX_RETRY`], while that still ends before the
-/// certificate expires; otherwise it waits for the expiry and calls `expired` (which drops
-/// the entry if it is still this one, so the next connection asks again).
+/// [`POD_CHECK_EVERY`] while the loop waits, too. A failed fetch is retried after
+/// [`FIRST_RETRY`], doubling up to [`MAX_RETRY`] but never waiting past half the time left,
+/// so a CA that comes back before the end is used; from three quarters of the life on,
+/// `degraded` (readiness, and what to call the certificate) says so. At the end it calls
+/// `expired` (which drops the entry if it is still this one, so the next connection asks
+/// again). Until then connections keep taking the certificate from the cache.
 pub(super) async fn keep_renewed<C, E, Fut>(
     mut f: Fetched<C>,
     degraded: Option<(&Readiness, String)>,
@@ -451,13 +461,19 @@ pub(super) async fn keep_renewed<C, E, Fut>(
                     break;
                 }
                 Err(_) => {
+                    let now = SystemTime::now();
+                    if now >= f.expiry {
+                        // It served until its end; the next connection asks the CA again
+                        // (and readiness is no longer about this one).
+                        expired(&f.config);
+                        return;
+                    }
                     // Half-way from the renewal time to the end: three quarters of the life.
                     let degraded_at =
                         f.renew_at + f.expiry.duration_since(f.renew_at).unwrap_or_default() / 2;
                     if let (None, Some((readiness, what))) = (&blocked, &degraded)
-                        && SystemTime::now() + retry >= degraded_at
+                        && now >= degraded_at
                     {
-                        tokio::time::sleep(until(degraded_at)).await;
                         let expires = humantime::format_rfc3339_seconds(f.expiry);
                         tracing::error!(%expires, "{what} not renewed: readiness degraded");
                         blocked = Some(
@@ -465,16 +481,14 @@ pub(super) async fn keep_renewed<C, E, Fut>(
                                 .block(&format!("degraded: {what} not renewed, expires {expires}")),
                         );
                     }
-                    if SystemTime::now() + retry < f.expiry {
-                        tokio::time::sleep(retry).await;
-                        retry = (retry * 2).min(MAX_RETRY);
-                    } else {
-                        // The certificate served until its end; the next connection asks
-                        // the CA again (and readiness is no longer about this one).
-                        tokio::time::sleep(until(f.expiry)).await;
-                        expired(&f.config);
-                        return;
+                    // Backoff, but never past half the time left (a CA back shortly before
+                    // the end is still used), and awake in time to say "degraded".
+                    let mut wait = retry.min(until(f.expiry) / 2);
+                    if blocked.is_none() && degraded.is_some() && now < degraded_at {
+                        wait = wait.min(until(degraded_at));
                     }
+                    tokio::time::sleep(wait.max(MIN_RETRY)).await;
+                    retry = (retry * 2).min(MAX_RETRY);
                 }
             }
         }
@@ -681,7 +695,7 @@ mod tests {
     }
 
     #[test]
-    fn hits_the_cache_and_fetches_again_past_renew_at() {
+    fn hits_the_cache_and_fetches_again_at_its_end() {
         let (certs, lookups) = start("renew", Duration::from_secs(600));
         // The data plane's side runs on an io_uring thread, as in the node.
         tokio_uring::start(async {
@@ -694,21 +708,21 @@ mod tests {
             {
                 let cache = certs.cache.read().unwrap();
                 let e = &cache[&api()];
-                let left = e.renew_at.duration_since(SystemTime::now()).unwrap();
-                // 600 s certificates renew at about half-life (±10 %).
+                let left = e.usable_until.duration_since(SystemTime::now()).unwrap();
+                // 600 s certificates serve connections until a second before their end.
                 assert!(
-                    left > Duration::from_secs(260) && left <= Duration::from_secs(330),
+                    left > Duration::from_secs(595) && left <= Duration::from_secs(600),
                     "{left:?}"
                 );
             }
-            // Past renew-at: the next connection waits for a fresh certificate.
+            // At its end: the next connection waits for a fresh certificate.
             certs
                 .cache
                 .write()
                 .unwrap()
                 .get_mut(&api())
                 .unwrap()
-                .renew_at = SystemTime::now() - Duration::from_secs(1);
+                .usable_until = SystemTime::now() - Duration::from_secs(1);
             let renewed = certs.config_for(&w).await.unwrap();
             assert_eq!(lookups.load(Ordering::SeqCst), 2);
             assert!(!Arc::ptr_eq(&first, &renewed), "a new certificate");

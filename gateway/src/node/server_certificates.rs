@@ -39,7 +39,9 @@ pub enum ServerCertificateError {
 pub type Key = (String, IpAddr);
 
 struct Entry {
-    renew_at: SystemTime,
+    /// As in the workload cache: served until just before its end, renewed in the
+    /// background.
+    usable_until: SystemTime,
     config: Arc<ServerConfig>,
 }
 
@@ -140,7 +142,7 @@ fn cached(cache: &Cache, key: &Key, now: SystemTime) -> Option<Arc<ServerConfig>
     let cache = cache.read().unwrap_or_else(|e| e.into_inner());
     cache
         .get(key)
-        .filter(|e| now < e.renew_at)
+        .filter(|e| now < e.usable_until)
         .map(|e| e.config.clone())
 }
 
@@ -227,7 +229,7 @@ impl Control {
             .insert(
                 key.clone(),
                 Entry {
-                    renew_at,
+                    usable_until: expiry - certificates::SERVE_MARGIN,
                     config: config.clone(),
                 },
             );
