@@ -248,7 +248,8 @@ impl Stack {
             .with_context(|| format!("failed to start {} {what}", self.spec.gateway_bin.display()))
     }
 
-    /// (Re)starts the CA service that signs workload certificates for the node.
+    /// Starts the CA service that signs workload certificates for the node; again after
+    /// [`Stack::stop_ca`], on the same listen and join addresses.
     pub fn start_ca(&mut self) -> Result<()> {
         let d = |f: &str| self.dir.join(f).to_string_lossy().into_owned();
         // Server certificates (client TLS at the node) for the database's addresses and
@@ -259,7 +260,9 @@ impl Stack {
             names.extend(k.db_addr_v6.map(|a| a.ip().to_string()));
         }
         let join = self.spec.transparent.as_ref().is_some_and(|t| t.join);
-        if join {
+        // A restart keeps the addresses the node was configured with.
+        let restart = self.ca_addr.port() != 0;
+        if join && !restart {
             self.create_join_token()?;
         }
         let mut args = vec![
@@ -268,7 +271,7 @@ impl Stack {
             "--dir".to_owned(),
             d("ca"),
             "--listen".to_owned(),
-            "127.0.0.1:0".to_owned(),
+            self.ca_addr.to_string(),
             "--admin-listen".to_owned(),
             "127.0.0.1:0".to_owned(),
             "--tls-cert".to_owned(),
@@ -283,7 +286,7 @@ impl Stack {
         if join {
             args.extend([
                 "--join-listen".to_owned(),
-                "127.0.0.1:0".to_owned(),
+                self.join_addr.unwrap_or(loopback(0)).to_string(),
                 "--join-tokens".to_owned(),
                 d(super::spec::JOIN_TOKENS),
             ]);
@@ -307,6 +310,15 @@ impl Stack {
             "the CA printed no JOIN line"
         );
         Ok(())
+    }
+
+    /// Stops the CA service (SIGKILL) and waits for it: the node finds it unreachable.
+    /// [`Stack::start_ca`] brings it back on the same addresses.
+    pub fn stop_ca(&mut self) {
+        if let Some(mut c) = self.ca.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     /// A one-time join token for the stack's node, made by `gateway ca token create` (the
