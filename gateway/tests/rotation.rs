@@ -340,11 +340,7 @@ fn rotation_never_touches_a_session() {
         &mut client,
         "renewals and new sessions with the new root only",
         Duration::from_secs(30),
-        |c| {
-            fetched(&s) >= f2 + 2.0
-                && node_renewals(&s) > n2
-                && c.sessions_since(finished) >= 3
-        },
+        |c| fetched(&s) >= f2 + 2.0 && node_renewals(&s) > n2 && c.sessions_since(finished) >= 3,
     );
     assert!(
         !s.log("node").contains("did not load") && !s.log("proxy").contains("did not load"),

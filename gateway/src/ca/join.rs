@@ -336,40 +336,6 @@ async fn handle(
     }
 }
 
-/// The join listener's TLS: the CA's server certificate; a client certificate from the
-/// workload CA is optional (joining nodes have none), and checked by rustls when given.
-pub fn server_config(
-    chain: Vec<rustls_pki_types::CertificateDer<'static>>,
-    key: rustls_pki_types::PrivateKeyDer<'static>,
-    client_ca: &[rustls_pki_types::CertificateDer<'static>],
-) -> Result<rustls::ServerConfig, JoinError> {
-    let provider = crate::tunnel::crypto_provider();
-    let mut roots = rustls::RootCertStore::empty();
-    for c in client_ca {
-        roots
-            .add(c.clone())
-            .map_err(|e| JoinError::BadRequest(e.to_string()))?;
-    }
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider.clone(),
-    )
-    .allow_unauthenticated()
-    .build()
-    .map_err(|e| JoinError::BadRequest(e.to_string()))?;
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .and_then(|b| {
-            b.with_client_cert_verifier(verifier)
-                .with_single_cert(chain, key)
-        })
-        .map_err(|e| JoinError::BadRequest(e.to_string()))?;
-    // No resumption: every connection shows the certificate it has now (a renewal), or none.
-    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    cfg.send_tls13_tickets = 0;
-    Ok(cfg)
-}
-
 /// Serves joins until the listener fails. A client certificate is optional here; one that
 /// rustls verified against the workload CA is still checked for its validity and its node
 /// name per request (a kept-alive connection outlives it).

@@ -92,8 +92,7 @@ impl CaFiles {
         let key = pki::load_key(&self.tls_key)?;
         let tls = crate::tunnel::server_config(chain.clone(), key.clone_key(), &bundle)
             .map_err(|e| ReloadError::Tls(e.to_string()))?;
-        let join_tls = super::join::server_config(chain, key, &bundle)
-            .map_err(|e| ReloadError::Tls(e.to_string()))?;
+        let join_tls = join_server_config(chain, key, &bundle)?;
         Ok(Loaded {
             signing,
             bundle,
@@ -101,6 +100,39 @@ impl CaFiles {
             join_tls,
         })
     }
+}
+
+/// The join listener's TLS: the CA's server certificate; a client certificate from the
+/// workload CA is optional (joining nodes have none), and checked by rustls when given.
+pub fn join_server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: rustls_pki_types::PrivateKeyDer<'static>,
+    client_ca: &[CertificateDer<'static>],
+) -> Result<ServerConfig, ReloadError> {
+    let tls = |e: String| ReloadError::Tls(e);
+    let provider = crate::tunnel::crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in client_ca {
+        roots.add(c.clone()).map_err(|e| tls(e.to_string()))?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .map_err(|e| tls(e.to_string()))?;
+    let mut cfg = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .and_then(|b| {
+            b.with_client_cert_verifier(verifier)
+                .with_single_cert(chain, key)
+        })
+        .map_err(|e| tls(e.to_string()))?;
+    // No resumption: every connection shows the certificate it has now (a renewal), or none.
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
+    Ok(cfg)
 }
 
 /// The live copies the listeners read.

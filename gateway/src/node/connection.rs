@@ -30,6 +30,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use arc_swap::ArcSwap;
 use rustls::{ClientConfig, ServerConfig};
 use rustls_pki_types::ServerName;
 use tokio_uring::net::{TcpListener, TcpStream};
@@ -56,10 +57,10 @@ pub struct Listener {
     pub pod: PodMeta,
     /// The tunnel's client settings; swapped when the certificate files change
     /// (`listener_certs`).
-    pub tls: super::listener_certs::LiveClient,
+    pub tls: Arc<ArcSwap<ClientConfig>>,
     pub identity_cert: PathBuf,
     /// Client TLS with the listener's server certificate (`None`: `SSLRequest` gets `N`).
-    pub client_tls: Option<super::listener_certs::LiveServer>,
+    pub client_tls: Option<Arc<ArcSwap<ServerConfig>>>,
 }
 
 impl Listener {

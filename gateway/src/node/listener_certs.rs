@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use arc_swap::ArcSwap;
 use rustls::{ClientConfig, ServerConfig};
 use rustls_pki_types::CertificateDer;
 
@@ -108,7 +107,3 @@ pub async fn watch(cfg: NodeConfig, listeners: Vec<Arc<Listener>>) {
         }
     }
 }
-
-/// A listener's live TLS settings, swapped by [`watch`].
-pub type LiveClient = Arc<ArcSwap<ClientConfig>>;
-pub type LiveServer = Arc<ArcSwap<ServerConfig>>;

@@ -69,7 +69,7 @@ pub async fn start(
     let (server_pem, server_key) = ca
         .issue(&LeafSpec::server(vec!["gateway-ca".into()], vec![]), HOUR)
         .unwrap();
-    let tls = server_config(
+    let tls = crate::ca::reload::join_server_config(
         pem_certs(&server_pem),
         PrivateKeyDer::from_pem_slice(server_key.as_bytes()).unwrap(),
         &roots,
