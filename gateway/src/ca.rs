@@ -100,6 +100,7 @@ pub fn run(opts: ServeOptions) -> anyhow::Result<()> {
         tls_cert: opts.tls_cert.clone(),
         tls_key: opts.tls_key.clone(),
     };
+    let stamps = files.stamps();
     let live = reload::Live::new(files.load()?);
     let server_names =
         self::server_names::ServerNames::parse(&opts.server_names).context("--server-names")?;
@@ -129,7 +130,7 @@ pub fn run(opts: ServeOptions) -> anyhow::Result<()> {
         tracing::info!(listen = %local, admin = %admin_addr, "CA service ready");
         println!("ADMIN {admin_addr}");
         println!("LISTENING {local}");
-        tokio::spawn(reload::watch(files, live.clone()));
+        tokio::spawn(reload::watch(files, live.clone(), stamps));
         tokio::select! {
             _ = serve(svc, listener, live.tls.clone()) => {}
             _ = crate::admin::shutdown_signal() => tracing::info!("shutdown signal: CA service exiting"),

@@ -531,6 +531,18 @@ pub fn check_validity(cert: &CertificateDer<'_>, now: SystemTime) -> Result<Dura
     Ok(Duration::from_secs((not_after - now) as u64))
 }
 
+/// Whether `root`'s key signed `cert` (no other check: validity and names are the
+/// verifiers' job).
+pub fn signed_by(cert: &CertificateDer<'_>, root: &CertificateDer<'_>) -> bool {
+    let (Ok((_, cert)), Ok((_, root))) = (
+        x509_parser::parse_x509_certificate(cert),
+        x509_parser::parse_x509_certificate(root),
+    ) else {
+        return false;
+    };
+    cert.verify_signature(Some(root.public_key())).is_ok()
+}
+
 /// When `cert` ends.
 pub fn not_after(cert: &CertificateDer<'_>) -> Result<SystemTime, PkiError> {
     let (_, x509) = x509_parser::parse_x509_certificate(cert)

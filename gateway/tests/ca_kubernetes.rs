@@ -214,7 +214,7 @@ async fn the_ca_signs_only_for_pods_the_api_server_places_on_the_asking_node() {
         .issue(&LeafSpec::node("td", "node-1"), Duration::from_secs(600))
         .unwrap();
     let node1 = CaClient {
-        addr: listen,
+        addr: listen.to_string(),
         server_name: ServerName::try_from("gateway-ca").unwrap(),
         tls: Arc::new(
             gateway::tunnel::client_config(

@@ -89,7 +89,7 @@ async fn a_node_joins_with_a_one_time_token_and_gets_its_pods_certificates() {
     let node = |name: &str| {
         let identity = Arc::new(NodeIdentity::default());
         JoinClient {
-            addr: join_addr,
+            addr: join_addr.to_string(),
             server_name: ServerName::try_from("gateway-ca").unwrap(),
             tls: Arc::new(
                 client_config(
@@ -114,7 +114,7 @@ async fn a_node_joins_with_a_one_time_token_and_gets_its_pods_certificates() {
 
     // The joined certificate gets the node's pod its workload certificate.
     let workload = gateway::ca::client::CaClient {
-        addr: listen,
+        addr: listen.to_string(),
         server_name: ServerName::try_from("gateway-ca").unwrap(),
         tls: node1.tls.clone(),
     };

@@ -230,7 +230,7 @@ async fn request_certificate(s: &Stack, pod_uid: &str) {
     let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
     let roots = pki::load_certs(&s.ca_dir.join(pki::WORKLOAD_CA_CERT)).unwrap();
     let client = gateway::ca::client::CaClient {
-        addr: s.ca_addr,
+        addr: s.ca_addr.to_string(),
         server_name: rustls_pki_types::ServerName::try_from(CA_SERVER_NAME).unwrap(),
         tls: std::sync::Arc::new(gateway::tunnel::client_config(chain, key, &roots).unwrap()),
     };

@@ -324,7 +324,7 @@ async fn ca_refuses_a_node_asking_for_a_pod_on_another_node() {
         let chain = vec![rustls_pki_types::CertificateDer::from_pem_slice(c.as_bytes()).unwrap()];
         let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
         gateway::ca::client::CaClient {
-            addr: s.ca_addr,
+            addr: s.ca_addr.to_string(),
             server_name: rustls_pki_types::ServerName::try_from(gateway::harness::CA_SERVER_NAME)
                 .unwrap(),
             tls: std::sync::Arc::new(gateway::tunnel::client_config(chain, key, &roots).unwrap()),

@@ -24,7 +24,7 @@ const MAX_RESPONSE_BODY: usize = 64 * 1024;
 pub enum ClientError {
     #[error("cannot reach the CA at {addr}: {source}")]
     Connect {
-        addr: SocketAddr,
+        addr: String,
         source: std::io::Error,
     },
     #[error("CA request failed: {0}")]
@@ -63,7 +63,8 @@ fn key_and_csr() -> Result<(rcgen::KeyPair, String), ClientError> {
 /// The node's side: asks the CA for a pod's workload certificate, or a server certificate.
 #[derive(Clone)]
 pub struct CaClient {
-    pub addr: SocketAddr,
+    /// `host:port`; a name is looked up at every request.
+    pub addr: String,
     pub server_name: ServerName<'static>,
     /// TLS with the node's own certificate.
     pub tls: Arc<ClientConfig>,
@@ -122,17 +123,17 @@ impl CaClient {
         body: Vec<u8>,
     ) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, ClientError> {
         use rustls_pki_types::pem::PemObject;
-        let tcp = TcpStream::connect(self.addr)
+        let tcp = TcpStream::connect(self.addr.as_str())
             .await
             .map_err(|source| ClientError::Connect {
-                addr: self.addr,
+                addr: self.addr.clone(),
                 source,
             })?;
         let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
             .connect(self.server_name.clone(), tcp)
             .await
             .map_err(|source| ClientError::Connect {
-                addr: self.addr,
+                addr: self.addr.clone(),
                 source,
             })?;
         let (mut sender, conn) =

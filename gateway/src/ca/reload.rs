@@ -33,6 +33,10 @@ pub enum ReloadError {
         "{bundle} does not hold the signing root {root}: nodes given certificates now would be refused"
     )]
     RootNotInBundle { bundle: PathBuf, root: PathBuf },
+    #[error(
+        "{cert} is not signed by a root of {bundle}: nodes would refuse it (issue it again from the signing root)"
+    )]
+    ServerCertNotFromBundle { cert: PathBuf, bundle: PathBuf },
     #[error("tls settings: {0}")]
     Tls(String),
 }
@@ -65,6 +69,11 @@ impl CaFiles {
         if bundle.exists() { bundle } else { self.root() }
     }
 
+    /// The files' stamps; taken before [`CaFiles::load`], so a change in between is seen.
+    pub fn stamps(&self) -> Stamps {
+        Stamps::new(self.watched())
+    }
+
     fn watched(&self) -> Vec<PathBuf> {
         vec![
             self.root(),
@@ -89,6 +98,14 @@ impl CaFiles {
             });
         }
         let chain = pki::load_certs(&self.tls_cert)?;
+        // After a rotation's `finish`, a server certificate of the old root would lock every
+        // node out: keep the last good set instead.
+        if !bundle.iter().any(|root| pki::signed_by(&chain[0], root)) {
+            return Err(ReloadError::ServerCertNotFromBundle {
+                cert: self.tls_cert.clone(),
+                bundle: bundle_path,
+            });
+        }
         let key = pki::load_key(&self.tls_key)?;
         let tls = crate::tunnel::server_config(chain.clone(), key.clone_key(), &bundle)
             .map_err(|e| ReloadError::Tls(e.to_string()))?;
@@ -159,9 +176,9 @@ impl Live {
     }
 }
 
-/// Runs for as long as the process: loads the files again whenever one changes.
-pub async fn watch(files: CaFiles, live: Live) {
-    let mut stamps = Stamps::new(files.watched());
+/// Runs for as long as the process: loads the files again whenever one changes (`stamps`
+/// from before the first load).
+pub async fn watch(files: CaFiles, live: Live, mut stamps: Stamps) {
     let mut tick = tokio::time::interval(WATCH_INTERVAL);
     loop {
         tick.tick().await;

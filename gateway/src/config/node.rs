@@ -200,7 +200,9 @@ fn default_kube_ready_timeout() -> Duration {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CaEndpoint {
-    pub address: SocketAddr,
+    /// `host:port` of the CA service: an IP, or a name (a Service's DNS name) looked up at
+    /// every connection, so a Service that is recreated with another IP is followed.
+    pub address: String,
     pub server_name: String,
     /// CA bundle for the CA service's own certificate.
     pub ca: PathBuf,
@@ -227,18 +229,18 @@ pub struct CaEndpoint {
 pub enum JoinConfig {
     /// A `gateway ca token create` token in a file.
     Token {
-        address: SocketAddr,
+        address: String,
         token_file: PathBuf,
     },
     /// The agent's projected service-account token (made for the CA's audience).
     Kubernetes {
-        address: SocketAddr,
+        address: String,
         #[serde(default = "default_sa_token_file")]
         token_file: PathBuf,
     },
     /// An STS `GetCallerIdentity` request signed with the node's AWS credentials.
     AwsIam {
-        address: SocketAddr,
+        address: String,
         region: String,
         /// Default: the region's STS endpoint.
         #[serde(default)]
@@ -247,11 +249,12 @@ pub enum JoinConfig {
 }
 
 impl JoinConfig {
-    pub fn address(&self) -> SocketAddr {
+    /// `host:port` of the CA's join listener (a name is looked up at every connection).
+    pub fn address(&self) -> &str {
         match self {
             JoinConfig::Token { address, .. }
             | JoinConfig::Kubernetes { address, .. }
-            | JoinConfig::AwsIam { address, .. } => *address,
+            | JoinConfig::AwsIam { address, .. } => address,
         }
     }
 }
@@ -473,6 +476,31 @@ impl NodeConfig {
     }
 }
 
+/// `host:port` with a port, an IP (`[v6]` in brackets) or a DNS name; not looked up here
+/// (`gateway config check` runs where cluster names do not resolve).
+fn check_host_port(address: &str) -> Result<(), String> {
+    if address.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let bad = || {
+        format!(
+            "{address:?} is not host:port (an IP, or a DNS name such as gateway-ca.db-gateway.svc:7444)"
+        )
+    };
+    let (host, port) = address.rsplit_once(':').ok_or_else(bad)?;
+    let name_ok = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 && name_ok => Ok(()),
+        _ => Err(bad()),
+    }
+}
+
 /// The hardening settings of `interception` (issue 18 items 1, 9, 10).
 fn validate_interception(i: &InterceptionConfig) -> Result<(), String> {
     if i.identity.kubelet_cgroup_roots.is_empty() {
@@ -498,6 +526,11 @@ fn validate_interception(i: &InterceptionConfig) -> Result<(), String> {
     }
     if i.ca.timeout.is_zero() {
         return Err("interception.ca.timeout: must be more than 0".into());
+    }
+    check_host_port(&i.ca.address).map_err(|e| format!("interception.ca.address: {e}"))?;
+    if let Some(join) = &i.ca.join {
+        check_host_port(join.address())
+            .map_err(|e| format!("interception.ca.join.address: {e}"))?;
     }
     if !(MIN_MAX_CONNECTIONS..=MAX_MAX_CONNECTIONS).contains(&i.max_connections) {
         return Err(format!(
@@ -641,6 +674,29 @@ mod tests {
                 (Err(e), Some(w)) => assert!(e.contains(w), "{text}: {e}"),
                 (r, w) => panic!("{text}: {r:?}, wanted {w:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn the_ca_address_is_an_ip_or_a_name_with_a_port() {
+        for good in [
+            "10.100.77.44:7444",
+            "[fd00::1]:7444",
+            "gateway-ca.db-gateway.svc:7444",
+            "gateway-ca.db-gateway.svc.cluster.local:7445",
+        ] {
+            assert_eq!(check_host_port(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "gateway-ca.db-gateway.svc",
+            "gateway-ca:0",
+            ":7444",
+            "https://gateway-ca:7444",
+            "gateway ca:7444",
+            "a..b:1",
+        ] {
+            let e = check_host_port(bad).unwrap_err();
+            assert!(e.contains("is not host:port"), "{bad}: {e}");
         }
     }
 

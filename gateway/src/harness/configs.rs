@@ -233,7 +233,8 @@ fn interception(spec: &StackSpec, k: &Kernel, ca_addr: SocketAddr) -> Intercepti
             cgroup_walk_interval: crate::config::DEFAULT_CGROUP_WALK_INTERVAL,
         },
         ca: CaEndpoint {
-            address: ca_addr,
+            // A name, as on a cluster (a Service's DNS name): looked up at every request.
+            address: format!("localhost:{}", ca_addr.port()),
             server_name: CA_SERVER_NAME.into(),
             ca: in_ca_dir(pki::WORKLOAD_BUNDLE),
             node_cert: NODE_CERT.into(),

@@ -178,7 +178,7 @@ impl Stack {
             i.ca.node_cert = Default::default();
             i.ca.node_key = Default::default();
             i.ca.join = Some(crate::config::JoinConfig::Token {
-                address,
+                address: format!("localhost:{}", address.port()),
                 token_file: self.dir.join(super::spec::JOIN_TOKEN),
             });
         }

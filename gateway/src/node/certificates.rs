@@ -1,7 +1,7 @@
 //! Workload certificates for transparent connections, by identity. The data plane only
 //! reads the cache ([`Certificates::config_for`]): a hit is a read lock and an `Arc` clone.
-//! On a miss, or an entry past its renew-at time (half the certificate's life), the
-//! connection sends a request over a channel to the [`Fetcher`], which runs on the node's
+//! On a miss, or an entry in its last second ([`SERVE_MARGIN`]), the connection sends a
+//! request over a channel to the [`Fetcher`], which runs on the node's
 //! control runtime (tokio): it makes the key and CSR, asks the CA over HTTPS, checks that
 //! the CA issued the identity the node resolved, fills the cache and answers the waiting
 //! connection through a oneshot. So no CA call, key generation or blocking lock ever runs
@@ -15,8 +15,10 @@
 //!
 //! The fetcher then keeps each identity it fetched renewed at about half-life (±10 %, so
 //! the certificates of many pods fetched together do not come due together) in the
-//! background (retrying with backoff until the certificate expires), so connections keep
-//! finding the cache fresh. Open sessions keep the configuration they started with.
+//! background (retrying with backoff until the certificate expires; readiness degraded from
+//! three quarters of its life), so connections keep finding the cache fresh, and a CA that
+//! is down past the renewal time does not stop new sessions before the certificate ends.
+//! Open sessions keep the configuration they started with.
 //!
 //! Revocation by deletion: once the pod a certificate was fetched for is gone from the
 //! node's pod directory, its key and certificate are dropped (checked every
@@ -601,7 +603,7 @@ mod tests {
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let client = CaClient {
-            addr,
+            addr: addr.to_string(),
             server_name: ServerName::try_from("gateway-ca").unwrap(),
             tls: Arc::new(node_tls),
         };
@@ -861,7 +863,7 @@ mod tests {
     fn without_the_control_task_a_connection_is_refused_not_stuck() {
         let (certs, fetcher) = Certificates::new(
             CaClient {
-                addr: "127.0.0.1:9".parse().unwrap(),
+                addr: "127.0.0.1:9".into(),
                 server_name: ServerName::try_from("gateway-ca").unwrap(),
                 tls: Arc::new(
                     rustls::ClientConfig::builder_with_provider(crate::tunnel::crypto_provider())
@@ -911,7 +913,7 @@ mod tests {
         let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let (certs, fetcher) = Certificates::new(
             CaClient {
-                addr: silent.local_addr().unwrap(),
+                addr: silent.local_addr().unwrap().to_string(),
                 server_name: ServerName::try_from("gateway-ca").unwrap(),
                 tls: Arc::new(
                     rustls::ClientConfig::builder_with_provider(crate::tunnel::crypto_provider())

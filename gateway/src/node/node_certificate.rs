@@ -10,7 +10,6 @@
 //! files reload when they change ([`watch_files`]), so a CA root rotation or a renewed
 //! certificate file needs no restart.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -36,6 +35,12 @@ pub fn ca_tls(
     control: &tokio::runtime::Runtime,
     readiness: &Readiness,
 ) -> anyhow::Result<ClientConfig> {
+    // Stamps first: a file replaced while it loads is loaded again.
+    let bundle = Stamps::new(vec![ca.ca.clone()]);
+    let certs = Stamps::new(match ca.join {
+        None => vec![ca.node_cert.clone(), ca.node_key.clone()],
+        Some(_) => Vec::new(),
+    });
     let roots = Arc::new(
         ReloadableRoots::new(&pki::load_certs(&ca.ca).context("interception.ca.ca")?)
             .context("interception.ca.ca")?,
@@ -46,10 +51,15 @@ pub fn ca_tls(
         identity
             .set_from_files(&ca.node_cert, &ca.node_key)
             .context("interception.ca.node_cert / node_key")?;
-        control.spawn(watch_files(ca.clone(), roots, Some(identity)));
+        control.spawn(watch_files(
+            ca.clone(),
+            roots,
+            Some(identity),
+            [bundle, certs],
+        ));
         return Ok(Arc::unwrap_or_clone(tls));
     };
-    control.spawn(watch_files(ca.clone(), roots, None));
+    control.spawn(watch_files(ca.clone(), roots, None, [bundle, certs]));
     let prover = match join {
         JoinConfig::Token { token_file, .. } => Prover::Token(token_file.clone()),
         JoinConfig::Kubernetes { token_file, .. } => Prover::Kubernetes(token_file.clone()),
@@ -70,7 +80,7 @@ pub fn ca_tls(
         }
     };
     let client = JoinClient {
-        addr: join.address(),
+        addr: join.address().to_owned(),
         server_name: ServerName::try_from(ca.server_name.clone())
             .with_context(|| format!("interception.ca.server_name {:?}", ca.server_name))?,
         tls: tls.clone(),
@@ -96,13 +106,8 @@ async fn watch_files(
     ca: CaEndpoint,
     roots: Arc<ReloadableRoots>,
     identity: Option<Arc<NodeIdentity>>,
+    [mut bundle, mut certs]: [Stamps; 2],
 ) {
-    let mut bundle = Stamps::new(vec![ca.ca.clone()]);
-    let cert_files: Vec<PathBuf> = match identity {
-        Some(_) => vec![ca.node_cert.clone(), ca.node_key.clone()],
-        None => Vec::new(),
-    };
-    let mut certs = Stamps::new(cert_files);
     loop {
         tokio::time::sleep(WATCH_EVERY).await;
         if bundle.changed() {

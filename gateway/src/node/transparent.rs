@@ -210,7 +210,7 @@ pub fn setup(
         .context("start the cgroup lookup thread")?;
     let node_tls = super::node_certificate::ca_tls(&cfg.node_name, &i.ca, control, readiness)?;
     let ca = crate::ca::client::CaClient {
-        addr: i.ca.address,
+        addr: i.ca.address.clone(),
         server_name: ServerName::try_from(i.ca.server_name.clone())
             .with_context(|| format!("interception.ca.server_name {:?}", i.ca.server_name))?,
         tls: Arc::new(node_tls),

@@ -45,6 +45,10 @@ pub enum RotateError {
         "{0} does not hold the signing root: it was edited by hand; write it again with the roots to trust"
     )]
     BundleWithoutRoot(PathBuf),
+    #[error(
+        "{0} does not hold the prepared root (`prepare` did not finish): remove workload-ca.next.* and run `prepare` again"
+    )]
+    BundleWithoutNext(PathBuf),
 }
 
 /// What each step leaves behind, for the operator's next move.
@@ -90,14 +94,16 @@ pub fn activate(dir: &Path) -> Result<Step, RotateError> {
     let bundle_path = dir.join(WORKLOAD_BUNDLE);
     let bundle = load_certs(&bundle_path)?;
     if !bundle.contains(&pem_to_der(next.cert_pem())?) {
-        return Err(RotateError::BundleWithoutRoot(bundle_path));
+        return Err(RotateError::BundleWithoutNext(bundle_path));
     }
     // Key first: a reader that sees the new key with the old certificate refuses the pair
     // (`CertificateAuthority::load` checks that they match) and keeps the old one.
     write_secret(&dir.join(WORKLOAD_CA_KEY), &read(&next_key)?)?;
     write_public(&dir.join(WORKLOAD_CA_CERT), next.cert_pem())?;
-    remove(&next_key)?;
+    // The certificate is what marks a prepared rotation: it goes first, so a crash here
+    // leaves only a stray key, not a rotation that can neither activate nor start again.
     remove(&next_cert)?;
+    remove(&next_key)?;
     Ok(Step {
         roots_in_bundle: bundle.len(),
         bundle: bundle_path,

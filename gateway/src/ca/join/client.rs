@@ -29,7 +29,7 @@ const MAX_RESPONSE_BODY: usize = 64 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum JoinClientError {
     #[error("cannot reach the CA's join endpoint at {addr}: {reason}")]
-    Connect { addr: SocketAddr, reason: String },
+    Connect { addr: String, reason: String },
     #[error("join request failed: {0}")]
     Http(String),
     #[error("the CA refused the join: {0}")]
@@ -166,7 +166,8 @@ impl Default for Schedule {
 }
 
 pub struct JoinClient {
-    pub addr: SocketAddr,
+    /// `host:port`; a name is looked up at every connection.
+    pub addr: String,
     pub server_name: ServerName<'static>,
     /// From [`client_config`], with the same [`NodeIdentity`] as `identity`.
     pub tls: Arc<rustls::ClientConfig>,
@@ -282,10 +283,10 @@ impl JoinClient {
     /// An HTTP/1.1 connection to the CA's join listener, kept alive for several requests.
     async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, JoinClientError> {
         let connect = |e: String| JoinClientError::Connect {
-            addr: self.addr,
+            addr: self.addr.clone(),
             reason: e,
         };
-        let tcp = TcpStream::connect(self.addr)
+        let tcp = TcpStream::connect(self.addr.as_str())
             .await
             .map_err(|e| connect(e.to_string()))?;
         let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
@@ -302,9 +303,10 @@ impl JoinClient {
     }
 
     /// Renews `joined` at about half-life (±10 % jitter) for as long as the process runs.
-    /// A failed renewal is retried with doubling backoff up to `max_retry`; past
+    /// A failed renewal is retried with doubling backoff up to `max_retry` (but never waiting
+    /// past half the time the certificate has left); past
     /// `degraded_after` of the lifetime without a renewal, `readiness` says degraded (the
-    /// cached certificate still serves until its end, less the leeway). Never returns.
+    /// cached certificate still serves until its `notAfter`). Never returns.
     pub async fn keep_renewed(&self, mut joined: Joined, readiness: Readiness) {
         let mut degraded: Option<BlockReady> = None;
         loop {
@@ -329,17 +331,24 @@ impl JoinClient {
                         break;
                     }
                     Err(e) => {
-                        tracing::warn!(node = %self.node_name, %e, retry_in = ?retry, "node certificate renewal failed");
                         let now = SystemTime::now();
-                        if degraded.is_none() && now + retry >= degraded_at {
-                            sleep_until(degraded_at).await;
+                        if degraded.is_none() && now >= degraded_at {
                             degraded = Some(readiness.block(&format!(
                                 "degraded: node certificate not renewed, expires {}",
                                 humantime::format_rfc3339_seconds(joined.not_after)
                             )));
                             tracing::error!(node = %self.node_name, "node certificate not renewed: readiness degraded");
                         }
-                        tokio::time::sleep(retry).await;
+                        // Backoff, but never past half the time left (a CA back before the
+                        // end is used), and awake in time to say "degraded".
+                        let left = joined.not_after.duration_since(now).unwrap_or_default();
+                        let mut wait = retry.min(left / 2);
+                        if degraded.is_none() {
+                            wait = wait.min(degraded_at.duration_since(now).unwrap_or_default());
+                        }
+                        let wait = wait.max(Duration::from_millis(100));
+                        tracing::warn!(node = %self.node_name, %e, retry_in = ?wait, "node certificate renewal failed");
+                        tokio::time::sleep(wait).await;
                         retry = (retry * 2).min(self.schedule.max_retry);
                     }
                 }

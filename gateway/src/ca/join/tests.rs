@@ -102,7 +102,7 @@ pub async fn start(
 pub fn client(r: &Running, node: &str, prover: Prover) -> JoinClient {
     let identity = Arc::new(NodeIdentity::default());
     JoinClient {
-        addr: r.addr,
+        addr: r.addr.to_string(),
         server_name: ServerName::try_from("gateway-ca").unwrap(),
         tls: Arc::new(
             client::client_config(
@@ -230,7 +230,7 @@ async fn a_token_join_gets_a_node_certificate_the_workload_endpoint_accepts() {
         Arc::new(arc_swap::ArcSwap::from_pointee(tls)),
     ));
     let workload = crate::ca::client::CaClient {
-        addr,
+        addr: addr.to_string(),
         server_name: ServerName::try_from("gateway-ca").unwrap(),
         tls: node1.tls.clone(),
     };
@@ -238,7 +238,7 @@ async fn a_token_join_gets_a_node_certificate_the_workload_endpoint_accepts() {
     assert_eq!(issued.spiffe_id.to_string(), "spiffe://td/ns/team-a/sa/api");
     // Without a node certificate, nothing.
     let bare = crate::ca::client::CaClient {
-        addr,
+        addr: addr.to_string(),
         server_name: ServerName::try_from("gateway-ca").unwrap(),
         tls: thief.tls.clone(),
     };
