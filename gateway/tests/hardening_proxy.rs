@@ -109,6 +109,43 @@ async fn hardening_02_expired_certificate_cannot_resume() {
     );
 }
 
+/// A warm tunnel (handshake done, preamble not yet sent) that waits past its certificate's
+/// end is refused when a session would start on it: the certificate is checked at each
+/// use, not only at the handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hardening_02_a_warm_tunnel_past_its_certificate_is_refused() {
+    let s = stack();
+    let id = SpiffeId::new(DEMO_TRUST_DOMAIN, "team-a", "api");
+    let now = SystemTime::now();
+    let short = workload_ca(&s)
+        .issue_between(
+            &LeafSpec::workload(&id),
+            now - Duration::from_secs(60),
+            now + Duration::from_secs(3),
+        )
+        .unwrap();
+    let node = connector(&s, pair(short));
+    let tcp = tokio::net::TcpStream::connect(s.proxy_addr).await.unwrap();
+    let mut tls = node
+        .connect(ServerName::try_from(PROXY_SERVER_NAME).unwrap(), tcp)
+        .await
+        .expect("the handshake while the certificate is valid");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut bytes = preamble("test", PodMeta::default());
+    bytes.extend_from_slice(&pg::encode_startup(&[("user", "api"), ("database", "app")]));
+    tls.write_all(&bytes).await.unwrap();
+    tls.flush().await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut out))
+        .await
+        .expect("the proxy answers and closes");
+    let answer = Ok(out.clone());
+    assert!(!logged_in(&answer), "{out:?}");
+    let e = only_error(&out);
+    assert_eq!(e.sqlstate, "28000", "{e:?}");
+    assert!(e.message.contains("is not valid now"), "{e:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hardening_03_preamble_must_match_the_certificate() {
     let s = stack();

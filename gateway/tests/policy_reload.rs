@@ -197,3 +197,96 @@ async fn tls_files_reload_without_a_restart_and_sessions_keep_theirs() {
         .await
         .expect("logins with the trusted CA again");
 }
+
+/// Issue 21: an explicit listener's workload certificate (a file, rotated by hand or by a
+/// Secret update) reloads without a restart: a short-lived replacement is taken (new
+/// sessions fail once it has ended, which the day-long original would not), and a fresh
+/// one brings them back, while the open session keeps its own; a key that is not the
+/// certificate's is refused and counted, and the last good pair serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_explicit_listener_takes_a_new_workload_certificate_without_a_restart() {
+    use gateway::harness::DEMO_TRUST_DOMAIN;
+    use gateway::pki::{self, CertificateAuthority, LeafSpec, SpiffeId};
+    let s = stack();
+    let node_reloads = |r: &str| result_count(s.node_admin, "gateway_node_tls_reloads_total", r);
+    let wait = |r: &'static str, before: f64| {
+        let node_reloads = &node_reloads;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while node_reloads(r) <= before {
+                assert!(
+                    Instant::now() < deadline,
+                    "no {r} reload of the listener counted"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let open = connect(&s, TEAM_A_API, "api", "app").await.unwrap();
+    let ca = CertificateAuthority::load(
+        &s.ca_dir.join(pki::WORKLOAD_CA_CERT),
+        &s.ca_dir.join(pki::WORKLOAD_CA_KEY),
+    )
+    .unwrap();
+    let api = SpiffeId::new(DEMO_TRUST_DOMAIN, "team-a", "api");
+    let (cert_path, key_path) = (s.dir.join("workload-0.crt"), s.dir.join("workload-0.key"));
+    let replace = |ttl: Duration| {
+        let (cert, key) = ca.issue(&LeafSpec::workload(&api), ttl).unwrap();
+        pki::write_public(&cert_path, &cert).unwrap();
+        pki::write_secret(&key_path, &key).unwrap();
+    };
+
+    // A certificate that ends in a few seconds replaces the day-long one.
+    let before = node_reloads("success");
+    let short = Duration::from_secs(6);
+    let written = Instant::now();
+    replace(short);
+    wait("success", before).await;
+    assert!(written.elapsed() < short, "reloaded before it ended");
+    connect(&s, TEAM_A_API, "api", "app")
+        .await
+        .expect("a session with the new certificate");
+    tokio::time::sleep((short + Duration::from_secs(2)).saturating_sub(written.elapsed())).await;
+    // Refused by the proxy: in a new handshake (TLS alert), or at the session's start on a
+    // warm tunnel made while the certificate was valid (a credential is checked on every
+    // use; before that check this session got through).
+    let e = connect(&s, TEAM_A_API, "api", "app")
+        .await
+        .expect_err("the listener tunnels with the new, now ended, certificate");
+    let e = format!("{e:?}");
+    assert!(
+        e.contains("CertificateExpired") || e.contains("is not valid now"),
+        "{e}"
+    );
+
+    // A fresh one: sessions again; the open session never noticed.
+    let before = node_reloads("success");
+    replace(Duration::from_secs(3600));
+    wait("success", before).await;
+    connect(&s, TEAM_A_API, "api", "app")
+        .await
+        .expect("a session with the fresh certificate");
+    let user: String = open
+        .query_one("select current_user::text", &[])
+        .await
+        .expect("the open session keeps its tunnel")
+        .get(0);
+    assert_eq!(user, "api");
+
+    // Another key beside the certificate: refused, the last good pair serves on.
+    let errors = node_reloads("error");
+    let (_, other_key) = ca
+        .issue(&LeafSpec::workload(&api), Duration::from_secs(3600))
+        .unwrap();
+    pki::write_secret(&key_path, &other_key).unwrap();
+    wait("error", errors).await;
+    connect(&s, TEAM_A_API, "api", "app")
+        .await
+        .expect("a session on the last good pair");
+    assert!(
+        s.log("node")
+            .contains("listener workload certificate changed but did not load"),
+        "{}",
+        s.log("node")
+    );
+}

@@ -1,7 +1,6 @@
 //! The nodes' side of the CA: a fresh key pair per request, a CSR, and the answer checked
 //! to carry a certificate. The private key never leaves this process.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http_body_util::{BodyExt, Full, Limited};

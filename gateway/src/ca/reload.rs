@@ -205,11 +205,8 @@ mod tests {
     use super::*;
     use crate::pki::{LeafSpec, rotate};
 
-    fn files(name: &str) -> CaFiles {
-        let dir =
-            std::env::temp_dir().join(format!("dbgw-ca-reload-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        pki::init_ca(&dir, "reload.example").unwrap();
+    /// The CA's server certificate, from the directory's signing root of now.
+    fn issue_server(dir: &std::path::Path) {
         let ca = CertificateAuthority::load(
             &dir.join(pki::WORKLOAD_CA_CERT),
             &dir.join(pki::WORKLOAD_CA_KEY),
@@ -223,6 +220,14 @@ mod tests {
             .unwrap();
         pki::write_public(&dir.join("server.crt"), &c).unwrap();
         pki::write_secret(&dir.join("server.key"), &k).unwrap();
+    }
+
+    fn files(name: &str) -> CaFiles {
+        let dir =
+            std::env::temp_dir().join(format!("dbgw-ca-reload-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        pki::init_ca(&dir, "reload.example").unwrap();
+        issue_server(&dir);
         CaFiles {
             tls_cert: dir.join("server.crt"),
             tls_key: dir.join("server.key"),
@@ -242,6 +247,10 @@ mod tests {
         assert_ne!(prepared.signing.cert_pem(), active.signing.cert_pem());
         assert_eq!(active.bundle.len(), 2);
         rotate::finish(&f.dir).unwrap();
+        // The server certificate is still the old root's, which no node trusts now.
+        let e = f.load().err().unwrap().to_string();
+        assert!(e.contains("is not signed by a root of"), "{e}");
+        issue_server(&f.dir);
         assert_eq!(f.load().unwrap().bundle.len(), 1);
 
         // Half a rotation by hand: the key of another root beside this root.

@@ -348,6 +348,14 @@ async fn open(
             return None;
         }
     };
+    // A warm tunnel may have waited past its certificate's end: the certificate must be
+    // valid when a session uses it, not only at the handshake.
+    if let Err(error) = identity_of(&client, trust_domain, peer) {
+        if let Some(error) = error {
+            refuse::send_error(&mut client, &error).await;
+        }
+        return None;
+    }
     info.node = Some(preamble.node.clone());
     info.pod = Some(preamble.pod.clone());
     info.database_route = Some(preamble.route.clone());

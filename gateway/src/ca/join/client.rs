@@ -5,7 +5,6 @@
 //! jitter, retries with backoff (capped at 150 s), and marks the node's readiness degraded
 //! when the certificate nears its end without a renewal.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};

@@ -342,7 +342,7 @@ async fn aws_iam_joins_through_two_replicas_behind_a_service() {
             "node-1",
             Prover::AwsIam(signer(&sts_url, "AKIDNODE1", "secret-node-1")),
         );
-        node.addr = service;
+        node.addr = service.to_string();
         assert_eq!(node_of(&node.join().await.unwrap()), "node-1");
     }
 }
