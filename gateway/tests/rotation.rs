@@ -268,6 +268,29 @@ fn rotation_never_touches_a_session() {
         |_| fetched(&s) >= f0 + 3.0 && node_renewals(&s) >= n0 + 3,
     );
 
+    // The node exports when its certificates end: within their TTLs from now.
+    let metrics = scrape(s.node_admin);
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    for (name, ttl) in [
+        (
+            "gateway_node_workload_certificate_expiry_timestamp_seconds",
+            WORKLOAD_TTL,
+        ),
+        (
+            "gateway_node_node_certificate_expiry_timestamp_seconds",
+            NODE_TTL,
+        ),
+    ] {
+        let left = metric(&metrics, name).unwrap() - now;
+        assert!(
+            left > 0.0 && left <= ttl.as_secs_f64() + 1.0,
+            "{name}: {left} s left"
+        );
+    }
+
     // 2. Root rotation. prepare: every verifier gets the old and the new root.
     let node_reloads =
         |s: &Stack| result_count(s.node_admin, "gateway_node_tls_reloads_total", "success");

@@ -215,6 +215,12 @@ impl Fetcher {
     /// own, so a slow CA answer for one pod does not hold up another, and that task then
     /// keeps the identity renewed.
     pub async fn run(mut self) {
+        let export = tokio::spawn(self.control.clone().export_expiry());
+        self.watch_and_serve().await;
+        export.abort();
+    }
+
+    async fn watch_and_serve(&mut self) {
         if let Some(path) = self.bundle.take() {
             let watch = tokio::spawn(self.control.clone().watch_bundle(path));
             self.serve().await;
@@ -287,6 +293,25 @@ impl Fetcher {
 }
 
 impl Control {
+    /// Keeps `gateway_node_workload_certificate_expiry_timestamp_seconds` at the soonest end
+    /// of the cached certificates (looked at every [`POD_CHECK_EVERY`]).
+    async fn export_expiry(self: Arc<Self>) {
+        loop {
+            let soonest = self
+                .cache
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .map(|e| e.usable_until + SERVE_MARGIN)
+                .min();
+            let secs = soonest
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map_or(0.0, |d| d.as_secs_f64());
+            metrics::gauge!(telemetry::WORKLOAD_CERTIFICATE_EXPIRY).set(secs);
+            tokio::time::sleep(POD_CHECK_EVERY).await;
+        }
+    }
+
     /// Reloads the proxy CA bundle when its file changes (checked every
     /// [`POD_CHECK_EVERY`]): during a CA root rotation the bundle gains the new root, then
     /// loses the old one. The cache is emptied, so new connections fetch certificates whose

@@ -143,7 +143,8 @@ pub(super) async fn handle(
     }
 }
 
-/// Checks the preamble against the certificate ([`check_preamble`]) and the node's
+/// Checks that the client certificate is still valid, the preamble against the certificate
+/// ([`check_preamble`]) and the node's
 /// protocol against the route's, then takes the session's slot under the identity and
 /// route caps ([`admit`]); on a refusal, the answer to await (`None` inside: nobody to
 /// answer). One await point for all of them keeps `open`'s future small. An unknown
@@ -159,6 +160,13 @@ fn check_and_admit<'a>(
 ) -> Result<Slot, Option<Refusing<'a>>> {
     let route = &preamble.route;
     let protocol = preamble.protocol;
+    // A warm tunnel may have waited past its certificate's end: the certificate must be
+    // valid when a session uses it, not only at the handshake.
+    if let Err(e) = peer_identity(client, &shared.cfg.trust_domain) {
+        tracing::warn!(session = %info.session_id, identity = %info.identity, reason = %e, "session refused");
+        let answer = Answer::for_protocol(protocol);
+        return Err(refusal(shared, client, info, e, answer, started));
+    }
     let cert_node = issued_to_node_of(client, &shared.cfg.trust_domain);
     match check_preamble(preamble, identity, cert_node.as_deref()) {
         Ok(verified) => info.node_verified = verified,
@@ -348,14 +356,6 @@ async fn open(
             return None;
         }
     };
-    // A warm tunnel may have waited past its certificate's end: the certificate must be
-    // valid when a session uses it, not only at the handshake.
-    if let Err(error) = identity_of(&client, trust_domain, peer) {
-        if let Some(error) = error {
-            refuse::send_error(&mut client, &error).await;
-        }
-        return None;
-    }
     info.node = Some(preamble.node.clone());
     info.pod = Some(preamble.pod.clone());
     info.database_route = Some(preamble.route.clone());

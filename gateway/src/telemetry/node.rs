@@ -29,6 +29,12 @@ pub const IDENTITY_FAILURES_TOTAL: &str = "gateway_node_identity_failures_total"
 pub const CERTIFICATE_FAILURES_TOTAL: &str = "gateway_node_certificate_failures_total";
 /// Workload certificates fetched from the CA.
 pub const CERTIFICATES_FETCHED_TOTAL: &str = "gateway_node_certificates_fetched_total";
+/// The soonest `notAfter` (unix seconds) of the workload certificates the node holds; 0
+/// with none. A dashboard shows it minus `time()`.
+pub const WORKLOAD_CERTIFICATE_EXPIRY: &str =
+    "gateway_node_workload_certificate_expiry_timestamp_seconds";
+/// The `notAfter` (unix seconds) of the node's own certificate (joined or from files).
+pub const NODE_CERTIFICATE_EXPIRY: &str = "gateway_node_node_certificate_expiry_timestamp_seconds";
 /// Reloads of the node's trust and certificate files (`interception.ca.ca`, node
 /// certificate files, `proxy.ca`, explicit listeners' workload certificates), by `result`.
 pub const TLS_RELOADS_TOTAL: &str = "gateway_node_tls_reloads_total";
@@ -126,6 +132,14 @@ pub const METRICS: &[Metric] = &[
         "Server certificates for client TLS requested from the CA, by result.",
     )
     .labelled("result", SERVER_CERTIFICATE_RESULTS),
+    Metric::gauge(
+        WORKLOAD_CERTIFICATE_EXPIRY,
+        "The soonest notAfter (unix seconds) of the workload certificates the node holds; 0 with none.",
+    ),
+    Metric::gauge(
+        NODE_CERTIFICATE_EXPIRY,
+        "The notAfter (unix seconds) of the node's own certificate, joined or from files.",
+    ),
     Metric::counter(
         TLS_RELOADS_TOTAL,
         "Reloads of the node's CA bundle, node certificate files, proxy CA bundle and explicit listeners' certificates after a file changed, by result: success, or error (the last good ones stay).",

@@ -57,6 +57,10 @@ pub struct NodeIdentity {
 
 impl NodeIdentity {
     pub fn set(&self, key: Arc<CertifiedKey>, not_after: SystemTime) {
+        let secs = not_after
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        metrics::gauge!(crate::telemetry::node::NODE_CERTIFICATE_EXPIRY).set(secs);
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some((key, not_after));
     }
 
