@@ -85,19 +85,24 @@ fn logged_in(answer: &std::io::Result<Vec<u8>>) -> bool {
     matches!(answer, Ok(b) if !b.is_empty() && messages(b)[0].0 == b'R')
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hardening_02_expired_certificate_cannot_resume() {
-    let s = stack();
+/// A node's TLS end with a certificate of team-a/api that ends 3 s from now.
+fn short_lived_node(s: &Stack) -> tokio_rustls::TlsConnector {
     let id = SpiffeId::new(DEMO_TRUST_DOMAIN, "team-a", "api");
     let now = SystemTime::now();
-    let short = workload_ca(&s)
+    let short = workload_ca(s)
         .issue_between(
             &LeafSpec::workload(&id),
             now - Duration::from_secs(60),
             now + Duration::from_secs(3),
         )
         .unwrap();
-    let node = connector(&s, pair(short));
+    connector(s, pair(short))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hardening_02_expired_certificate_cannot_resume() {
+    let s = stack();
+    let node = short_lived_node(&s);
     let first = tunnel(&s, &node, preamble("test", PodMeta::default())).await;
     assert!(logged_in(&first), "valid certificate: {first:?}");
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -115,16 +120,7 @@ async fn hardening_02_expired_certificate_cannot_resume() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hardening_02_a_warm_tunnel_past_its_certificate_is_refused() {
     let s = stack();
-    let id = SpiffeId::new(DEMO_TRUST_DOMAIN, "team-a", "api");
-    let now = SystemTime::now();
-    let short = workload_ca(&s)
-        .issue_between(
-            &LeafSpec::workload(&id),
-            now - Duration::from_secs(60),
-            now + Duration::from_secs(3),
-        )
-        .unwrap();
-    let node = connector(&s, pair(short));
+    let node = short_lived_node(&s);
     let tcp = tokio::net::TcpStream::connect(s.proxy_addr).await.unwrap();
     let mut tls = node
         .connect(ServerName::try_from(PROXY_SERVER_NAME).unwrap(), tcp)

@@ -18,6 +18,15 @@ fn reloads(s: &gateway::harness::Stack, result: &str) -> f64 {
     result_count(s.proxy_admin, "gateway_proxy_config_reloads_total", result)
 }
 
+/// Waits (10 s at most) until `admin`'s counter `name` with `result` is above `before`.
+async fn wait_count(admin: std::net::SocketAddr, name: &str, result: &str, before: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while result_count(admin, name, result) <= before {
+        assert!(Instant::now() < deadline, "no {result} counted in {name}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn wait_reloads(s: &gateway::harness::Stack, result: &str, n: f64) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while reloads(s, result) < n {
@@ -123,18 +132,12 @@ async fn tls_files_reload_without_a_restart_and_sessions_keep_theirs() {
     use gateway::pki::{self, CertificateAuthority, LeafSpec};
     let s = stack();
     let tls_reloads = |r: &str| result_count(s.proxy_admin, "gateway_proxy_tls_reloads_total", r);
-    // Waits for a reload with `result` after `before` of them, then one more check interval
-    // so that files written one after the other are all in.
-    let wait = |r: &'static str, before: f64| {
-        let tls_reloads = &tls_reloads;
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while tls_reloads(r) <= before {
-                assert!(Instant::now() < deadline, "no {r} TLS reload counted");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            tokio::time::sleep(Duration::from_millis(2500)).await;
-        }
+    // Waits for a reload with `result` after `before` of them.
+    let admin = s.proxy_admin;
+    let wait = |r: &'static str, before: f64| async move {
+        wait_count(admin, "gateway_proxy_tls_reloads_total", r, before).await;
+        // One more check interval, so that files written one after the other are all in.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
     };
     let open = connect(&s, TEAM_A_API, "api", "app").await.unwrap();
 
@@ -209,19 +212,9 @@ async fn an_explicit_listener_takes_a_new_workload_certificate_without_a_restart
     use gateway::pki::{self, CertificateAuthority, LeafSpec, SpiffeId};
     let s = stack();
     let node_reloads = |r: &str| result_count(s.node_admin, "gateway_node_tls_reloads_total", r);
-    let wait = |r: &'static str, before: f64| {
-        let node_reloads = &node_reloads;
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while node_reloads(r) <= before {
-                assert!(
-                    Instant::now() < deadline,
-                    "no {r} reload of the listener counted"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    };
+    let admin = s.node_admin;
+    let wait =
+        |r: &'static str, before: f64| wait_count(admin, "gateway_node_tls_reloads_total", r, before);
     let open = connect(&s, TEAM_A_API, "api", "app").await.unwrap();
     let ca = CertificateAuthority::load(
         &s.ca_dir.join(pki::WORKLOAD_CA_CERT),
