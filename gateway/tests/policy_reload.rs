@@ -213,8 +213,9 @@ async fn an_explicit_listener_takes_a_new_workload_certificate_without_a_restart
     let s = stack();
     let node_reloads = |r: &str| result_count(s.node_admin, "gateway_node_tls_reloads_total", r);
     let admin = s.node_admin;
-    let wait =
-        |r: &'static str, before: f64| wait_count(admin, "gateway_node_tls_reloads_total", r, before);
+    let wait = |r: &'static str, before: f64| {
+        wait_count(admin, "gateway_node_tls_reloads_total", r, before)
+    };
     let open = connect(&s, TEAM_A_API, "api", "app").await.unwrap();
     let ca = CertificateAuthority::load(
         &s.ca_dir.join(pki::WORKLOAD_CA_CERT),
